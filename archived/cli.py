@@ -1,0 +1,349 @@
+"""The `archived` command line.
+
+Exit codes: 0 success; 1 a job or a verification failed; 2 usage error (also a job
+file that `submit` refuses); 78 config error. Errors are one line on stderr; the
+traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from . import __version__
+from . import config as configmod
+from .config import Config, parse_duration
+from .errors import ConfigError, JobFileError
+from .states import FINAL, State
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    return configmod.load(configmod.config_path(args.config))
+
+
+def _db_path(config: Config) -> Path:
+    return config.daemon.state_dir / "archived.db"
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import log
+    from .daemon import Daemon
+
+    log.configure(debug=args.debug)
+    config = _load_config(args)
+    anyio.run(Daemon(config).run, backend="asyncio")
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .jobfile import parse_job, read_job_file
+    from .spool import Spool
+
+    config = _load_config(args)
+    validated = []
+    for name in args.files:
+        path = Path(name)
+        try:
+            data = read_job_file(path, config.limits.max_job_file_bytes)
+            parse_job(data, path.name, config)
+        except JobFileError as exc:
+            raise CommandError(f"{path}: {exc}", EXIT_USAGE) from None
+        validated.append((data, ".json" if path.name.endswith(".json") else ".toml"))
+    spool = Spool(config.daemon.spool_dir)
+    spool.create()
+    ids = []
+    for data, suffix in validated:
+        ids.append(spool.submit(data, suffix))
+        print(ids[-1], flush=True)
+    if not args.wait:
+        return EXIT_OK
+    timeout = parse_duration(args.timeout) if args.timeout else None
+    states = anyio.run(_wait_for, config, ids, timeout)
+    for job_id, state in states.items():
+        if state != State.COMPLETED:
+            print(f"{job_id}: {state}", file=sys.stderr)
+    return EXIT_OK if all(s == State.COMPLETED for s in states.values()) else EXIT_FAILED
+
+
+async def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str, str]:
+    """Poll the database until every job is final (or rejected into corrupt/)."""
+    from .store import Store
+
+    deadline = time.monotonic() + timeout if timeout else None
+    states: dict[str, str] = {}
+    corrupt = config.daemon.spool_dir / "corrupt"
+    store: Store | None = None
+    try:
+        while True:
+            if store is None and _db_path(config).exists():
+                store = await Store.open(_db_path(config))
+            for job_id in ids:
+                if states.get(job_id) in FINAL:
+                    continue
+                job = await store.job(job_id) if store else None
+                if job is not None:
+                    states[job_id] = job["state"]
+                elif any(corrupt.glob(f"{job_id}.*.reason")):
+                    states[job_id] = "rejected (see spool corrupt/)"
+            if all(
+                states.get(i) in FINAL or str(states.get(i, "")).startswith("rejected") for i in ids
+            ):
+                return states
+            if deadline is not None and time.monotonic() > deadline:
+                return {
+                    i: states.get(i, "not picked up") + " (timed out waiting)"
+                    if states.get(i) not in FINAL
+                    else states[i]
+                    for i in ids
+                }
+            await anyio.sleep(0.2)
+    finally:
+        if store is not None:
+            await store.close()
+
+
+async def _read(config: Config, fn: Callable[[Any], Any]) -> Any:
+    from .store import Store
+
+    if not _db_path(config).exists():
+        return await fn(None)
+    store = await Store.open(_db_path(config))
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    if args.state and args.state not in State.__members__.values():
+        raise CommandError(f"unknown state {args.state!r}; one of: {', '.join(State)}", EXIT_USAGE)
+
+    async def fetch(store: Any) -> list[dict[str, Any]]:
+        return await store.fetchall("list_jobs", state=args.state) if store else []
+
+    rows = anyio.run(_read, config, fetch)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {k: r[k] for k in ("id", "name", "state", "created_at", "updated_at", "error")}
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    print(f"{'ID':12}  {'STATE':18}  {'UPDATED':20}  NAME")
+    for r in rows:
+        print(
+            f"{r['id']:12}  {r['state']:18}  {r['updated_at'][:19]:20}  {r['name']}"
+            + (f"  ({r['error']})" if r["error"] else "")
+        )
+    return EXIT_OK
+
+
+async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
+    job = await store.job(job_id) if store else None
+    if job is None:
+        return None
+    tasks = await store.fetchall("tasks", job_id=job_id)
+    return {
+        "id": job["id"],
+        "name": job["name"],
+        "state": job["state"],
+        "created_at": job["created_at"],
+        "updated_at": job["updated_at"],
+        "error": job["error"],
+        "not_before": job["not_before"],
+        "phase": job["phase"],
+        "attempts": job["attempts"],
+        "archive": (
+            {
+                "name": job["archive_name"],
+                "sha256": job["archive_sha256"],
+                "size": job["archive_size"],
+            }
+            if job["archive_name"]
+            else None
+        ),
+        "history": await store.fetchall("history", job_id=job_id),
+        "tasks": [
+            {k: t[k] for k in ("kind", "name", "state", "attempts", "error")}
+            | {"result": json.loads(t["result"]) if t["result"] else None}
+            for t in tasks
+        ],
+        "copies": await store.fetchall("copies", job_id=job_id),
+    }
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    details = anyio.run(_read, config, lambda store: job_details(store, args.job))
+    if details is None:
+        raise CommandError(f"no job {args.job!r}")
+    if args.json:
+        print(json.dumps(details, indent=2))
+        return EXIT_OK
+    print(f"job {details['id']}  {details['name']}\n  state    {details['state']}")
+    for key in ("created_at", "updated_at", "not_before", "error"):
+        if details[key]:
+            print(f"  {key.replace('_', ' '):8} {details[key]}")
+    if details["archive"]:
+        a = details["archive"]
+        print(f"  archive  {a['name']}  {a['size']} bytes  sha256 {a['sha256']}")
+    print("history")
+    for h in details["history"]:
+        print(f"  {h['at'][:23]}  {h['state']:18}  {h['reason']}")
+    print("tasks")
+    for t in details["tasks"]:
+        line = f"  {t['kind']:8}  {t['name']:20}  {t['state']:10}  attempts {t['attempts']}"
+        print(line + (f"  error: {t['error']}" if t["error"] else ""))
+    if details["copies"]:
+        print("copies")
+        for c in details["copies"]:
+            print(f"  {c['target']:12}  {c['path']}  verified {c['verified_at'][:19]}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .keys import trusted_keys
+    from .minisign import MinisignError, PublicKey
+    from .verify import verify_path
+
+    keys = []
+    if args.key:
+        try:
+            keys = [PublicKey.loads(Path(args.key).read_text(encoding="utf-8"))]
+        except (OSError, UnicodeDecodeError, MinisignError) as exc:
+            raise CommandError(f"--key {args.key}: {exc}", EXIT_USAGE) from None
+    elif not args.bag_only:
+        keys = trusted_keys(_load_config(args))
+    path = Path(args.path)
+    if not path.exists():
+        raise CommandError(f"{path}: no such file or directory", EXIT_USAGE)
+    report = verify_path(path, keys=keys, bag_only=args.bag_only)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        for problem in report.problems:
+            print(f"{problem.path or path}: {problem.message}")
+        if report.ok:
+            signed = f", signed by {report.signed_by}" if report.signed_by else ""
+            print(f"ok: {report.bag}: {report.files} payload files, {report.bytes} bytes{signed}")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .keys import public_path
+    from .minisign import MinisignError, write_key_pair
+
+    secret = Path(args.secret) if args.secret else _load_config(args).signing.key
+    public = Path(args.public) if args.public else public_path(secret)
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        key = write_key_pair(secret, public)
+    except MinisignError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"secret key: {secret}\npublic key: {public}\nkey id:     {key.key_id_hex}")
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .daemon import check_targets
+    from .keys import load_signing_key
+
+    config = _load_config(args)
+    anyio.run(check_targets, config)
+    if not (config.embedded and not config.signing.key.exists()):
+        load_signing_key(config)
+    print(f"ok: {config.source or 'embedded default'}")
+    return EXIT_OK
+
+
+# -- wiring --------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", help="config file (or ARCHIVED_CONFIG)")
+    common.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    p = argparse.ArgumentParser(
+        prog="archived",
+        parents=[common],
+        description="Signed, checksummed BagIt archives from job files.",
+    )
+    p.add_argument("--version", action="version", version=f"archived {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help, description=help)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("run", cmd_run, "run the daemon in the foreground")
+    sp = add("submit", cmd_submit, "validate job files and drop them into the spool")
+    sp.add_argument("--wait", action="store_true", help="block until every job is final")
+    sp.add_argument("--timeout", metavar="DURATION", help="with --wait: give up after this")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp = add("jobs", cmd_jobs, "list jobs")
+    sp.add_argument("--state", metavar="S")
+    sp.add_argument("--json", action="store_true")
+    sp = add("show", cmd_show, "one job: state, history, tasks, copies, errors")
+    sp.add_argument("job", metavar="JOB")
+    sp.add_argument("--json", action="store_true")
+    sp = add("verify", cmd_verify, "verify an archive (a tar or a bag directory)")
+    sp.add_argument("--key", metavar="PUB", help="minisign public key to check the signature")
+    sp.add_argument("--bag-only", action="store_true", help="check BagIt validity alone")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("path", metavar="PATH")
+    sp = add("keygen", cmd_keygen, "create an Ed25519 signing key pair (minisign format)")
+    sp.add_argument("--secret", metavar="PATH", help="default: the configured signing.key")
+    sp.add_argument("--public", metavar="PATH", help="default: beside the secret key, .pub")
+    add("check-config", cmd_check_config, "validate the config")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        code, message = EXIT_CONFIG, f"config error: {exc}"
+    except CommandError as exc:
+        code, message = exc.code, str(exc)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        code, message = EXIT_FAILED, f"error: {exc}"
+        if not args.debug:
+            print(f"archived: {message}", file=sys.stderr)
+            return code
+        raise
+    if args.debug:
+        traceback.print_exc()
+    print(f"archived: {message}", file=sys.stderr)
+    return code

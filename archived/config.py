@@ -1,0 +1,233 @@
+"""The daemon's TOML config: schema, defaults, the embedded default, validation.
+
+Every table refuses unknown keys, so a typo fails loudly instead of silently
+changing what gets archived. Relative paths are taken relative to the config file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError
+
+from .errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from "500ms", "30s", "5m", "1h", "2d" or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError('a duration such as "30s", "5m" or "1h"')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
+    else:
+        raise ValueError(f'{value!r} is not a duration such as "30s", "5m" or "1h"')
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DaemonConfig(Section):
+    state_dir: Path = Path("/var/lib/archived")
+    spool_dir: Path = Path("/var/spool/archived")
+    poll_interval: Duration = 1.0
+    max_concurrent_jobs: StrictInt = Field(default=4, ge=1)
+    shutdown_grace: Duration = 30.0
+    job_timeout: Duration = 6 * 3600.0
+
+
+class LimitsConfig(Section):
+    activity_tasks: StrictInt = Field(default=4, ge=1)
+    storage_tasks: StrictInt = Field(default=4, ge=1)
+    hash_threads: StrictInt = Field(default=2, ge=1)
+    max_job_file_bytes: StrictInt = Field(default=1024 * 1024, ge=64)
+
+
+class RetryConfig(Section):
+    max_attempts: StrictInt = Field(default=5, ge=1)
+    backoff: Duration = 5.0
+    backoff_max: Duration = 600.0
+
+
+class SigningConfig(Section):
+    key: Path = Path("/etc/archived/signing.key")
+    public_keys: list[Path] = []  # further trusted keys for `verify`, e.g. across a rotation
+    tsa_url: str = ""
+    tsa_ca: str = ""
+
+
+class SourcesConfig(Section):
+    allowed_roots: list[Path] = []
+
+
+class CommandConfig(Section):
+    argv: list[str] = Field(min_length=1)
+    timeout: Duration = 3600.0
+    env: dict[str, str] = {}
+    cwd: Path | None = None
+
+
+class HooksConfig(Section):
+    on_failure: list[str] = []
+    timeout: Duration = 60.0
+
+
+class StorageConfig(BaseModel):
+    """`driver` plus the driver's own options, which the driver validates."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    driver: str
+
+
+class Config(Section):
+    daemon: DaemonConfig = DaemonConfig()
+    limits: LimitsConfig = LimitsConfig()
+    retry: RetryConfig = RetryConfig()
+    signing: SigningConfig = SigningConfig()
+    sources: SourcesConfig = SourcesConfig()
+    commands: dict[str, CommandConfig] = {}
+    hooks: HooksConfig = HooksConfig()
+    storage: dict[str, StorageConfig] = {}
+    # Not part of the file: where it came from, and whether it is the embedded default.
+    source: Path | None = Field(None, exclude=True)
+    embedded: bool = Field(False, exclude=True)
+
+    def storage_options(self, target: str) -> dict[str, Any]:
+        section = self.storage[target]
+        return dict(section.model_extra or {})
+
+    @property
+    def digest(self) -> str:
+        """Identifies this config in a job's snapshot."""
+        return hashlib.sha256(self.snapshot().encode()).hexdigest()[:16]
+
+    def snapshot(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    @classmethod
+    def from_snapshot(cls, text: str) -> Config:
+        return cls.model_validate(json.loads(text))
+
+
+def data_home() -> Path:
+    """Where the embedded default keeps everything."""
+    if explicit := os.environ.get("ARCHIVED_HOME"):
+        return Path(explicit).absolute()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "archived"
+
+
+def embedded_default() -> Config:
+    home = data_home()
+    raw = {
+        "daemon": {"state_dir": str(home / "state"), "spool_dir": str(home / "spool")},
+        "signing": {"key": str(home / "signing.key")},
+        "sources": {"allowed_roots": [str(home / "sources")]},
+        "storage": {"local": {"driver": "localdir", "path": str(home / "archive"), "create": True}},
+    }
+    return _build(raw, base=home, source=None, embedded=True)
+
+
+def config_path(cli_path: str | None) -> Path | None:
+    explicit = cli_path or os.environ.get("ARCHIVED_CONFIG")
+    return Path(explicit) if explicit else None
+
+
+def load(path: Path | None) -> Config:
+    """The config at `path`, or the embedded default when there is none."""
+    if path is None:
+        return embedded_default()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return _build(raw, base=path.absolute().parent, source=path, embedded=False)
+
+
+def _build(raw: Mapping[str, Any], *, base: Path, source: Path | None, embedded: bool) -> Config:
+    where = str(source) if source else "embedded default"
+    try:
+        config = Config.model_validate({**raw, "source": source, "embedded": embedded})
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {first_error(exc)}") from None
+    config = _absolute(config, base)
+    _check_drivers(config, where)
+    return config
+
+
+def _absolute(config: Config, base: Path) -> Config:
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    daemon = config.daemon.model_copy(
+        update={
+            "state_dir": fix(config.daemon.state_dir),
+            "spool_dir": fix(config.daemon.spool_dir),
+        }
+    )
+    signing = config.signing.model_copy(
+        update={
+            "key": fix(config.signing.key),
+            "public_keys": [fix(p) for p in config.signing.public_keys],
+        }
+    )
+    sources = SourcesConfig(allowed_roots=[fix(p) for p in config.sources.allowed_roots])
+    storage = {}
+    for name, section in config.storage.items():
+        extra = dict(section.model_extra or {})
+        if isinstance(extra.get("path"), str):
+            extra["path"] = str(fix(Path(extra["path"])))
+        storage[name] = StorageConfig(driver=section.driver, **extra)
+    return config.model_copy(
+        update={"daemon": daemon, "signing": signing, "sources": sources, "storage": storage}
+    )
+
+
+def _check_drivers(config: Config, where: str) -> None:
+    from .drivers import storage_driver  # here: drivers import this module
+
+    if not config.storage:
+        raise ConfigError(f"{where}: storage: at least one [storage.NAME] target is needed")
+    for name, section in config.storage.items():
+        try:
+            storage_driver(section.driver).options(config.storage_options(name))
+        except KeyError:
+            raise ConfigError(
+                f"{where}: storage.{name}.driver: unknown storage driver {section.driver!r}"
+            ) from None
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: storage.{name}.{first_error(exc)}") from None
+
+
+def first_error(exc: ValidationError) -> str:
+    """Pydantic's first complaint as `dotted.path: message`, one line."""
+    err = exc.errors()[0]
+    loc = ".".join(str(part) for part in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key missing"
+    return f"{loc}: {msg}" if loc else msg

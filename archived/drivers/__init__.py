@@ -1,0 +1,37 @@
+"""Driver registries: activity drivers make artifacts, storage drivers keep archives.
+
+Built-in drivers are always there; a third party adds one through the entry point
+groups `archived.activity_drivers` and `archived.storage_drivers`.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import import_module
+from importlib.metadata import entry_points
+
+from .base import ActivityDriver, StorageDriver
+
+_BUILTIN_ACTIVITY = {"files": "archived.drivers.files:FilesDriver"}
+_BUILTIN_STORAGE = {"localdir": "archived.drivers.localdir:LocalDirDriver"}
+
+
+def _load(spec: str) -> type:
+    module, _, attr = spec.partition(":")
+    return getattr(import_module(module), attr)  # type: ignore[no-any-return]
+
+
+@cache
+def _registry(group: str, builtin: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    found = {ep.name: ep.value for ep in entry_points(group=group)}
+    return {**found, **dict(builtin)}  # a plugin cannot shadow a built-in driver
+
+
+def activity_driver(name: str) -> type[ActivityDriver]:
+    """The activity driver class called `name`; KeyError if there is none."""
+    return _load(_registry("archived.activity_drivers", tuple(_BUILTIN_ACTIVITY.items()))[name])
+
+
+def storage_driver(name: str) -> type[StorageDriver]:
+    """The storage driver class called `name`; KeyError if there is none."""
+    return _load(_registry("archived.storage_drivers", tuple(_BUILTIN_STORAGE.items()))[name])

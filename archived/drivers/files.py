@@ -1,0 +1,145 @@
+"""Activity driver `files`: a directory tree (or one file) below `sources.allowed_roots`.
+
+The walk goes through directory file descriptors with O_NOFOLLOW, so neither a
+symlink in the tree nor one swapped in during the walk can lead outside the root.
+Symlinks are skipped and named in the event log (a BagIt manifest cannot express a
+link); FIFOs, sockets and devices are skipped the same way and never opened for long.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.from_thread
+
+from ..config import Config
+from ..errors import JobFileError, SourceError, TransientError
+from .base import ActivityContext, ActivityDriver, ArtifactWriter, DriverOptions
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class FilesOptions(DriverOptions):
+    path: Path
+    exclude: list[str] = []
+
+
+def allowed_root(path: Path, config: Config) -> Path | None:
+    """The allowed root that `path` really lies under, symlinks resolved, or None."""
+    real = Path(os.path.realpath(path))
+    for root in config.sources.allowed_roots:
+        real_root = Path(os.path.realpath(root))
+        if real == real_root or real.is_relative_to(real_root):
+            return real_root
+    return None
+
+
+class FilesDriver(ActivityDriver):
+    Options = FilesOptions
+    opts: FilesOptions
+
+    @classmethod
+    def check(cls, options: Any, config: Config) -> None:
+        path = options.path
+        if not path.is_absolute():
+            raise JobFileError(f"path {str(path)!r} must be absolute")
+        if allowed_root(path, config) is None:
+            roots = ", ".join(str(r) for r in config.sources.allowed_roots) or "none configured"
+            raise JobFileError(f"path {path} is outside sources.allowed_roots ({roots})")
+
+    async def run(self, ctx: ActivityContext) -> dict[str, Any]:
+        self.check(self.opts, ctx.config)  # again: the tree may have changed since submit
+        result = await anyio.to_thread.run_sync(
+            self._copy, ctx.writer, ctx.notes, limiter=ctx.limiter
+        )
+        return result
+
+    def _copy(self, writer: ArtifactWriter, notes: list[str]) -> dict[str, Any]:
+        source = Path(os.path.realpath(self.opts.path))
+        writer.start()
+        skipped = 0
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise SourceError(f"source {self.opts.path} does not exist") from None
+        except PermissionError:
+            raise SourceError(f"source {self.opts.path}: permission denied") from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                skipped = self._walk(fd, "", writer, notes)
+            elif stat.S_ISREG(st.st_mode):
+                self._copy_file(fd, source.name, writer)
+            else:
+                raise SourceError(f"source {self.opts.path} is neither a directory nor a file")
+        finally:
+            os.close(fd)
+        return {**writer.finish(), "skipped": skipped}
+
+    def _excluded(self, relpath: str) -> bool:
+        name = relpath.rsplit("/", 1)[-1]
+        return any(
+            fnmatch.fnmatchcase(relpath, pattern) or fnmatch.fnmatchcase(name, pattern)
+            for pattern in self.opts.exclude
+        )
+
+    def _walk(self, dir_fd: int, prefix: str, writer: ArtifactWriter, notes: list[str]) -> int:
+        skipped = 0
+        with os.scandir(dir_fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            anyio.from_thread.check_cancelled()
+            relpath = prefix + entry.name
+            try:
+                relpath.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SourceError(
+                    f"{self.opts.path}/{relpath!r}: file name is not UTF-8; rename it or exclude it"
+                ) from None
+            if self._excluded(relpath):
+                continue
+            if entry.is_symlink():
+                notes.append(f"skipped symlink {relpath}")
+                skipped += 1
+            elif entry.is_dir(follow_symlinks=False):
+                child = self._open(entry.name, dir_fd, _DIR_FLAGS, relpath)
+                try:
+                    skipped += self._walk(child, relpath + "/", writer, notes)
+                finally:
+                    os.close(child)
+            elif entry.is_file(follow_symlinks=False):
+                fd = self._open(entry.name, dir_fd, _FILE_FLAGS, relpath)
+                try:
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                        self._copy_file(fd, relpath, writer)
+                finally:
+                    os.close(fd)
+            else:
+                notes.append(f"skipped special file {relpath}")
+                skipped += 1
+        return skipped
+
+    def _open(self, name: str, dir_fd: int, flags: int, relpath: str) -> int:
+        try:
+            return os.open(name, flags, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                raise TransientError(f"{relpath} changed while being archived") from None
+            if exc.errno == errno.EACCES:
+                raise SourceError(f"{self.opts.path}/{relpath}: permission denied") from None
+            raise
+
+    def _copy_file(self, fd: int, relpath: str, writer: ArtifactWriter) -> None:
+        before = os.fstat(fd)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as source:
+            size = writer.copy_from(relpath, source, before.st_mtime)
+        after = os.fstat(fd)
+        if size != after.st_size or before.st_mtime_ns != after.st_mtime_ns:
+            raise TransientError(f"{relpath} changed while being archived")

@@ -1,0 +1,135 @@
+"""Storage driver `localdir`: archives as files in a local (or mounted) directory.
+
+Write to a temporary name, fsync, rename, fsync the directory, then read the copy
+back and match its digest. Only finished archives ever carry a final name; the
+temporary names start with `.archived-tmp-` and are removed on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+import anyio
+
+from .. import failpoints
+from ..errors import ConfigError, StorageError, classify
+from .base import BUFFER_SIZE, DriverOptions, StorageDriver, StoredCopy
+
+TMP_PREFIX = ".archived-tmp-"
+
+
+class LocalDirOptions(DriverOptions):
+    path: Path
+    create: bool = False  # make the directory if missing (off: a missing mount must fail)
+
+
+def file_sha256(path: Path | str) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    buffer = bytearray(BUFFER_SIZE)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            size += n
+    return digest.hexdigest(), size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy(src: Path, dst_fd: int) -> None:
+    with open(src, "rb", buffering=0) as f:
+        remaining = os.fstat(f.fileno()).st_size
+        offset = 0
+        try:
+            while remaining:
+                n = os.copy_file_range(f.fileno(), dst_fd, min(remaining, 1 << 30))
+                if n == 0:
+                    break
+                remaining -= n
+                offset += n
+        except OSError:
+            if offset:
+                raise
+            remaining = -1  # copy_file_range unsupported here: plain copy
+        if remaining:
+            f.seek(0)
+            os.lseek(dst_fd, 0, os.SEEK_SET)
+            os.ftruncate(dst_fd, 0)
+            buffer = memoryview(bytearray(BUFFER_SIZE))
+            while n := f.readinto(buffer):
+                view = buffer[:n]
+                while view:
+                    view = view[os.write(dst_fd, view) :]
+
+
+class LocalDirDriver(StorageDriver):
+    Options = LocalDirOptions
+    opts: LocalDirOptions
+
+    @property
+    def root(self) -> Path:
+        return self.opts.path
+
+    async def check(self) -> None:
+        root = self.root
+        if self.opts.create:
+            await anyio.to_thread.run_sync(lambda: root.mkdir(parents=True, exist_ok=True))
+        if not root.is_dir():
+            raise ConfigError(f"storage.{self.target}: {root} is not a directory")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ConfigError(f"storage.{self.target}: {root} is not writable")
+
+    async def put(self, archive: Path, key: str, sha256: str, size: int) -> StoredCopy:
+        return await anyio.to_thread.run_sync(self._put, archive, key, sha256, size)
+
+    def _put(self, archive: Path, key: str, sha256: str, size: int) -> StoredCopy:
+        final = self.root / key
+        try:
+            if self.opts.create:
+                self.root.mkdir(parents=True, exist_ok=True)
+            final.parent.mkdir(exist_ok=True)
+            if final.exists() and file_sha256(final) == (sha256, size):
+                return StoredCopy(str(final), size, sha256)  # in place from an earlier try
+            self._write(archive, final)
+            failpoints.hit("store.after_rename")
+            got = file_sha256(final)
+        except OSError as exc:
+            raise StorageError(
+                f"storage.{self.target}: {exc.strerror or exc}: {exc.filename or final}",
+                recoverable=classify(exc) == "recoverable",
+            ) from exc
+        if got != (sha256, size):
+            with contextlib.suppress(OSError):
+                final.unlink()
+            raise StorageError(
+                f"storage.{self.target}: read-back of {final} gave sha256 "
+                f"{got[0]} ({got[1]} bytes), expected {sha256} ({size} bytes)",
+                recoverable=True,
+            )
+        return StoredCopy(str(final), size, sha256)
+
+    def _write(self, archive: Path, final: Path) -> None:
+        tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{final.name}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+        try:
+            try:
+                _copy(archive, fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _fsync_dir(final.parent)

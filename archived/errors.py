@@ -1,0 +1,91 @@
+"""Errors as values, and the one classifier that decides what a phase error means.
+
+Phases raise whatever they raise; `classify()` is the only place that turns an
+exception into "retry later" or "this job can never complete".
+"""
+
+from __future__ import annotations
+
+import errno
+from enum import StrEnum
+
+
+class Kind(StrEnum):
+    RECOVERABLE = "recoverable"
+    FATAL = "fatal"
+
+
+class ArchivedError(Exception):
+    """Base of our own errors. `kind` says how the classifier treats it."""
+
+    kind: Kind = Kind.FATAL
+
+
+class ConfigError(ArchivedError):
+    """The config file is missing, unparsable or invalid (exit code 78)."""
+
+
+class JobFileError(ArchivedError):
+    """A job file cannot be accepted; the message is the reason written next to it."""
+
+
+class SourceError(ArchivedError):
+    """A source cannot be read as the job asks (missing, outside the roots, not allowed)."""
+
+
+class IntegrityError(ArchivedError):
+    """Staged data does not match what its task recorded."""
+
+
+class StorageError(ArchivedError):
+    """A storage target could not take or return the archive."""
+
+    def __init__(self, message: str, *, recoverable: bool) -> None:
+        super().__init__(message)
+        self.kind = Kind.RECOVERABLE if recoverable else Kind.FATAL
+
+
+class TransientError(ArchivedError):
+    kind = Kind.RECOVERABLE
+
+
+# OS errors that say "the world is not ready yet", not "this request is wrong".
+RECOVERABLE_ERRNOS: frozenset[int] = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.ETIMEDOUT,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ESTALE,
+        errno.EINTR,
+        errno.EROFS,
+        errno.ENOMEM,
+    }
+)
+
+
+def classify(exc: BaseException) -> Kind:
+    """Recoverable or fatal: the single decision point for every phase error."""
+    if isinstance(exc, ArchivedError):
+        return exc.kind
+    if isinstance(exc, TimeoutError):
+        return Kind.RECOVERABLE
+    if isinstance(exc, OSError):
+        return Kind.RECOVERABLE if exc.errno in RECOVERABLE_ERRNOS else Kind.FATAL
+    return Kind.FATAL
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the job's `error` field and the history."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,188 @@
+"""Job files: reading them safely, and the schema they must follow (TOML or JSON).
+
+`read_job_file()` never follows a symlink and never blocks on a FIFO; `parse_job()`
+turns bytes into a validated `JobSpec` against the config in force, or raises
+JobFileError with the one line that goes into the `.reason` file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
+
+from .config import Config, first_error
+from .drivers import activity_driver
+from .errors import JobFileError
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+# bag-info.txt labels that archived writes itself
+RESERVED_LABELS = frozenset(
+    label.lower()
+    for label in (
+        "Bagging-Date",
+        "Payload-Oxum",
+        "External-Identifier",
+        "Bag-Software-Agent",
+        "Bag-Size",
+        "Bag-Group-Identifier",
+        "Bag-Count",
+    )
+)
+
+
+def _plain_name(value: str) -> str:
+    if set(value) == {"."}:
+        raise ValueError("must not consist of dots only")
+    return value
+
+
+class Activity(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(pattern=NAME_PATTERN)
+    driver: str
+
+    _check_name = field_validator("name")(_plain_name)
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=NAME_PATTERN)
+    storage: list[str] | None = Field(None, min_length=1)
+    not_before: AwareDatetime | None = None
+    retention_days: StrictInt | None = Field(None, ge=1)
+    metadata: dict[str, str] = {}
+    activities: list[Activity] = Field(min_length=1)
+
+    _check_name = field_validator("name")(_plain_name)
+
+    @field_validator("metadata")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for label, text in value.items():
+            if not _LABEL.match(label) or label.strip() != label:
+                raise ValueError(f"{label!r} is not a valid bag-info label")
+            if label.lower() in RESERVED_LABELS:
+                raise ValueError(f"{label!r} is written by archived itself")
+            if "\n" in text or "\r" in text:
+                raise ValueError(f"value of {label!r} must be one line")
+        return value
+
+    @field_validator("activities")
+    @classmethod
+    def _unique(cls, value: list[Activity]) -> list[Activity]:
+        names = [a.name for a in value]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"activity names must be unique: {', '.join(dupes)}")
+        return value
+
+    def targets(self, config: Config) -> list[str]:
+        return list(self.storage) if self.storage else sorted(config.storage)
+
+    def not_before_utc(self) -> str | None:
+        if self.not_before is None:
+            return None
+        return (
+            self.not_before.astimezone(UTC)
+            .isoformat(timespec="microseconds")
+            .replace("+00:00", "Z")
+        )
+
+
+def read_job_file(path: Path, max_bytes: int, dir_fd: int | None = None) -> bytes:
+    """The bytes of a job file: a regular file, not a symlink, at most `max_bytes`."""
+    try:
+        fd = os.open(
+            path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: the entry is a symlink
+            raise JobFileError("is a symbolic link, not a regular file") from None
+        raise JobFileError(f"cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise JobFileError("not a regular file")
+        if st.st_size > max_bytes:
+            raise JobFileError(
+                f"{st.st_size} bytes is over limits.max_job_file_bytes ({max_bytes})"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise JobFileError(f"over limits.max_job_file_bytes ({max_bytes})")
+        return data
+    finally:
+        os.close(fd)
+
+
+def parse_job(data: bytes, filename: str, config: Config) -> JobSpec:
+    """Validate a job file's bytes against the schema and the config in force."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobFileError(f"not UTF-8 (byte {exc.start})") from None
+    raw = _decode(text, filename)
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise JobFileError(first_error(exc)) from None
+    for target in spec.targets(config):
+        if target not in config.storage:
+            known = ", ".join(sorted(config.storage))
+            raise JobFileError(f"storage: unknown storage target {target!r} (known: {known})")
+    for index, activity in enumerate(spec.activities):
+        where = f"activities.{index}"
+        try:
+            driver = activity_driver(activity.driver)
+        except KeyError:
+            raise JobFileError(
+                f"{where}.driver: unknown activity driver {activity.driver!r}"
+            ) from None
+        try:
+            options = driver.options(activity.options())
+        except ValidationError as exc:
+            raise JobFileError(f"{where}.{first_error(exc)}") from None
+        try:
+            driver.check(options, config)
+        except JobFileError as exc:
+            raise JobFileError(f"{where} ({activity.name}): {exc}") from None
+    return spec
+
+
+def _decode(text: str, filename: str) -> Any:
+    if filename.endswith(".json"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise JobFileError(f"not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise JobFileError("not valid JSON: the top level must be an object")
+        return raw
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobFileError(f"not valid TOML: {exc}") from None
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,425 @@
+"""Runs one job through the state machine, one committed step at a time.
+
+`JobRunner.run()` reads the job's state, calls that state's handler, and commits the
+transition the handler's event leads to (see states.py). Because every step starts
+from what the database says, a restarted daemon resumes a job by simply running it
+again: finished tasks are skipped, finished post-processing steps are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from . import bag, failpoints
+from .config import Config
+from .drivers import activity_driver, storage_driver
+from .drivers.base import ActivityContext, ArtifactWriter
+from .errors import IntegrityError, Kind, classify, describe
+from .jobfile import JobSpec
+from .keys import KeyRing
+from .states import FINAL, RETRY_EVENT, Event, State
+from .store import Row, StaleState, Store, now_iso
+
+log = structlog.get_logger("archived.runner")
+
+
+@dataclass
+class Services:
+    """What the daemon lends every job runner."""
+
+    store: Store
+    state_dir: Path
+    keys: KeyRing
+    activity_slots: anyio.CapacityLimiter
+    storage_slots: anyio.CapacityLimiter
+    hash_threads: anyio.CapacityLimiter
+    stopping: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    event: Event
+    reason: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class AttemptsExhausted(Exception):
+    pass
+
+
+POST_STEPS = ("check_integrity", "calculate_checksums", "sign")
+
+
+class JobRunner:
+    def __init__(self, svc: Services, job: Row) -> None:
+        self.svc, self.job = svc, job
+        self.id: str = job["id"]
+        self.config = Config.from_snapshot(job["config"])
+        self.spec = JobSpec.model_validate_json(job["spec"])
+        self.staging = svc.state_dir / "staging" / self.id
+        self.bag_dir = self.staging / "bag"
+        self.records_dir = self.staging / "records"
+        self.archive = self.staging / "archive.tar"
+        self.last_error: BaseException | None = None
+        self.handlers: dict[State, Callable[[], Awaitable[Outcome | None]]] = {
+            State.ACTIVITY_ARCHIVING: self.activity_archiving,
+            State.POST_PROCESSING: self.post_processing,
+            State.STORE: self.store,
+            State.ERROR: self.classify_error,
+            State.RECOVERABLE_ERROR: self.wait_and_retry,
+            State.FAILURE: self.failure,
+            State.ERROR_HANDLING: self.error_handling,
+            State.CLEANUP: self.cleanup,
+        }
+
+    @property
+    def state(self) -> State:
+        return State(self.job["state"])
+
+    async def run(self) -> None:
+        with structlog.contextvars.bound_contextvars(job_id=self.id, state=self.state.value):
+            while self.state not in FINAL and not self.svc.stopping.is_set():
+                state = self.state
+                outcome = await self._step(state)
+                if outcome is None:
+                    return  # shutting down: the next start resumes from this state
+                try:
+                    new = await self.svc.store.transition(
+                        self.id, state, outcome.event, outcome.reason, **outcome.fields
+                    )
+                except StaleState:
+                    log.warning("job moved under us; re-reading")
+                    new = state
+                structlog.contextvars.bind_contextvars(state=new.value)
+                log.info(
+                    "transition",
+                    from_state=state.value,
+                    on=outcome.event.value,
+                    reason=outcome.reason,
+                )
+                job = await self.svc.store.job(self.id)
+                assert job is not None
+                self.job = job
+
+    async def _step(self, state: State) -> Outcome | None:
+        handler = self.handlers[state]
+        try:
+            return await handler()
+        except Exception as exc:
+            if state not in RETRY_EVENT:
+                raise  # errors outside the critical section are bugs: let the daemon log them
+            self.last_error = exc
+            log.warning("phase failed", error=describe(exc), error_type=type(exc).__name__)
+            return Outcome(
+                Event.ERROR,
+                f"{state}: {describe(exc)}",
+                {"phase": state.value, "error": f"{state}: {describe(exc)}"},
+            )
+
+    async def _begin_attempt(self, phase: State) -> None:
+        """Count an attempt of `phase` before doing anything, so a crash counts too."""
+        attempts = self.job["attempts"] + 1 if self.job["phase"] == phase else 1
+        await self.svc.store.update_job(self.id, phase=phase.value, attempts=attempts)
+        self.job = {**self.job, "phase": phase.value, "attempts": attempts}
+        if attempts > self.config.retry.max_attempts:
+            raise AttemptsExhausted(f"{phase}: {attempts - 1} attempts used up")
+
+    async def _event(self, kind: str, **detail: Any) -> None:
+        async with self.svc.store.transaction() as tx:
+            await tx.run(
+                "insert_event",
+                job_id=self.id,
+                now=now_iso(),
+                kind=kind,
+                detail=json.dumps(detail, sort_keys=True),
+            )
+
+    async def _tasks(self, kind: str) -> list[Row]:
+        rows = await self.svc.store.fetchall("tasks", job_id=self.id)
+        return [r for r in rows if r["kind"] == kind]
+
+    async def _run_tasks(
+        self,
+        kind: str,
+        slots: anyio.CapacityLimiter,
+        work: Callable[[str], Awaitable[dict[str, Any]]],
+    ) -> None:
+        """Run every unfinished task of `kind` concurrently; raise the first failure."""
+        pending = [t["name"] for t in await self._tasks(kind) if t["state"] != "completed"]
+        failures: list[BaseException] = []
+        store = self.svc.store
+
+        async def one(name: str) -> None:
+            async with slots:
+                async with store.transaction() as tx:
+                    await tx.run("start_task", job_id=self.id, kind=kind, name=name, now=now_iso())
+                try:
+                    result = await work(name)
+                except Exception as exc:
+                    failures.append(exc)
+                    async with store.transaction() as tx:
+                        await tx.run(
+                            "finish_task",
+                            job_id=self.id,
+                            kind=kind,
+                            name=name,
+                            state="failed",
+                            error=describe(exc),
+                            result=None,
+                            now=now_iso(),
+                        )
+                    return
+                async with store.transaction() as tx:
+                    await tx.run(
+                        "finish_task",
+                        job_id=self.id,
+                        kind=kind,
+                        name=name,
+                        state="completed",
+                        error=None,
+                        result=json.dumps(result),
+                        now=now_iso(),
+                    )
+
+        async with anyio.create_task_group() as tg:
+            for name in pending:
+                tg.start_soon(one, name)
+        if failures:
+            raise failures[0]
+
+    # -- activity_archiving ------------------------------------------------------------
+
+    async def activity_archiving(self) -> Outcome:
+        await self._begin_attempt(State.ACTIVITY_ARCHIVING)
+        failpoints.hit("activity_archiving")
+        await self._run_tasks("activity", self.svc.activity_slots, self._activity)
+        return Outcome(Event.DONE, "every activity task completed")
+
+    async def _activity(self, name: str) -> dict[str, Any]:
+        activity = next(a for a in self.spec.activities if a.name == name)
+        driver_cls = activity_driver(activity.driver)
+        writer = ArtifactWriter(self.bag_dir, name, self.records_dir / f"{name}.records")
+        await anyio.to_thread.run_sync(self._clear_activity, writer)
+        driver = driver_cls(name, driver_cls.options(activity.options()))
+        ctx = ActivityContext(self.id, self.config, writer, self.svc.hash_threads)
+        result = await driver.run(ctx)
+        if ctx.notes:
+            await self._event(
+                "activity_notes", activity=name, notes=ctx.notes[:1000], count=len(ctx.notes)
+            )
+        log.info("activity task completed", activity=name, **result)
+        return result
+
+    @staticmethod
+    def _clear_activity(writer: ArtifactWriter) -> None:
+        """Remove what an unfinished earlier try of this task left behind."""
+        shutil.rmtree(writer.root, ignore_errors=True)
+        writer.records_path.unlink(missing_ok=True)
+        writer.records_path.with_name(writer.records_path.name + ".part").unlink(missing_ok=True)
+
+    # -- post_processing ---------------------------------------------------------------
+
+    def _records(self) -> list[Path]:
+        return [self.records_dir / f"{a.name}.records" for a in self.spec.activities]
+
+    async def post_processing(self) -> Outcome:
+        await self._begin_attempt(State.POST_PROCESSING)
+        done = self.job["step"]
+        start = POST_STEPS.index(done) + 1 if done in POST_STEPS else 0
+        for step in POST_STEPS[start:]:
+            failpoints.hit(step)
+            fields = await getattr(self, step)()
+            await self.svc.store.update_job(self.id, step=step, **fields)
+            self.job = {**self.job, "step": step, **fields}
+            log.info("post-processing step done", step=step)
+        return Outcome(Event.DONE, "integrity checked, checksums calculated, signed")
+
+    async def check_integrity(self) -> dict[str, Any]:
+        checked = await anyio.to_thread.run_sync(
+            self._check_integrity, limiter=self.svc.hash_threads
+        )
+        await self._event("check_integrity", result="ok", files=checked[0], bytes=checked[1])
+        return {}
+
+    def _check_integrity(self) -> tuple[int, int]:
+        """Every recorded artifact is there with its recorded size, and nothing else is."""
+        seen: set[str] = set()
+        files = total = 0
+        for record in bag.read_records(self._records()):
+            path = bag.decode_path(record.path)
+            target = self.bag_dir / path
+            try:
+                size = target.lstat().st_size if target.is_file() else -1
+            except OSError:
+                size = -1
+            if size != record.size:
+                raise IntegrityError(
+                    f"artifact {path}: recorded {record.size} bytes, "
+                    f"staged {'missing' if size < 0 else size}"
+                )
+            seen.add(path)
+            files += 1
+            total += size
+        data = self.bag_dir / "data"
+        for file in (p for p in data.rglob("*") if not p.is_dir()):
+            rel = file.relative_to(self.bag_dir).as_posix()
+            if rel not in seen:
+                raise IntegrityError(f"artifact {rel} is staged but no task recorded it")
+        return files, total
+
+    async def calculate_checksums(self) -> dict[str, Any]:
+        def write() -> bag.Oxum:
+            oxum = bag.write_payload_manifest(self.bag_dir, self._records())
+            info = bag.bag_info(
+                job_id=self.id,
+                bagging_date=datetime.now(UTC).date().isoformat(),
+                oxum=oxum,
+                metadata=self.spec.metadata,
+            )
+            bag.write_tag_files(self.bag_dir, info=info)
+            return oxum
+
+        oxum = await anyio.to_thread.run_sync(write, limiter=self.svc.hash_threads)
+        await self._event("calculate_checksums", algorithm="sha256", payload_oxum=str(oxum))
+        return {"payload_files": oxum.files, "payload_bytes": oxum.bytes}
+
+    async def sign(self) -> dict[str, Any]:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        bag_name = f"{self.spec.name}-{self.id}-{stamp}"
+        secret = self.svc.keys.secret(self.config)
+        events = await self._event_log()
+
+        def seal() -> bag.Packed:
+            bag.write_events(self.bag_dir, events)
+            manifest = bag.write_tag_manifest(self.bag_dir)
+            signature = secret.sign(
+                manifest,
+                trusted_comment=(f"archived job {self.id} bag {bag_name} timestamp {stamp}"),
+            )
+            bag.write_atomic(self.bag_dir / bag.SIGNATURE, signature.encode())
+            return bag.pack(
+                self.bag_dir,
+                bag_name,
+                self._records(),
+                self.archive,
+                check=anyio.from_thread.check_cancelled,
+            )
+
+        packed = await anyio.to_thread.run_sync(seal, limiter=self.svc.hash_threads)
+        log.info(
+            "archive sealed",
+            archive=bag_name + ".tar",
+            size=packed.size,
+            sha256=packed.sha256,
+            key_id=secret.public_key().key_id_hex,
+        )
+        return {
+            "archive_name": bag_name + ".tar",
+            "archive_sha256": packed.sha256,
+            "archive_size": packed.size,
+        }
+
+    async def _event_log(self) -> list[dict[str, Any]]:
+        history = await self.svc.store.fetchall("history", job_id=self.id)
+        events = await self.svc.store.fetchall("events", job_id=self.id)
+        lines = [{"type": "transition", **h} for h in history]
+        lines += [{"type": e["kind"], "at": e["at"], **json.loads(e["detail"])} for e in events]
+        lines.append({"type": "sign", "at": now_iso(), "algorithm": "ed25519-minisign"})
+        return sorted(lines, key=lambda e: str(e["at"]))
+
+    # -- store -------------------------------------------------------------------------
+
+    async def store(self) -> Outcome:
+        await self._begin_attempt(State.STORE)
+        failpoints.hit("store")
+        await self._run_tasks("storage", self.svc.storage_slots, self._store_one)
+        return Outcome(
+            Event.DONE,
+            f"stored on {', '.join(self.spec.targets(self.config))}"
+            ", every copy read back and verified",
+        )
+
+    async def _store_one(self, target: str) -> dict[str, Any]:
+        section = self.config.storage[target]
+        driver_cls = storage_driver(section.driver)
+        driver = driver_cls(target, driver_cls.options(self.config.storage_options(target)))
+        key = f"{self.spec.name}/{self.job['archive_name']}"
+        copy = await driver.put(
+            self.archive, key, self.job["archive_sha256"], self.job["archive_size"]
+        )
+        async with self.svc.store.transaction() as tx:
+            await tx.run(
+                "upsert_copy",
+                job_id=self.id,
+                target=target,
+                path=copy.path,
+                size=copy.size,
+                sha256=copy.sha256,
+                now=now_iso(),
+            )
+        log.info("stored", target=target, path=copy.path)
+        return {"path": copy.path}
+
+    # -- the error path ----------------------------------------------------------------
+
+    async def classify_error(self) -> Outcome:
+        error = self.last_error
+        attempts, limit = self.job["attempts"], self.config.retry.max_attempts
+        phase = self.job["phase"]
+        if isinstance(error, AttemptsExhausted) or (
+            error is not None and classify(error) == Kind.RECOVERABLE and attempts >= limit
+        ):
+            return Outcome(
+                Event.EXHAUSTED,
+                f"{phase}: gave up after {min(attempts, limit)} attempts",
+                {"error": f"{self.job['error']} (after {limit} attempts)"},
+            )
+        # Resumed after a crash in this state, the exception is gone: try again.
+        if error is not None and classify(error) == Kind.FATAL:
+            return Outcome(Event.FATAL, f"not recoverable: {self.job['error']}")
+        cap = min(self.config.retry.backoff_max, self.config.retry.backoff * 2 ** (attempts - 1))
+        delay = random.uniform(0, cap)  # full jitter
+        retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+        return Outcome(
+            Event.RECOVERABLE,
+            f"recoverable; attempt {attempts + 1} of {limit} in {delay:.1f}s",
+            {"retry_at": retry_at.isoformat()},
+        )
+
+    async def wait_and_retry(self) -> Outcome | None:
+        retry_at = datetime.fromisoformat(self.job["retry_at"])
+        delay = (retry_at - datetime.now(UTC)).total_seconds()
+        if delay > 0:
+            with anyio.move_on_after(delay):
+                await self.svc.stopping.wait()
+            if self.svc.stopping.is_set():
+                return None
+        phase = State(self.job["phase"])
+        return Outcome(
+            RETRY_EVENT[phase],
+            f"backoff over: re-entering {phase}",
+            {"retry_at": None, "error": None},
+        )
+
+    async def failure(self) -> Outcome:
+        return Outcome(Event.HANDLED, f"failure: {self.job['error']}")
+
+    async def error_handling(self) -> Outcome:
+        return Outcome(Event.HANDLED, "failure handled")
+
+    async def cleanup(self) -> Outcome:
+        failpoints.hit("cleanup")
+        await anyio.to_thread.run_sync(shutil.rmtree, self.staging, True)
+        if self.job["error"]:
+            return Outcome(Event.CLEANED_AFTER_FAILURE, "staging removed; job failed")
+        return Outcome(Event.CLEANED, "staging removed; every target holds a verified copy")

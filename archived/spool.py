@@ -1,0 +1,119 @@
+"""The spool directory: tmp/ incoming/ active/ corrupt/.
+
+Writers (`archived submit`, cron, scripts) put a finished file into incoming/ by
+renaming it there. The daemon claims a file by renaming it into active/ under a
+name that carries its job id, inserts the job, then removes the file. A crash at
+any point leaves the file in incoming/ or active/, and a file whose job is already
+in the database is recognised by id and digest, so it never makes a second job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+
+SUBDIRS = ("tmp", "incoming", "active", "corrupt")
+JOB_ID = re.compile(r"^[0-9a-f]{12}$")
+_SUBMITTED = re.compile(r"^(?P<id>[0-9a-f]{12})\.(?:toml|json)$")
+_ACTIVE = re.compile(r"^(?P<id>[0-9a-f]{12})__(?P<name>.+)$")
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A spool file in active/, with the job id it was given."""
+
+    path: Path
+    job_id: str
+    original_name: str
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp, self.incoming = root / "tmp", root / "incoming"
+        self.active, self.corrupt = root / "active", root / "corrupt"
+
+    def create(self) -> None:
+        for name in SUBDIRS:
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    async def pending(self) -> list[str]:
+        """Names in incoming/, oldest first; hidden names (being written) are left alone."""
+        names = [n for n in await aiofiles.os.listdir(self.incoming) if not n.startswith(".")]
+        stamped = []
+        for name in names:
+            try:
+                st = await aiofiles.os.stat(self.incoming / name, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                continue  # an operator's folder, not a job file
+            stamped.append((st.st_mtime_ns, name))
+        return [name for _, name in sorted(stamped)]
+
+    async def leftovers(self) -> list[Claimed]:
+        """Files a crashed daemon had claimed but not finished with."""
+        found = []
+        for name in sorted(await aiofiles.os.listdir(self.active)):
+            if match := _ACTIVE.match(name):
+                found.append(Claimed(self.active / name, match["id"], match["name"]))
+        return found
+
+    async def claim(self, name: str) -> Claimed | None:
+        """Move incoming/NAME into active/ under its job id; None if it vanished."""
+        match = _SUBMITTED.match(name)
+        job_id = match["id"] if match else new_job_id()
+        target = self.active / f"{job_id}__{name}"
+        try:
+            await aiofiles.os.rename(self.incoming / name, target)
+        except FileNotFoundError:
+            return None
+        return Claimed(target, job_id, name)
+
+    async def done(self, claimed: Claimed) -> None:
+        await aiofiles.os.unlink(claimed.path)
+
+    async def reject(self, claimed: Claimed, reason: str) -> Path:
+        """Move the file, unchanged, to corrupt/ beside a .reason file; returns its path."""
+        target = self.corrupt / claimed.original_name
+        if await aiofiles.os.path.exists(target) or await aiofiles.os.path.islink(target):
+            target = self.corrupt / f"{claimed.job_id}__{claimed.original_name}"
+        reason_path = target.with_name(target.name + ".reason")
+        async with aiofiles.open(reason_path.with_name(reason_path.name + ".part"), "w") as f:
+            await f.write(reason.rstrip("\n") + "\n")
+        await aiofiles.os.replace(reason_path.with_name(reason_path.name + ".part"), reason_path)
+        await aiofiles.os.rename(claimed.path, target)
+        return target
+
+    def submit(self, data: bytes, suffix: str) -> str:
+        """Drop a validated job file into incoming/ atomically; returns its job id."""
+        job_id = new_job_id()
+        name = f"{job_id}{suffix}"
+        tmp = self.tmp / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, self.incoming / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.incoming, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return job_id

@@ -1,0 +1,77 @@
+-- All SQL of the queue store, by name. Loaded by archived/store.py.
+
+-- name: insert_job
+INSERT INTO jobs (id, name, state, spec, spec_sha256, config, config_digest, not_before,
+                  created_at, updated_at)
+VALUES (:id, :name, 'uninitialized', :spec, :spec_sha256, :config, :config_digest,
+        :not_before, :now, :now);
+
+-- name: insert_task
+INSERT INTO tasks (job_id, kind, name, updated_at) VALUES (:job_id, :kind, :name, :now);
+
+-- name: insert_history
+INSERT INTO history (job_id, state, at, reason) VALUES (:job_id, :state, :now, :reason);
+
+-- name: get_job
+SELECT * FROM jobs WHERE id = :id;
+
+-- name: job_by_spec
+SELECT id FROM jobs WHERE id = :id AND spec_sha256 = :spec_sha256;
+
+-- name: set_state
+UPDATE jobs SET state = :to_state, updated_at = :now WHERE id = :id AND state = :from_state;
+
+-- name: claim_next
+-- One statement: the oldest due queued job becomes activity_archiving (or re-enters the
+-- phase it failed in, when an operator queued it again).
+UPDATE jobs SET state = :to_state, updated_at = :now, started_at = coalesce(started_at, :now)
+WHERE id = (SELECT id FROM jobs
+            WHERE state = 'queued' AND (not_before IS NULL OR not_before <= :now)
+            ORDER BY created_at, id LIMIT 1)
+  AND state = 'queued'
+RETURNING *;
+
+-- name: jobs_in_states
+SELECT * FROM jobs WHERE state IN (SELECT value FROM json_each(:states)) ORDER BY created_at, id;
+
+-- name: list_jobs
+SELECT id, name, state, created_at, updated_at, error FROM jobs
+WHERE :state IS NULL OR state = :state ORDER BY created_at, id;
+
+-- name: count_processing
+SELECT count(*) FROM jobs WHERE state IN (SELECT value FROM json_each(:states));
+
+-- name: history
+SELECT state, at, reason FROM history WHERE job_id = :job_id ORDER BY seq;
+
+-- name: tasks
+SELECT kind, name, state, attempts, error, result FROM tasks
+WHERE job_id = :job_id ORDER BY kind, name;
+
+-- name: start_task
+UPDATE tasks SET state = 'executing', attempts = attempts + 1, error = NULL, updated_at = :now
+WHERE job_id = :job_id AND kind = :kind AND name = :name;
+
+-- name: finish_task
+UPDATE tasks SET state = :state, error = :error, result = :result, updated_at = :now
+WHERE job_id = :job_id AND kind = :kind AND name = :name;
+
+-- name: copies
+SELECT target, path, size, sha256, verified_at FROM copies WHERE job_id = :job_id ORDER BY target;
+
+-- name: upsert_copy
+INSERT INTO copies (job_id, target, path, size, sha256, verified_at)
+VALUES (:job_id, :target, :path, :size, :sha256, :now)
+ON CONFLICT (job_id, target) DO UPDATE
+SET path = excluded.path, size = excluded.size, sha256 = excluded.sha256,
+    verified_at = excluded.verified_at;
+
+-- name: insert_event
+INSERT INTO events (job_id, at, kind, detail) VALUES (:job_id, :now, :kind, :detail);
+
+-- name: events
+SELECT at, kind, detail FROM events WHERE job_id = :job_id ORDER BY seq;
+
+-- name: reset_unfinished_tasks
+UPDATE tasks SET state = 'created', updated_at = :now
+WHERE job_id = :job_id AND kind = :kind AND state != 'completed';

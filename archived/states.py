@@ -1,0 +1,115 @@
+"""The job state machine of the seed document "Archive Job States", as plain data.
+
+Nothing in this module does I/O. The runner asks `next_state(state, event)` what
+comes next and records the answer; a transition missing from `TRANSITIONS` is a bug
+and raises `IllegalTransition`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    UNINITIALIZED = "uninitialized"
+    QUEUED = "queued"
+    ACTIVITY_ARCHIVING = "activity_archiving"
+    POST_PROCESSING = "post_processing"
+    STORE = "store"
+    CLEANUP = "cleanup"
+    COMPLETED = "completed"
+    ERROR = "error"
+    RECOVERABLE_ERROR = "recoverable_error"
+    FAILURE = "failure"
+    ERROR_HANDLING = "error_handling"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
+class Event(StrEnum):
+    INITIALIZED = "initialized"  # the job file became a valid job row
+    TRIGGERED = "triggered"  # the poll loop claimed a queued job
+    DONE = "done"  # the phase finished all its tasks
+    ERROR = "error"  # a phase raised; classify it next
+    RECOVERABLE = "recoverable"  # the classifier says: wait and retry
+    FATAL = "fatal"  # the classifier says: this job can never complete
+    EXHAUSTED = "exhausted"  # recoverable, but retry.max_attempts are used up
+    RETRY_ACTIVITIES = "retry_activities"  # backoff over: re-enter the failed phase
+    RETRY_POST_PROCESSING = "retry_post_processing"
+    RETRY_STORE = "retry_store"
+    CANCELED = "canceled"  # operator ran `archived cancel`
+    TIMED_OUT = "timed_out"  # daemon.job_timeout passed
+    HANDLED = "handled"  # failure hooks ran
+    CLEANED = "cleaned"  # staging removed after success
+    CLEANED_AFTER_FAILURE = "cleaned_after_failure"  # staging removed after failure
+    REQUEUED = "requeued"  # operator ran `archived retry` on a failed job
+    EXPIRED = "expired"  # retention passed, stored copies deleted
+
+
+S, E = State, Event
+
+# The phases whose errors are classified (the seed's critical section), and the event
+# that re-enters each one after a recoverable error.
+PHASES: tuple[State, ...] = (S.ACTIVITY_ARCHIVING, S.POST_PROCESSING, S.STORE)
+RETRY_EVENT: dict[State, Event] = {
+    S.ACTIVITY_ARCHIVING: E.RETRY_ACTIVITIES,
+    S.POST_PROCESSING: E.RETRY_POST_PROCESSING,
+    S.STORE: E.RETRY_STORE,
+}
+
+_STOP = {E.CANCELED: S.FAILURE, E.TIMED_OUT: S.FAILURE}  # allowed from every processing state
+
+TRANSITIONS: dict[State, dict[Event, State]] = {
+    S.UNINITIALIZED: {E.INITIALIZED: S.QUEUED, E.FATAL: S.FAILURE},
+    S.QUEUED: {
+        E.TRIGGERED: S.ACTIVITY_ARCHIVING,
+        E.RETRY_POST_PROCESSING: S.POST_PROCESSING,
+        E.RETRY_STORE: S.STORE,
+        E.FATAL: S.FAILURE,
+        E.CANCELED: S.FAILURE,
+    },
+    S.ACTIVITY_ARCHIVING: {E.DONE: S.POST_PROCESSING, E.ERROR: S.ERROR, **_STOP},
+    S.POST_PROCESSING: {E.DONE: S.STORE, E.ERROR: S.ERROR, **_STOP},
+    S.STORE: {E.DONE: S.CLEANUP, E.ERROR: S.ERROR, **_STOP},
+    S.ERROR: {
+        E.RECOVERABLE: S.RECOVERABLE_ERROR,
+        E.FATAL: S.FAILURE,
+        E.EXHAUSTED: S.FAILURE,
+        **_STOP,
+    },
+    S.RECOVERABLE_ERROR: {
+        E.RETRY_ACTIVITIES: S.ACTIVITY_ARCHIVING,
+        E.RETRY_POST_PROCESSING: S.POST_PROCESSING,
+        E.RETRY_STORE: S.STORE,
+        E.EXHAUSTED: S.FAILURE,
+        **_STOP,
+    },
+    S.FAILURE: {E.HANDLED: S.ERROR_HANDLING},
+    S.ERROR_HANDLING: {E.HANDLED: S.CLEANUP},
+    S.CLEANUP: {E.CLEANED: S.COMPLETED, E.CLEANED_AFTER_FAILURE: S.FAILED},
+    S.COMPLETED: {E.EXPIRED: S.DELETED},
+    S.FAILED: {E.REQUEUED: S.QUEUED},
+    S.DELETED: {},
+}
+
+FINAL: frozenset[State] = frozenset({S.COMPLETED, S.FAILED, S.DELETED})
+IDLE: frozenset[State] = frozenset({S.UNINITIALIZED, S.QUEUED})
+PROCESSING: frozenset[State] = frozenset(State) - FINAL - IDLE
+
+
+class IllegalTransition(Exception):
+    def __init__(self, state: State, event: Event) -> None:
+        super().__init__(f"no transition from {state} on {event}")
+        self.state, self.event = state, event
+
+
+def next_state(state: State, event: Event) -> State:
+    """The state that `event` leads to from `state`, or IllegalTransition."""
+    try:
+        return TRANSITIONS[state][event]
+    except KeyError:
+        raise IllegalTransition(state, event) from None
+
+
+def allowed_events(state: State) -> frozenset[Event]:
+    return frozenset(TRANSITIONS[state])

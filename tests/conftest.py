@@ -1,0 +1,250 @@
+"""Fixtures that run the real thing: the daemon as a subprocess on a temporary root.
+
+Nothing here sleeps to synchronise: `wait_until` polls a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MINISIGN = "minisign"
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(delay)  # polling interval, not synchronisation
+        delay = min(delay * 1.5, 0.25)
+
+
+def run_cli(
+    *args: str,
+    config: Path | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = False,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "archived", *args]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def minisign_keypair(directory: Path, name: str = "archived") -> tuple[Path, Path]:
+    secret, public = directory / f"{name}.key", directory / f"{name}.pub"
+    subprocess.run(
+        [MINISIGN, "-G", "-W", "-p", str(public), "-s", str(secret)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return secret, public
+
+
+@dataclass
+class Root:
+    """A temporary installation: config, sources, two targets, a minisign key pair."""
+
+    path: Path
+    config: Path
+    sources: Path
+    targets: dict[str, Path]
+    secret_key: Path
+    public_key: Path
+    extra_config: str = ""
+    daemons: list[Daemon] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def spool(self) -> Path:
+        return self.path / "spool"
+
+    def write_config(self, extra: str = "") -> None:
+        targets = "".join(
+            f'\n[storage.{name}]\ndriver = "localdir"\npath = "{path}"\n'
+            for name, path in self.targets.items()
+        )
+        self.config.write_text(f"""
+[daemon]
+state_dir = "{self.state_dir}"
+spool_dir = "{self.spool}"
+poll_interval = "100ms"
+shutdown_grace = "10s"
+
+[retry]
+backoff = "100ms"
+backoff_max = "500ms"
+
+[signing]
+key = "{self.secret_key}"
+
+[sources]
+allowed_roots = ["{self.sources}"]
+{targets}
+{extra}
+""")
+
+    def cli(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, config=self.config, **kw)
+
+    def start(self, env: dict[str, str] | None = None, wait_ready: bool = True) -> Daemon:
+        daemon = Daemon(self, env or {})
+        daemon.start(wait_ready)
+        self.daemons.append(daemon)
+        return daemon
+
+    def job_file(self, name: str = "job", **fields: Any) -> Path:
+        """A job file (JSON) with `fields`; activities default to one over sources/a."""
+        body = {"name": name, **fields}
+        body.setdefault(
+            "activities", [{"name": "a", "driver": "files", "path": str(self.sources / "a")}]
+        )
+        path = self.path / f"{name}-{len(list(self.path.glob('*.json')))}.json"
+        path.write_text(json.dumps(body))
+        return path
+
+    def submit(self, *files: Path, wait: bool = False) -> list[str]:
+        args = ["submit", *(["--wait"] if wait else []), *map(str, files)]
+        result = self.cli(*args, timeout=120)
+        if result.returncode != 0 and not wait:
+            raise AssertionError(result.stderr)
+        return result.stdout.split()
+
+    def show(self, job_id: str) -> dict[str, Any]:
+        result = self.cli("show", job_id, "--json", check=True)
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def wait_state(self, job_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            result = self.cli("show", job_id, "--json")
+            if result.returncode != 0:
+                return None
+            job = json.loads(result.stdout)
+            return job if job["state"] in states else None
+
+        return wait_until(reached, timeout, f"job {job_id} in {states}")  # type: ignore[no-any-return]
+
+    def archives(self, target: str) -> list[Path]:
+        return sorted(self.targets[target].rglob("*.tar"))
+
+    def all_target_files(self) -> list[Path]:
+        return sorted(p for t in self.targets.values() for p in t.rglob("*") if p.is_file())
+
+
+class Daemon:
+    def __init__(self, root: Root, env: dict[str, str]) -> None:
+        self.root = root
+        self.env = env
+        self.log_path = root.path / f"daemon-{len(root.daemons)}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True) -> None:
+        env = {**os.environ, **self.env}
+        env.pop("NOTIFY_SOCKET", None)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "archived", "run", "--config", str(self.root.config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        if wait_ready:
+            wait_until(
+                lambda: (
+                    self.proc is not None
+                    and (
+                        self.proc.poll() is not None
+                        or any(e.get("event") == "ready" for e in self.events())
+                    )
+                ),
+                30,
+                "daemon ready",
+            )
+            assert self.proc.poll() is None, f"daemon exited early:\n{self.log_text()}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return lines
+
+    def send(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Root]:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    secret, public = minisign_keypair(keys)
+    sources = tmp_path / "sources"
+    (sources / "a" / "sub").mkdir(parents=True)
+    (sources / "a" / "hello.txt").write_text("hello\n")
+    (sources / "a" / "sub" / "data.bin").write_bytes(os.urandom(300_000))
+    targets = {"primary": tmp_path / "t1", "offsite": tmp_path / "t2"}
+    for t in targets.values():
+        t.mkdir()
+    r = Root(tmp_path, tmp_path / "archived.toml", sources, targets, secret, public)
+    r.write_config()
+    yield r
+    for daemon in r.daemons:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
+
+
+def tar_members(archive: Path) -> list[str]:
+    with tarfile.open(archive) as tar:
+        return tar.getnames()

@@ -1,0 +1,191 @@
+"""The whole cycle through the real daemon: job file in, signed verified archives out."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import signal
+import subprocess
+import tarfile
+from pathlib import Path
+
+import bagit
+import pytest
+from conftest import Root, tar_members
+
+HAPPY_PATH = [
+    "uninitialized",
+    "queued",
+    "activity_archiving",
+    "post_processing",
+    "store",
+    "cleanup",
+    "completed",
+]
+
+
+def two_activity_job(root: Root) -> Path:
+    (root.sources / "b").mkdir()
+    (root.sources / "b" / "notes.md").write_text("# notes\n")
+    (root.sources / "b" / "skip.tmp").write_text("excluded\n")
+    return root.job_file(
+        "exams-2026-ws",
+        metadata={"Source-Organization": "Example University", "Course": "CS101"},
+        activities=[
+            {"name": "submissions", "driver": "files", "path": str(root.sources / "a")},
+            {
+                "name": "notes",
+                "driver": "files",
+                "path": str(root.sources / "b"),
+                "exclude": ["*.tmp"],
+            },
+        ],
+    )
+
+
+def test_job_with_two_activities_lands_signed_on_both_targets(root: Root, tmp_path: Path) -> None:
+    daemon = root.start()
+    (job_id,) = root.submit(two_activity_job(root))
+    job = root.wait_state(job_id, "completed", "failed")
+    assert job["state"] == "completed", job
+    assert [h["state"] for h in job["history"]] == HAPPY_PATH
+    assert all(h["at"].endswith("Z") and h["reason"] for h in job["history"])
+    assert {(t["kind"], t["name"], t["state"]) for t in job["tasks"]} == {
+        ("activity", "submissions", "completed"),
+        ("activity", "notes", "completed"),
+        ("storage", "primary", "completed"),
+        ("storage", "offsite", "completed"),
+    }
+    assert job["error"] is None
+    assert {c["target"] for c in job["copies"]} == {"primary", "offsite"}
+
+    archives = {name: root.archives(name) for name in root.targets}
+    for name, found in archives.items():
+        assert len(found) == 1, (name, found)
+        archive = found[0]
+        assert archive.parent == root.targets[name] / "exams-2026-ws"
+        assert archive.name.startswith(f"exams-2026-ws-{job_id}-")
+        copy = next(c for c in job["copies"] if c["target"] == name)
+        assert copy["path"] == str(archive) and copy["size"] == archive.stat().st_size
+    # identical bytes on both targets
+    assert archives["primary"][0].read_bytes() == archives["offsite"][0].read_bytes()
+    assert root.all_target_files() == sorted(p for a in archives.values() for p in a)
+    assert not any((root.state_dir / "staging").iterdir())
+
+    # the tar holds one bag that bagit-python validates
+    archive = archives["primary"][0]
+    members = tar_members(archive)
+    bag_name = archive.name.removesuffix(".tar")
+    assert {m.split("/", 1)[0] for m in members} == {bag_name}
+    extract = tmp_path / "extract"
+    with tarfile.open(archive) as tar:
+        tar.extractall(extract, filter="data")
+    bag_dir = extract / bag_name
+    bag = bagit.Bag(str(bag_dir))
+    bag.validate()
+    assert bag.info["External-Identifier"] == job_id
+    assert bag.info["Course"] == "CS101"
+    assert sorted(bag.payload_files()) == [
+        "data/notes/notes.md",
+        "data/submissions/hello.txt",
+        "data/submissions/sub/data.bin",
+    ]
+    assert (bag_dir / "data/submissions/sub/data.bin").read_bytes() == (
+        root.sources / "a/sub/data.bin"
+    ).read_bytes()
+    events = [
+        json.loads(line) for line in (bag_dir / "archived-events.jsonl").read_text().splitlines()
+    ]
+    assert [e["state"] for e in events if e["type"] == "transition"] == HAPPY_PATH[:4]
+    assert any(e["type"] == "check_integrity" and e["result"] == "ok" for e in events)
+
+    # the signature verifies with the minisign binary and the key pair it made
+    subprocess.run(
+        ["minisign", "-Vm", str(bag_dir / "tagmanifest-sha256.txt"), "-p", str(root.public_key)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+    # archived verify accepts it, and rejects a copy with one flipped payload byte
+    ok = root.cli("verify", "--key", str(root.public_key), str(archive))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("ok:")
+    bad = tmp_path / "bad.tar"
+    flip_member_byte(archive, bad, f"{bag_name}/data/submissions/sub/data.bin")
+    result = root.cli("verify", "--key", str(root.public_key), str(bad))
+    assert result.returncode == 1
+    assert "data/submissions/sub/data.bin" in result.stdout
+    assert "hello.txt" not in result.stdout
+
+    assert daemon.stop(signal.SIGTERM) == 0
+
+
+def flip_member_byte(archive: Path, out: Path, member: str) -> None:
+    """Copy `archive` to `out` with one byte of `member`'s content flipped."""
+    with tarfile.open(archive) as tar:
+        info = tar.getmember(member)
+        offset = info.offset_data + info.size // 2
+    shutil.copyfile(archive, out)
+    with open(out, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_not_before_is_honoured(root: Root) -> None:
+    root.start()
+    (later,) = root.submit(root.job_file("later", not_before="2999-01-01T00:00:00Z"))
+    (now,) = root.submit(root.job_file("now"))
+    assert root.wait_state(now, "completed")["state"] == "completed"
+    assert root.show(later)["state"] == "queued"
+
+
+def test_sigterm_exits_zero_and_restart_keeps_history(root: Root) -> None:
+    daemon = root.start()
+    (job_id,) = root.submit(root.job_file("first"))
+    root.wait_state(job_id, "completed")
+    assert daemon.stop(signal.SIGINT) == 0
+    events = daemon.events()
+    assert any(e.get("event") == "stopped" for e in events)
+    assert all(
+        "job_id" in e and "state" in e
+        for e in events
+        if e.get("event") in ("transition", "job queued")
+    )
+    root.start()
+    assert root.show(job_id)["state"] == "completed"
+    listed = json.loads(root.cli("jobs", "--json", check=True).stdout)
+    assert [j["id"] for j in listed] == [job_id]
+
+
+def test_submit_wait_exits_zero_when_completed(root: Root) -> None:
+    root.start()
+    result = root.cli("submit", "--wait", str(root.job_file("waited")), timeout=120)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip()
+    assert root.show(job_id)["state"] == "completed"
+
+
+@pytest.mark.parametrize("limit", [1])
+def test_max_concurrent_jobs_bounds_processing(root: Root, limit: int) -> None:
+    root.write_config("[limits]\nactivity_tasks = 1\n")
+    text = root.config.read_text().replace(
+        "poll_interval", f"max_concurrent_jobs = {limit}\npoll_interval"
+    )
+    root.config.write_text(text)
+    root.start()
+    ids = root.submit(*(root.job_file(f"j{i}") for i in range(3)))
+    for job_id in ids:
+        root.wait_state(job_id, "completed")
+    # with one job at a time, no job started before the previous one was final
+    spans = []
+    for job_id in ids:
+        history = root.show(job_id)["history"]
+        start = next(h["at"] for h in history if h["state"] == "activity_archiving")
+        spans.append((start, history[-1]["at"]))
+    spans.sort()
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end
