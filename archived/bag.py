@@ -139,6 +139,9 @@ def pack(
             for name in SEALED_TAG_FILES:
                 if (bag_dir / name).exists():
                     _add(tar, bag_dir / name, f"{bag_name}/{name}")
+            data_dir = tarfile.TarInfo(f"{bag_name}/data")  # present even with no payload
+            data_dir.type, data_dir.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(data_dir)
             for record in read_records(records):
                 check()
                 path = decode_path(record.path)

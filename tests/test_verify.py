@@ -1,0 +1,597 @@
+"""verify: real bags built by hand in tmp_path, tarred with tarfile, then broken one way each."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import bagit  # type: ignore[import-untyped]
+import pytest
+
+from archived.bag import BAGIT_TXT, EVENTS, MANIFEST, SIGNATURE, TAG_FILES, TAGMANIFEST, TIMESTAMP
+from archived.minisign import SecretKey
+from archived.verify import Problem, Report, verify_path
+
+BAG = "job-1-20240101T000000Z"
+PAYLOAD = {
+    "data/docs/a.txt": b"hello, archive\n",
+    "data/docs/b.bin": bytes(range(256)) * 41,
+    "data/logs/two\nlines.txt": b"a name BagIt must percent-encode\n",
+}
+CONFORMANCE = Path("/work/shared/bagit-conformance")
+
+
+def encode(path: str) -> str:
+    return path.replace("%", "%25").replace("\n", "%0A").replace("\r", "%0D")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def key() -> SecretKey:
+    return SecretKey.generate()
+
+
+def make_bag(
+    root: Path,
+    key: SecretKey,
+    *,
+    payload: dict[str, bytes] | None = None,
+    oxum: str | None = None,
+    sign_with: SecretKey | None = None,
+) -> Path:
+    """A bag directory as the packer lays it out, written here without the packer."""
+    payload = PAYLOAD if payload is None else payload
+    bag = root / BAG
+    for path, data in payload.items():
+        (bag / path).parent.mkdir(parents=True, exist_ok=True)
+        (bag / path).write_bytes(data)
+    (bag / "data").mkdir(parents=True, exist_ok=True)
+    total = sum(len(d) for d in payload.values())
+    (bag / "bagit.txt").write_text(BAGIT_TXT, encoding="utf-8")
+    (bag / "bag-info.txt").write_text(
+        "Bagging-Date: 2024-01-01\n"
+        "External-Identifier: job-1\n"
+        f"Payload-Oxum: {oxum or f'{total}.{len(payload)}'}\n",
+        encoding="utf-8",
+    )
+    (bag / MANIFEST).write_text(
+        "".join(f"{sha256(d)}  {encode(p)}\n" for p, d in sorted(payload.items())),
+        encoding="utf-8",
+        newline="\n",
+    )
+    (bag / EVENTS).write_text(
+        json.dumps({"event": "created", "job": "job-1"}) + "\n", encoding="utf-8"
+    )
+    tagmanifest = "".join(f"{sha256((bag / n).read_bytes())}  {n}\n" for n in TAG_FILES)
+    (bag / TAGMANIFEST).write_text(tagmanifest, encoding="utf-8", newline="\n")
+    signature = (sign_with or key).sign(tagmanifest.encode(), trusted_comment="job-1")
+    (bag / SIGNATURE).write_text(signature, encoding="utf-8")
+    return bag
+
+
+def make_tar(
+    bag: Path,
+    out: Path,
+    *,
+    extra: Sequence[tuple[tarfile.TarInfo, bytes | None]] = (),
+    skip: tuple[str, ...] = (),
+    mode: Literal["w", "w:gz"] = "w",
+) -> Path:
+    """`bag` as a PAX tar under its own name, tag files first, plus hand-made members."""
+    names = sorted(p.relative_to(bag).as_posix() for p in bag.rglob("*") if p.is_file())
+    names.sort(key=lambda n: n.startswith("data/"))
+    with tarfile.open(out, mode, format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            if name not in skip:
+                tar.add(bag / name, arcname=f"{bag.name}/{name}", recursive=False)
+        for info, data in extra:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out
+
+
+def member(name: str, data: bytes = b"", **attrs: object) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for attr, value in attrs.items():
+        setattr(info, attr, value)
+    return info, data
+
+
+def paths(report: Report) -> dict[str, str]:
+    return {p.path: p.message for p in report.problems}
+
+
+def only_problem(report: Report) -> Problem:
+    assert len(report.problems) == 1, report.problems
+    return report.problems[0]
+
+
+# -- good bags -------------------------------------------------------------------------
+
+
+def test_good_archive_verifies_and_names_the_signing_key(tmp_path: Path, key: SecretKey) -> None:
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar")
+    report = verify_path(tar, keys=[key.public_key()])
+    assert report.ok, report.problems
+    assert report.bag == BAG
+    assert report.signed_by == key.public_key().key_id_hex
+    assert (report.files, report.bytes) == (3, sum(len(d) for d in PAYLOAD.values()))
+    assert report.to_json()["ok"] is True
+    assert report.to_json()["problems"] == []
+
+
+def test_good_bag_directory_verifies(tmp_path: Path, key: SecretKey) -> None:
+    report = verify_path(make_bag(tmp_path, key), keys=[key.public_key()])
+    assert report.ok, report.problems
+    assert report.signed_by == key.public_key().key_id_hex
+    assert report.files == 3
+
+
+def test_the_test_bag_is_valid_for_bagit_python(tmp_path: Path, key: SecretKey) -> None:
+    bag = bagit.Bag(str(make_bag(tmp_path, key)))
+    bag.validate()  # raises on any problem
+    assert set(bag.payload_entries()) == set(PAYLOAD)
+
+
+@pytest.mark.skipif(shutil.which("minisign") is None, reason="no minisign binary")
+def test_what_verify_accepts_the_spec_s_manual_check_accepts(
+    tmp_path: Path, key: SecretKey
+) -> None:
+    tar = make_tar(make_bag(tmp_path / "src", key), tmp_path / "a.tar")
+    assert verify_path(tar, keys=[key.public_key()]).ok
+    with tarfile.open(tar) as t:
+        t.extractall(tmp_path / "out", filter="data")
+    bag = tmp_path / "out" / BAG
+    bagit.Bag(str(bag)).validate()
+    (tmp_path / "archived.pub").write_text(key.public_key().dumps())
+    subprocess.run(
+        ["minisign", "-Vm", str(bag / TAGMANIFEST), "-p", str(tmp_path / "archived.pub")],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_what_the_packer_writes_verifies(tmp_path: Path, key: SecretKey) -> None:
+    from archived import bag as packer
+    from archived.drivers.base import Record, bagit_path
+
+    bag_dir = tmp_path / "staging"
+    records = tmp_path / "records.txt"
+    with records.open("w", encoding="utf-8") as out:
+        for path, data in PAYLOAD.items():
+            (bag_dir / path).parent.mkdir(parents=True, exist_ok=True)
+            (bag_dir / path).write_bytes(data)
+            out.write(Record(sha256(data), len(data), bagit_path(path)).line())
+    oxum = packer.write_payload_manifest(bag_dir, [records])
+    packer.write_tag_files(
+        bag_dir,
+        info=packer.bag_info(job_id="job-1", bagging_date="2024-01-01", oxum=oxum, metadata={}),
+    )
+    packer.write_events(bag_dir, [{"event": "created"}])
+    signed = packer.write_tag_manifest(bag_dir)
+    (bag_dir / SIGNATURE).write_text(key.sign(signed, trusted_comment="job-1"))
+    out_tar = tmp_path / "out.tar"
+    packer.pack(bag_dir, BAG, [records], out_tar)
+    report = verify_path(out_tar, keys=[key.public_key()])
+    assert report.ok, report.problems
+    assert (report.bag, report.files) == (BAG, len(PAYLOAD))
+
+
+def test_percent_in_a_name_is_encoded_as_rfc_8493_says(tmp_path: Path, key: SecretKey) -> None:
+    # bagit-python (1.9) does not decode %25, so this bag is not in the cross-check above.
+    payload = {"data/logs/100% done.txt": b"x", "data/logs/%0A literally": b"y"}
+    bag = make_bag(tmp_path, key, payload=payload)
+    assert "data/logs/100%25 done.txt" in (bag / MANIFEST).read_text()
+    report = verify_path(make_tar(bag, tmp_path / "a.tar"), keys=[key.public_key()])
+    assert report.ok, report.problems
+    assert report.files == 2
+
+
+def test_names_that_trip_line_splitting(tmp_path: Path, key: SecretKey) -> None:
+    # Trailing blanks and Unicode line separators are part of a name in BagIt 1.0;
+    # the events file is written with ensure_ascii=False, so it may hold U+2028 too.
+    payload = {"data/x/ends with space ": b"1", "data/x/sep\u2028\x85\x0cname": b"2"}
+    bag = make_bag(tmp_path, key, payload=payload)
+    (bag / EVENTS).write_text(json.dumps({"note": "a\u2028b"}, ensure_ascii=False) + "\n")
+    lines = [f"{sha256((bag / n).read_bytes())}  {n}\n" for n in TAG_FILES]
+    (bag / TAGMANIFEST).write_text("".join(lines))
+    (bag / SIGNATURE).write_text(key.sign("".join(lines).encode(), trusted_comment="x"))
+    report = verify_path(make_tar(bag, tmp_path / "a.tar"), keys=[key.public_key()])
+    assert report.ok, report.problems
+    assert report.files == 2
+
+
+def test_empty_payload_needs_a_data_directory(tmp_path: Path, key: SecretKey) -> None:
+    bag = make_bag(tmp_path, key, payload={})
+    assert verify_path(bag, keys=[key.public_key()]).ok
+    files_only = make_tar(bag, tmp_path / "a.tar")
+    assert paths(verify_path(files_only, keys=[key.public_key()])) == {
+        "data": "payload directory missing"
+    }
+    data_dir = tarfile.TarInfo(f"{BAG}/data")
+    data_dir.type = tarfile.DIRTYPE
+    with_dir = make_tar(bag, tmp_path / "b.tar", extra=[(data_dir, None)])
+    assert verify_path(with_dir, keys=[key.public_key()]).ok
+
+
+def test_compressed_tar_is_read_too(tmp_path: Path, key: SecretKey) -> None:
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar.gz", mode="w:gz")
+    report = verify_path(tar, keys=[key.public_key()])
+    assert report.ok, report.problems
+
+
+def test_any_of_several_keys_may_verify(tmp_path: Path, key: SecretKey) -> None:
+    other = SecretKey.generate().public_key()
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar")
+    report = verify_path(tar, keys=[other, key.public_key()])
+    assert report.ok, report.problems
+    assert report.signed_by == key.public_key().key_id_hex
+
+
+# -- each way to break it names the file -------------------------------------------------
+
+
+def test_flipped_payload_byte_names_the_file_and_both_digests(
+    tmp_path: Path, key: SecretKey
+) -> None:
+    bag = make_bag(tmp_path, key)
+    original = (bag / "data/docs/b.bin").read_bytes()
+    broken = bytearray(original)
+    broken[1000] ^= 0x01
+    (bag / "data/docs/b.bin").write_bytes(bytes(broken))
+    for target in (make_tar(bag, tmp_path / "a.tar"), bag):
+        problem = only_problem(verify_path(target, keys=[key.public_key()]))
+        assert problem.path == "data/docs/b.bin"
+        assert problem.message == (
+            f"sha256 mismatch: expected {sha256(original)}, got {sha256(bytes(broken))}"
+        )
+
+
+def test_changed_bag_info_breaks_the_tag_manifest(tmp_path: Path, key: SecretKey) -> None:
+    bag = make_bag(tmp_path, key)
+    info = bag / "bag-info.txt"
+    info.write_text(info.read_text().replace("job-1", "job-2"))
+    report = verify_path(make_tar(bag, tmp_path / "a.tar"), keys=[key.public_key()])
+    problem = only_problem(report)
+    assert problem.path == "bag-info.txt"
+    assert problem.message.startswith("sha256 mismatch: expected ")
+    assert sha256(info.read_bytes()) in problem.message
+    assert report.signed_by == key.public_key().key_id_hex  # the manifest itself is intact
+
+
+def test_missing_payload_file(tmp_path: Path, key: SecretKey) -> None:
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar", skip=("data/docs/a.txt",))
+    report = verify_path(tar, keys=[key.public_key()])
+    assert paths(report) == {
+        "data/docs/a.txt": f"missing from payload (listed in {MANIFEST})",
+        "bag-info.txt": f"Payload-Oxum {sum(len(d) for d in PAYLOAD.values())}.3 does not "
+        f"match the payload: {report.bytes} bytes in 2 files",
+    }
+
+
+def test_extra_payload_file(tmp_path: Path, key: SecretKey) -> None:
+    extra = member(f"{BAG}/data/docs/smuggled.txt", b"not listed\n")
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar", extra=[extra])
+    report = verify_path(tar, keys=[key.public_key()])
+    assert paths(report)["data/docs/smuggled.txt"] == f"not in {MANIFEST}"
+    assert "Payload-Oxum" in paths(report)["bag-info.txt"]
+    assert len(report.problems) == 2
+
+
+def test_extra_file_in_a_bag_directory(tmp_path: Path, key: SecretKey) -> None:
+    bag = make_bag(tmp_path, key)
+    (bag / "data/docs/smuggled.txt").write_bytes(b"x")
+    assert (
+        "not in manifest"
+        in paths(verify_path(bag, keys=[key.public_key()]))["data/docs/smuggled.txt"]
+    )
+
+
+def test_signature_by_another_key(tmp_path: Path, key: SecretKey) -> None:
+    tar = make_tar(make_bag(tmp_path, key, sign_with=SecretKey.generate()), tmp_path / "a.tar")
+    report = verify_path(tar, keys=[key.public_key()])
+    problem = only_problem(report)
+    assert problem.path == SIGNATURE
+    assert problem.message.startswith("signature does not verify: ")
+    assert report.signed_by is None
+
+
+def test_missing_signature_fails_unless_bag_only(tmp_path: Path, key: SecretKey) -> None:
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar", skip=(SIGNATURE,))
+    problem = only_problem(verify_path(tar, keys=[key.public_key()]))
+    assert problem == Problem(SIGNATURE, "missing: the archive is not signed")
+    assert verify_path(tar, keys=[], bag_only=True).ok
+
+
+def test_no_key_to_check_against(tmp_path: Path, key: SecretKey) -> None:
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar")
+    problem = only_problem(verify_path(tar, keys=[]))
+    assert problem == Problem(SIGNATURE, "no public key to check the signature against")
+
+
+def test_tampered_tag_manifest_fails_the_signature(tmp_path: Path, key: SecretKey) -> None:
+    bag = make_bag(tmp_path, key)
+    info = bag / "bag-info.txt"
+    info.write_text(info.read_text() + "Note: added later\n")
+    lines = [f"{sha256((bag / n).read_bytes())}  {n}\n" for n in TAG_FILES]
+    (bag / TAGMANIFEST).write_text("".join(lines))  # consistent again, but not re-signed
+    problem = only_problem(verify_path(make_tar(bag, tmp_path / "a.tar"), keys=[key.public_key()]))
+    assert problem.path == SIGNATURE
+    assert problem.message.startswith("signature does not verify")
+
+
+def test_wrong_payload_oxum(tmp_path: Path, key: SecretKey) -> None:
+    total = sum(len(d) for d in PAYLOAD.values())
+    tar = make_tar(make_bag(tmp_path, key, oxum=f"{total + 1}.3"), tmp_path / "a.tar")
+    problem = only_problem(verify_path(tar, keys=[key.public_key()]))
+    assert problem == Problem(
+        "bag-info.txt",
+        f"Payload-Oxum {total + 1}.3 does not match the payload: {total} bytes in 3 files",
+    )
+
+
+def test_tag_file_not_covered_by_the_tag_manifest(tmp_path: Path, key: SecretKey) -> None:
+    bag = make_bag(tmp_path, key)
+    lines = [f"{sha256((bag / n).read_bytes())}  {n}\n" for n in TAG_FILES if n != EVENTS]
+    (bag / TAGMANIFEST).write_text("".join(lines))
+    (bag / SIGNATURE).write_text(key.sign("".join(lines).encode(), trusted_comment="x"))
+    problem = only_problem(verify_path(bag, keys=[key.public_key()]))
+    assert problem.path == EVENTS
+    assert "not covered by" in problem.message
+
+
+# -- tar safety --------------------------------------------------------------------------
+
+
+def test_member_with_dotdot(tmp_path: Path, key: SecretKey) -> None:
+    name = f"{BAG}/data/../../escape.txt"
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar", extra=[member(name, b"x")])
+    problem = only_problem(verify_path(tar, keys=[key.public_key()]))
+    assert problem == Problem(name, "unsafe member name: contains '..'")
+
+
+def test_absolute_member(tmp_path: Path, key: SecretKey) -> None:
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar", extra=[member("/etc/evil", b"x")])
+    assert paths(verify_path(tar, keys=[key.public_key()])) == {
+        "/etc/evil": "unsafe member name: absolute path"
+    }
+
+
+def test_symlink_member(tmp_path: Path, key: SecretKey) -> None:
+    link = member(f"{BAG}/data/docs/link", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar", extra=[link])
+    problem = only_problem(verify_path(tar, keys=[key.public_key()]))
+    assert problem.path == "data/docs/link"
+    assert problem.message.startswith("symbolic link to '/etc/passwd'")
+
+
+def test_hardlink_member(tmp_path: Path, key: SecretKey) -> None:
+    link = member(f"{BAG}/data/docs/hard", type=tarfile.LNKTYPE, linkname=f"{BAG}/data/docs/a.txt")
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar", extra=[link])
+    problem = only_problem(verify_path(tar, keys=[key.public_key()]))
+    assert problem.path == "data/docs/hard"
+    assert problem.message.startswith("hard link to ")
+
+
+def test_duplicate_member(tmp_path: Path, key: SecretKey) -> None:
+    again = member(f"{BAG}/data/docs/a.txt", PAYLOAD["data/docs/a.txt"])
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar", extra=[again])
+    problem = only_problem(verify_path(tar, keys=[key.public_key()]))
+    assert problem == Problem("data/docs/a.txt", "duplicate member in the tar")
+
+
+def test_member_outside_the_bag_directory(tmp_path: Path, key: SecretKey) -> None:
+    tar = make_tar(
+        make_bag(tmp_path, key), tmp_path / "a.tar", extra=[member("other/readme.txt", b"x")]
+    )
+    problem = only_problem(verify_path(tar, keys=[key.public_key()]))
+    assert problem.path == "other/readme.txt"
+    assert problem.message.startswith(f"outside the bag directory {BAG}/")
+
+
+def test_truncated_tar_is_a_problem_not_an_exception(tmp_path: Path, key: SecretKey) -> None:
+    whole = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[: len(whole) // 2 + 100])
+    report = verify_path(cut, keys=[key.public_key()])
+    assert not report.ok
+    assert report.problems[0].path == ""
+    assert report.problems[0].message.startswith("cannot read the tar")
+
+
+def test_damage_anywhere_is_a_problem_not_an_exception(tmp_path: Path, key: SecretKey) -> None:
+    tar = make_tar(make_bag(tmp_path, key), tmp_path / "a.tar")
+    whole = tar.read_bytes()
+    with tarfile.open(tar) as t:
+        # Every byte of a header block is under its checksum; every content byte
+        # under a manifest or the signature. (Not so a PAX header's records: mtime.)
+        covered = [
+            r
+            for m in t.getmembers()
+            for r in ((m.offset, m.offset + 512), (m.offset_data - 512, m.offset_data + m.size))
+        ]
+    damaged = tmp_path / "d.tar"
+    detected = 0
+    for offset in range(0, len(whole), 97):
+        data = bytearray(whole)
+        data[offset] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+        report = verify_path(damaged, keys=[key.public_key()])  # never raises
+        if any(start <= offset < end for start, end in covered):
+            assert not report.ok, offset
+            detected += 1
+    assert detected > 20
+
+
+@pytest.mark.parametrize("content", [b"", b"not a tar at all" * 100, gzip.compress(b"junk")])
+def test_garbage_is_a_problem_not_an_exception(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "x.tar"
+    path.write_bytes(content)
+    report = verify_path(path, keys=[])
+    assert not report.ok
+    assert report.problems[0].path == ""
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    report = verify_path(tmp_path / "nope.tar", keys=[])
+    assert report.problems[0].path == ""
+    assert "No such file" in report.problems[0].message
+
+
+# -- bag directories ---------------------------------------------------------------------
+
+
+def test_symlink_in_a_bag_directory_is_not_followed(tmp_path: Path, key: SecretKey) -> None:
+    bag = make_bag(tmp_path, key)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"s")
+    (bag / "data/docs/dir-link").symlink_to(outside)
+    (bag / "data/docs/file-link").symlink_to(outside / "secret.txt")
+    report = verify_path(bag, keys=[key.public_key()])
+    assert set(paths(report)) == {"data/docs/dir-link", "data/docs/file-link"}
+    assert all(m.startswith("symbolic link to ") for m in paths(report).values())
+    assert report.files == 3
+
+
+def test_missing_payload_file_in_a_bag_directory(tmp_path: Path, key: SecretKey) -> None:
+    bag = make_bag(tmp_path, key)
+    (bag / "data/docs/a.txt").unlink()
+    assert paths(verify_path(bag, keys=[key.public_key()]))["data/docs/a.txt"] == (
+        f"missing from payload (listed in {MANIFEST})"
+    )
+
+
+# -- bag_only: any BagIt bag -------------------------------------------------------------
+
+
+def test_bag_only_accepts_other_algorithms_in_one_pass(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "x.txt").write_bytes(b"x" * 5000)
+    (src / "y.txt").write_bytes(b"y")
+    bagit.make_bag(str(src), checksums=["md5", "sha1", "sha512"])
+    assert verify_path(src, keys=[], bag_only=True).ok
+    # Payload before the manifests in the tar: hashed with every algorithm on the way.
+    with tarfile.open(tmp_path / "b.tar", "w") as tar:
+        for path in sorted(src.rglob("*"), key=lambda p: "data" not in p.parts):
+            tar.add(path, arcname=f"src/{path.relative_to(src).as_posix()}", recursive=False)
+    report = verify_path(tmp_path / "b.tar", keys=[], bag_only=True)
+    assert report.ok, report.problems
+    (src / "data" / "y.txt").write_bytes(b"z")
+    bad = verify_path(src, keys=[], bag_only=True)
+    assert {p.message.split(":")[0] for p in bad.problems if p.path == "data/y.txt"} == {
+        "md5 mismatch",
+        "sha1 mismatch",
+        "sha512 mismatch",
+    }
+
+
+def test_bag_only_still_checks_payload(tmp_path: Path, key: SecretKey) -> None:
+    bag = make_bag(tmp_path, key)
+    (bag / "data/docs/a.txt").write_bytes(b"changed")
+    report = verify_path(bag, keys=[], bag_only=True)
+    assert paths(report)["data/docs/a.txt"].startswith("sha256 mismatch")
+    assert report.signed_by is None
+
+
+def _conformance(kind: str) -> list[Path]:
+    if not CONFORMANCE.is_dir():
+        return []
+    return sorted(p for v in ("v0.97", "v1.0") for p in (CONFORMANCE / v / kind).iterdir())
+
+
+@pytest.mark.parametrize(
+    "bag",
+    [p for p in _conformance("valid") if p.name != "holey-bag"],
+    ids=lambda p: f"{p.parent.parent.name}/{p.name}",
+)
+def test_conformance_valid_bags(bag: Path, tmp_path: Path) -> None:
+    report = verify_path(bag, keys=[], bag_only=True)
+    assert report.ok, report.problems
+    copy = tmp_path / bag.name
+    shutil.copytree(bag, copy)
+    with tarfile.open(tmp_path / "bag.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(copy, arcname=bag.name)
+    assert verify_path(tmp_path / "bag.tar", keys=[], bag_only=True).ok
+
+
+# The file each invalid bag of the suite gets wrong.
+INVALID = {
+    "baginfo-missing-encoding": "bagit.txt",
+    "bom-in-bagit.txt": "bagit.txt",
+    "corrupt-data-file": "data/bare-filename",
+    "corrupt-tag-file": "bag-info.txt",
+    "extra-file-in-bag": "data/bar",
+    "invalid-version-number": "bagit.txt",
+    "missing-baginfo": "bag-info.txt",
+    "missing-bagit.txt": "bagit.txt",
+    "out-of-scope-file-paths-using-dot-notation": "manifest-md5.txt",
+    "out-of-scope-file-paths-using-dot-notation-for-fetch": "fetch.txt",
+    "same-filename-listed-twice-with-different-hashes": "data/README",
+    "bagit-with-invalid-whitespace": "bagit.txt",
+    "notAllManifestsListAllFiles": "data/missingFromManifest.txt",
+    "same-filename-listed-twice-with-the-same-hash": "data/README",
+}
+
+
+@pytest.mark.parametrize(
+    "bag", _conformance("invalid"), ids=lambda p: f"{p.parent.parent.name}/{p.name}"
+)
+def test_conformance_invalid_bags(bag: Path) -> None:
+    report = verify_path(bag, keys=[], bag_only=True)
+    assert INVALID[bag.name] in paths(report), report.problems
+
+
+def test_holey_bag_is_not_complete() -> None:
+    bag = CONFORMANCE / "v0.97/valid/holey-bag"
+    if not bag.is_dir():
+        pytest.skip("no conformance suite")
+    assert "fetch.txt" in paths(verify_path(bag, keys=[], bag_only=True))
+
+
+def test_tag_files_past_the_size_limit(
+    tmp_path: Path, key: SecretKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import archived.verify
+
+    bag = make_bag(tmp_path, key)
+    (bag / "metadata").mkdir()
+    (bag / "metadata" / "big.txt").write_bytes(b"m" * 5000)
+    (bag / "tagmanifest-sha512.txt").write_text(
+        f"{hashlib.sha512(b'm' * 5000).hexdigest()}  metadata/big.txt\n"
+    )
+    monkeypatch.setattr(archived.verify, "TAG_FILE_LIMIT", 1000)
+    report = verify_path(make_tar(bag, tmp_path / "a.tar"), keys=[key.public_key()], bag_only=True)
+    assert report.ok, report.problems  # still checked, from digests taken while streaming
+    monkeypatch.setattr(archived.verify, "TAG_FILE_LIMIT", 50)
+    report = verify_path(bag, keys=[key.public_key()], bag_only=True)
+    assert Problem("bag-info.txt", "larger than 50 bytes; not read") in report.problems
+
+
+# -- the time-stamp token -----------------------------------------------------------------
+
+
+def test_timestamp_token_must_be_over_the_tag_manifest(tmp_path: Path, key: SecretKey) -> None:
+    bag = make_bag(tmp_path, key)
+    digest = hashlib.sha256((bag / TAGMANIFEST).read_bytes()).digest()
+    # Not a real token: just the DER bytes a real one carries for its message imprint.
+    (bag / TIMESTAMP).write_bytes(b"\x30\x82" + b"\x04\x20" + digest + b"\x00" * 20)
+    report = verify_path(bag, keys=[key.public_key()])
+    assert report.ok, report.problems
+    assert any(TIMESTAMP in w for w in report.warnings)
+    (bag / TIMESTAMP).write_bytes(b"\x30\x82" + b"\x04\x20" + bytes(32))
+    problem = only_problem(verify_path(bag, keys=[key.public_key()]))
+    assert problem.path == TIMESTAMP
+    assert "not over" in problem.message
