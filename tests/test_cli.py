@@ -1,0 +1,133 @@
+"""The command line outside the daemon: config checks, keygen, usage errors, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Root, run_cli
+
+
+def test_check_config_accepts_a_good_config(root: Root) -> None:
+    result = root.cli("check-config")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok:")
+
+
+BAD_CONFIGS = {
+    "unknown key": ("[daemon]\nstate_dirr = '/x'\n", "daemon.state_dirr: unknown key"),
+    "not toml": ("[daemon\n", "not valid TOML"),
+    "bad duration": ("[daemon]\npoll_interval = 'soon'\n", "daemon.poll_interval"),
+    "wrong type": ("[limits]\nhash_threads = '2'\n", "limits.hash_threads"),
+    "zero": ("[retry]\nmax_attempts = 0\n", "retry.max_attempts"),
+    "unknown driver": ("[storage.x]\ndriver = 'tape'\n", "unknown storage driver 'tape'"),
+    "driver option": (
+        "[storage.x]\ndriver = 'localdir'\npath = '/x'\nfoo = 1\n",
+        "storage.x.foo: unknown key",
+    ),
+    "no targets": ("[daemon]\npoll_interval = '1s'\n", "at least one [storage.NAME]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_check_config_exits_78_with_one_line(tmp_path: Path, case: str) -> None:
+    text, expected = BAD_CONFIGS[case]
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    result = run_cli("check-config", config=config)
+    assert result.returncode == 78
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_refuses_a_missing_target_and_a_missing_key(root: Root) -> None:
+    root.targets["primary"].rmdir()
+    result = root.cli("check-config")
+    assert result.returncode == 78 and "is not a directory" in result.stderr
+    root.targets["primary"].mkdir()
+    root.secret_key.unlink()
+    result = root.cli("check-config")
+    assert result.returncode == 78 and "signing.key" in result.stderr
+
+
+def test_run_refuses_a_bad_config_with_78(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[nonsense]\n")
+    result = run_cli("run", config=config, timeout=30)
+    assert result.returncode == 78
+    assert "nonsense: unknown key" in result.stderr
+
+
+def test_keygen_makes_a_key_pair_minisign_can_use(tmp_path: Path) -> None:
+    secret, public = tmp_path / "k.key", tmp_path / "k.pub"
+    result = run_cli("keygen", "--secret", str(secret), "--public", str(public))
+    assert result.returncode == 0, result.stderr
+    assert secret.stat().st_mode & 0o777 == 0o600
+    message = tmp_path / "m.txt"
+    message.write_text("sign me\n")
+    subprocess.run(
+        ["minisign", "-S", "-s", str(secret), "-m", str(message)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    subprocess.run(
+        ["minisign", "-V", "-p", str(public), "-m", str(message)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    again = run_cli("keygen", "--secret", str(secret), "--public", str(public))
+    assert again.returncode == 1 and "exist" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["submit"], ["show"], ["jobs", "--bogus"]])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    assert run_cli(*args).returncode == 2
+
+
+def test_show_unknown_job_and_jobs_with_unknown_state(root: Root) -> None:
+    result = root.cli("show", "nosuchjob")
+    assert result.returncode == 1 and "no job 'nosuchjob'" in result.stderr
+    result = root.cli("jobs", "--state", "sleeping")
+    assert result.returncode == 2 and "unknown state" in result.stderr
+    assert json.loads(root.cli("jobs", "--json", check=True).stdout) == []
+
+
+def test_verify_missing_path_and_bad_key(root: Root, tmp_path: Path) -> None:
+    result = root.cli("verify", str(tmp_path / "nope.tar"))
+    assert result.returncode == 2 and "no such file" in result.stderr
+    bad_key = tmp_path / "bad.pub"
+    bad_key.write_text("not a key\n")
+    result = root.cli("verify", "--key", str(bad_key), str(root.config))
+    assert result.returncode == 2 and "--key" in result.stderr
+
+
+def test_second_daemon_on_the_same_state_dir_refuses(root: Root) -> None:
+    first = root.start()
+    second = root.cli("run", timeout=30)
+    assert second.returncode == 1
+    assert "another archived daemon is running" in second.stderr
+    assert first.proc is not None and first.proc.poll() is None
+
+
+@pytest.mark.timeout(300)
+def test_demo_script_runs_a_job_through_on_the_embedded_default(tmp_path: Path) -> None:
+    """The README's first command, on a fresh data folder."""
+    project = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ARCHIVED_HOME": str(tmp_path / "home"), "ARCHIVED_DEMO_EXIT": "1"}
+    env.pop("ARCHIVED_CONFIG", None)
+    result = subprocess.run(
+        [str(project / "scripts" / "demo")], capture_output=True, text=True, env=env, timeout=280
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "state    completed" in result.stdout
+    assert "\nok: sample-" in result.stdout
+    archives = list((tmp_path / "home" / "archive" / "sample").glob("sample-*.tar"))
+    assert len(archives) == 1
+    assert (tmp_path / "home" / "signing.key").stat().st_mode & 0o777 == 0o600
