@@ -22,7 +22,8 @@ from . import __version__
 from . import config as configmod
 from .config import Config, parse_duration
 from .errors import ConfigError, JobFileError
-from .states import FINAL, State
+from .states import FINAL, STOPPABLE, Event, State
+from .store import now_iso
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -225,6 +226,60 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+
+    async def request(store: Any) -> str:
+        job = await store.job(args.job) if store else None
+        if job is None:
+            raise CommandError(f"no job {args.job!r}")
+        if job["state"] not in STOPPABLE:
+            raise CommandError(f"job {args.job} is {job['state']}: nothing to cancel")
+        async with store.transaction() as tx:
+            await tx.run("request_cancel", id=args.job, now=now_iso())
+        return str(job["state"])
+
+    state = anyio.run(_read, config, request)
+    print(f"{args.job}: cancel requested (was {state}); it fails at its next safe point")
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+
+    async def requeue(store: Any) -> str:
+        job = await store.job(args.job) if store else None
+        if job is None:
+            raise CommandError(f"no job {args.job!r}")
+        if job["state"] != State.FAILED:
+            raise CommandError(f"job {args.job} is {job['state']}: only failed jobs are retried")
+        phase = job["phase"] or "queued"
+        async with store.transaction() as tx:
+            await tx.run("reset_tasks", job_id=args.job, now=now_iso())
+            await tx.transition(
+                args.job,
+                State.FAILED,
+                Event.REQUEUED,
+                f"requeued by operator (had failed in {phase}); staging was removed when it "
+                "failed, so it runs again from activity_archiving",
+                phase=None,
+                step=None,
+                attempts=0,
+                error=None,
+                cancel_requested=0,
+                retry_at=None,
+                archive_name=None,
+                archive_sha256=None,
+                archive_size=None,
+                started_at=None,
+            )
+        return phase
+
+    phase = anyio.run(_read, config, requeue)
+    print(f"{args.job}: queued again (had failed in {phase})")
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .keys import trusted_keys
     from .minisign import MinisignError, PublicKey
@@ -315,6 +370,10 @@ def parser() -> argparse.ArgumentParser:
     sp = add("show", cmd_show, "one job: state, history, tasks, copies, errors")
     sp.add_argument("job", metavar="JOB")
     sp.add_argument("--json", action="store_true")
+    sp = add("cancel", cmd_cancel, "stop a job: it fails with reason 'canceled'")
+    sp.add_argument("job", metavar="JOB")
+    sp = add("retry", cmd_retry, "queue a failed job again")
+    sp.add_argument("job", metavar="JOB")
     sp = add("verify", cmd_verify, "verify an archive (a tar or a bag directory)")
     sp.add_argument("--key", metavar="PUB", help="minisign public key to check the signature")
     sp.add_argument("--bag-only", action="store_true", help="check BagIt validity alone")

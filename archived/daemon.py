@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
+import shutil
 import signal
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import anyio
 import structlog
@@ -25,8 +27,8 @@ from .jobfile import parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
 from .runner import JobRunner, Services
 from .spool import Claimed, Spool
-from .states import PROCESSING
-from .store import Store
+from .states import FINAL, PROCESSING, STOPPABLE, Event, State
+from .store import StaleState, Store
 
 log = structlog.get_logger("archived.daemon")
 
@@ -61,7 +63,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.spool = Spool(config.daemon.spool_dir)
-        self.running: dict[str, anyio.CancelScope] = {}
+        self.running: dict[str, JobRunner] = {}
         self.wake = anyio.Event()
 
     async def run(self) -> None:
@@ -93,6 +95,7 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals, tg)
             await self._ingest_leftovers()
+            await self._remove_stale_staging()
             for job in await self.svc.store.jobs_in(PROCESSING):
                 self._start(tg, job)  # resume what a previous run left in flight
             log.info(
@@ -103,6 +106,7 @@ class Daemon:
             )
             while not self.svc.stopping.is_set():
                 await self._ingest()
+                await self._handle_cancel_requests(tg)
                 while len(self.running) < self.config.daemon.max_concurrent_jobs:
                     claimed = await self.svc.store.claim_next()
                     if claimed is None:
@@ -114,20 +118,19 @@ class Daemon:
             await self._drain()
             tg.cancel_scope.cancel()
 
-    def _start(self, tg: TaskGroup, job: dict[str, object]) -> None:
+    def _start(self, tg: TaskGroup, job: dict[str, Any]) -> None:
         job_id = str(job["id"])
-        scope = anyio.CancelScope()
-        self.running[job_id] = scope
+        runner = JobRunner(self.svc, job)
+        self.running[job_id] = runner
 
         async def run() -> None:
             try:
-                with scope:
-                    await JobRunner(self.svc, job).run()
+                await runner.run()
             except Exception:
                 log.exception(
                     "job runner crashed; the job resumes at the next start",
                     job_id=job_id,
-                    state=str(job["state"]),
+                    state=runner.state.value,
                 )
             finally:
                 self.running.pop(job_id, None)
@@ -135,13 +138,48 @@ class Daemon:
 
         tg.start_soon(run)
 
+    async def _handle_cancel_requests(self, tg: TaskGroup) -> None:
+        """`archived cancel` sets a flag in the database; act on it here."""
+        store = self.svc.store
+        requests = await store.fetchall("cancel_requests", states=json.dumps(sorted(STOPPABLE)))
+        for request in requests:
+            job_id = request["id"]
+            if job_id in self.running:
+                self.running[job_id].cancel()
+            elif request["state"] == State.QUEUED:
+                try:
+                    await store.transition(
+                        job_id,
+                        State.QUEUED,
+                        Event.CANCELED,
+                        "canceled",
+                        error="canceled while queued",
+                    )
+                except StaleState:
+                    continue
+                job = await store.job(job_id)
+                assert job is not None
+                self._start(tg, job)  # failure -> error_handling -> cleanup -> failed
+
+    async def _remove_stale_staging(self) -> None:
+        """Staging of jobs that are final (or unknown) is left over from a crash."""
+        staging = self.config.daemon.state_dir / "staging"
+        if not staging.is_dir():
+            return
+        states = {r["id"]: r["state"] for r in await self.svc.store.fetchall("job_ids")}
+        for entry in staging.iterdir():
+            if states.get(entry.name) in FINAL or entry.name not in states:
+                log.info("removing stale staging", job_id=entry.name)
+                await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
+
     async def _drain(self) -> None:
         """Let running steps finish within shutdown_grace, then cancel them."""
         with anyio.move_on_after(self.config.daemon.shutdown_grace):
             while self.running:
                 await anyio.sleep(0.05)
-        for scope in list(self.running.values()):
-            scope.cancel()
+        for runner in list(self.running.values()):
+            if runner.scope is not None:
+                runner.scope.cancel()
         while self.running:
             await anyio.sleep(0.01)
 

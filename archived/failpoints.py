@@ -1,14 +1,18 @@
 """Failure on purpose, for tests: ARCHIVED_FAILPOINTS="name=action,...".
 
 Actions: `kill` (SIGKILL this process), `error` (a fatal error), `transient:N` (a
-recoverable error the first N times the point is reached). Unset, `hit()` is one
-dictionary lookup on an empty dict.
+recoverable error the first N times the point is reached), and `delay:SECONDS` (wait
+there, where the point is reached from the event loop: a slow step for tests of
+cancellation, deadlines and shutdown). Unset, `hit()` is one dictionary lookup on an
+empty dict.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+
+import anyio
 
 from .errors import ArchivedError, TransientError
 
@@ -38,7 +42,7 @@ def parse(spec: str) -> dict[str, tuple[str, int]]:
         kind, _, count = action.partition(":")
         if kind in ("kill", "error") and not count:
             points[name] = (kind, 0)
-        elif kind == "transient" and count.isdigit():
+        elif kind in ("transient", "delay") and count.isdigit():
             points[name] = (kind, int(count))
         else:
             raise ValueError(f"ARCHIVED_FAILPOINTS: bad action {action!r} for {name}")
@@ -48,9 +52,18 @@ def parse(spec: str) -> dict[str, tuple[str, int]]:
 _points = parse(os.environ.get("ARCHIVED_FAILPOINTS", ""))
 
 
+async def reach(name: str) -> None:
+    """`hit()` for the event loop, where `delay` sleeps without blocking it."""
+    point = _points.get(name)
+    if point is not None and point[0] == "delay":
+        await anyio.sleep(point[1])
+        return
+    hit(name)
+
+
 def hit(name: str) -> None:
     point = _points.get(name)
-    if point is None:
+    if point is None or point[0] == "delay":
         return
     kind, remaining = point
     if kind == "kill":

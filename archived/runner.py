@@ -9,6 +9,7 @@ again: finished tasks are skipped, finished post-processing steps are skipped.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from collections.abc import Awaitable, Callable
@@ -23,11 +24,11 @@ import structlog
 from . import bag, failpoints
 from .config import Config
 from .drivers import activity_driver, storage_driver
-from .drivers.base import ActivityContext, ArtifactWriter
+from .drivers.base import ActivityContext, ArtifactWriter, StorageDriver
 from .errors import IntegrityError, Kind, classify, describe
 from .jobfile import JobSpec
 from .keys import KeyRing
-from .states import FINAL, RETRY_EVENT, Event, State
+from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
 from .store import Row, StaleState, Store, now_iso
 
 log = structlog.get_logger("archived.runner")
@@ -71,6 +72,9 @@ class JobRunner:
         self.records_dir = self.staging / "records"
         self.archive = self.staging / "archive.tar"
         self.last_error: BaseException | None = None
+        self.scope: anyio.CancelScope | None = None
+        self.canceled = False
+        self.attempt_begun = False
         self.handlers: dict[State, Callable[[], Awaitable[Outcome | None]]] = {
             State.ACTIVITY_ARCHIVING: self.activity_archiving,
             State.POST_PROCESSING: self.post_processing,
@@ -90,7 +94,7 @@ class JobRunner:
         with structlog.contextvars.bound_contextvars(job_id=self.id, state=self.state.value):
             while self.state not in FINAL and not self.svc.stopping.is_set():
                 state = self.state
-                outcome = await self._step(state)
+                outcome = await self._guarded_step(state)
                 if outcome is None:
                     return  # shutting down: the next start resumes from this state
                 try:
@@ -110,6 +114,48 @@ class JobRunner:
                 job = await self.svc.store.job(self.id)
                 assert job is not None
                 self.job = job
+
+    def cancel(self) -> None:
+        """Stop the running step at its next safe point; the job goes to failure."""
+        self.canceled = True
+        if self.scope is not None and self.state in STOPPABLE:
+            self.scope.cancel()
+
+    def _deadline(self) -> float:
+        """The whole-job deadline on anyio's clock."""
+        started = datetime.fromisoformat(self.job["started_at"] or now_iso())
+        left = (started - datetime.now(UTC)).total_seconds() + self.config.daemon.job_timeout
+        return anyio.current_time() + left
+
+    async def _guarded_step(self, state: State) -> Outcome | None:
+        """A step under the job's deadline and the operator's cancel; None on shutdown."""
+        if state not in STOPPABLE:  # the failure path always runs to its end
+            return await self._step(state)
+        self.scope = anyio.CancelScope(deadline=self._deadline())
+        if self.canceled:
+            self.scope.cancel()
+        self.attempt_begun = False
+        with self.scope:
+            return await self._step(state)
+        self.scope = None
+        # Cut short: by `archived cancel`, by the deadline, or by shutdown.
+        await self._abandon_executing_tasks()
+        if self.canceled:
+            return Outcome(Event.CANCELED, "canceled", {"error": f"canceled during {state}"})
+        if not self.svc.stopping.is_set():
+            limit = self.config.daemon.job_timeout
+            return Outcome(
+                Event.TIMED_OUT,
+                "timeout",
+                {"error": f"timeout: job_timeout ({limit:g}s) passed during {state}"},
+            )
+        if self.attempt_begun:  # shutdown is not the step's fault: give the attempt back
+            await self.svc.store.update_job(self.id, attempts=self.job["attempts"] - 1)
+        return None
+
+    async def _abandon_executing_tasks(self) -> None:
+        async with self.svc.store.transaction() as tx:
+            await tx.run("abandon_tasks", job_id=self.id, now=now_iso())
 
     async def _step(self, state: State) -> Outcome | None:
         handler = self.handlers[state]
@@ -131,6 +177,7 @@ class JobRunner:
         attempts = self.job["attempts"] + 1 if self.job["phase"] == phase else 1
         await self.svc.store.update_job(self.id, phase=phase.value, attempts=attempts)
         self.job = {**self.job, "phase": phase.value, "attempts": attempts}
+        self.attempt_begun = True
         if attempts > self.config.retry.max_attempts:
             raise AttemptsExhausted(f"{phase}: {attempts - 1} attempts used up")
 
@@ -201,7 +248,7 @@ class JobRunner:
 
     async def activity_archiving(self) -> Outcome:
         await self._begin_attempt(State.ACTIVITY_ARCHIVING)
-        failpoints.hit("activity_archiving")
+        await failpoints.reach("activity_archiving")
         await self._run_tasks("activity", self.svc.activity_slots, self._activity)
         return Outcome(Event.DONE, "every activity task completed")
 
@@ -237,7 +284,7 @@ class JobRunner:
         done = self.job["step"]
         start = POST_STEPS.index(done) + 1 if done in POST_STEPS else 0
         for step in POST_STEPS[start:]:
-            failpoints.hit(step)
+            await failpoints.reach(step)
             fields = await getattr(self, step)()
             await self.svc.store.update_job(self.id, step=step, **fields)
             self.job = {**self.job, "step": step, **fields}
@@ -341,7 +388,7 @@ class JobRunner:
 
     async def store(self) -> Outcome:
         await self._begin_attempt(State.STORE)
-        failpoints.hit("store")
+        await failpoints.reach("store")
         await self._run_tasks("storage", self.svc.storage_slots, self._store_one)
         return Outcome(
             Event.DONE,
@@ -350,9 +397,7 @@ class JobRunner:
         )
 
     async def _store_one(self, target: str) -> dict[str, Any]:
-        section = self.config.storage[target]
-        driver_cls = storage_driver(section.driver)
-        driver = driver_cls(target, driver_cls.options(self.config.storage_options(target)))
+        driver = self._storage(target)
         key = f"{self.spec.name}/{self.job['archive_name']}"
         copy = await driver.put(
             self.archive, key, self.job["archive_sha256"], self.job["archive_size"]
@@ -369,6 +414,10 @@ class JobRunner:
             )
         log.info("stored", target=target, path=copy.path)
         return {"path": copy.path}
+
+    def _storage(self, target: str) -> StorageDriver:
+        driver_cls = storage_driver(self.config.storage[target].driver)
+        return driver_cls(target, driver_cls.options(self.config.storage_options(target)))
 
     # -- the error path ----------------------------------------------------------------
 
@@ -415,11 +464,51 @@ class JobRunner:
         return Outcome(Event.HANDLED, f"failure: {self.job['error']}")
 
     async def error_handling(self) -> Outcome:
-        return Outcome(Event.HANDLED, "failure handled")
+        """Run hooks.on_failure once, bounded; a failing hook is logged, never retried."""
+        argv = self.config.hooks.on_failure
+        if not argv:
+            return Outcome(Event.HANDLED, "no failure hook configured")
+        env = {
+            **os.environ,
+            "ARCHIVED_JOB_ID": self.id,
+            "ARCHIVED_JOB_NAME": self.spec.name,
+            "ARCHIVED_FAILED_STATE": self.job["phase"] or "queued",
+            "ARCHIVED_REASON": self.job["error"] or "",
+        }
+        timeout = self.config.hooks.timeout
+        result = "timed out"
+        with anyio.move_on_after(timeout):
+            try:
+                done = await anyio.run_process(argv, env=env, check=False)
+                result = f"exit {done.returncode}"
+                if done.stderr:
+                    result += f": {done.stderr.decode(errors='replace').strip()[-500:]}"
+            except OSError as exc:
+                result = f"could not run: {describe(exc)}"
+        level = log.info if result.startswith("exit 0") else log.error
+        level("failure hook ran", hook=argv[0], result=result)
+        await self._event("failure_hook", hook=argv, result=result)
+        return Outcome(Event.HANDLED, f"failure hook {argv[0]}: {result}")
 
     async def cleanup(self) -> Outcome:
-        failpoints.hit("cleanup")
+        await failpoints.reach("cleanup")
+        if self.job["error"]:
+            await self._remove_copies()
         await anyio.to_thread.run_sync(shutil.rmtree, self.staging, True)
         if self.job["error"]:
-            return Outcome(Event.CLEANED_AFTER_FAILURE, "staging removed; job failed")
+            return Outcome(Event.CLEANED_AFTER_FAILURE, "staging and any stored copies removed")
         return Outcome(Event.CLEANED, "staging removed; every target holds a verified copy")
+
+    async def _remove_copies(self) -> None:
+        """A failed job keeps nothing in any target: copies and partial files go."""
+        name = self.job["archive_name"]
+        if not name:
+            return  # never sealed, so never stored
+        key = f"{self.spec.name}/{name}"
+        for target in self.spec.targets(self.config):
+            removed = await self._storage(target).delete(key)
+            async with self.svc.store.transaction() as tx:
+                await tx.run("delete_copy", job_id=self.id, target=target)
+            if removed:
+                log.info("removed the copy of a failed job", target=target, key=key)
+                await self._event("copy_removed", target=target, key=key)

@@ -61,13 +61,7 @@ _STOP = {E.CANCELED: S.FAILURE, E.TIMED_OUT: S.FAILURE}  # allowed from every pr
 
 TRANSITIONS: dict[State, dict[Event, State]] = {
     S.UNINITIALIZED: {E.INITIALIZED: S.QUEUED, E.FATAL: S.FAILURE},
-    S.QUEUED: {
-        E.TRIGGERED: S.ACTIVITY_ARCHIVING,
-        E.RETRY_POST_PROCESSING: S.POST_PROCESSING,
-        E.RETRY_STORE: S.STORE,
-        E.FATAL: S.FAILURE,
-        E.CANCELED: S.FAILURE,
-    },
+    S.QUEUED: {E.TRIGGERED: S.ACTIVITY_ARCHIVING, E.FATAL: S.FAILURE, E.CANCELED: S.FAILURE},
     S.ACTIVITY_ARCHIVING: {E.DONE: S.POST_PROCESSING, E.ERROR: S.ERROR, **_STOP},
     S.POST_PROCESSING: {E.DONE: S.STORE, E.ERROR: S.ERROR, **_STOP},
     S.STORE: {E.DONE: S.CLEANUP, E.ERROR: S.ERROR, **_STOP},
@@ -95,6 +89,8 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
 FINAL: frozenset[State] = frozenset({S.COMPLETED, S.FAILED, S.DELETED})
 IDLE: frozenset[State] = frozenset({S.UNINITIALIZED, S.QUEUED})
 PROCESSING: frozenset[State] = frozenset(State) - FINAL - IDLE
+# States that `archived cancel` and the job deadline can cut short.
+STOPPABLE: frozenset[State] = frozenset(s for s, ev in TRANSITIONS.items() if E.CANCELED in ev)
 
 
 class IllegalTransition(Exception):

@@ -74,7 +74,6 @@ class Root:
     targets: dict[str, Path]
     secret_key: Path
     public_key: Path
-    extra_config: str = ""
     daemons: list[Daemon] = field(default_factory=list)
 
     @property
@@ -85,30 +84,29 @@ class Root:
     def spool(self) -> Path:
         return self.path / "spool"
 
-    def write_config(self, extra: str = "") -> None:
-        targets = "".join(
-            f'\n[storage.{name}]\ndriver = "localdir"\npath = "{path}"\n'
-            for name, path in self.targets.items()
+    def write_config(self, **overrides: dict[str, Any]) -> None:
+        """The config file; `overrides` merge into its tables, e.g. retry={"max_attempts": 3}."""
+        tables: dict[str, dict[str, Any]] = {
+            "daemon": {
+                "state_dir": str(self.state_dir),
+                "spool_dir": str(self.spool),
+                "poll_interval": "100ms",
+                "shutdown_grace": "10s",
+            },
+            "retry": {"backoff": "100ms", "backoff_max": "500ms"},
+            "signing": {"key": str(self.secret_key)},
+            "sources": {"allowed_roots": [str(self.sources)]},
+        }
+        for name, path in self.targets.items():
+            tables[f"storage.{name}"] = {"driver": "localdir", "path": str(path)}
+        for name, values in overrides.items():
+            tables.setdefault(name.replace("__", "."), {}).update(values)
+        self.config.write_text(
+            "".join(
+                f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+                for name, values in tables.items()
+            )
         )
-        self.config.write_text(f"""
-[daemon]
-state_dir = "{self.state_dir}"
-spool_dir = "{self.spool}"
-poll_interval = "100ms"
-shutdown_grace = "10s"
-
-[retry]
-backoff = "100ms"
-backoff_max = "500ms"
-
-[signing]
-key = "{self.secret_key}"
-
-[sources]
-allowed_roots = ["{self.sources}"]
-{targets}
-{extra}
-""")
 
     def cli(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, config=self.config, **kw)
@@ -152,6 +150,10 @@ allowed_roots = ["{self.sources}"]
 
     def archives(self, target: str) -> list[Path]:
         return sorted(self.targets[target].rglob("*.tar"))
+
+    def staging_leftovers(self) -> list[Path]:
+        staging = self.state_dir / "staging"
+        return sorted(staging.iterdir()) if staging.exists() else []
 
     def all_target_files(self) -> list[Path]:
         return sorted(p for t in self.targets.values() for p in t.rglob("*") if p.is_file())

@@ -71,7 +71,7 @@ def test_job_with_two_activities_lands_signed_on_both_targets(root: Root, tmp_pa
     # identical bytes on both targets
     assert archives["primary"][0].read_bytes() == archives["offsite"][0].read_bytes()
     assert root.all_target_files() == sorted(p for a in archives.values() for p in a)
-    assert not any((root.state_dir / "staging").iterdir())
+    assert root.staging_leftovers() == []
 
     # the tar holds one bag that bagit-python validates
     archive = archives["primary"][0]
@@ -171,11 +171,7 @@ def test_submit_wait_exits_zero_when_completed(root: Root) -> None:
 
 @pytest.mark.parametrize("limit", [1])
 def test_max_concurrent_jobs_bounds_processing(root: Root, limit: int) -> None:
-    root.write_config("[limits]\nactivity_tasks = 1\n")
-    text = root.config.read_text().replace(
-        "poll_interval", f"max_concurrent_jobs = {limit}\npoll_interval"
-    )
-    root.config.write_text(text)
+    root.write_config(limits={"activity_tasks": 1}, daemon={"max_concurrent_jobs": limit})
     root.start()
     ids = root.submit(*(root.job_file(f"j{i}") for i in range(3)))
     for job_id in ids:

@@ -192,3 +192,10 @@ class StorageDriver(ABC):
 
         A copy already at `key` with the same digest is adopted, not written again.
         """
+
+    @abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Remove the archive at `key` and any partial upload of it; True if one was there.
+
+        Idempotent: deleting what is not there is not an error.
+        """

@@ -100,6 +100,7 @@ class LocalDirDriver(StorageDriver):
             final.parent.mkdir(exist_ok=True)
             if final.exists() and file_sha256(final) == (sha256, size):
                 return StoredCopy(str(final), size, sha256)  # in place from an earlier try
+            self._discard_partial(final)
             self._write(archive, final)
             failpoints.hit("store.after_rename")
             got = file_sha256(final)
@@ -117,6 +118,29 @@ class LocalDirDriver(StorageDriver):
                 recoverable=True,
             )
         return StoredCopy(str(final), size, sha256)
+
+    async def delete(self, key: str) -> bool:
+        return await anyio.to_thread.run_sync(self._delete, self.root / key)
+
+    def _delete(self, final: Path) -> bool:
+        try:
+            self._discard_partial(final)
+            final.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(
+                f"storage.{self.target}: cannot remove {final}: {exc.strerror}",
+                recoverable=classify(exc) == "recoverable",
+            ) from exc
+        _fsync_dir(final.parent)
+        return True
+
+    @staticmethod
+    def _discard_partial(final: Path) -> None:
+        """Temporary files an interrupted write of `final` left behind."""
+        for leftover in final.parent.glob(f"{TMP_PREFIX}*-{final.name}"):
+            leftover.unlink(missing_ok=True)
 
     def _write(self, archive: Path, final: Path) -> None:
         tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{final.name}"

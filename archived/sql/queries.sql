@@ -75,3 +75,24 @@ SELECT at, kind, detail FROM events WHERE job_id = :job_id ORDER BY seq;
 -- name: reset_unfinished_tasks
 UPDATE tasks SET state = 'created', updated_at = :now
 WHERE job_id = :job_id AND kind = :kind AND state != 'completed';
+
+-- name: abandon_tasks
+UPDATE tasks SET state = 'failed', error = 'cut short', updated_at = :now
+WHERE job_id = :job_id AND state = 'executing';
+
+-- name: reset_tasks
+UPDATE tasks SET state = 'created', error = NULL, result = NULL, updated_at = :now
+WHERE job_id = :job_id;
+
+-- name: delete_copy
+DELETE FROM copies WHERE job_id = :job_id AND target = :target;
+
+-- name: cancel_requests
+SELECT id, state FROM jobs WHERE cancel_requested = 1
+AND state IN (SELECT value FROM json_each(:states));
+
+-- name: request_cancel
+UPDATE jobs SET cancel_requested = 1, updated_at = :now WHERE id = :id;
+
+-- name: job_ids
+SELECT id, state FROM jobs;

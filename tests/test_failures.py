@@ -1,0 +1,233 @@
+"""The seed's error diagram through the real daemon: failpoints, kill -9, retries, cancel."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Root, wait_until
+
+from archived.failpoints import NAMES
+
+FAIL_PATH = ["error", "failure", "error_handling", "cleanup", "failed"]
+
+
+def states(job: dict) -> list[str]:
+    return [h["state"] for h in job["history"]]
+
+
+def assert_one_verified_copy_per_target(root: Root, job_id: str) -> None:
+    job = root.show(job_id)
+    assert job["state"] == "completed", job
+    for name in root.targets:
+        archives = root.archives(name)
+        assert len(archives) == 1, (name, archives)
+        result = root.cli("verify", "--key", str(root.public_key), str(archives[0]))
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert root.all_target_files() == sorted(p for n in root.targets for p in root.archives(n))
+    assert root.staging_leftovers() == []
+    assert sorted(c["target"] for c in job["copies"]) == sorted(root.targets)
+
+
+@pytest.mark.parametrize("point", sorted(NAMES))
+def test_kill_at_every_failpoint_then_resume(root: Root, point: str) -> None:
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": f"{point}=kill"})
+    (job_id,) = root.submit(root.job_file("killed"))
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    before = root.show(job_id)
+    assert before["state"] not in ("completed", "failed"), before
+    root.start()
+    root.wait_state(job_id, "completed", "failed")
+    assert_one_verified_copy_per_target(root, job_id)
+    job = root.show(job_id)
+    # the crash cost an attempt, but nothing ran twice that had finished
+    assert all(t["state"] == "completed" for t in job["tasks"])
+
+
+def test_transient_store_errors_are_retried_without_redoing_activities(root: Root) -> None:
+    root.start(env={"ARCHIVED_FAILPOINTS": "store=transient:2"})
+    (job_id,) = root.submit(root.job_file("flaky"))
+    job = root.wait_state(job_id, "completed", "failed")
+    assert job["state"] == "completed", job
+    assert states(job).count("recoverable_error") == 2
+    assert states(job).count("activity_archiving") == 1
+    assert states(job).count("store") == 3
+    activity = next(t for t in job["tasks"] if t["kind"] == "activity")
+    assert activity["attempts"] == 1
+    assert job["error"] is None
+    assert_one_verified_copy_per_target(root, job_id)
+
+
+def test_a_fatal_error_fails_the_job_runs_the_hook_and_leaves_nothing(root: Root) -> None:
+    hook_out = root.path / "hook.env"
+    root.write_config(hooks={"on_failure": ["/bin/sh", "-c", f"env > {hook_out}"]})
+    root.start(env={"ARCHIVED_FAILPOINTS": "sign=error"})
+    (job_id,) = root.submit(root.job_file("doomed"))
+    job = root.wait_state(job_id, "failed", "completed")
+    assert states(job)[-5:] == FAIL_PATH
+    assert states(job).count("recoverable_error") == 0
+    assert "post_processing" in job["error"] and "injected error" in job["error"]
+    hook_env = dict(
+        line.split("=", 1)
+        for line in hook_out.read_text().splitlines()
+        if line.startswith("ARCHIVED_")
+    )
+    assert hook_env["ARCHIVED_JOB_ID"] == job_id
+    assert hook_env["ARCHIVED_JOB_NAME"] == "doomed"
+    assert hook_env["ARCHIVED_FAILED_STATE"] == "post_processing"
+    assert "injected error" in hook_env["ARCHIVED_REASON"]
+    assert root.all_target_files() == []
+    assert root.staging_leftovers() == []
+    assert job["copies"] == []
+
+
+def test_a_failing_hook_is_logged_and_does_not_loop(root: Root) -> None:
+    root.write_config(hooks={"on_failure": ["/bin/sh", "-c", "echo broken >&2; exit 3"]})
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "check_integrity=error"})
+    (job_id,) = root.submit(root.job_file("hookfail"))
+    job = root.wait_state(job_id, "failed")
+    assert states(job).count("error_handling") == 1
+    reason = next(h["reason"] for h in job["history"] if h["state"] == "cleanup")
+    assert "exit 3" in reason and "broken" in reason
+    assert any(
+        e.get("event") == "failure hook ran" and e.get("level") == "error" for e in daemon.events()
+    )
+
+
+def test_retries_are_bounded_by_max_attempts(root: Root) -> None:
+    root.write_config(retry={"max_attempts": 3, "backoff": "50ms", "backoff_max": "100ms"})
+    root.start(env={"ARCHIVED_FAILPOINTS": "store=transient:100"})
+    (job_id,) = root.submit(root.job_file("hopeless"))
+    job = root.wait_state(job_id, "failed", "completed")
+    assert job["state"] == "failed"
+    assert states(job).count("store") == 3
+    assert states(job).count("recoverable_error") == 2
+    assert "after 3 attempts" in job["error"]
+    assert root.all_target_files() == []
+
+
+def test_a_missing_source_is_fatal_and_retry_runs_it_again(root: Root) -> None:
+    root.start()
+    (job_id,) = root.submit(
+        root.job_file(
+            "later",
+            activities=[{"name": "x", "driver": "files", "path": str(root.sources / "not-yet")}],
+        )
+    )
+    job = root.wait_state(job_id, "failed", "completed")
+    assert job["state"] == "failed"
+    assert "does not exist" in job["error"]
+    assert states(job).count("recoverable_error") == 0
+    (root.sources / "not-yet").mkdir()
+    (root.sources / "not-yet" / "f.txt").write_text("now here\n")
+    result = root.cli("retry", job_id)
+    assert result.returncode == 0, result.stderr
+    job = root.wait_state(job_id, "completed", timeout=60)
+    assert states(job).count("queued") == 2
+    assert_one_verified_copy_per_target(root, job_id)
+    assert root.cli("retry", job_id).returncode == 1  # completed jobs are not retried
+
+
+def test_job_timeout_fails_the_job_and_cleans_up(root: Root) -> None:
+    root.write_config(daemon={"job_timeout": "1s"})
+    root.start(env={"ARCHIVED_FAILPOINTS": "activity_archiving=delay:60"})
+    (job_id,) = root.submit(root.job_file("slow"))
+    job = root.wait_state(job_id, "failed", "completed", timeout=30)
+    assert job["state"] == "failed"
+    assert job["error"].startswith("timeout")
+    failure = next(h for h in job["history"] if h["state"] == "failure")
+    assert failure["reason"] == "timeout"
+    assert root.staging_leftovers() == []
+
+
+def test_cancel_a_running_job(root: Root) -> None:
+    root.start(env={"ARCHIVED_FAILPOINTS": "activity_archiving=delay:60"})
+    (job_id,) = root.submit(root.job_file("stopme"))
+    root.wait_state(job_id, "activity_archiving")
+    result = root.cli("cancel", job_id)
+    assert result.returncode == 0, result.stderr
+    job = root.wait_state(job_id, "failed", "completed", timeout=30)
+    assert job["state"] == "failed"
+    failure = next(h for h in job["history"] if h["state"] == "failure")
+    assert failure["reason"] == "canceled"
+    assert "canceled" in job["error"]
+    assert root.cli("cancel", job_id).returncode == 1  # already final
+
+
+def test_cancel_a_queued_job(root: Root) -> None:
+    root.start()
+    (job_id,) = root.submit(root.job_file("notyet", not_before="2999-01-01T00:00:00Z"))
+    root.wait_state(job_id, "queued")
+    assert root.cli("cancel", job_id).returncode == 0
+    job = root.wait_state(job_id, "failed")
+    assert states(job) == [
+        "uninitialized",
+        "queued",
+        "failure",
+        "error_handling",
+        "cleanup",
+        "failed",
+    ]
+    assert job["history"][2]["reason"] == "canceled"
+
+
+def test_sigterm_during_a_long_step_exits_and_resumes_without_spending_an_attempt(
+    root: Root,
+) -> None:
+    root.write_config(daemon={"shutdown_grace": "1s"})
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "activity_archiving=delay:60"})
+    (job_id,) = root.submit(root.job_file("interrupted"))
+    root.wait_state(job_id, "activity_archiving")
+    wait_until(lambda: root.show(job_id)["attempts"] == 1, 10, "attempt counted")
+    started = time.monotonic()
+    assert daemon.stop(signal.SIGTERM, timeout=20) == 0
+    assert time.monotonic() - started < 1 + 5
+    job = root.show(job_id)
+    assert job["state"] == "activity_archiving"
+    assert job["attempts"] == 0
+    root.start()
+    assert root.wait_state(job_id, "completed")["state"] == "completed"
+    assert_one_verified_copy_per_target(root, job_id)
+
+
+@pytest.fixture
+def small_target(root: Root) -> Iterator[Path]:
+    """A 64 KiB tmpfs as a third target: a full file system that the test can grow."""
+    mount = root.path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+        capture_output=True,
+        timeout=10,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        for daemon in root.daemons:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.kill()
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
+
+
+def test_a_full_target_is_recoverable_and_other_jobs_go_on(root: Root, small_target: Path) -> None:
+    root.targets["small"] = small_target
+    root.write_config(retry={"max_attempts": 100, "backoff": "100ms", "backoff_max": "200ms"})
+    root.start()
+    (full_id,) = root.submit(root.job_file("big", storage=["small"]))
+    wait_until(lambda: "recoverable_error" in states(root.show(full_id)), 30, "ENOSPC retry")
+    assert "No space left on device" in json.dumps(root.show(full_id)["history"])
+    (other_id,) = root.submit(root.job_file("other", storage=["primary"]))
+    assert root.wait_state(other_id, "completed")["state"] == "completed"
+    assert root.show(full_id)["state"] != "failed"
+    assert not [p for p in small_target.rglob("*") if p.is_file()]  # no partial file left
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_target)], check=True, timeout=10)
+    job = root.wait_state(full_id, "completed", "failed")
+    assert job["state"] == "completed"
+    assert len(list(small_target.rglob("*.tar"))) == 1
