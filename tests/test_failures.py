@@ -231,3 +231,37 @@ def test_a_full_target_is_recoverable_and_other_jobs_go_on(root: Root, small_tar
     job = root.wait_state(full_id, "completed", "failed")
     assert job["state"] == "completed"
     assert len(list(small_target.rglob("*.tar"))) == 1
+
+
+def test_a_damaged_copy_in_place_is_replaced_and_stale_staging_removed(root: Root) -> None:
+    stale = root.state_dir / "staging" / "0123456789ab"
+    stale.mkdir(parents=True)
+    (stale / "junk").write_text("left by a crash\n")
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store.after_rename=kill"})
+    (job_id,) = root.submit(root.job_file("damaged"))
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    placed = [p for t in root.targets for p in root.archives(t)]
+    # the first copy renamed into place, then the kill (the other may have made it too)
+    assert len(placed) in (1, 2)
+    placed[0].chmod(0o644)
+    placed[0].write_bytes(b"garbage")
+    root.start()
+    root.wait_state(job_id, "completed", "failed")
+    assert_one_verified_copy_per_target(root, job_id)
+    assert not stale.exists()
+
+
+def test_a_busy_database_does_not_crash_the_daemon(root: Root) -> None:
+    import sqlite3
+
+    daemon = root.start()
+    db = sqlite3.connect(root.state_dir / "archived.db", isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    try:
+        (job_id,) = root.submit(root.job_file("patient"))
+        time.sleep(1.5)  # hold the write lock a while: this is the condition under test
+        assert daemon.proc is not None and daemon.proc.poll() is None
+    finally:
+        db.execute("COMMIT")
+        db.close()
+    assert root.wait_state(job_id, "completed")["state"] == "completed"
