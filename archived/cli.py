@@ -326,13 +326,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .daemon import check_targets
-    from .keys import load_signing_key
+    from .daemon import check_config, check_targets
 
     config = _load_config(args)
-    anyio.run(check_targets, config)
-    if not (config.embedded and not config.signing.key.exists()):
-        load_signing_key(config)
+    if config.embedded and not config.signing.key.exists():
+        anyio.run(check_targets, config)  # `run` makes the embedded default's key
+    else:
+        anyio.run(check_config, config)
     print(f"ok: {config.source or 'embedded default'}")
     return EXIT_OK
 

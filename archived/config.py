@@ -90,6 +90,11 @@ class HooksConfig(Section):
     timeout: Duration = 60.0
 
 
+class MetricsConfig(Section):
+    textfile: Path | None = None  # e.g. /var/lib/node_exporter/textfile/archived.prom
+    interval: Duration = 10.0
+
+
 class StorageConfig(BaseModel):
     """`driver` plus the driver's own options, which the driver validates."""
 
@@ -105,6 +110,7 @@ class Config(Section):
     sources: SourcesConfig = SourcesConfig()
     commands: dict[str, CommandConfig] = {}
     hooks: HooksConfig = HooksConfig()
+    metrics: MetricsConfig = MetricsConfig()
     storage: dict[str, StorageConfig] = {}
     # Not part of the file: where it came from, and whether it is the embedded default.
     source: Path | None = Field(None, exclude=True)
@@ -194,6 +200,9 @@ def _absolute(config: Config, base: Path) -> Config:
         }
     )
     sources = SourcesConfig(allowed_roots=[fix(p) for p in config.sources.allowed_roots])
+    metrics = config.metrics.model_copy(
+        update={"textfile": fix(config.metrics.textfile) if config.metrics.textfile else None}
+    )
     storage = {}
     for name, section in config.storage.items():
         extra = dict(section.model_extra or {})
@@ -201,7 +210,13 @@ def _absolute(config: Config, base: Path) -> Config:
             extra["path"] = str(fix(Path(extra["path"])))
         storage[name] = StorageConfig(driver=section.driver, **extra)
     return config.model_copy(
-        update={"daemon": daemon, "signing": signing, "sources": sources, "storage": storage}
+        update={
+            "daemon": daemon,
+            "signing": signing,
+            "sources": sources,
+            "storage": storage,
+            "metrics": metrics,
+        }
     )
 
 

@@ -20,15 +20,18 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from . import config as configmod
 from .config import Config
 from .drivers import storage_driver
-from .errors import ArchivedError, JobFileError
+from .errors import ArchivedError, ConfigError, JobFileError
 from .jobfile import parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
+from .metrics import write_textfile
+from .notify import Notifier
 from .runner import JobRunner, Services
 from .spool import Claimed, Spool
 from .states import FINAL, PROCESSING, STOPPABLE, Event, State
-from .store import StaleState, Store
+from .store import StaleState, Store, now_iso
 
 log = structlog.get_logger("archived.daemon")
 
@@ -59,27 +62,34 @@ async def check_targets(config: Config) -> None:
         await driver_cls(name, driver_cls.options(config.storage_options(name))).check()
 
 
+async def check_config(config: Config) -> None:
+    """Everything a config needs beyond its schema: targets usable, signing key readable."""
+    await check_targets(config)
+    await anyio.to_thread.run_sync(load_signing_key, config)
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.spool = Spool(config.daemon.spool_dir)
         self.running: dict[str, JobRunner] = {}
         self.wake = anyio.Event()
+        self.reload_requested = anyio.Event()
+        self.notify = Notifier()
+        self.last_reload = "none"
 
     async def run(self) -> None:
         config = self.config
         lock = lock_state_dir(config.daemon.state_dir)
         try:
             self.spool.create()
-            await check_targets(config)
-            keys = KeyRing()
-            load_signing_key(config)  # fail at start, not at the first job's sign step
+            await check_config(config)  # fail at start, not at the first job's sign step
             store = await Store.open(config.daemon.state_dir / "archived.db")
             try:
                 self.svc = Services(
                     store=store,
                     state_dir=config.daemon.state_dir,
-                    keys=keys,
+                    keys=KeyRing(),
                     activity_slots=anyio.CapacityLimiter(config.limits.activity_tasks),
                     storage_slots=anyio.CapacityLimiter(config.limits.storage_tasks),
                     hash_threads=anyio.CapacityLimiter(config.limits.hash_threads),
@@ -88,12 +98,13 @@ class Daemon:
             finally:
                 await store.close()
         finally:
+            self.notify.close()
             lock.close()
         log.info("stopped")
 
     async def _serve(self) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._signals, tg)
+            tg.start_soon(self._signals)
             await self._ingest_leftovers()
             await self._remove_stale_staging()
             for job in await self.svc.store.jobs_in(PROCESSING):
@@ -104,19 +115,100 @@ class Daemon:
                 spool_dir=str(self.config.daemon.spool_dir),
                 targets=sorted(self.config.storage),
             )
+            self.notify.ready(await self._status())
+            tg.start_soon(self._reloader)
+            if self.notify.watchdog_seconds:
+                tg.start_soon(self._watchdog, self.notify.watchdog_seconds)
+            tg.start_soon(self._metrics_writer)
+            status = ""
             while not self.svc.stopping.is_set():
                 await self._ingest()
                 await self._handle_cancel_requests(tg)
                 while len(self.running) < self.config.daemon.max_concurrent_jobs:
-                    claimed = await self.svc.store.claim_next()
+                    config = self.config
+                    claimed = await self.svc.store.claim_next(config.snapshot(), config.digest)
                     if claimed is None:
                         break
                     self._start(tg, claimed)
+                if (new_status := await self._status()) != status:
+                    status = new_status
+                    self.notify.status(status)
                 with anyio.move_on_after(self.config.daemon.poll_interval):
                     await self.wake.wait()
                 self.wake = anyio.Event()
+            self.notify.stopping()
             await self._drain()
             tg.cancel_scope.cancel()
+
+    async def _status(self) -> str:
+        counts = {r["state"]: r["n"] for r in await self.svc.store.fetchall("count_by_state")}
+        busy = sum(n for state, n in counts.items() if state in PROCESSING)
+        return (
+            f"{busy} processing, {counts.get('queued', 0)} queued, "
+            f"{counts.get('completed', 0)} completed, {counts.get('failed', 0)} failed; "
+            f"last reload: {self.last_reload}"
+        )
+
+    # -- reload, watchdog, metrics -----------------------------------------------------
+
+    async def _reloader(self) -> None:
+        """One reload at a time; SIGHUPs that arrive during one are coalesced into one more."""
+        while True:
+            await self.reload_requested.wait()
+            self.reload_requested = anyio.Event()
+            self.notify.reloading()
+            try:
+                await self._reload()
+            finally:
+                self.notify.ready(await self._status())
+
+    async def _reload(self) -> None:
+        path = self.config.source
+        stamp = now_iso()[:19] + "Z"
+        try:
+            if path is None:
+                raise ConfigError("running on the embedded default: there is no file to reload")
+            new = await anyio.to_thread.run_sync(configmod.load, path)
+            for fixed in ("state_dir", "spool_dir"):
+                if getattr(new.daemon, fixed) != getattr(self.config.daemon, fixed):
+                    raise ConfigError(f"daemon.{fixed} cannot change on reload; restart instead")
+            await check_config(new)
+        except ArchivedError as exc:
+            self.last_reload = f"rejected at {stamp}: {exc}"
+            self.svc.metrics.reloads["rejected"] += 1
+            log.error("reload rejected; the old config stays in force", reason=str(exc))
+            return
+        self.config = new
+        self.svc.keys.clear()
+        self.svc.activity_slots.total_tokens = new.limits.activity_tasks
+        self.svc.storage_slots.total_tokens = new.limits.storage_tasks
+        self.svc.hash_threads.total_tokens = new.limits.hash_threads
+        self.last_reload = f"ok at {stamp} (config {new.digest})"
+        self.svc.metrics.reloads["ok"] += 1
+        log.info("config reloaded", digest=new.digest, targets=sorted(new.storage))
+        self.wake.set()
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 only while the event loop turns and the database answers."""
+        while True:
+            with anyio.move_on_after(interval / 2):
+                await self.svc.store.fetchone("ping")
+                self.notify.watchdog()
+            await anyio.sleep(interval / 2)
+
+    async def _metrics_writer(self) -> None:
+        while True:
+            textfile = self.config.metrics.textfile
+            if textfile is not None:
+                counts = {
+                    r["state"]: r["n"] for r in await self.svc.store.fetchall("count_by_state")
+                }
+                text = self.svc.metrics.render(counts)
+                try:
+                    await anyio.to_thread.run_sync(write_textfile, textfile, text)
+                except OSError as exc:
+                    log.warning("cannot write metrics", path=str(textfile), error=str(exc))
+            await anyio.sleep(self.config.metrics.interval)
 
     def _start(self, tg: TaskGroup, job: dict[str, Any]) -> None:
         job_id = str(job["id"])
@@ -183,17 +275,18 @@ class Daemon:
         while self.running:
             await anyio.sleep(0.01)
 
-    async def _signals(self, tg: TaskGroup) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    log.info("reload requested", signal=name)
+                    self.reload_requested.set()
+                    continue
                 if self.svc.stopping.is_set():
-                    log.warning("second signal: exiting now", signal=signal.Signals(signum).name)
+                    log.warning("second signal: exiting now", signal=name)
                     os._exit(0)
-                log.info(
-                    "stopping: no new work",
-                    signal=signal.Signals(signum).name,
-                    running=len(self.running),
-                )
+                log.info("stopping: no new work", signal=name, running=len(self.running))
                 self.svc.stopping.set()
                 self.wake.set()
 

@@ -1,11 +1,14 @@
 """The signing key and the trusted public keys, as the config names them.
 
-The embedded default makes its key pair on first use; a configured key must exist.
+The embedded default makes its key pair on first use; a configured key must exist and
+be readable by its owner alone. Under systemd, `LoadCredential=signing.key:...` puts
+the key in $CREDENTIALS_DIRECTORY, which then wins over `signing.key`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from .config import Config
@@ -18,22 +21,46 @@ def public_path(secret: Path) -> Path:
     return secret.with_suffix(".pub")
 
 
+CREDENTIAL = "signing.key"
+
+
 class KeyRing:
+    """Loaded secret keys by path; cleared on reload, so a rotated key is picked up."""
+
     def __init__(self) -> None:
         self._secrets: dict[Path, SecretKey] = {}
 
     def secret(self, config: Config) -> SecretKey:
-        path = config.signing.key
+        path = signing_key_path(config)
         if path not in self._secrets:
             self._secrets[path] = load_signing_key(config)
         return self._secrets[path]
 
+    def clear(self) -> None:
+        self._secrets.clear()
+
+
+def signing_key_path(config: Config) -> Path:
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / CREDENTIAL).exists():
+        return Path(credentials) / CREDENTIAL
+    return config.signing.key
+
 
 def load_signing_key(config: Config) -> SecretKey:
-    path = config.signing.key
+    path = signing_key_path(config)
     if config.embedded and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         write_key_pair(path, public_path(path))
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"signing.key: {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"signing.key: {path} is readable by group or others (mode {mode & 0o777:o}); "
+            f"chmod 600 it"
+        )
     try:
         return load_secret_key_file(path)
     except MinisignError as exc:

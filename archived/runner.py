@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,8 +27,9 @@ from .config import Config
 from .drivers import activity_driver, storage_driver
 from .drivers.base import ActivityContext, ArtifactWriter, StorageDriver
 from .errors import IntegrityError, Kind, classify, describe
-from .jobfile import JobSpec
+from .jobfile import JobSpec, parse_job
 from .keys import KeyRing
+from .metrics import Metrics
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
 from .store import Row, StaleState, Store, now_iso
 
@@ -45,6 +47,7 @@ class Services:
     storage_slots: anyio.CapacityLimiter
     hash_threads: anyio.CapacityLimiter
     stopping: anyio.Event = field(default_factory=anyio.Event)
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,9 @@ class JobRunner:
         with structlog.contextvars.bound_contextvars(job_id=self.id, state=self.state.value):
             while self.state not in FINAL and not self.svc.stopping.is_set():
                 state = self.state
+                began = time.monotonic()
                 outcome = await self._guarded_step(state)
+                self.svc.metrics.step(state, time.monotonic() - began)
                 if outcome is None:
                     return  # shutting down: the next start resumes from this state
                 try:
@@ -105,6 +110,9 @@ class JobRunner:
                     log.warning("job moved under us; re-reading")
                     new = state
                 structlog.contextvars.bind_contextvars(state=new.value)
+                self.svc.metrics.transition(new)
+                if new == State.COMPLETED:
+                    self.svc.metrics.bytes_archived += self.job["payload_bytes"] or 0
                 log.info(
                     "transition",
                     from_state=state.value,
@@ -248,6 +256,8 @@ class JobRunner:
 
     async def activity_archiving(self) -> Outcome:
         await self._begin_attempt(State.ACTIVITY_ARCHIVING)
+        # The job may start on a newer config than it was accepted under.
+        parse_job(self.spec.model_dump_json().encode(), "job.json", self.config)
         await failpoints.reach("activity_archiving")
         await self._run_tasks("activity", self.svc.activity_slots, self._activity)
         return Outcome(Event.DONE, "every activity task completed")

@@ -190,9 +190,16 @@ class Store:
         async with self.transaction() as tx:
             return await tx.transition(job_id, state, event, reason, **fields)
 
-    async def claim_next(self) -> Row | None:
+    async def claim_next(self, config: str, config_digest: str) -> Row | None:
+        """The oldest due queued job, now activity_archiving on `config`; or None."""
         async with self.transaction() as tx:
-            rows = await tx.all("claim_next", to_state=State.ACTIVITY_ARCHIVING, now=now_iso())
+            rows = await tx.all(
+                "claim_next",
+                to_state=State.ACTIVITY_ARCHIVING,
+                now=now_iso(),
+                config=config,
+                config_digest=config_digest,
+            )
             if not rows:
                 return None
             job = rows[0]
@@ -201,7 +208,7 @@ class Store:
                 job_id=job["id"],
                 state=job["state"],
                 now=job["updated_at"],
-                reason="triggered by the poll loop",
+                reason=f"triggered by the poll loop; config {config_digest}",
             )
             return job
 

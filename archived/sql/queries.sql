@@ -22,9 +22,10 @@ SELECT id FROM jobs WHERE id = :id AND spec_sha256 = :spec_sha256;
 UPDATE jobs SET state = :to_state, updated_at = :now WHERE id = :id AND state = :from_state;
 
 -- name: claim_next
--- One statement: the oldest due queued job becomes activity_archiving (or re-enters the
--- phase it failed in, when an operator queued it again).
-UPDATE jobs SET state = :to_state, updated_at = :now, started_at = coalesce(started_at, :now)
+-- One statement: the oldest due queued job becomes activity_archiving, on the config
+-- in force now (a SIGHUP reload applies to jobs that start after it).
+UPDATE jobs SET state = :to_state, updated_at = :now, started_at = coalesce(started_at, :now),
+                config = :config, config_digest = :config_digest
 WHERE id = (SELECT id FROM jobs
             WHERE state = 'queued' AND (not_before IS NULL OR not_before <= :now)
             ORDER BY created_at, id LIMIT 1)
@@ -96,3 +97,9 @@ UPDATE jobs SET cancel_requested = 1, updated_at = :now WHERE id = :id;
 
 -- name: job_ids
 SELECT id, state FROM jobs;
+
+-- name: count_by_state
+SELECT state, count(*) AS n FROM jobs GROUP BY state;
+
+-- name: ping
+SELECT 1 AS ok;
