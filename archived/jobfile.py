@@ -75,6 +75,16 @@ class JobSpec(BaseModel):
 
     _check_name = field_validator("name")(_plain_name)
 
+    @field_validator("not_before")
+    @classmethod
+    def _in_utc_range(cls, value: datetime | None) -> datetime | None:
+        try:
+            if value is not None:
+                value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("out of range once converted to UTC") from None
+        return value
+
     @field_validator("metadata")
     @classmethod
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
@@ -83,7 +93,7 @@ class JobSpec(BaseModel):
                 raise ValueError(f"{label!r} is not a valid bag-info label")
             if label.lower() in RESERVED_LABELS:
                 raise ValueError(f"{label!r} is written by archived itself")
-            if "\n" in text or "\r" in text:
+            if "".join(text.splitlines()) != text:  # also \u2028, \x85, \x0c, ...
                 raise ValueError(f"value of {label!r} must be one line")
         return value
 
@@ -138,6 +148,20 @@ def read_job_file(path: Path, max_bytes: int, dir_fd: int | None = None) -> byte
 def parse_job(data: bytes, filename: str, config: Config) -> JobSpec:
     """Validate a job file's bytes against the schema and the config in force."""
     try:
+        return _parse_job(data, filename, config)
+    except JobFileError:
+        raise
+
+
+def _one_line(text: str) -> str:
+    """`text` with its line breaks escaped: a reason is one line, whatever the file held."""
+    return "".join(
+        c.encode("unicode_escape").decode("ascii") if c.splitlines() == [""] else c for c in text
+    )
+
+
+def _parse_job(data: bytes, filename: str, config: Config) -> JobSpec:
+    try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise JobFileError(f"not UTF-8 (byte {exc.start})") from None
@@ -164,7 +188,7 @@ def parse_job(data: bytes, filename: str, config: Config) -> JobSpec:
             raise JobFileError(f"{where}.{first_error(exc)}") from None
         try:
             driver.check(options, config)
-        except JobFileError as exc:
+        except (JobFileError, ValueError) as exc:
             raise JobFileError(f"{where} ({activity.name}): {exc}") from None
     return spec
 
@@ -172,16 +196,28 @@ def parse_job(data: bytes, filename: str, config: Config) -> JobSpec:
 def _decode(text: str, filename: str) -> Any:
     if filename.endswith(".json"):
         try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
+            raw = json.loads(text, object_pairs_hook=_unique_keys)
+        except RecursionError:
+            raise JobFileError("not valid JSON: nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, an over-long integer, a duplicate key
             raise JobFileError(f"not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise JobFileError("not valid JSON: the top level must be an object")
         return raw
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except RecursionError:
+        raise JobFileError("not valid TOML: nested too deeply") from None
+    except ValueError as exc:  # TOMLDecodeError, or an over-long integer
         raise JobFileError(f"not valid TOML: {exc}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """TOML refuses a key given twice; JSON would silently keep the last one."""
+    keys = [key for key, _ in pairs]
+    if dupes := sorted({key for key in keys if keys.count(key) > 1}):
+        raise ValueError(f"duplicate key {dupes[0]!r}")
+    return dict(pairs)
 
 
 def now_utc() -> datetime:

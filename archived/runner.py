@@ -256,11 +256,28 @@ class JobRunner:
 
     async def activity_archiving(self) -> Outcome:
         await self._begin_attempt(State.ACTIVITY_ARCHIVING)
-        # The job may start on a newer config than it was accepted under.
+        # The job may start on a newer config than it was accepted under (SIGHUP).
         parse_job(self.spec.model_dump_json().encode(), "job.json", self.config)
+        await self._sync_storage_tasks()
         await failpoints.reach("activity_archiving")
         await self._run_tasks("activity", self.svc.activity_slots, self._activity)
         return Outcome(Event.DONE, "every activity task completed")
+
+    async def _sync_storage_tasks(self) -> None:
+        """One storage task per target the job stores to under the config it runs on."""
+        targets = self.spec.targets(self.config)
+        async with self.svc.store.transaction() as tx:
+            await tx.run(
+                "drop_unstarted_storage_tasks", job_id=self.id, targets=json.dumps(targets)
+            )
+            for target in targets:
+                await tx.run(
+                    "insert_task_if_missing",
+                    job_id=self.id,
+                    kind="storage",
+                    name=target,
+                    now=now_iso(),
+                )
 
     async def _activity(self, name: str) -> dict[str, Any]:
         activity = next(a for a in self.spec.activities if a.name == name)

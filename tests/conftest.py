@@ -167,8 +167,8 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True) -> None:
-        env = {**os.environ, **self.env}
-        env.pop("NOTIFY_SOCKET", None)
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        env.update(self.env)
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "archived", "run", "--config", str(self.root.config)],

@@ -103,3 +103,11 @@ SELECT state, count(*) AS n FROM jobs GROUP BY state;
 
 -- name: ping
 SELECT 1 AS ok;
+
+-- name: insert_task_if_missing
+INSERT OR IGNORE INTO tasks (job_id, kind, name, updated_at) VALUES (:job_id, :kind, :name, :now);
+
+-- name: drop_unstarted_storage_tasks
+-- A target the config no longer has (or the job no longer asks for), not yet written to.
+DELETE FROM tasks WHERE job_id = :job_id AND kind = 'storage' AND state = 'created'
+AND name NOT IN (SELECT value FROM json_each(:targets));
