@@ -13,6 +13,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -154,13 +155,23 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             )
         )
         return EXIT_OK
-    print(f"{'ID':12}  {'STATE':18}  {'UPDATED':20}  NAME")
+    print(f"{'ID':12}  {'STATE':18}  {'AGE':>6}  {'UPDATED':>7}  NAME")
     for r in rows:
-        print(
-            f"{r['id']:12}  {r['state']:18}  {r['updated_at'][:19]:20}  {r['name']}"
-            + (f"  ({r['error']})" if r["error"] else "")
+        line = (
+            f"{r['id']:12}  {r['state']:18}  {age(r['created_at']):>6}  "
+            f"{age(r['updated_at']):>7}  {r['name']}"
         )
+        print(line + (f"  error: {r['error']}" if r["error"] else ""))
     return EXIT_OK
+
+
+def age(iso: str) -> str:
+    """How long ago, the way an operator reads it: 45s, 12m, 3h, 5d."""
+    seconds = (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(int(seconds), 0)}s"
 
 
 async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
@@ -189,7 +200,7 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
         ),
         "history": await store.fetchall("history", job_id=job_id),
         "tasks": [
-            {k: t[k] for k in ("kind", "name", "state", "attempts", "error")}
+            {k: t[k] for k in ("kind", "name", "state", "attempts", "error", "progress")}
             | {"result": json.loads(t["result"]) if t["result"] else None}
             for t in tasks
         ],
@@ -205,7 +216,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(details, indent=2))
         return EXIT_OK
-    print(f"job {details['id']}  {details['name']}\n  state    {details['state']}")
+    print(f"job {details['id']}  {details['name']}")
+    print(
+        f"  state    {details['state']} for {age(details['updated_at'])}"
+        f" (created {age(details['created_at'])} ago)"
+    )
+    if details["state"] == "recoverable_error" or details["attempts"] > 1:
+        print(f"  attempt  {details['attempts']} of {details['phase']}")
     for key in ("created_at", "updated_at", "not_before", "error"):
         if details[key]:
             print(f"  {key.replace('_', ' '):8} {details[key]}")
@@ -218,6 +235,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("tasks")
     for t in details["tasks"]:
         line = f"  {t['kind']:8}  {t['name']:20}  {t['state']:10}  attempts {t['attempts']}"
+        if t["state"] == "executing" and t["progress"]:
+            line += f"  {t['progress']} so far"
+        elif t["state"] == "completed" and t["result"] and "files" in t["result"]:
+            line += f"  {t['result']['files']} files, {t['result']['bytes']} bytes"
         print(line + (f"  error: {t['error']}" if t["error"] else ""))
     if details["copies"]:
         print("copies")

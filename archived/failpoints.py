@@ -19,6 +19,7 @@ from .errors import ArchivedError, TransientError
 NAMES = frozenset(
     {
         "activity_archiving",
+        "activity_task",  # inside each activity task, once it runs
         "check_integrity",
         "calculate_checksums",
         "sign",

@@ -286,13 +286,27 @@ class JobRunner:
         await anyio.to_thread.run_sync(self._clear_activity, writer)
         driver = driver_cls(name, driver_cls.options(activity.options()))
         ctx = ActivityContext(self.id, self.config, writer, self.svc.hash_threads)
-        result = await driver.run(ctx)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._report_progress, name, writer)
+            await failpoints.reach("activity_task")
+            result = await driver.run(ctx)
+            tg.cancel_scope.cancel()
         if ctx.notes:
             await self._event(
                 "activity_notes", activity=name, notes=ctx.notes[:1000], count=len(ctx.notes)
             )
         log.info("activity task completed", activity=name, **result)
         return result
+
+    async def _report_progress(self, name: str, writer: ArtifactWriter) -> None:
+        """Every second, how far the copy has come, for `archived show`."""
+        while True:
+            await anyio.sleep(1)
+            progress = f"{writer.files} files, {writer.total_bytes} bytes"
+            async with self.svc.store.transaction() as tx:
+                await tx.run(
+                    "task_progress", job_id=self.id, kind="activity", name=name, progress=progress
+                )
 
     @staticmethod
     def _clear_activity(writer: ArtifactWriter) -> None:

@@ -274,3 +274,24 @@ def test_unit_file_verifies_and_is_hardened(tmp_path: Path) -> None:
         "Restart=on-failure",
     ):
         assert line in text
+
+
+def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
+    root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:4"})
+    (job_id,) = root.submit(root.job_file("watched"))
+    root.wait_state(job_id, "activity_archiving")
+
+    def running_view() -> str | None:
+        out = root.cli("show", job_id).stdout
+        return out if "executing" in out and "so far" in out else None
+
+    out = wait_until(running_view, 10, "progress of the running task")
+    assert "state    activity_archiving for" in out
+    assert "activity  a" in out
+    listing = root.cli("jobs").stdout.splitlines()
+    assert listing[0].split() == ["ID", "STATE", "AGE", "UPDATED", "NAME"]
+    assert listing[1].split()[:2] == [job_id, "activity_archiving"]
+    root.wait_state(job_id, "completed")
+    done = root.cli("show", job_id).stdout
+    assert "2 files, 300006 bytes" in done
+    assert "copies" in done and "primary" in done

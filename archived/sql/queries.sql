@@ -46,7 +46,7 @@ SELECT count(*) FROM jobs WHERE state IN (SELECT value FROM json_each(:states));
 SELECT state, at, reason FROM history WHERE job_id = :job_id ORDER BY seq;
 
 -- name: tasks
-SELECT kind, name, state, attempts, error, result FROM tasks
+SELECT kind, name, state, attempts, error, result, progress FROM tasks
 WHERE job_id = :job_id ORDER BY kind, name;
 
 -- name: start_task
@@ -111,3 +111,6 @@ INSERT OR IGNORE INTO tasks (job_id, kind, name, updated_at) VALUES (:job_id, :k
 -- A target the config no longer has (or the job no longer asks for), not yet written to.
 DELETE FROM tasks WHERE job_id = :job_id AND kind = 'storage' AND state = 'created'
 AND name NOT IN (SELECT value FROM json_each(:targets));
+
+-- name: task_progress
+UPDATE tasks SET progress = :progress WHERE job_id = :job_id AND kind = :kind AND name = :name;
