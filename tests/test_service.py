@@ -295,3 +295,23 @@ def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
     done = root.cli("show", job_id).stdout
     assert "2 files, 300006 bytes" in done
     assert "copies" in done and "primary" in done
+
+
+def test_a_second_signal_exits_at_once_and_the_next_start_resumes(root: Root) -> None:
+    root.write_config(daemon={"shutdown_grace": "60s"})
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:60"})
+    (job_id,) = root.submit(root.job_file("twice"))
+    root.wait_state(job_id, "activity_archiving")
+    daemon.send(signal.SIGTERM)
+    wait_until(
+        lambda: any(e.get("event") == "stopping: no new work" for e in daemon.events()),
+        10,
+        "first signal seen",
+    )
+    assert daemon.proc is not None and daemon.proc.poll() is None  # still in its grace
+    started = time.monotonic()
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait_exit(10) == 0
+    assert time.monotonic() - started < 5
+    root.start()
+    assert root.wait_state(job_id, "completed")["state"] == "completed"
