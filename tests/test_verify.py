@@ -26,7 +26,8 @@ PAYLOAD = {
     "data/docs/b.bin": bytes(range(256)) * 41,
     "data/logs/two\nlines.txt": b"a name BagIt must percent-encode\n",
 }
-CONFORMANCE = Path("/work/shared/bagit-conformance")
+# the shared folder beside the project: the Library of Congress BagIt conformance suite
+CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "bagit-conformance"
 
 
 def encode(path: str) -> str:
