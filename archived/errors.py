@@ -73,6 +73,9 @@ RECOVERABLE_ERRNOS: frozenset[int] = frozenset(
 
 def classify(exc: BaseException) -> Kind:
     """Recoverable or fatal: the single decision point for every phase error."""
+    if isinstance(exc, BaseExceptionGroup):  # fatal if any part of it is
+        kinds = {classify(e) for e in exc.exceptions}
+        return Kind.FATAL if Kind.FATAL in kinds else Kind.RECOVERABLE
     if isinstance(exc, ArchivedError):
         return exc.kind
     if isinstance(exc, TimeoutError):
@@ -84,6 +87,8 @@ def classify(exc: BaseException) -> Kind:
 
 def describe(exc: BaseException) -> str:
     """One line for the job's `error` field and the history."""
+    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        return "; ".join(describe(e) for e in exc.exceptions)
     if isinstance(exc, OSError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{where}"

@@ -286,11 +286,17 @@ class JobRunner:
         await anyio.to_thread.run_sync(self._clear_activity, writer)
         driver = driver_cls(name, driver_cls.options(activity.options()))
         ctx = ActivityContext(self.id, self.config, writer, self.svc.hash_threads)
+        error: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._report_progress, name, writer)
-            await failpoints.reach("activity_task")
-            result = await driver.run(ctx)
+            try:
+                await failpoints.reach("activity_task")
+                result = await driver.run(ctx)
+            except Exception as exc:  # raised as itself below, not inside an ExceptionGroup
+                error = exc
             tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
         if ctx.notes:
             await self._event(
                 "activity_notes", activity=name, notes=ctx.notes[:1000], count=len(ctx.notes)
