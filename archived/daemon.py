@@ -16,14 +16,15 @@ import signal
 from pathlib import Path
 from typing import IO, Any
 
+import aiofiles.os
 import anyio
 import structlog
 from anyio.abc import TaskGroup
 
 from . import config as configmod
 from .config import Config
-from .drivers import storage_driver
-from .errors import ArchivedError, ConfigError, JobFileError
+from .drivers import open_storage
+from .errors import ArchivedError, ConfigError, JobFileError, describe
 from .jobfile import parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
 from .metrics import write_textfile
@@ -57,9 +58,8 @@ def lock_state_dir(state_dir: Path) -> IO[str]:
 
 
 async def check_targets(config: Config) -> None:
-    for name, section in config.storage.items():
-        driver_cls = storage_driver(section.driver)
-        await driver_cls(name, driver_cls.options(config.storage_options(name))).check()
+    for name in config.storage:
+        await open_storage(config, name).ready()
 
 
 async def check_config(config: Config) -> None:
@@ -294,7 +294,7 @@ class Daemon:
 
     async def _ingest_leftovers(self) -> None:
         for claimed in await self.spool.leftovers():
-            await self._accept(claimed)
+            await self._accept_or_reject(claimed)
 
     async def _ingest(self) -> None:
         for name in await self.spool.pending():
@@ -302,7 +302,16 @@ class Daemon:
                 return
             claimed = await self.spool.claim(name)
             if claimed is not None:
-                await self._accept(claimed)
+                await self._accept_or_reject(claimed)
+
+    async def _accept_or_reject(self, claimed: Claimed) -> None:
+        """A file that trips a bug is rejected with that reason: no crash, no crash loop."""
+        try:
+            await self._accept(claimed)
+        except Exception as exc:
+            log.exception("error while reading a job file", file=claimed.original_name)
+            if await aiofiles.os.path.exists(claimed.path):
+                await self._reject(claimed, f"internal error while reading it: {describe(exc)}")
 
     async def _accept(self, claimed: Claimed) -> None:
         """Turn a claimed spool file into a queued job, or move it to corrupt/."""

@@ -149,8 +149,8 @@ def parse_job(data: bytes, filename: str, config: Config) -> JobSpec:
     """Validate a job file's bytes against the schema and the config in force."""
     try:
         return _parse_job(data, filename, config)
-    except JobFileError:
-        raise
+    except JobFileError as exc:
+        raise JobFileError(_one_line(str(exc))) from None
 
 
 def _one_line(text: str) -> str:

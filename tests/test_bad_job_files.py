@@ -1,0 +1,578 @@
+"""Job files that cannot be accepted: never lost, never silently dropped, never fatal.
+
+Every bad kind is dropped straight into `spool/incoming/` of one running daemon (as
+cron would: written in `tmp/`, renamed into `incoming/`). Each must land in
+`spool/corrupt/` unchanged, beside a one-line `.reason`, with a log line, while the
+daemon keeps going; a good job afterwards still completes. `archived submit` refuses
+the same regular files with exit code 2 and one line on stderr, touching no spool
+directory. Last, the crash windows of the spool: a file in `active/` whose job is
+already in the database makes no second job; one whose job is not becomes a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, Root, minisign_keypair, wait_until
+
+from archived.spool import SUBDIRS
+
+MAX_JOB_FILE_BYTES = 8192  # above 4300 digits, the longest int Python parses
+
+
+@dataclass(frozen=True)
+class Site:
+    """Paths the job files refer to; shared by the daemon's root and the CLI's."""
+
+    sources: Path  # the one allowed root
+    outside: Path  # a directory outside every allowed root
+    elsewhere: Path  # where a spool symlink's (valid) target lives
+
+
+def activity(site: Site, **fields: Any) -> dict[str, Any]:
+    return {"name": "a", "driver": "files", "path": str(site.sources / "a"), **fields}
+
+
+def json_job(site: Site, **fields: Any) -> bytes:
+    """A job in JSON: valid unless `fields` make it otherwise."""
+    body: dict[str, Any] = {"name": "bad", **fields}
+    body.setdefault("activities", [activity(site)])
+    return json.dumps(body).encode()
+
+
+def toml_job(text: str) -> Callable[[Site], bytes]:
+    """A job in TOML; `@A@` stands for the path of a good source directory."""
+    return lambda site: text.replace("@A@", str(site.sources / "a")).encode()
+
+
+TOML_ACTIVITY = '[[activities]]\nname = "a"\ndriver = "files"\npath = "@A@"\n'
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    filename: str  # its name in incoming/, hence in corrupt/
+    expected: str  # what its .reason (and `submit`'s stderr) must say
+    body: Callable[[Site], bytes]  # the bytes of the file, or of a symlink's target
+    kind: str = "file"  # "file", "symlink" (to a valid job elsewhere) or "fifo"
+
+
+CASES = [
+    # unparsable
+    Case(
+        "toml-unparsable",
+        "unparsable.toml",
+        "not valid TOML",
+        toml_job('name = "bad"\nactivities = [\n'),
+    ),
+    Case(
+        "json-unparsable",
+        "unparsable.json",
+        "not valid JSON",
+        lambda s: json_job(s)[:-7],
+    ),
+    Case(
+        "not-utf8",
+        "latin1.toml",
+        "not UTF-8",
+        lambda s: (
+            'name = "bad"\n[metadata]\nCourse = "Prüfung"\n'.encode("latin-1")
+            + toml_job(TOML_ACTIVITY)(s)
+        ),
+    ),
+    Case(
+        "over-size-limit",
+        "huge.json",
+        f"over limits.max_job_file_bytes ({MAX_JOB_FILE_BYTES})",
+        lambda s: json_job(s, metadata={"Note": "x" * MAX_JOB_FILE_BYTES}),
+    ),
+    Case(
+        "deeply-nested-json",
+        "deep.json",
+        "not valid JSON",
+        lambda s: b'{"name": "bad", "metadata": ' + b"[" * 1500 + b"]" * 1500 + b"}",
+    ),
+    Case(
+        "integer-too-long-toml",
+        "longint.toml",
+        "not valid TOML",
+        toml_job('name = "bad"\nretention_days = ' + "9" * 4400 + "\n" + TOML_ACTIVITY),
+    ),
+    # unknown keys
+    Case(
+        "unknown-top-level-key",
+        "typo-top.toml",
+        "retention: unknown key",
+        toml_job('name = "bad"\nretention = 10\n' + TOML_ACTIVITY),
+    ),
+    Case(
+        "unknown-activity-key",
+        "typo-activity.toml",
+        "activities.0.excludes: unknown key",
+        toml_job('name = "bad"\n' + TOML_ACTIVITY + 'excludes = ["*.tmp"]\n'),
+    ),
+    Case(
+        "unknown-key-with-a-newline",
+        "typo-newline.json",
+        "unknown key",
+        lambda s: json_job(s, **{"retention\ndays": 10}),
+    ),
+    Case(
+        "duplicate-json-key",
+        "dup-key.json",
+        "duplicate key 'path'",
+        lambda s: (
+            '{"name": "bad", "activities": [{"name": "a", "driver": "files", '
+            f'"path": "{s.outside}", "path": "{s.sources / "a"}"}}]}}'
+        ).encode(),
+    ),
+    # wrong types
+    Case(
+        "retention-days-string",
+        "ret-string.toml",
+        "retention_days: Input should be a valid integer",
+        toml_job('name = "bad"\nretention_days = "ten"\n' + TOML_ACTIVITY),
+    ),
+    Case(
+        "retention-days-bool",
+        "ret-bool.toml",
+        "retention_days: Input should be a valid integer",
+        toml_job('name = "bad"\nretention_days = true\n' + TOML_ACTIVITY),
+    ),
+    Case(
+        "activities-not-a-list",
+        "activities-str.toml",
+        "activities: Input should be a valid list",
+        toml_job('name = "bad"\nactivities = "everything"\n'),
+    ),
+    Case(
+        "json-not-an-object",
+        "array.json",
+        "the top level must be an object",
+        lambda s: b"[1, 2]",
+    ),
+    # drivers, targets, commands
+    Case(
+        "unknown-driver",
+        "tape.json",
+        "activities.0.driver: unknown activity driver 'tape'",
+        lambda s: json_job(s, activities=[activity(s, driver="tape")]),
+    ),
+    Case(
+        "unknown-storage-target",
+        "target.toml",
+        "storage: unknown storage target 'tape'",
+        toml_job('name = "bad"\nstorage = ["primary", "tape"]\n' + TOML_ACTIVITY),
+    ),
+    Case(
+        "command-activity",
+        "command.toml",
+        "unknown activity driver 'command'",
+        toml_job(
+            'name = "bad"\n[[activities]]\nname = "grades"\ndriver = "command"\n'
+            'command = "pgdump"\noutput = "grades.dump"\n'
+        ),
+    ),
+    # names
+    Case(
+        "name-with-slash",
+        "name-slash.json",
+        "name: String should match pattern",
+        lambda s: json_job(s, name="../x"),
+    ),
+    Case(
+        "name-dot-dot",
+        "name-dots.json",
+        "name: Value error, must not consist of dots only",
+        lambda s: json_job(s, name=".."),
+    ),
+    Case(
+        "name-101-chars",
+        "name-long.json",
+        "name: String should match pattern",
+        lambda s: json_job(s, name="n" * 101),
+    ),
+    Case(
+        "name-empty",
+        "name-empty.json",
+        "name: String should match pattern",
+        lambda s: json_job(s, name=""),
+    ),
+    Case(
+        "activity-name-dot-dot",
+        "activity-dots.json",
+        "activities.0.name: Value error, must not consist of dots only",
+        lambda s: json_job(s, activities=[activity(s, name="..")]),
+    ),
+    Case(
+        "duplicate-activity-names",
+        "dup-activity.json",
+        "activity names must be unique: a",
+        lambda s: json_job(s, activities=[activity(s), activity(s)]),
+    ),
+    # paths
+    Case(
+        "path-outside-allowed-roots",
+        "outside.json",
+        "outside sources.allowed_roots",
+        lambda s: json_job(s, activities=[activity(s, path=str(s.outside))]),
+    ),
+    Case(
+        "path-dot-dot-escape",
+        "dotdot.json",
+        "outside sources.allowed_roots",
+        lambda s: json_job(s, activities=[activity(s, path=f"{s.sources}/../outside")]),
+    ),
+    Case(
+        "path-relative",
+        "relative.json",
+        "path 'sources/a' must be absolute",
+        lambda s: json_job(s, activities=[activity(s, path="sources/a")]),
+    ),
+    Case(
+        "path-symlink-escaping-root",
+        "escape.json",
+        "outside sources.allowed_roots",
+        lambda s: json_job(s, activities=[activity(s, path=str(s.sources / "escape"))]),
+    ),
+    Case(
+        "path-with-a-newline",
+        "path-newline.json",
+        "outside sources.allowed_roots",
+        lambda s: json_job(s, activities=[activity(s, path=f"{s.outside}/new\nline")]),
+    ),
+    Case(
+        "path-with-nul",
+        "path-nul.json",
+        "null byte",
+        lambda s: json_job(s, activities=[activity(s, path=f"{s.sources}/a\x00b")]),
+    ),
+    # metadata
+    Case(
+        "metadata-reserved-label",
+        "oxum.toml",
+        "'Payload-Oxum' is written by archived itself",
+        toml_job('name = "bad"\n[metadata]\nPayload-Oxum = "1.1"\n' + TOML_ACTIVITY),
+    ),
+    Case(
+        "metadata-reserved-label-any-case",
+        "oxum-lower.json",
+        "is written by archived itself",
+        lambda s: json_job(s, metadata={"bagging-date": "2020-01-01"}),
+    ),
+    Case(
+        "metadata-multi-line-value",
+        "multiline.json",
+        "value of 'Course' must be one line",
+        lambda s: json_job(s, metadata={"Course": "CS101\nPayload-Oxum: 1.1"}),
+    ),
+    Case(
+        "metadata-unicode-line-separator",
+        "u2028.json",
+        "value of 'Course' must be one line",
+        lambda s: json_job(s, metadata={"Course": "CS101\u2028Payload-Oxum: 1.1"}),
+    ),
+    # not_before
+    Case(
+        "not-before-naive-toml",
+        "naive.toml",
+        "not_before: Input should have timezone info",
+        toml_job('name = "bad"\nnot_before = 2026-12-01T02:00:00\n' + TOML_ACTIVITY),
+    ),
+    Case(
+        "not-before-naive-json",
+        "naive.json",
+        "not_before: Input should have timezone info",
+        lambda s: json_job(s, not_before="2026-12-01T02:00:00"),
+    ),
+    Case(
+        "not-before-out-of-range",
+        "year9999.toml",
+        "not_before: Value error, out of range",
+        toml_job('name = "bad"\nnot_before = 9999-12-31T23:00:00-05:00\n' + TOML_ACTIVITY),
+    ),
+    # spool entries that are not regular files
+    Case(
+        "spool-entry-symlink",
+        "linked.json",
+        "is a symbolic link, not a regular file",
+        lambda s: json_job(s, name="linked"),
+        kind="symlink",
+    ),
+    Case("spool-entry-fifo", "pipe.toml", "not a regular file", lambda s: b"", kind="fifo"),
+]
+FILE_CASES = [c for c in CASES if c.kind == "file"]
+assert len({c.filename for c in CASES}) == len(CASES), "file names must be unique"
+
+
+def make_site(base: Path) -> Site:
+    sources, outside, elsewhere = base / "sources", base / "outside", base / "elsewhere"
+    (sources / "a" / "sub").mkdir(parents=True)
+    (sources / "a" / "hello.txt").write_text("hello\n")
+    (sources / "a" / "sub" / "data.bin").write_bytes(os.urandom(10_000))
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not to be archived\n")
+    (sources / "escape").symlink_to(outside, target_is_directory=True)
+    elsewhere.mkdir()
+    return Site(sources, outside, elsewhere)
+
+
+def make_root(base: Path, site: Site, keys: tuple[Path, Path], targets: dict[str, Path]) -> Root:
+    base.mkdir(parents=True, exist_ok=True)
+    root = Root(base, base / "archived.toml", site.sources, targets, *keys)
+    root.write_config(limits={"max_job_file_bytes": MAX_JOB_FILE_BYTES})
+    return root
+
+
+@dataclass
+class Running:
+    site: Site
+    root: Root
+    daemon: Daemon
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bad-job-files")
+
+
+@pytest.fixture(scope="module")
+def site(site_dir: Path) -> Site:
+    return make_site(site_dir)
+
+
+@pytest.fixture(scope="module")
+def keys(site_dir: Path) -> tuple[Path, Path]:
+    (site_dir / "keys").mkdir()
+    return minisign_keypair(site_dir / "keys")
+
+
+@pytest.fixture(scope="module")
+def running(site_dir: Path, site: Site, keys: tuple[Path, Path]) -> Iterator[Running]:
+    """One daemon for every case in this module."""
+    targets = {"primary": site_dir / "t1", "offsite": site_dir / "t2"}
+    for target in targets.values():
+        target.mkdir()
+    root = make_root(site_dir / "daemon", site, keys, targets)
+    daemon = root.start()
+    yield Running(site, root, daemon)
+    for d in root.daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            d.kill()
+
+
+@pytest.fixture(scope="module")
+def cli_root(site_dir: Path, site: Site, keys: tuple[Path, Path]) -> Root:
+    """Same sources and limits, its own (empty) spool, and no daemon reading it."""
+    targets = {"primary": site_dir / "cli-t1"}
+    targets["primary"].mkdir()
+    root = make_root(site_dir / "cli", site, keys, targets)
+    for sub in SUBDIRS:
+        (root.spool / sub).mkdir(parents=True)
+    return root
+
+
+def alive(daemon: Daemon) -> bool:
+    return daemon.proc is not None and daemon.proc.poll() is None
+
+
+def spool_listing(spool: Path) -> dict[str, list[str]]:
+    return {sub: sorted(os.listdir(spool / sub)) for sub in SUBDIRS}
+
+
+def clear_spool(spool: Path) -> None:
+    for sub in SUBDIRS:
+        for entry in (spool / sub).iterdir():
+            entry.unlink()
+
+
+def drop(spool: Path, case: Case, site: Site) -> bytes:
+    """Put the case's entry into incoming/ as cron would; returns its (target's) bytes."""
+    tmp = spool / "tmp" / case.filename
+    data = case.body(site)
+    if case.kind == "fifo":
+        os.mkfifo(tmp)
+    elif case.kind == "symlink":
+        target = site.elsewhere / f"{case.filename}.target"
+        target.write_bytes(data)
+        os.symlink(target, tmp)
+    else:
+        tmp.write_bytes(data)
+    os.rename(tmp, spool / "incoming" / case.filename)
+    return data
+
+
+# -- the daemon: every bad kind ends up in corrupt/ -------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_daemon_moves_bad_job_file_to_corrupt_and_goes_on(running: Running, case: Case) -> None:
+    daemon, spool, site = running.daemon, running.root.spool, running.site
+    assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
+    data = drop(spool, case, site)
+    moved = spool / "corrupt" / case.filename
+    reason = spool / "corrupt" / f"{case.filename}.reason"
+
+    def rejected() -> list[dict[str, Any]]:
+        assert alive(daemon), f"daemon died on {case.id}:\n{daemon.log_text()[-3000:]}"
+        if not (reason.exists() and os.path.lexists(moved)):
+            return []
+        return [
+            e
+            for e in daemon.events()
+            if e.get("event") == "job file rejected" and e.get("file") == case.filename
+        ]
+
+    (event,) = wait_until(rejected, 20, f"{case.filename} moved to corrupt/ and logged")
+
+    assert alive(daemon), f"daemon exited after {case.id}"
+    text = reason.read_text()
+    assert case.expected in text, f"{case.id}: reason {text!r} lacks {case.expected!r}"
+    assert text.endswith("\n") and len(text.splitlines()) == 1, f"{case.id}: {text!r}"
+    assert event["level"] == "error"
+    assert case.expected in event["reason"], event
+    assert event["moved_to"] == str(moved), event
+
+    if case.kind == "fifo":
+        assert stat.S_ISFIFO(os.lstat(moved).st_mode), f"{case.id}: no longer a FIFO"
+    elif case.kind == "symlink":
+        target = site.elsewhere / f"{case.filename}.target"
+        assert moved.is_symlink(), f"{case.id}: no longer a symlink"
+        assert os.readlink(moved) == str(target)
+        assert target.read_bytes() == data, f"{case.id}: the link's target was changed"
+    else:
+        assert not moved.is_symlink() and moved.is_file(), f"{case.id}: not a regular file"
+        assert moved.read_bytes() == data, f"{case.id}: bytes changed on the way to corrupt/"
+
+    # claimed exactly once: nothing of it is left in incoming/ or active/
+    left = spool_listing(spool)
+    assert not [n for n in left["incoming"] + left["active"] if case.filename in n], left
+    assert left["tmp"] == []
+
+
+def test_good_job_after_the_bad_ones_completes(running: Running) -> None:
+    root, daemon = running.root, running.daemon
+    assert alive(daemon), f"daemon died:\n{daemon.log_text()[-3000:]}"
+    (job_id,) = root.submit(root.job_file("good-after-bad"))
+    job = root.wait_state(job_id, "completed", "failed", timeout=60)
+    assert job["state"] == "completed", job
+    assert alive(daemon)
+    assert len(root.daemons) == 1, "the bad files were all handled by one daemon process"
+    # no bad file (nor the symlink's valid target) became a job
+    listed = json.loads(root.cli("jobs", "--json", check=True).stdout)
+    assert [(j["id"], j["name"]) for j in listed] == [(job_id, "good-after-bad")]
+    assert spool_listing(root.spool)["incoming"] == []
+    assert spool_listing(root.spool)["active"] == []
+
+
+# -- `archived submit` refuses the same files -----------------------------------------
+
+
+@pytest.mark.parametrize("case", FILE_CASES, ids=[c.id for c in FILE_CASES])
+def test_submit_refuses_bad_job_file_with_exit_2(cli_root: Root, site: Site, case: Case) -> None:
+    path = cli_root.path / case.filename
+    path.write_bytes(case.body(site))
+    empty: dict[str, list[str]] = {sub: [] for sub in SUBDIRS}
+    clear_spool(cli_root.spool)  # whatever an earlier (failed) case may have left
+
+    result = cli_root.cli("submit", str(path), timeout=30)
+
+    assert result.returncode == 2, (case.id, result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"{case.id}: stderr is not one line: {result.stderr!r}"
+    assert str(path) in lines[0] and case.expected in lines[0], (case.id, lines[0])
+    assert "Traceback" not in result.stderr
+    assert result.stdout == "", f"{case.id}: printed a job id for a refused file"
+    assert spool_listing(cli_root.spool) == empty, f"{case.id}: submit wrote into the spool"
+
+
+def test_submit_does_not_block_on_a_fifo(cli_root: Root) -> None:
+    fifo = cli_root.path / "pipe.json"
+    os.mkfifo(fifo)
+    clear_spool(cli_root.spool)
+    result = cli_root.cli("submit", str(fifo), timeout=20)  # TimeoutExpired if it blocked
+    assert result.returncode == 2, result.stderr
+    assert "not a regular file" in result.stderr
+    assert spool_listing(cli_root.spool)["incoming"] == []
+
+
+def test_submit_accepts_a_good_file_into_incoming(cli_root: Root) -> None:
+    """The control for the refusals above: the same root does take a valid job."""
+    path = cli_root.job_file("control")
+    clear_spool(cli_root.spool)
+    result = cli_root.cli("submit", str(path), timeout=30)
+    try:
+        assert result.returncode == 0, result.stderr
+        (job_id,) = result.stdout.split()
+        assert spool_listing(cli_root.spool)["incoming"] == [f"{job_id}.json"]
+        assert (cli_root.spool / "incoming" / f"{job_id}.json").read_bytes() == path.read_bytes()
+    finally:
+        clear_spool(cli_root.spool)
+
+
+# -- crash windows of the spool --------------------------------------------------------
+
+
+def test_reingested_active_file_does_not_make_a_second_job(root: Root) -> None:
+    daemon = root.start()
+    job_file = root.job_file("once")
+    (job_id,) = root.submit(job_file)
+    before = root.wait_state(job_id, "completed", "failed")
+    assert before["state"] == "completed", before
+    assert daemon.stop() == 0
+
+    # crash window: the job was inserted, but its file was not yet removed from active/
+    active = root.spool / "active"
+    spent = active / f"{job_id}__{job_id}.json"
+    shutil.copyfile(job_file, spent)
+    # and a different file that claims the same job id must not replace that job
+    clash = active / f"{job_id}__clash.json"
+    clash_bytes = root.job_file("clash").read_bytes()
+    clash.write_bytes(clash_bytes)
+
+    second = root.start()
+    wait_until(lambda: not spent.exists() and not clash.exists(), 20, "active/ emptied")
+    assert os.listdir(active) == []
+    listed = json.loads(root.cli("jobs", "--json", check=True).stdout)
+    assert [j["id"] for j in listed] == [job_id], listed
+    after = root.show(job_id)
+    assert after["state"] == "completed"
+    assert after["history"] == before["history"], "the job was touched again"
+    assert {t: len(root.archives(t)) for t in root.targets} == {t: 1 for t in root.targets}
+    assert not [e for e in second.events() if e.get("event") == "job queued"], (
+        "the re-ingested file was queued again"
+    )
+    reason = root.spool / "corrupt" / "clash.json.reason"
+    assert f"job id {job_id} already exists" in reason.read_text()
+    assert (root.spool / "corrupt" / "clash.json").read_bytes() == clash_bytes
+    assert alive(second)
+
+
+def test_leftover_active_file_without_a_job_becomes_one(root: Root) -> None:
+    # crash window: the file was renamed into active/, the job not yet inserted
+    job_id = "0123456789ab"
+    active = root.spool / "active"
+    active.mkdir(parents=True)
+    leftover = active / f"{job_id}__leftover.json"
+    leftover.write_bytes(root.job_file("leftover").read_bytes())
+
+    daemon = root.start()
+    job = root.wait_state(job_id, "completed", "failed")
+    assert job["state"] == "completed", job
+    assert job["name"] == "leftover"
+    assert not leftover.exists()
+    assert os.listdir(active) == []
+    assert os.listdir(root.spool / "corrupt") == []
+    listed = json.loads(root.cli("jobs", "--json", check=True).stdout)
+    assert [j["id"] for j in listed] == [job_id]
+    queued = [e for e in daemon.events() if e.get("event") == "job queued"]
+    assert [(e["job_id"], e["file"]) for e in queued] == [(job_id, "leftover.json")]
+    assert {t: len(root.archives(t)) for t in root.targets} == {t: 1 for t in root.targets}
