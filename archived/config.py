@@ -95,6 +95,12 @@ class MetricsConfig(Section):
     interval: Duration = 10.0
 
 
+class AuditConfig(Section):
+    interval: Duration = 86400.0  # between audit rounds; 0 turns periodic audits off
+    copies_per_round: StrictInt = Field(default=20, ge=1)
+    bytes_per_round: StrictInt = Field(default=0, ge=0)  # 0: no limit
+
+
 class StorageConfig(BaseModel):
     """`driver` plus the driver's own options, which the driver validates."""
 
@@ -111,6 +117,7 @@ class Config(Section):
     commands: dict[str, CommandConfig] = {}
     hooks: HooksConfig = HooksConfig()
     metrics: MetricsConfig = MetricsConfig()
+    audit: AuditConfig = AuditConfig()
     storage: dict[str, StorageConfig] = {}
     # Not part of the file: where it came from, and whether it is the embedded default.
     source: Path | None = Field(None, exclude=True)

@@ -24,7 +24,7 @@ import structlog
 
 from . import bag, failpoints
 from .config import Config
-from .drivers import activity_driver, storage_driver
+from .drivers import activity_driver, open_storage
 from .drivers.base import ActivityContext, ArtifactWriter, StorageDriver
 from .errors import IntegrityError, Kind, classify, describe
 from .jobfile import JobSpec, parse_job
@@ -463,8 +463,7 @@ class JobRunner:
         return {"path": copy.path}
 
     def _storage(self, target: str) -> StorageDriver:
-        driver_cls = storage_driver(self.config.storage[target].driver)
-        return driver_cls(target, driver_cls.options(self.config.storage_options(target)))
+        return open_storage(self.config, target)
 
     # -- the error path ----------------------------------------------------------------
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 from functools import cache
 from importlib import import_module
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from .base import ActivityDriver, StorageDriver
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 _BUILTIN_ACTIVITY = {"files": "archived.drivers.files:FilesDriver"}
 _BUILTIN_STORAGE = {"localdir": "archived.drivers.localdir:LocalDirDriver"}
@@ -35,3 +39,9 @@ def activity_driver(name: str) -> type[ActivityDriver]:
 def storage_driver(name: str) -> type[StorageDriver]:
     """The storage driver class called `name`; KeyError if there is none."""
     return _load(_registry("archived.storage_drivers", tuple(_BUILTIN_STORAGE.items()))[name])
+
+
+def open_storage(config: Config, target: str) -> StorageDriver:
+    """The storage driver for `target` as `config` defines it."""
+    driver_cls = storage_driver(config.storage[target].driver)
+    return driver_cls(target, driver_cls.options(config.storage_options(target)))

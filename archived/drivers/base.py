@@ -183,7 +183,7 @@ class StorageDriver(ABC):
         return cls.Options.model_validate(raw)
 
     @abstractmethod
-    async def check(self) -> None:
+    async def ready(self) -> None:
         """Raise ConfigError unless the target can take archives now."""
 
     @abstractmethod
@@ -192,6 +192,14 @@ class StorageDriver(ABC):
 
         A copy already at `key` with the same digest is adopted, not written again.
         """
+
+    @abstractmethod
+    async def check(self, key: str, sha256: str, size: int) -> str | None:
+        """Re-read the copy at `key`: None if it matches, else what is wrong, one line."""
+
+    @abstractmethod
+    async def fetch(self, key: str, dest: Path) -> None:
+        """Copy the archive at `key` to the local file `dest` (to repair another target)."""
 
     @abstractmethod
     async def delete(self, key: str) -> bool:

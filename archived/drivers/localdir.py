@@ -80,7 +80,7 @@ class LocalDirDriver(StorageDriver):
     def root(self) -> Path:
         return self.opts.path
 
-    async def check(self) -> None:
+    async def ready(self) -> None:
         root = self.root
         if self.opts.create:
             await anyio.to_thread.run_sync(lambda: root.mkdir(parents=True, exist_ok=True))
@@ -118,6 +118,28 @@ class LocalDirDriver(StorageDriver):
                 recoverable=True,
             )
         return StoredCopy(str(final), size, sha256)
+
+    async def check(self, key: str, sha256: str, size: int) -> str | None:
+        path = self.root / key
+        try:
+            got = await anyio.to_thread.run_sync(file_sha256, path)
+        except FileNotFoundError:
+            return f"missing: {path}"
+        except OSError as exc:
+            return f"unreadable: {path}: {exc.strerror}"
+        if got != (sha256, size):
+            return f"damaged: {path} has sha256 {got[0]} ({got[1]} bytes)"
+        return None
+
+    async def fetch(self, key: str, dest: Path) -> None:
+        def copy() -> None:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _copy(self.root / key, fd)
+            finally:
+                os.close(fd)
+
+        await anyio.to_thread.run_sync(copy)
 
     async def delete(self, key: str) -> bool:
         return await anyio.to_thread.run_sync(self._delete, self.root / key)

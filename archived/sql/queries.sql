@@ -58,7 +58,8 @@ UPDATE tasks SET state = :state, error = :error, result = :result, updated_at = 
 WHERE job_id = :job_id AND kind = :kind AND name = :name;
 
 -- name: copies
-SELECT target, path, size, sha256, verified_at FROM copies WHERE job_id = :job_id ORDER BY target;
+SELECT target, path, size, sha256, verified_at, audited_at, audit_result FROM copies
+WHERE job_id = :job_id ORDER BY target;
 
 -- name: upsert_copy
 INSERT INTO copies (job_id, target, path, size, sha256, verified_at)
@@ -114,3 +115,26 @@ AND name NOT IN (SELECT value FROM json_each(:targets));
 
 -- name: task_progress
 UPDATE tasks SET progress = :progress WHERE job_id = :job_id AND kind = :kind AND name = :name;
+
+-- name: copies_to_audit
+-- Oldest-audited first (never audited before all), copies of completed jobs only.
+SELECT c.job_id, c.target, c.path, c.size, c.sha256, j.name, j.archive_name, j.config
+FROM copies c JOIN jobs j ON j.id = c.job_id
+WHERE j.state = 'completed' AND (:job_id IS NULL OR c.job_id = :job_id)
+ORDER BY c.audited_at IS NOT NULL, c.audited_at, c.verified_at
+LIMIT :limit;
+
+-- name: job_copies
+SELECT c.job_id, c.target, c.path, c.size, c.sha256, j.name, j.archive_name, j.config
+FROM copies c JOIN jobs j ON j.id = c.job_id WHERE c.job_id = :job_id ORDER BY c.target;
+
+-- name: record_audit
+INSERT INTO audits (job_id, target, at, result, detail)
+VALUES (:job_id, :target, :now, :result, :detail);
+
+-- name: mark_audited
+UPDATE copies SET audited_at = :now, audit_result = :result
+WHERE job_id = :job_id AND target = :target;
+
+-- name: audits
+SELECT target, at, result, detail FROM audits WHERE job_id = :job_id ORDER BY seq;
