@@ -149,7 +149,7 @@ class Auditor:
                 result=result.result,
                 detail=result.detail,
             )
-            if result.result != "damaged" and result.result != "missing":
+            if result.result not in ("damaged", "missing"):  # a repair verdict follows
                 await tx.run(
                     "mark_audited",
                     job_id=result.job_id,

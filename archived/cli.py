@@ -205,6 +205,7 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
             for t in tasks
         ],
         "copies": await store.fetchall("copies", job_id=job_id),
+        "audits": await store.fetchall("audits", job_id=job_id),
     }
 
 
@@ -243,7 +244,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     if details["copies"]:
         print("copies")
         for c in details["copies"]:
-            print(f"  {c['target']:12}  {c['path']}  verified {c['verified_at'][:19]}")
+            audited = (
+                f", audited {c['audited_at'][:19]}: {c['audit_result']}" if c["audited_at"] else ""
+            )
+            print(f"  {c['target']:12}  {c['path']}  verified {c['verified_at'][:19]}{audited}")
+    problems = [a for a in details["audits"] if a["result"] != "ok"]
+    if problems:
+        print("audit findings")
+        for a in problems:
+            print(f"  {a['at'][:19]}  {a['target']:12}  {a['result']:10}  {a['detail']}")
     return EXIT_OK
 
 
@@ -299,6 +308,35 @@ def cmd_retry(args: argparse.Namespace) -> int:
     phase = anyio.run(_read, config, requeue)
     print(f"{args.job}: queued again (had failed in {phase})")
     return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import Auditor
+
+    config = _load_config(args)
+
+    async def audit(store: Any) -> list[Any]:
+        if store is None:
+            return []
+        if args.job and await store.job(args.job) is None:
+            raise CommandError(f"no job {args.job!r}")
+        auditor = Auditor(store, config, config.daemon.state_dir / "audit")
+        if args.job or args.all:
+            return await auditor.round(job_id=args.job)
+        return await auditor.round(
+            copies=config.audit.copies_per_round, max_bytes=config.audit.bytes_per_round
+        )
+
+    results = anyio.run(_read, config, audit)
+    for r in results:
+        print(f"{r.job_id}  {r.target:12}  {r.result:10}  {r.detail}")
+    healed = {(r.job_id, r.target) for r in results if r.result == "repaired"}
+    bad = {(r.job_id, r.target) for r in results if r.result in ("missing", "damaged")}
+    print(
+        f"{len({(r.job_id, r.target) for r in results})} copies audited, "
+        f"{len(bad)} bad, {len(healed)} repaired"
+    )
+    return EXIT_OK if bad <= healed else EXIT_FAILED
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -395,6 +433,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("job", metavar="JOB")
     sp = add("retry", cmd_retry, "queue a failed job again")
     sp.add_argument("job", metavar="JOB")
+    sp = add("audit", cmd_audit, "re-read stored copies now and repair damaged ones")
+    sp.add_argument("job", metavar="JOB", nargs="?", help="every copy of this job")
+    sp.add_argument("--all", action="store_true", help="every copy of every completed job")
     sp = add("verify", cmd_verify, "verify an archive (a tar or a bag directory)")
     sp.add_argument("--key", metavar="PUB", help="minisign public key to check the signature")
     sp.add_argument("--bag-only", action="store_true", help="check BagIt validity alone")

@@ -22,6 +22,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from . import config as configmod
+from .audit import Auditor
 from .config import Config
 from .drivers import open_storage
 from .errors import ArchivedError, ConfigError, JobFileError, describe
@@ -120,6 +121,7 @@ class Daemon:
             if self.notify.watchdog_seconds:
                 tg.start_soon(self._watchdog, self.notify.watchdog_seconds)
             tg.start_soon(self._metrics_writer)
+            tg.start_soon(self._auditor)
             status = ""
             while not self.svc.stopping.is_set():
                 await self._ingest()
@@ -195,6 +197,21 @@ class Daemon:
                 await self.svc.store.fetchone("ping")
                 self.notify.watchdog()
             await anyio.sleep(interval / 2)
+
+    async def _auditor(self) -> None:
+        """Periodic fixity audits, `audit.copies_per_round` copies every `audit.interval`."""
+        while True:
+            audit = self.config.audit
+            if audit.interval <= 0:
+                await anyio.sleep(60)  # off; a reload may turn it on
+                continue
+            await anyio.sleep(audit.interval)
+            auditor = Auditor(self.svc.store, self.config, self.config.daemon.state_dir / "audit")
+            results = await auditor.round(
+                copies=audit.copies_per_round, max_bytes=audit.bytes_per_round
+            )
+            for result in results:
+                self.svc.metrics.audits[result.result] += 1
 
     async def _metrics_writer(self) -> None:
         while True:

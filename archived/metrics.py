@@ -22,6 +22,7 @@ class Metrics:
     phase_count: Counter[str] = field(default_factory=Counter)
     bytes_archived: int = 0
     reloads: Counter[str] = field(default_factory=Counter)
+    audits: Counter[str] = field(default_factory=Counter)
 
     def transition(self, to_state: State) -> None:
         self.transitions[to_state.value] += 1
@@ -72,6 +73,15 @@ class Metrics:
             "counter",
             "Config reloads by result.",
             [(f'{{result="{r}"}}', self.reloads[r]) for r in ("ok", "rejected")],
+        )
+        family(
+            "archived_audits_total",
+            "counter",
+            "Audit results of stored copies.",
+            [
+                (f'{{result="{r}"}}', self.audits[r])
+                for r in ("ok", "missing", "damaged", "repaired", "unrepaired")
+            ],
         )
         phases = sorted(self.phase_count)
         out.append(

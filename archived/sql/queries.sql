@@ -117,11 +117,13 @@ AND name NOT IN (SELECT value FROM json_each(:targets));
 UPDATE tasks SET progress = :progress WHERE job_id = :job_id AND kind = :kind AND name = :name;
 
 -- name: copies_to_audit
--- Oldest-audited first (never audited before all), copies of completed jobs only.
+-- Copies that could not be repaired first, then oldest-audited (never audited before
+-- all), copies of completed jobs only.
 SELECT c.job_id, c.target, c.path, c.size, c.sha256, j.name, j.archive_name, j.config
 FROM copies c JOIN jobs j ON j.id = c.job_id
 WHERE j.state = 'completed' AND (:job_id IS NULL OR c.job_id = :job_id)
-ORDER BY c.audited_at IS NOT NULL, c.audited_at, c.verified_at
+ORDER BY coalesce(c.audit_result, '') != 'unrepaired', c.audited_at IS NOT NULL,
+         c.audited_at, c.verified_at
 LIMIT :limit;
 
 -- name: job_copies
