@@ -9,6 +9,11 @@ Tag files are kept in memory (they are small; each is capped), payload files
 only as digests. A tar read as a stream cannot be rewound, so a payload file that
 comes before the manifests is hashed with every supported algorithm; our own
 packer writes the tag files first, so the payload is hashed once with sha256.
+
+With `bag_only`, any BagIt bag is checked, not only ours: a holey bag's fetch.txt
+files may be absent, and what other tools and file systems leave (a file listed
+twice in another case or Unicode normalization, an operating system's special
+files) is a warning. Our own archives keep the strict rules.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ _VERSION = re.compile(r"(\d{1,9})\.(\d{1,9})")
 _OXUM = re.compile(r"(\d{1,30})\.(\d{1,30})")
 _HEX = re.compile(r"[0-9A-Fa-f]+")
 _MANIFEST_LINE = re.compile(r"[ \t]*(\S+)[ \t]+(.+)")
+_FETCH_LINE = re.compile(r"[ \t]*(\S+)[ \t]+(\d{1,30}|-)[ \t]+(.+)")
+# Files an operating system leaves behind (Finder, Explorer, Spotlight), and the
+# directories it keeps them in; compared casefolded, as those systems do.
+_SPECIAL_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "icon\r"})
+_SPECIAL_DIRS = frozenset({".spotlight-v100", ".trashes", ".fseventsd"})
 
 
 @dataclass
@@ -368,6 +378,10 @@ class _Checker:
         self.version: tuple[int, int] = (1, 0)
         self.missing: set[str] = set()  # required files already reported missing
         self.reported: set[tuple[str, str]] = set()
+        self.oxum: tuple[str, int, int] | None = None  # as declared, to check after the payload
+        self.fetch: dict[str, int | None] = {}  # fetch.txt: path -> length, None for "-"
+        self.holes: dict[str, int | None] = {}  # ... those not present in the payload
+        self.absent_special: set[str] = set()  # special system files listed, not present
 
     def problem(self, path: str, message: str) -> None:
         if (path, message) not in self.reported:
@@ -381,8 +395,11 @@ class _Checker:
         self.check_bagit_txt()
         self.check_layout()
         self.check_bag_info()
+        if self.bag_only:
+            self.check_fetch(payload)
         manifests, tagmanifests = self.load_manifests()
         self.check_payload(payload, manifests)
+        self.check_oxum()
         for manifest in tagmanifests:
             self.check_tag_manifest(manifest)
         if not self.bag_only:
@@ -469,7 +486,7 @@ class _Checker:
             and "data" not in self.contents.rejected
         ):
             self.problem("data", "payload directory missing")
-        if "fetch.txt" in self.files:
+        if "fetch.txt" in self.files and not self.bag_only:
             self.problem(
                 "fetch.txt", "the bag lists files to fetch; only complete bags can be verified"
             )
@@ -491,14 +508,78 @@ class _Checker:
         if match is None:
             self.problem("bag-info.txt", f"malformed Payload-Oxum {oxums[0]!r}")
             return
-        declared = (int(match.group(1)), int(match.group(2)))
-        actual = (self.report.bytes, self.report.files)
-        if declared != actual:
-            self.problem(
-                "bag-info.txt",
-                f"Payload-Oxum {oxums[0]} does not match the "
-                f"payload: {actual[0]} bytes in {actual[1]} files",
+        self.oxum = (oxums[0], int(match.group(1)), int(match.group(2)))
+
+    def check_fetch(self, payload: dict[str, _File]) -> None:
+        """A holey bag (bag_only): what fetch.txt lists may be absent from the payload,
+        but each line must name a file in the payload directory."""
+        text = self.text("fetch.txt", required=False)
+        if text is None:
+            return
+        for number, line in enumerate(_lines(text), 1):
+            if not line.strip():
+                continue
+            match = _FETCH_LINE.fullmatch(line)
+            if match is None:
+                self.problem("fetch.txt", f"line {number}: not '<url> <length> <path>'")
+                continue
+            _, length, raw_path = match.groups()
+            if self.version < (1, 0):
+                raw_path = raw_path.strip()
+            path = _normalize(decode_path(raw_path))
+            if path is None:
+                self.problem("fetch.txt", f"line {number}: path {raw_path!r} is outside the bag")
+                continue
+            if not _is_payload(path):
+                self.problem(
+                    "fetch.txt", f"line {number}: {path} is not in the payload directory data/"
+                )
+                continue
+            if path in self.fetch:
+                self.report.warnings.append(f"{path}: listed twice in fetch.txt")
+            self.fetch[path] = None if length == "-" else int(length)
+        self.holes = {
+            p: n
+            for p, n in self.fetch.items()
+            if p not in payload and p not in self.contents.rejected
+        }
+        if self.holes:
+            self.report.warnings.append(
+                f"holey bag: {len(self.holes)} files listed in fetch.txt are not present "
+                "(their checksums are not checked)"
             )
+
+    def check_oxum(self) -> None:
+        if self.oxum is None:
+            return
+        text, *declared = self.oxum
+        unknown = sum(n is None for n in self.holes.values())
+        if unknown:
+            self.report.warnings.append(
+                f"bag-info.txt: Payload-Oxum {text} not checked: fetch.txt gives no "
+                f"length for {unknown} files not present"
+            )
+            return
+        actual = [
+            self.report.bytes + sum(n or 0 for n in self.holes.values()),
+            self.report.files + len(self.holes),
+        ]
+        if declared == actual:
+            return
+        special = len(self.absent_special)
+        if special and declared == [actual[0], actual[1] + special]:
+            # Their sizes are unknown; the byte count must match without them.
+            self.report.warnings.append(
+                f"bag-info.txt: Payload-Oxum {text} counts {special} special system "
+                "files that are not present"
+            )
+            return
+        where = " and fetch.txt" if self.holes else ""
+        self.problem(
+            "bag-info.txt",
+            f"Payload-Oxum {text} does not match the "
+            f"payload{where}: {actual[0]} bytes in {actual[1]} files",
+        )
 
     # Manifests ----------------------------------------------------------------------
 
@@ -530,6 +611,8 @@ class _Checker:
     def parse_manifest(self, name: str, algorithm: str, text: str, *, tag: bool) -> _Manifest:
         size = hashlib.new(algorithm).digest_size * 2
         entries: dict[str, str] = {}
+        starred = 0
+        reworded: list[tuple[str, str]] = []  # (as written, as read) for paths not in plain form
         for number, line in enumerate(_lines(text), 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
@@ -541,8 +624,12 @@ class _Checker:
             if self.version < (1, 0):
                 # Older bags came from md5sum-like tools: "*" marks binary mode, and
                 # trailing blanks were not significant. In 1.0 the path is exact.
-                raw_path = raw_path.strip().removeprefix("*")
-            digest, path = checksum.lower(), _normalize(decode_path(raw_path))
+                raw_path = raw_path.strip()
+                if raw_path.startswith("*"):
+                    starred += 1
+                    raw_path = raw_path[1:]
+            decoded = decode_path(raw_path)
+            digest, path = checksum.lower(), _normalize(decoded)
             if len(digest) != size or not _HEX.fullmatch(digest):
                 self.problem(name, f"line {number}: {checksum!r} is not a {algorithm} checksum")
                 continue
@@ -552,6 +639,8 @@ class _Checker:
             if not tag and not _is_payload(path):
                 self.problem(name, f"line {number}: {path} is not in the payload directory data/")
                 continue
+            if path != decoded:
+                reworded.append((raw_path, path))
             if path in entries:
                 if entries[path] != digest:
                     self.problem(path, f"listed twice in {name} with different checksums")
@@ -561,12 +650,28 @@ class _Checker:
                     self.report.warnings.append(f"{path}: listed twice in {name}")
                 continue
             entries[path] = digest
+        if starred:
+            self.report.warnings.append(
+                f"{name}: {starred} lines mark the path with '*', as md5sum does for "
+                "binary mode; read without it"
+            )
+        if reworded:
+            written, read = reworded[0]
+            self.report.warnings.append(
+                f"{name}: {len(reworded)} paths not written as plain bag-relative paths "
+                f"(e.g. {written!r}, read as {read!r})"
+            )
         return _Manifest(name, algorithm, entries)
 
     def check_payload(self, payload: dict[str, _File], manifests: list[_Manifest]) -> None:
         by_form = {unicodedata.normalize("NFC", p): p for p in payload}
+        by_fold: dict[str, list[str]] = {}
+        for p in payload:
+            by_fold.setdefault(_fold(p), []).append(p)
         missing: dict[str, list[str]] = {}
         unlisted: dict[str, list[str]] = {}
+        not_fetched: dict[str, list[str]] = {}  # holes a manifest does not list
+        excused: dict[tuple[str, str], list[str]] = {}  # (path, why) -> manifest names
         mismatches: list[Problem] = []
         for manifest in manifests:
             listed: set[str] = set()
@@ -576,8 +681,13 @@ class _Checker:
                 if path not in payload:
                     other = by_form.get(unicodedata.normalize("NFC", path))
                     if other is None or other in manifest.entries:
-                        if path not in self.contents.rejected:
+                        if path in self.contents.rejected or path in self.holes:
+                            continue
+                        why = self.excuse_absent(path, expected, manifest, payload, by_fold)
+                        if why is None:
                             missing.setdefault(path, []).append(manifest.name)
+                        else:
+                            excused.setdefault((path, why), []).append(manifest.name)
                         continue
                     self.report.warnings.append(
                         f"{other}: listed in {manifest.name} under another Unicode normalization"
@@ -597,6 +707,9 @@ class _Checker:
             for path in payload:
                 if path not in listed:
                     unlisted.setdefault(path, []).append(manifest.name)
+            for path in self.holes:
+                if path not in manifest.entries:
+                    not_fetched.setdefault(path, []).append(manifest.name)
             if unhashed:
                 # Only a tar that holds payload before this manifest gets here.
                 self.problem(
@@ -605,12 +718,64 @@ class _Checker:
                     f"tar and were not hashed with {manifest.algorithm}, so they are "
                     "not checked against it",
                 )
+        for (path, why), names in excused.items():
+            self.report.warnings.append(f"{path}: {why} (listed in {', '.join(names)})")
+        if self.bag_only:
+            self.warn_special_names(payload, by_fold)
         for path, names in missing.items():
             self.problem(path, f"missing from payload (listed in {', '.join(names)})")
         for path, names in unlisted.items():
             self.problem(path, f"not in {', '.join(names)}")
+        for path, names in not_fetched.items():
+            self.problem(path, f"listed in fetch.txt but not in {', '.join(names)}")
         for mismatch in mismatches:
             self.problem(mismatch.path, mismatch.message)
+
+    def excuse_absent(
+        self,
+        path: str,
+        expected: str,
+        manifest: _Manifest,
+        payload: dict[str, _File],
+        by_fold: dict[str, list[str]],
+    ) -> str | None:
+        """Why a listed file may be absent from any BagIt bag (bag_only), or None: it is
+        missing. The manifest names it twice, and a file system that folds case or
+        normalizes names kept one; or it is an operating system's file, dropped in a copy."""
+        if not self.bag_only:
+            return None
+        form = unicodedata.normalize("NFC", path)
+        for other in by_fold.get(_fold(path), []):
+            if other == path or payload[other].digest(manifest.algorithm) != expected:
+                continue
+            if unicodedata.normalize("NFC", other) == form:
+                return (
+                    "not present; listed twice with different Unicode normalization "
+                    f"({path!a}, and {other!a} which is present); one file on a "
+                    "file system that normalizes names"
+                )
+            return (
+                f"not present; listed twice with different case (also as {other!r}); "
+                "would collide on a case-insensitive file system"
+            )
+        if _is_special(path):
+            self.absent_special.add(path)
+            return "special system file listed but not present"
+        return None
+
+    def warn_special_names(self, payload: dict[str, _File], by_fold: dict[str, list[str]]) -> None:
+        for path in payload:
+            if _is_special(path):
+                self.report.warnings.append(
+                    f"{path}: special system file in the payload (left by an operating "
+                    "system, not usually content)"
+                )
+        for paths in by_fold.values():
+            if len(paths) > 1:
+                self.report.warnings.append(
+                    f"{', '.join(map(repr, paths))}: names differ only in case or Unicode "
+                    "normalization; would collide on a case-insensitive file system"
+                )
 
     def check_tag_manifest(self, manifest: _Manifest) -> None:
         for path, expected in manifest.entries.items():
@@ -735,6 +900,24 @@ def _normalize(path: str) -> str | None:
     if not parts or ".." in parts:
         return None
     return "/".join(parts)
+
+
+def _fold(path: str) -> str:
+    """A path as a case-insensitive, normalizing file system would see it."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", path).casefold())
+
+
+def _is_special(path: str) -> bool:
+    """Whether `path` is a file an operating system leaves behind: Finder's .DS_Store,
+    Icon\\r and ._* AppleDouble files, Explorer's Thumbs.db and desktop.ini, or what
+    is in Spotlight's, the Trash's or fseventsd's directories."""
+    parts = path.casefold().split("/")
+    base = parts[-1]
+    return (
+        base in _SPECIAL_FILES
+        or (base.startswith("._") and len(base) > 2)
+        or any(part in _SPECIAL_DIRS for part in parts)
+    )
 
 
 def _parse_tags(text: str, problem: Callable[[str], None]) -> dict[str, list[str]]:

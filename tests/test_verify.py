@@ -118,7 +118,7 @@ def only_problem(report: Report) -> Problem:
     return report.problems[0]
 
 
-# -- good bags -------------------------------------------------------------------------
+# -- good bags ---------------------------------------------------------------------------
 
 
 def test_good_archive_verifies_and_names_the_signing_key(tmp_path: Path, key: SecretKey) -> None:
@@ -507,28 +507,31 @@ def test_bag_only_still_checks_payload(tmp_path: Path, key: SecretKey) -> None:
     assert report.signed_by is None
 
 
-def _conformance(kind: str) -> list[Path]:
+# -- the Library of Congress BagIt conformance suite -------------------------------------
+
+# Skipped: windows-only (paths like C:\ or \\server are plain names on Linux).
+KINDS = ("valid", "warning", "invalid", "linux-only")
+EXPECTED_CASES = {"valid": 13, "warning": 6, "invalid": 15, "linux-only": 6}
+
+
+def _conformance() -> list[Path]:
     if not CONFORMANCE.is_dir():
         return []
-    return sorted(p for v in ("v0.97", "v1.0") for p in (CONFORMANCE / v / kind).iterdir())
+    return sorted(
+        bag
+        for version in sorted(CONFORMANCE.iterdir())
+        for kind in KINDS
+        if (version / kind).is_dir()
+        for bag in (version / kind).iterdir()
+        if bag.is_dir()
+    )
 
 
-@pytest.mark.parametrize(
-    "bag",
-    [p for p in _conformance("valid") if p.name != "holey-bag"],
-    ids=lambda p: f"{p.parent.parent.name}/{p.name}",
-)
-def test_conformance_valid_bags(bag: Path, tmp_path: Path) -> None:
-    report = verify_path(bag, keys=[], bag_only=True)
-    assert report.ok, report.problems
-    copy = tmp_path / bag.name
-    shutil.copytree(bag, copy)
-    with tarfile.open(tmp_path / "bag.tar", "w", format=tarfile.PAX_FORMAT) as tar:
-        tar.add(copy, arcname=bag.name)
-    assert verify_path(tmp_path / "bag.tar", keys=[], bag_only=True).ok
+def _case_id(bag: Path) -> str:
+    return f"{bag.parent.parent.name}/{bag.parent.name}/{bag.name}"
 
 
-# The file each invalid bag of the suite gets wrong.
+# The file each invalid (and, on Linux, linux-only) bag of the suite gets wrong.
 INVALID = {
     "baginfo-missing-encoding": "bagit.txt",
     "bom-in-bagit.txt": "bagit.txt",
@@ -544,22 +547,214 @@ INVALID = {
     "bagit-with-invalid-whitespace": "bagit.txt",
     "notAllManifestsListAllFiles": "data/missingFromManifest.txt",
     "same-filename-listed-twice-with-the-same-hash": "data/README",
+    "out-of-scope-file-paths-using-absolute-path": "manifest-md5.txt",
+    "out-of-scope-file-paths-using-absolute-path-for-fetch": "fetch.txt",
+    "out-of-scope-file-paths-using-shortcut": "manifest-md5.txt",
+    "out-of-scope-file-paths-using-shortcut-for-fetch": "fetch.txt",
+    "out-of-scope-file-paths-using-shortcut-username": "manifest-md5.txt",
+    "out-of-scope-file-paths-using-shortcut-username-for-fetch": "fetch.txt",
+}
+
+# What each warning bag is warned about. All six warn: the md5sum '*' marker and
+# the './' prefix are read as the bag means them, but said so.
+WARNING = {
+    "duplicate-file-with-different-case": "different case",
+    "made-with-md5sum-tools": "'*'",
+    "relative-path": "not written as plain bag-relative paths",
+    "same-filename-listed-twice-with-different-normalization": "Unicode normalization",
+    "same-filename-listed-twice-with-the-same-hash": "listed twice",
+    "special-system-files": "special system file",
 }
 
 
-@pytest.mark.parametrize(
-    "bag", _conformance("invalid"), ids=lambda p: f"{p.parent.parent.name}/{p.name}"
-)
-def test_conformance_invalid_bags(bag: Path) -> None:
+def test_conformance_suite_is_all_there() -> None:
+    # Fails, not skips, without the suite: the test below would quietly run no case.
+    assert CONFORMANCE.is_dir(), f"no BagIt conformance suite at {CONFORMANCE}"
+    bags = _conformance()
+    counts = {kind: sum(b.parent.name == kind for b in bags) for kind in KINDS}
+    assert counts == EXPECTED_CASES
+    assert len(bags) == 40
+    assert {b.name for b in bags if b.parent.name in ("invalid", "linux-only")} == set(INVALID)
+    assert {b.name for b in bags if b.parent.name == "warning"} == set(WARNING)
+
+
+@pytest.mark.parametrize("bag", _conformance(), ids=_case_id)
+def test_conformance_suite(bag: Path, tmp_path: Path) -> None:
+    kind = bag.parent.name
     report = verify_path(bag, keys=[], bag_only=True)
-    assert INVALID[bag.name] in paths(report), report.problems
+    if kind in ("invalid", "linux-only"):
+        assert not report.ok
+        assert INVALID[bag.name] in paths(report), report.problems
+        return
+    assert report.ok, report.problems
+    if kind == "warning":
+        assert any(WARNING[bag.name] in w for w in report.warnings), report.warnings
+    # The same bag read from a tar as a stream.
+    copy = tmp_path / bag.name
+    shutil.copytree(bag, copy)
+    with tarfile.open(tmp_path / "bag.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(copy, arcname=bag.name)
+    from_tar = verify_path(tmp_path / "bag.tar", keys=[], bag_only=True)
+    assert from_tar.ok, from_tar.problems
+    assert sorted(from_tar.warnings) == sorted(report.warnings)
 
 
-def test_holey_bag_is_not_complete() -> None:
-    bag = CONFORMANCE / "v0.97/valid/holey-bag"
-    if not bag.is_dir():
-        pytest.skip("no conformance suite")
-    assert "fetch.txt" in paths(verify_path(bag, keys=[], bag_only=True))
+# -- bag_only: the rules for other makers' bags ------------------------------------------
+
+
+def plain_bag(
+    root: Path,
+    files: dict[str, bytes],
+    manifest: list[tuple[bytes, str]] | None = None,
+    *,
+    oxum: str | None = None,
+    fetch: str | None = None,
+) -> Path:
+    """A BagIt 1.0 bag as any tool may make it: `files` on disk, and a sha256 manifest
+    listing (content, path) pairs, by default those of `files`."""
+    bag = root / "bag"
+    (bag / "data").mkdir(parents=True)
+    for path, data in files.items():
+        (bag / path).parent.mkdir(parents=True, exist_ok=True)
+        (bag / path).write_bytes(data)
+    entries = [(d, p) for p, d in files.items()] if manifest is None else manifest
+    total = sum(len(d) for d in files.values())
+    (bag / "bagit.txt").write_text("BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n")
+    (bag / "bag-info.txt").write_text(f"Payload-Oxum: {oxum or f'{total}.{len(files)}'}\n")
+    (bag / "manifest-sha256.txt").write_text("".join(f"{sha256(d)}  {p}\n" for d, p in entries))
+    if fetch is not None:
+        (bag / "fetch.txt").write_text(fetch)
+    return bag
+
+
+def holey_bag(root: Path, key: SecretKey, length: str = "15") -> Path:
+    """An archived bag, signed, whose data/docs/a.txt is to be fetched from elsewhere."""
+    bag = make_bag(root, key)
+    assert len(PAYLOAD["data/docs/a.txt"]) == 15
+    (bag / "data/docs/a.txt").unlink()
+    (bag / "fetch.txt").write_text(f"https://example.org/a.txt {length} data/docs/a.txt\n")
+    return bag
+
+
+def test_holey_bag_is_accepted_as_a_bag(tmp_path: Path, key: SecretKey) -> None:
+    report = verify_path(holey_bag(tmp_path, key), keys=[], bag_only=True)
+    assert report.ok, report.problems
+    assert any(w.startswith("holey bag: 1 files listed in fetch.txt") for w in report.warnings)
+    assert report.files == 2  # present; Payload-Oxum counts the 15 bytes fetch.txt announces
+
+
+def test_holey_bag_is_rejected_as_an_archive(tmp_path: Path, key: SecretKey) -> None:
+    report = verify_path(holey_bag(tmp_path, key), keys=[key.public_key()])
+    problems = paths(report)
+    assert problems["fetch.txt"].startswith("the bag lists files to fetch")
+    assert problems["data/docs/a.txt"] == f"missing from payload (listed in {MANIFEST})"
+    assert "Payload-Oxum" in problems["bag-info.txt"]
+
+
+def test_holey_bag_payload_oxum(tmp_path: Path, key: SecretKey) -> None:
+    wrong = verify_path(holey_bag(tmp_path / "a", key, length="16"), keys=[], bag_only=True)
+    assert paths(wrong) == {
+        "bag-info.txt": f"Payload-Oxum {sum(len(d) for d in PAYLOAD.values())}.3 does not match "
+        f"the payload and fetch.txt: {sum(len(d) for d in PAYLOAD.values()) + 1} bytes in 3 files"
+    }
+    unknown = verify_path(holey_bag(tmp_path / "b", key, length="-"), keys=[], bag_only=True)
+    assert unknown.ok, unknown.problems
+    assert any("Payload-Oxum" in w and "not checked" in w for w in unknown.warnings)
+
+
+def test_holey_bag_still_checks_what_is_present(tmp_path: Path, key: SecretKey) -> None:
+    bag = holey_bag(tmp_path, key)
+    (bag / "data/docs/b.bin").write_bytes(b"changed")
+    problems = paths(verify_path(bag, keys=[], bag_only=True))
+    assert problems["data/docs/b.bin"].startswith("sha256 mismatch")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("https://x.org/a 1 ../x", "line 1: path '../x' is outside the bag"),
+        ("https://x.org/a 1 data/../../x", "line 1: path 'data/../../x' is outside the bag"),
+        ("https://x.org/a 1 /etc/passwd", "line 1: path '/etc/passwd' is outside the bag"),
+        ("https://x.org/a 1 ~/x", "line 1: path '~/x' is outside the bag"),
+        ("https://x.org/a - ~root/x", "line 1: path '~root/x' is outside the bag"),
+        ("https://x.org/a 1 other/x", "line 1: other/x is not in the payload directory data/"),
+        ("https://x.org/a data/x", "line 1: not '<url> <length> <path>'"),
+        ("https://x.org/a many data/x", "line 1: not '<url> <length> <path>'"),
+    ],
+)
+def test_fetch_lines_must_name_a_payload_file(tmp_path: Path, line: str, message: str) -> None:
+    bag = plain_bag(tmp_path, {"data/a.txt": b"a"}, fetch=line + "\n")
+    assert paths(verify_path(bag, keys=[], bag_only=True)) == {"fetch.txt": message}
+
+
+def test_fetch_lists_a_file_no_manifest_lists(tmp_path: Path) -> None:
+    bag = plain_bag(tmp_path, {"data/a.txt": b"a"}, fetch="https://x.org/b 1 data/b.txt\n")
+    problems = paths(verify_path(bag, keys=[], bag_only=True))
+    assert problems["data/b.txt"] == "listed in fetch.txt but not in manifest-sha256.txt"
+
+
+def test_same_file_listed_with_different_case(tmp_path: Path) -> None:
+    listed = [(b"hello\n", "data/hello.txt"), (b"hello\n", "data/HELLO.txt")]
+    bag = plain_bag(tmp_path / "a", {"data/hello.txt": b"hello\n"}, listed)
+    report = verify_path(bag, keys=[], bag_only=True)
+    assert report.ok, report.problems
+    assert any(
+        w.startswith("data/HELLO.txt: not present; listed twice with different case")
+        and "would collide on a case-insensitive file system" in w
+        for w in report.warnings
+    ), report.warnings
+    # With another checksum it is another file, and it is missing.
+    listed = [(b"hello\n", "data/hello.txt"), (b"HELLO\n", "data/HELLO.txt")]
+    bag = plain_bag(tmp_path / "b", {"data/hello.txt": b"hello\n"}, listed)
+    assert paths(verify_path(bag, keys=[], bag_only=True)) == {
+        "data/HELLO.txt": "missing from payload (listed in manifest-sha256.txt)"
+    }
+
+
+def test_same_file_listed_with_different_normalization(tmp_path: Path) -> None:
+    nfc, nfd = "data/N\u00fa\u00f1ez", "data/Nu\u0301n\u0303ez"
+    bag = plain_bag(tmp_path, {nfd: b""}, [(b"", nfd), (b"", nfc)])
+    report = verify_path(bag, keys=[], bag_only=True)
+    assert report.ok, report.problems
+    assert any(
+        w.startswith(f"{nfc}: not present; listed twice with different Unicode normalization")
+        for w in report.warnings
+    ), report.warnings
+
+
+def test_special_system_file_listed_but_not_present(tmp_path: Path) -> None:
+    listed = [(b"", "data/.DS_Store"), (b"", "data/Thumbs.db")]
+    bag = plain_bag(tmp_path / "a", {"data/Thumbs.db": b""}, listed, oxum="0.2")
+    report = verify_path(bag, keys=[], bag_only=True)
+    assert report.ok, report.problems
+    assert any(
+        w.startswith("data/.DS_Store: special system file listed but not present")
+        for w in report.warnings
+    ), report.warnings
+    assert any(
+        w.startswith("data/Thumbs.db: special system file in the payload") for w in report.warnings
+    )
+    # The count may leave out the missing special file; the bytes may not.
+    bag = plain_bag(tmp_path / "b", {"data/Thumbs.db": b""}, listed, oxum="1.2")
+    assert set(paths(verify_path(bag, keys=[], bag_only=True))) == {"bag-info.txt"}
+    # Any other missing file is missing.
+    listed = [(b"", "data/notes.txt"), (b"", "data/Thumbs.db")]
+    bag = plain_bag(tmp_path / "c", {"data/Thumbs.db": b""}, listed, oxum="0.2")
+    assert set(paths(verify_path(bag, keys=[], bag_only=True))) == {
+        "data/notes.txt",
+        "bag-info.txt",
+    }
+
+
+def test_archives_keep_the_strict_rules(tmp_path: Path, key: SecretKey) -> None:
+    # What bag_only lets pass is still wrong in an archive of ours.
+    payload = {**PAYLOAD, "data/docs/.DS_Store": b""}
+    bag = make_bag(tmp_path, key, payload=payload)
+    (bag / "data/docs/.DS_Store").unlink()
+    assert verify_path(bag, keys=[], bag_only=True).ok
+    problems = paths(verify_path(bag, keys=[key.public_key()]))
+    assert problems["data/docs/.DS_Store"] == f"missing from payload (listed in {MANIFEST})"
+    assert "Payload-Oxum" in problems["bag-info.txt"]
 
 
 def test_tag_files_past_the_size_limit(
@@ -581,7 +776,7 @@ def test_tag_files_past_the_size_limit(
     assert Problem("bag-info.txt", "larger than 50 bytes; not read") in report.problems
 
 
-# -- the time-stamp token -----------------------------------------------------------------
+# -- the time-stamp token ----------------------------------------------------------------
 
 
 def test_timestamp_token_must_be_over_the_tag_manifest(tmp_path: Path, key: SecretKey) -> None:
