@@ -83,6 +83,9 @@ class CommandConfig(Section):
     timeout: Duration = 3600.0
     env: dict[str, str] = {}
     cwd: Path | None = None
+    allowed_args: list[str] = []  # globs; a job's `args` must each match one
+    transient_exit_codes: list[StrictInt] = []  # exit codes worth a retry
+    allow_empty: bool = False  # an empty output is an error unless this is set
 
 
 class HooksConfig(Section):

@@ -64,6 +64,15 @@ def minisign_keypair(directory: Path, name: str = "archived") -> tuple[Path, Pat
     return secret, public
 
 
+def toml_value(value: Any) -> str:
+    """Enough TOML for test configs: strings, numbers, booleans, lists, inline tables."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 @dataclass
 class Root:
     """A temporary installation: config, sources, two targets, a minisign key pair."""
@@ -103,7 +112,7 @@ class Root:
             tables.setdefault(name.replace("__", "."), {}).update(values)
         self.config.write_text(
             "".join(
-                f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+                f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
                 for name, values in tables.items()
             )
         )

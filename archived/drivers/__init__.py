@@ -16,7 +16,10 @@ from .base import ActivityDriver, StorageDriver
 if TYPE_CHECKING:
     from ..config import Config
 
-_BUILTIN_ACTIVITY = {"files": "archived.drivers.files:FilesDriver"}
+_BUILTIN_ACTIVITY = {
+    "files": "archived.drivers.files:FilesDriver",
+    "command": "archived.drivers.command:CommandDriver",
+}
 _BUILTIN_STORAGE = {"localdir": "archived.drivers.localdir:LocalDirDriver"}
 
 

@@ -1,0 +1,159 @@
+"""Activity driver `command`: the standard output of a program the config defines.
+
+A job names a `[commands.NAME]` section, never a command line. It may add
+arguments only where the config allows them (`allowed_args`, glob patterns each
+argument must match). The program runs without a shell, stdin closed, in a clean
+environment (PATH, LANG and the section's `env`). Its stdout streams into the
+artifact through the shared writer, hashed as it is written; the last
+`stderr_limit` bytes of stderr go into the job's event log. A non-zero exit is
+fatal unless its code is in `transient_exit_codes`; a timeout is recoverable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import anyio
+import anyio.from_thread
+from pydantic import Field
+
+from ..config import CommandConfig, Config
+from ..errors import ArchivedError, JobFileError, TransientError
+from .base import BUFFER_SIZE, ActivityContext, ActivityDriver, DriverOptions
+
+STDERR_LIMIT = 64 * 1024
+
+
+class CommandFailed(ArchivedError):
+    """The program exited with a code the config does not call transient."""
+
+
+class CommandOptions(DriverOptions):
+    command: str
+    output: str = Field(default="", pattern=r"^$|^[A-Za-z0-9._-]{1,100}$")
+    args: list[str] = []
+
+
+def _clean_env(section: CommandConfig) -> dict[str, str]:
+    keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "TZ") if k in os.environ}
+    return {**keep, **section.env}
+
+
+class CommandDriver(ActivityDriver):
+    Options = CommandOptions
+    opts: CommandOptions
+
+    @classmethod
+    def check(cls, options: Any, config: Config) -> None:
+        section = config.commands.get(options.command)
+        if section is None:
+            known = ", ".join(sorted(config.commands)) or "none configured"
+            raise JobFileError(f"unknown command {options.command!r} (known: {known})")
+        if set(options.output) == {"."}:
+            raise JobFileError("output must not consist of dots only")
+        for arg in options.args:
+            if not any(fnmatch.fnmatchcase(arg, p) for p in section.allowed_args):
+                raise JobFileError(
+                    f"argument {arg!r} is not allowed for command {options.command!r} "
+                    f"(commands.{options.command}.allowed_args)"
+                )
+
+    async def run(self, ctx: ActivityContext) -> dict[str, Any]:
+        self.check(self.opts, ctx.config)
+        section = ctx.config.commands[self.opts.command]
+        return await anyio.to_thread.run_sync(self._run, ctx, section, limiter=ctx.limiter)
+
+    def _run(self, ctx: ActivityContext, section: CommandConfig) -> dict[str, Any]:
+        argv = [*section.argv, *self.opts.args]
+        output = self.opts.output or f"{self.opts.command}.out"
+        writer = ctx.writer
+        writer.start()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=_clean_env(section),
+                cwd=section.cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise CommandFailed(
+                f"command {self.opts.command}: cannot run {argv[0]}: {exc.strerror}"
+            ) from None
+        assert proc.stdout is not None and proc.stderr is not None
+        stderr_tail: deque[bytes] = deque()
+        drain = threading.Thread(target=_keep_tail, args=(proc.stderr, stderr_tail), daemon=True)
+        drain.start()
+        deadline = time.monotonic() + section.timeout
+        timed_out = False
+        try:
+            with writer.open(output) as sink, selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                fd = proc.stdout.fileno()
+                while True:
+                    anyio.from_thread.check_cancelled()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        timed_out = True
+                        break
+                    if not sel.select(min(left, 0.5)):
+                        continue
+                    chunk = os.read(fd, BUFFER_SIZE)
+                    if not chunk:
+                        break
+                    sink.write(chunk)
+        finally:
+            if timed_out or proc.poll() is None:
+                _kill(proc)
+            code = proc.wait()
+            drain.join(5)
+            proc.stdout.close()
+        stderr = b"".join(stderr_tail).decode("utf-8", errors="replace")
+        if stderr.strip():
+            ctx.notes.append(
+                f"command {self.opts.command} stderr (last {STDERR_LIMIT} bytes):\n{stderr}"
+            )
+        last_line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        if timed_out:
+            raise TransientError(
+                f"command {self.opts.command} timed out after {section.timeout:g}s"
+            )
+        if code != 0:
+            message = f"command {self.opts.command} exited with {code}"
+            message += f": {last_line}" if last_line else ""
+            if code in section.transient_exit_codes:
+                raise TransientError(message)
+            raise CommandFailed(message)
+        if writer.total_bytes == 0 and not section.allow_empty:
+            raise CommandFailed(
+                f"command {self.opts.command} printed nothing "
+                f"(set commands.{self.opts.command}.allow_empty if that is fine)"
+            )
+        return {**writer.finish(), "exit": code}
+
+
+def _keep_tail(stream: Any, tail: deque[bytes]) -> None:
+    size = 0
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        tail.append(chunk)
+        size += len(chunk)
+        while size - len(tail[0]) >= STDERR_LIMIT:
+            size -= len(tail.popleft())
+    stream.close()
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """The whole process group: a shell script's children must not outlive it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
