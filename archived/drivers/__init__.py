@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 _BUILTIN_ACTIVITY = {
     "files": "archived.drivers.files:FilesDriver",
     "command": "archived.drivers.command:CommandDriver",
+    "sqlite": "archived.drivers.sqlite:SqliteDriver",
 }
 _BUILTIN_STORAGE = {"localdir": "archived.drivers.localdir:LocalDirDriver"}
 

@@ -106,6 +106,21 @@ class ArtifactWriter:
         self.files += 1
         self.total_bytes += sink.size
 
+    def adopt(self, relpath: str) -> None:
+        """Record a file a driver wrote under `root` by other means, hashing it once."""
+        buffer = memoryview(self._buffer)
+        digest = hashlib.sha256()
+        size = 0
+        with open(self.root / relpath, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                digest.update(buffer[:n])
+                size += n
+        assert self._records is not None, "start() first"
+        path = bagit_path(f"data/{self.activity}/{relpath}")
+        self._records.write(Record(digest.hexdigest(), size, path).line())
+        self.files += 1
+        self.total_bytes += size
+
     def finish(self) -> dict[str, Any]:
         assert self._records is not None
         self._records.flush()

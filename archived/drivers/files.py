@@ -41,18 +41,22 @@ def allowed_root(path: Path, config: Config) -> Path | None:
     return None
 
 
+def check_under_roots(path: Path, config: Config) -> None:
+    """JobFileError unless `path` is absolute and really lies under an allowed root."""
+    if not path.is_absolute():
+        raise JobFileError(f"path {str(path)!r} must be absolute")
+    if allowed_root(path, config) is None:
+        roots = ", ".join(str(r) for r in config.sources.allowed_roots) or "none configured"
+        raise JobFileError(f"path {path} is outside sources.allowed_roots ({roots})")
+
+
 class FilesDriver(ActivityDriver):
     Options = FilesOptions
     opts: FilesOptions
 
     @classmethod
     def check(cls, options: Any, config: Config) -> None:
-        path = options.path
-        if not path.is_absolute():
-            raise JobFileError(f"path {str(path)!r} must be absolute")
-        if allowed_root(path, config) is None:
-            roots = ", ".join(str(r) for r in config.sources.allowed_roots) or "none configured"
-            raise JobFileError(f"path {path} is outside sources.allowed_roots ({roots})")
+        check_under_roots(options.path, config)
 
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         self.check(self.opts, ctx.config)  # again: the tree may have changed since submit

@@ -1,0 +1,89 @@
+"""Activity driver `sqlite`: a consistent snapshot while another process writes."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from conftest import Root
+
+WRITER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+i = 0
+while True:
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO t (n, pad) VALUES (?, randomblob(2000))", (i,))
+    db.execute("UPDATE counter SET n = n + 1")
+    db.execute("COMMIT")
+    i += 1
+"""
+
+
+def test_snapshot_of_a_database_being_written(root: Root, tmp_path: Path) -> None:
+    db_path = root.sources / "live.db"
+    db = sqlite3.connect(db_path)
+    db.executescript(
+        "PRAGMA journal_mode=WAL; CREATE TABLE t (n INTEGER, pad BLOB);"
+        "CREATE TABLE counter (n INTEGER); INSERT INTO counter VALUES (0);"
+    )
+    db.executemany("INSERT INTO t VALUES (?, randomblob(2000))", [(i,) for i in range(5000)])
+    db.commit()
+    db.close()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db_path)])
+    try:
+        root.start()
+        (job_id,) = root.submit(
+            root.job_file(
+                "snap", activities=[{"name": "db", "driver": "sqlite", "path": str(db_path)}]
+            )
+        )
+        job = root.wait_state(job_id, "completed", "failed", timeout=60)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert job["state"] == "completed", job
+    archive = root.archives("primary")[0]
+    with tarfile.open(archive) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("/data/db/live.db"))
+        snapshot = tmp_path / "snapshot.db"
+        f = tar.extractfile(member)
+        assert f is not None
+        snapshot.write_bytes(f.read())
+    check = sqlite3.connect(snapshot)
+    assert check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    rows, counter = check.execute("SELECT count(*), (SELECT n FROM counter) FROM t").fetchone()
+    assert counter > 0  # the writer was busy while the snapshot was taken
+    assert rows == 5000 + counter  # one consistent state: every insert with its count
+    assert root.cli("verify", "--key", str(root.public_key), str(archive)).returncode == 0
+
+
+def test_a_file_that_is_not_a_database_fails(root: Root) -> None:
+    bogus = root.sources / "notes.db"
+    bogus.write_text("this is not a database, just text " * 100)
+    root.start()
+    (job_id,) = root.submit(
+        root.job_file("bogus", activities=[{"name": "db", "driver": "sqlite", "path": str(bogus)}])
+    )
+    job = root.wait_state(job_id, "failed", "completed")
+    assert job["state"] == "failed"
+    assert "not a database" in job["error"]
+    assert root.all_target_files() == []
+
+
+def test_a_database_outside_the_roots_is_refused(root: Root, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.db"
+    sqlite3.connect(outside).close()
+    result = root.cli(
+        "submit",
+        str(
+            root.job_file(
+                "outside", activities=[{"name": "db", "driver": "sqlite", "path": str(outside)}]
+            )
+        ),
+    )
+    assert result.returncode == 2
+    assert "outside sources.allowed_roots" in result.stderr
