@@ -187,6 +187,8 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
         "updated_at": job["updated_at"],
         "error": job["error"],
         "not_before": job["not_before"],
+        "expires_at": job["expires_at"],
+        "legal_hold": bool(job["legal_hold"]),
         "phase": job["phase"],
         "attempts": job["attempts"],
         "archive": (
@@ -224,7 +226,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     if details["state"] == "recoverable_error" or details["attempts"] > 1:
         print(f"  attempt  {details['attempts']} of {details['phase']}")
-    for key in ("created_at", "updated_at", "not_before", "error"):
+    if details["legal_hold"]:
+        print("  hold     legal hold: retention will not delete this job")
+    for key in ("not_before", "expires_at", "error"):
         if details[key]:
             print(f"  {key.replace('_', ' '):8} {details[key]}")
     if details["archive"]:
@@ -339,6 +343,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK if bad <= healed else EXIT_FAILED
 
 
+def cmd_hold(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    hold = args.command == "hold"
+
+    async def set_hold(store: Any) -> None:
+        job = await store.job(args.job) if store else None
+        if job is None:
+            raise CommandError(f"no job {args.job!r}")
+        if job["state"] == State.DELETED:
+            raise CommandError(f"job {args.job} is deleted: its copies are gone")
+        async with store.transaction() as tx:
+            await tx.run("set_hold", id=args.job, hold=int(hold))
+            await tx.run(
+                "insert_event",
+                job_id=args.job,
+                now=now_iso(),
+                kind="legal_hold",
+                detail=json.dumps({"hold": hold}),
+            )
+
+    anyio.run(_read, config, set_hold)
+    print(f"{args.job}: legal hold {'on: retention will not delete it' if hold else 'released'}")
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .keys import trusted_keys
     from .minisign import MinisignError, PublicKey
@@ -432,6 +461,10 @@ def parser() -> argparse.ArgumentParser:
     sp = add("cancel", cmd_cancel, "stop a job: it fails with reason 'canceled'")
     sp.add_argument("job", metavar="JOB")
     sp = add("retry", cmd_retry, "queue a failed job again")
+    sp.add_argument("job", metavar="JOB")
+    sp = add("hold", cmd_hold, "put a legal hold on a job: retention will not delete it")
+    sp.add_argument("job", metavar="JOB")
+    sp = add("release", cmd_hold, "release a legal hold")
     sp.add_argument("job", metavar="JOB")
     sp = add("audit", cmd_audit, "re-read stored copies now and repair damaged ones")
     sp.add_argument("job", metavar="JOB", nargs="?", help="every copy of this job")

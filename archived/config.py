@@ -104,6 +104,12 @@ class AuditConfig(Section):
     bytes_per_round: StrictInt = Field(default=0, ge=0)  # 0: no limit
 
 
+class RetentionConfig(Section):
+    min_days: StrictInt = Field(default=1, ge=1)  # bounds for a job's retention_days
+    max_days: StrictInt = Field(default=36500, ge=1)
+    check_interval: Duration = 60.0  # how often the daemon looks for expired jobs
+
+
 class StorageConfig(BaseModel):
     """`driver` plus the driver's own options, which the driver validates."""
 
@@ -121,6 +127,7 @@ class Config(Section):
     hooks: HooksConfig = HooksConfig()
     metrics: MetricsConfig = MetricsConfig()
     audit: AuditConfig = AuditConfig()
+    retention: RetentionConfig = RetentionConfig()
     storage: dict[str, StorageConfig] = {}
     # Not part of the file: where it came from, and whether it is the embedded default.
     source: Path | None = Field(None, exclude=True)

@@ -30,6 +30,7 @@ from .jobfile import parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
 from .metrics import write_textfile
 from .notify import Notifier
+from .retention import expire_due
 from .runner import JobRunner, Services
 from .spool import Claimed, Spool
 from .states import FINAL, PROCESSING, STOPPABLE, Event, State
@@ -122,6 +123,7 @@ class Daemon:
                 tg.start_soon(self._watchdog, self.notify.watchdog_seconds)
             tg.start_soon(self._metrics_writer)
             tg.start_soon(self._auditor)
+            tg.start_soon(self._retention)
             status = ""
             while not self.svc.stopping.is_set():
                 await self._ingest()
@@ -212,6 +214,13 @@ class Daemon:
             )
             for result in results:
                 self.svc.metrics.audits[result.result] += 1
+
+    async def _retention(self) -> None:
+        while True:
+            await anyio.sleep(self.config.retention.check_interval)
+            for job_id in await expire_due(self.svc.store, self.config):
+                self.svc.metrics.transition(State.DELETED)
+                log.info("job deleted by retention", job_id=job_id, state="deleted")
 
     async def _metrics_writer(self) -> None:
         while True:

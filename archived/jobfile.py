@@ -170,6 +170,12 @@ def _parse_job(data: bytes, filename: str, config: Config) -> JobSpec:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise JobFileError(first_error(exc)) from None
+    days, bounds = spec.retention_days, config.retention
+    if days is not None and not bounds.min_days <= days <= bounds.max_days:
+        raise JobFileError(
+            f"retention_days: {days} is outside retention.min_days.."
+            f"retention.max_days ({bounds.min_days}..{bounds.max_days})"
+        )
     for target in spec.targets(config):
         if target not in config.storage:
             known = ", ".join(sorted(config.storage))

@@ -543,7 +543,11 @@ class JobRunner:
         await anyio.to_thread.run_sync(shutil.rmtree, self.staging, True)
         if self.job["error"]:
             return Outcome(Event.CLEANED_AFTER_FAILURE, "staging and any stored copies removed")
-        return Outcome(Event.CLEANED, "staging removed; every target holds a verified copy")
+        fields = {}
+        if days := self.spec.retention_days:
+            expires = datetime.now(UTC) + timedelta(days=days)
+            fields["expires_at"] = expires.isoformat(timespec="seconds").replace("+00:00", "Z")
+        return Outcome(Event.CLEANED, "staging removed; every target holds a verified copy", fields)
 
     async def _remove_copies(self) -> None:
         """A failed job keeps nothing in any target: copies and partial files go."""

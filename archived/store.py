@@ -43,6 +43,7 @@ JOB_COLUMNS = frozenset(
         "started_at",
         "config",
         "config_digest",
+        "expires_at",
     }
 )
 

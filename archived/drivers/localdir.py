@@ -145,6 +145,8 @@ class LocalDirDriver(StorageDriver):
         return await anyio.to_thread.run_sync(self._delete, self.root / key)
 
     def _delete(self, final: Path) -> bool:
+        if not self.root.is_dir():  # an unmounted disk is not "already deleted"
+            raise StorageError(f"storage.{self.target}: {self.root} is not there", recoverable=True)
         try:
             self._discard_partial(final)
             final.unlink()

@@ -58,7 +58,7 @@ UPDATE tasks SET state = :state, error = :error, result = :result, updated_at = 
 WHERE job_id = :job_id AND kind = :kind AND name = :name;
 
 -- name: copies
-SELECT target, path, size, sha256, verified_at, audited_at, audit_result FROM copies
+SELECT target, path, size, sha256, verified_at, audited_at, audit_result, deleted_at FROM copies
 WHERE job_id = :job_id ORDER BY target;
 
 -- name: upsert_copy
@@ -121,14 +121,15 @@ UPDATE tasks SET progress = :progress WHERE job_id = :job_id AND kind = :kind AN
 -- all), copies of completed jobs only.
 SELECT c.job_id, c.target, c.path, c.size, c.sha256, j.name, j.archive_name, j.config
 FROM copies c JOIN jobs j ON j.id = c.job_id
-WHERE j.state = 'completed' AND (:job_id IS NULL OR c.job_id = :job_id)
+WHERE j.state = 'completed' AND c.deleted_at IS NULL AND (:job_id IS NULL OR c.job_id = :job_id)
 ORDER BY coalesce(c.audit_result, '') != 'unrepaired', c.audited_at IS NOT NULL,
          c.audited_at, c.verified_at
 LIMIT :limit;
 
 -- name: job_copies
 SELECT c.job_id, c.target, c.path, c.size, c.sha256, j.name, j.archive_name, j.config
-FROM copies c JOIN jobs j ON j.id = c.job_id WHERE c.job_id = :job_id ORDER BY c.target;
+FROM copies c JOIN jobs j ON j.id = c.job_id WHERE c.job_id = :job_id AND c.deleted_at IS NULL
+ORDER BY c.target;
 
 -- name: record_audit
 INSERT INTO audits (job_id, target, at, result, detail)
@@ -140,3 +141,17 @@ WHERE job_id = :job_id AND target = :target;
 
 -- name: audits
 SELECT target, at, result, detail FROM audits WHERE job_id = :job_id ORDER BY seq;
+
+-- name: expired_jobs
+SELECT * FROM jobs
+WHERE state = 'completed' AND expires_at IS NOT NULL AND expires_at <= :now AND legal_hold = 0
+ORDER BY expires_at;
+
+-- name: live_copies
+SELECT target, path, size, sha256 FROM copies WHERE job_id = :job_id AND deleted_at IS NULL;
+
+-- name: mark_copy_deleted
+UPDATE copies SET deleted_at = :now WHERE job_id = :job_id AND target = :target;
+
+-- name: set_hold
+UPDATE jobs SET legal_hold = :hold WHERE id = :id;

@@ -1,0 +1,80 @@
+"""Retention: delete the stored copies of completed jobs whose retention has passed.
+
+Each copy is deleted through its storage driver and marked deleted only once the
+driver said so; the job moves to `deleted` only when no copy is left. A target that
+cannot be reached keeps its copy, the failure is logged, and the next round tries
+again, so deletion is idempotent and survives a crash at any point. A legal hold
+(`archived hold`) stops all of it until `archived release`.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from .config import Config
+from .drivers import open_storage
+from .errors import describe
+from .states import Event, State
+from .store import Row, StaleState, Store, now_iso
+
+log = structlog.get_logger("archived.retention")
+
+
+async def expire_due(store: Store, config: Config) -> list[str]:
+    """Delete what is due; the ids of jobs that reached `deleted`."""
+    deleted = []
+    for job in await store.fetchall("expired_jobs", now=now_iso()):
+        if await _expire(store, config, job):
+            deleted.append(job["id"])
+    return deleted
+
+
+async def _expire(store: Store, config: Config, job: Row) -> bool:
+    job_id = job["id"]
+    key = f"{job['name']}/{job['archive_name']}"
+    snapshot = Config.from_snapshot(job["config"])
+    left = 0
+    for copy in await store.fetchall("live_copies", job_id=job_id):
+        target = copy["target"]
+        try:
+            driver = open_storage(config if target in config.storage else snapshot, target)
+            existed = await driver.delete(key)
+        except Exception as exc:
+            left += 1
+            log.error(
+                "retention: cannot delete a copy yet; will retry",
+                job_id=job_id,
+                state="completed",
+                target=target,
+                error=describe(exc),
+            )
+            continue
+        async with store.transaction() as tx:
+            await tx.run("mark_copy_deleted", job_id=job_id, target=target, now=now_iso())
+            await tx.run(
+                "insert_event",
+                job_id=job_id,
+                now=now_iso(),
+                kind="retention",
+                detail=f'{{"target": "{target}", "deleted": {str(existed).lower()}}}',
+            )
+        log.info(
+            "retention: copy deleted",
+            job_id=job_id,
+            state="completed",
+            target=target,
+            path=copy["path"],
+            was_there=existed,
+        )
+    if left:
+        return False
+    try:
+        await store.transition(
+            job_id,
+            State.COMPLETED,
+            Event.EXPIRED,
+            f"retention of {job['expires_at']} passed; every copy deleted",
+        )
+    except StaleState:
+        return False
+    return True
