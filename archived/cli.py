@@ -368,6 +368,32 @@ def cmd_hold(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schedules(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+
+    async def fetch(store: Any) -> list[dict[str, Any]]:
+        if store is None:
+            return []
+        return await store.fetchall("schedule_runs", schedule=args.name, limit=args.limit)  # type: ignore[no-any-return]
+
+    runs = anyio.run(_read, config, fetch)
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return EXIT_OK
+    for name, schedule in sorted(config.schedules.items()):
+        if args.name in (None, name):
+            print(
+                f"{name}: cron {schedule.cron!r} ({schedule.timezone}), missed={schedule.missed}"
+                f"{', skip_unchanged' if schedule.skip_unchanged else ''}"
+            )
+    for r in runs:
+        print(
+            f"  {r['slot']}  {r['schedule']:16}  {r['result']:8}  {r['job_id'] or ''}"
+            f"  {r['detail']}"
+        )
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .keys import trusted_keys
     from .minisign import MinisignError, PublicKey
@@ -466,6 +492,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("job", metavar="JOB")
     sp = add("release", cmd_hold, "release a legal hold")
     sp.add_argument("job", metavar="JOB")
+    sp = add("schedules", cmd_schedules, "configured schedules and what each slot did")
+    sp.add_argument("name", metavar="NAME", nargs="?")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
     sp = add("audit", cmd_audit, "re-read stored copies now and repair damaged ones")
     sp.add_argument("job", metavar="JOB", nargs="?", help="every copy of this job")
     sp.add_argument("--all", action="store_true", help="every copy of every completed job")

@@ -13,9 +13,18 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from .errors import ConfigError
 
@@ -110,6 +119,32 @@ class RetentionConfig(Section):
     check_interval: Duration = 60.0  # how often the daemon looks for expired jobs
 
 
+class ScheduleConfig(Section):
+    cron: str  # five fields, or six with seconds last
+    timezone: str = "UTC"
+    missed: Literal["latest", "skip"] = "latest"  # slots that passed while the daemon was down
+    skip_unchanged: bool = False  # no job when the sources did not change since the last one
+    job: dict[str, Any]  # a job file's content
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a valid cron expression")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+
 class StorageConfig(BaseModel):
     """`driver` plus the driver's own options, which the driver validates."""
 
@@ -128,6 +163,7 @@ class Config(Section):
     metrics: MetricsConfig = MetricsConfig()
     audit: AuditConfig = AuditConfig()
     retention: RetentionConfig = RetentionConfig()
+    schedules: dict[str, ScheduleConfig] = {}
     storage: dict[str, StorageConfig] = {}
     # Not part of the file: where it came from, and whether it is the embedded default.
     source: Path | None = Field(None, exclude=True)
@@ -197,7 +233,19 @@ def _build(raw: Mapping[str, Any], *, base: Path, source: Path | None, embedded:
         raise ConfigError(f"{where}: {first_error(exc)}") from None
     config = _absolute(config, base)
     _check_drivers(config, where)
+    _check_schedules(config, where)
     return config
+
+
+def _check_schedules(config: Config, where: str) -> None:
+    from .errors import JobFileError
+    from .jobfile import parse_job  # here: jobfile imports this module
+
+    for name, schedule in config.schedules.items():
+        try:
+            parse_job(json.dumps(schedule.job, default=str).encode(), "template.json", config)
+        except JobFileError as exc:
+            raise ConfigError(f"{where}: schedules.{name}.job: {exc}") from None
 
 
 def _absolute(config: Config, base: Path) -> Config:

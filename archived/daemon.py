@@ -26,12 +26,13 @@ from .audit import Auditor
 from .config import Config
 from .drivers import open_storage
 from .errors import ArchivedError, ConfigError, JobFileError, describe
-from .jobfile import parse_job, read_job_file
+from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
 from .metrics import write_textfile
 from .notify import Notifier
 from .retention import expire_due
 from .runner import JobRunner, Services
+from .schedules import Scheduler
 from .spool import Claimed, Spool
 from .states import FINAL, PROCESSING, STOPPABLE, Event, State
 from .store import StaleState, Store, now_iso
@@ -125,8 +126,10 @@ class Daemon:
             tg.start_soon(self._auditor)
             tg.start_soon(self._retention)
             status = ""
+            scheduler = Scheduler(self.svc.store, self._create_scheduled)
             while not self.svc.stopping.is_set():
                 await self._ingest()
+                await scheduler.tick(self.config)
                 await self._handle_cancel_requests(tg)
                 while len(self.running) < self.config.daemon.max_concurrent_jobs:
                     config = self.config
@@ -362,18 +365,7 @@ class Daemon:
         except JobFileError as exc:
             await self._reject(claimed, str(exc))
             return
-        tasks = [("activity", a.name) for a in spec.activities]
-        tasks += [("storage", t) for t in spec.targets(config)]
-        await store.insert_job(
-            job_id=claimed.job_id,
-            name=spec.name,
-            spec=spec.model_dump_json(),
-            spec_sha256=digest,
-            config=config.snapshot(),
-            config_digest=config.digest,
-            not_before=spec.not_before_utc(),
-            tasks=tasks,
-        )
+        await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
         await self.spool.done(claimed)
         log.info(
             "job queued",
@@ -382,6 +374,43 @@ class Daemon:
             name=spec.name,
             file=claimed.original_name,
         )
+
+    async def _insert(
+        self,
+        spec: JobSpec,
+        job_id: str,
+        digest: str,
+        *,
+        reason: str,
+        schedule_run: dict[str, Any] | None = None,
+    ) -> None:
+        config = self.config
+        tasks = [("activity", a.name) for a in spec.activities]
+        tasks += [("storage", t) for t in spec.targets(config)]
+        await self.svc.store.insert_job(
+            job_id=job_id,
+            name=spec.name,
+            spec=spec.model_dump_json(),
+            spec_sha256=digest,
+            config=config.snapshot(),
+            config_digest=config.digest,
+            not_before=spec.not_before_utc(),
+            tasks=tasks,
+            reason=reason,
+            schedule_run=schedule_run,
+        )
+
+    async def _create_scheduled(
+        self, spec: JobSpec, job_id: str, digest: str, run: dict[str, Any]
+    ) -> None:
+        await self._insert(
+            spec,
+            job_id,
+            digest,
+            schedule_run=run,
+            reason=f"created by schedule {run['schedule']} for {run['slot']}",
+        )
+        self.wake.set()
 
     async def _reject(self, claimed: Claimed, reason: str) -> None:
         target = await self.spool.reject(claimed, reason)

@@ -154,8 +154,13 @@ class Store:
         config_digest: str,
         not_before: str | None,
         tasks: Iterable[tuple[str, str]],
+        reason: str = "job file accepted",
+        schedule_run: dict[str, Any] | None = None,
     ) -> None:
-        """Insert a job, its tasks and its first history line, then mark it queued."""
+        """Insert a job, its tasks and its first history line, then mark it queued.
+
+        With `schedule_run`, the schedule slot's row goes in the same transaction.
+        """
         now = now_iso()
         async with self.transaction() as tx:
             await tx.run(
@@ -174,10 +179,12 @@ class Store:
                 job_id=job_id,
                 state=State.UNINITIALIZED,
                 now=now,
-                reason="job file accepted",
+                reason=reason,
             )
             for kind, task in tasks:
                 await tx.run("insert_task", job_id=job_id, kind=kind, name=task, now=now)
+            if schedule_run is not None:
+                await tx.run("insert_schedule_run", **schedule_run)
             await tx.transition(
                 job_id,
                 State.UNINITIALIZED,

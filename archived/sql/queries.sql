@@ -155,3 +155,24 @@ UPDATE copies SET deleted_at = :now WHERE job_id = :job_id AND target = :target;
 
 -- name: set_hold
 UPDATE jobs SET legal_hold = :hold WHERE id = :id;
+
+-- name: schedule_first_seen
+INSERT INTO schedules_seen (schedule, first_seen) VALUES (:schedule, :now)
+ON CONFLICT (schedule) DO UPDATE SET schedule = schedule
+RETURNING first_seen;
+
+-- name: last_schedule_run
+SELECT slot FROM schedule_runs WHERE schedule = :schedule ORDER BY slot DESC LIMIT 1;
+
+-- name: insert_schedule_run
+INSERT INTO schedule_runs (schedule, slot, result, job_id, fingerprint, detail, at)
+VALUES (:schedule, :slot, :result, :job_id, :fingerprint, :detail, :now);
+
+-- name: last_completed_fingerprint
+SELECT r.fingerprint FROM schedule_runs r JOIN jobs j ON j.id = r.job_id
+WHERE r.schedule = :schedule AND r.result = 'created' AND j.state = 'completed'
+ORDER BY r.slot DESC LIMIT 1;
+
+-- name: schedule_runs
+SELECT schedule, slot, result, job_id, detail, at FROM schedule_runs
+WHERE :schedule IS NULL OR schedule = :schedule ORDER BY slot DESC LIMIT :limit;

@@ -1,0 +1,169 @@
+"""Schedules: `[schedules.NAME]` makes the daemon create jobs by itself.
+
+Each tick, every schedule's latest cron slot at or before now is due unless it was
+acted on already; the job is inserted in the same transaction as the slot's row in
+`schedule_runs`, whose primary key (schedule, slot) makes a second job for one slot
+impossible, across restarts too. Slots that passed while the daemon was down:
+`missed = "latest"` runs the latest of them once (the older ones are not run),
+`missed = "skip"` runs none. A schedule never fires for slots before it first
+appeared in a config. With `skip_unchanged`, a slot whose sources have the same
+fingerprint (names, sizes, mtimes) as the last completed job's is recorded as
+`skipped` instead; a `command` activity always counts as changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import anyio
+import structlog
+from croniter import croniter
+
+from .config import Config, ScheduleConfig
+from .drivers.files import FilesOptions
+from .errors import JobFileError
+from .jobfile import JobSpec, parse_job
+from .spool import new_job_id
+from .store import Store, now_iso
+
+log = structlog.get_logger("archived.schedules")
+
+CreateJob = Callable[[JobSpec, str, str, dict[str, Any]], Awaitable[None]]
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def latest_slot(schedule: ScheduleConfig, now: datetime) -> datetime:
+    """The latest slot before `now`, in UTC (a slot exactly at `now` is the next tick's)."""
+    local = now.astimezone(ZoneInfo(schedule.timezone))
+    slot: datetime = croniter(schedule.cron, local).get_prev(datetime)
+    return slot.astimezone(UTC)
+
+
+def fingerprint(spec: JobSpec) -> str | None:
+    """Names, sizes and mtimes of the sources; None when that cannot tell (commands)."""
+    lines: list[str] = []
+    for activity in spec.activities:
+        options = activity.options()
+        if activity.driver == "files":
+            lines += _tree_lines(activity.name, FilesOptions.model_validate(options).path)
+        elif activity.driver == "sqlite":
+            path = Path(options["path"])
+            for p in (path, path.with_name(path.name + "-wal")):
+                if p.exists():
+                    st = p.stat()
+                    lines.append(f"{activity.name}\0{p.name}\0{st.st_size}\0{st.st_mtime_ns}")
+        else:
+            return None
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _tree_lines(activity: str, root: Path) -> list[str]:
+    lines = []
+    for top, dirs, files in os.walk(root, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            rel = os.path.relpath(path, root)
+            lines.append(f"{activity}\0{rel}\0{st.st_size}\0{st.st_mtime_ns}")
+    return lines
+
+
+class Scheduler:
+    def __init__(self, store: Store, create_job: CreateJob) -> None:
+        self.store = store
+        self.create_job = create_job
+        self.started: dict[str, datetime] = {}  # when this process first saw each schedule
+
+    async def tick(self, config: Config) -> None:
+        now = datetime.now(UTC)
+        for name, schedule in config.schedules.items():
+            try:
+                await self._tick_one(config, name, schedule, now)
+            except Exception:
+                log.exception("schedule failed", schedule=name)
+
+    async def _tick_one(
+        self, config: Config, name: str, schedule: ScheduleConfig, now: datetime
+    ) -> None:
+        self.started.setdefault(name, now)
+        async with self.store.transaction() as tx:
+            first_seen = (await tx.all("schedule_first_seen", schedule=name, now=iso(now)))[0]
+        last = await self.store.fetchone("last_schedule_run", schedule=name)
+        after = max(first_seen["first_seen"], last["slot"] if last else "")
+        if schedule.missed == "skip":
+            after = max(after, iso(self.started[name]))
+        slot = latest_slot(schedule, now)
+        if iso(slot) <= after:
+            return
+        template = json.dumps(schedule.job, default=str).encode()
+        try:
+            spec = parse_job(template, "template.json", config)
+        except JobFileError as exc:
+            await self._record(name, slot, "rejected", detail=str(exc))
+            log.error("scheduled job rejected", schedule=name, slot=iso(slot), reason=str(exc))
+            return
+        metadata = {"Archived-Schedule": name, "Archived-Schedule-Slot": iso(slot), **spec.metadata}
+        spec = spec.model_copy(update={"metadata": metadata})
+        print_ = await anyio.to_thread.run_sync(fingerprint, spec)
+        if schedule.skip_unchanged and print_ is not None:
+            previous = await self.store.fetchone("last_completed_fingerprint", schedule=name)
+            if previous and previous["fingerprint"] == print_:
+                await self._record(
+                    name,
+                    slot,
+                    "skipped",
+                    fingerprint=print_,
+                    detail="sources unchanged since the last completed job",
+                )
+                log.info("scheduled job skipped: sources unchanged", schedule=name, slot=iso(slot))
+                return
+        job_id = new_job_id()
+        run = {
+            "schedule": name,
+            "slot": iso(slot),
+            "result": "created",
+            "job_id": job_id,
+            "fingerprint": print_,
+            "detail": "",
+            "now": now_iso(),
+        }
+        digest = hashlib.sha256(template + iso(slot).encode()).hexdigest()
+        await self.create_job(spec, job_id, digest, run)
+        log.info(
+            "scheduled job created", schedule=name, slot=iso(slot), job_id=job_id, state="queued"
+        )
+
+    async def _record(
+        self,
+        name: str,
+        slot: datetime,
+        result: str,
+        *,
+        fingerprint: str | None = None,
+        detail: str = "",
+    ) -> None:
+        async with self.store.transaction() as tx:
+            await tx.run(
+                "insert_schedule_run",
+                schedule=name,
+                slot=iso(slot),
+                result=result,
+                job_id=None,
+                fingerprint=fingerprint,
+                detail=detail,
+                now=now_iso(),
+            )
