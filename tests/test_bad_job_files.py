@@ -173,9 +173,9 @@ CASES = [
         toml_job('name = "bad"\nstorage = ["primary", "tape"]\n' + TOML_ACTIVITY),
     ),
     Case(
-        "command-activity",
+        "unknown-command",
         "command.toml",
-        "unknown activity driver 'command'",
+        "unknown command 'pgdump' (known: none configured)",
         toml_job(
             'name = "bad"\n[[activities]]\nname = "grades"\ndriver = "command"\n'
             'command = "pgdump"\noutput = "grades.dump"\n'
