@@ -12,8 +12,9 @@ import json
 import os
 import random
 import shutil
+import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -62,6 +63,18 @@ class AttemptsExhausted(Exception):
 
 
 POST_STEPS = ("check_integrity", "calculate_checksums", "sign")
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Every non-directory under `root`, without following symlinks."""
+    if not root.is_dir():
+        return
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _walk_files(Path(entry.path))
+            else:
+                yield Path(entry.path)
 
 
 class JobRunner:
@@ -346,14 +359,18 @@ class JobRunner:
         return {}
 
     def _check_integrity(self) -> tuple[int, int]:
-        """Every recorded artifact is there with its recorded size, and nothing else is."""
-        seen: set[str] = set()
+        """Every recorded artifact is there with its recorded size, and nothing else is.
+
+        Memory stays flat however many files there are: records are streamed, and the
+        staged files are only counted (a writer creates each file once, with O_EXCL, so
+        as many staged files as records, all present, means no extra one).
+        """
         files = total = 0
         for record in bag.read_records(self._records()):
             path = bag.decode_path(record.path)
-            target = self.bag_dir / path
             try:
-                size = target.lstat().st_size if target.is_file() else -1
+                st = os.lstat(self.bag_dir / path)
+                size = st.st_size if stat.S_ISREG(st.st_mode) else -1
             except OSError:
                 size = -1
             if size != record.size:
@@ -361,14 +378,23 @@ class JobRunner:
                     f"artifact {path}: recorded {record.size} bytes, "
                     f"staged {'missing' if size < 0 else size}"
                 )
-            seen.add(path)
             files += 1
             total += size
-        data = self.bag_dir / "data"
-        for file in (p for p in data.rglob("*") if not p.is_dir()):
-            rel = file.relative_to(self.bag_dir).as_posix()
-            if rel not in seen:
-                raise IntegrityError(f"artifact {rel} is staged but no task recorded it")
+        staged = sum(1 for _ in _walk_files(self.bag_dir / "data"))
+        if staged != files:
+            recorded = {bag.decode_path(r.path) for r in bag.read_records(self._records())}
+            extra = next(
+                (
+                    p
+                    for p in _walk_files(self.bag_dir / "data")
+                    if p.relative_to(self.bag_dir).as_posix() not in recorded
+                ),
+                None,
+            )
+            raise IntegrityError(
+                f"{staged} files staged but {files} recorded"
+                + (f"; e.g. {extra.relative_to(self.bag_dir)}" if extra else "")
+            )
         return files, total
 
     async def calculate_checksums(self) -> dict[str, Any]:

@@ -265,3 +265,24 @@ def test_a_busy_database_does_not_crash_the_daemon(root: Root) -> None:
         db.execute("COMMIT")
         db.close()
     assert root.wait_state(job_id, "completed")["state"] == "completed"
+
+
+@pytest.mark.parametrize("tamper", ["extra", "truncated"])
+def test_staged_artifacts_that_differ_from_their_records_fail_the_job(
+    root: Root, tamper: str
+) -> None:
+    root.start(env={"ARCHIVED_FAILPOINTS": "check_integrity=delay:3"})
+    (job_id,) = root.submit(root.job_file("tampered"))
+    root.wait_state(job_id, "post_processing")
+    data = root.state_dir / "staging" / job_id / "bag" / "data" / "a"
+    if tamper == "extra":
+        (data / "sub" / "planted.txt").write_text("not from the source\n")
+    else:
+        with open(data / "sub" / "data.bin", "r+b") as f:
+            f.truncate(10)
+    job = root.wait_state(job_id, "failed", "completed")
+    assert job["state"] == "failed"
+    expected = "planted.txt" if tamper == "extra" else "recorded 300000 bytes, staged 10"
+    assert expected in job["error"]
+    assert [h["state"] for h in job["history"]].count("recoverable_error") == 0
+    assert root.all_target_files() == []
