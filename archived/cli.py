@@ -22,7 +22,7 @@ import anyio
 from . import __version__
 from . import config as configmod
 from .config import Config, parse_duration
-from .errors import ConfigError, JobFileError
+from .errors import ArchivedError, ConfigError, JobFileError
 from .states import FINAL, STOPPABLE, Event, State
 from .store import now_iso
 
@@ -208,6 +208,10 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
         ],
         "copies": await store.fetchall("copies", job_id=job_id),
         "audits": await store.fetchall("audits", job_id=job_id),
+        "events": [
+            {"at": e["at"], "kind": e["kind"], "detail": json.loads(e["detail"])}
+            for e in await store.fetchall("events", job_id=job_id)
+        ],
     }
 
 
@@ -397,6 +401,7 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .keys import trusted_keys
     from .minisign import MinisignError, PublicKey
+    from .timestamp import load_ca_bundle
     from .verify import verify_path
 
     keys = []
@@ -410,7 +415,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.exists():
         raise CommandError(f"{path}: no such file or directory", EXIT_USAGE)
-    report = verify_path(path, keys=keys, bag_only=args.bag_only)
+    tsa_ca = None
+    ca_path = Path(args.tsa_ca) if args.tsa_ca else None
+    if ca_path is None and not args.bag_only and not args.key:
+        ca_path = _load_config(args).signing.tsa_ca
+    if ca_path is not None:
+        try:
+            tsa_ca = load_ca_bundle(ca_path)
+        except ArchivedError as exc:
+            raise CommandError(f"--tsa-ca {ca_path}: {exc}", EXIT_USAGE) from None
+    report = verify_path(path, keys=keys, bag_only=args.bag_only, tsa_ca=tsa_ca)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -420,6 +434,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{problem.path or path}: {problem.message}")
         if report.ok:
             signed = f", signed by {report.signed_by}" if report.signed_by else ""
+            if report.timestamp:
+                signed += f", time-stamped {report.timestamp}"
             print(f"ok: {report.bag}: {report.files} payload files, {report.bytes} bytes{signed}")
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -502,6 +518,7 @@ def parser() -> argparse.ArgumentParser:
     sp = add("verify", cmd_verify, "verify an archive (a tar or a bag directory)")
     sp.add_argument("--key", metavar="PUB", help="minisign public key to check the signature")
     sp.add_argument("--bag-only", action="store_true", help="check BagIt validity alone")
+    sp.add_argument("--tsa-ca", metavar="PEM", help="CA bundle to check a time-stamp token")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("path", metavar="PATH")
     sp = add("keygen", cmd_keygen, "create an Ed25519 signing key pair (minisign format)")

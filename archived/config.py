@@ -24,6 +24,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .errors import ConfigError
@@ -79,8 +80,17 @@ class RetryConfig(Section):
 class SigningConfig(Section):
     key: Path = Path("/etc/archived/signing.key")
     public_keys: list[Path] = []  # further trusted keys for `verify`, e.g. across a rotation
-    tsa_url: str = ""
-    tsa_ca: str = ""
+    tsa_url: str = ""  # RFC 3161 time-stamping authority; empty: no time-stamps
+    tsa_ca: Path | None = None  # CA bundle (PEM) the TSA's replies must chain to
+    tsa_timeout: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _tsa(self) -> SigningConfig:
+        if self.tsa_url and self.tsa_ca is None:
+            raise ValueError("tsa_url needs tsa_ca: a time-stamp is only worth its CA check")
+        if self.tsa_url and not self.tsa_url.startswith(("http://", "https://")):
+            raise ValueError(f"tsa_url {self.tsa_url!r} must be an http:// or https:// URL")
+        return self
 
 
 class SourcesConfig(Section):
@@ -262,6 +272,7 @@ def _absolute(config: Config, base: Path) -> Config:
         update={
             "key": fix(config.signing.key),
             "public_keys": [fix(p) for p in config.signing.public_keys],
+            "tsa_ca": fix(config.signing.tsa_ca) if config.signing.tsa_ca else None,
         }
     )
     sources = SourcesConfig(allowed_roots=[fix(p) for p in config.sources.allowed_roots])

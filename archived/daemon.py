@@ -36,6 +36,7 @@ from .schedules import Scheduler
 from .spool import Claimed, Spool
 from .states import FINAL, PROCESSING, STOPPABLE, Event, State
 from .store import StaleState, Store, now_iso
+from .timestamp import load_ca_bundle
 
 log = structlog.get_logger("archived.daemon")
 
@@ -69,6 +70,11 @@ async def check_config(config: Config) -> None:
     """Everything a config needs beyond its schema: targets usable, signing key readable."""
     await check_targets(config)
     await anyio.to_thread.run_sync(load_signing_key, config)
+    if config.signing.tsa_ca is not None:
+        try:
+            load_ca_bundle(config.signing.tsa_ca)
+        except ArchivedError as exc:
+            raise ConfigError(f"signing.tsa_ca: {exc}") from None
 
 
 class Daemon:

@@ -33,6 +33,7 @@ from .keys import KeyRing
 from .metrics import Metrics
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
 from .store import Row, StaleState, Store, now_iso
+from .timestamp import request_token
 
 log = structlog.get_logger("archived.runner")
 
@@ -419,7 +420,7 @@ class JobRunner:
         secret = self.svc.keys.secret(self.config)
         events = await self._event_log()
 
-        def seal() -> bag.Packed:
+        def sign_manifest() -> bytes:
             bag.write_events(self.bag_dir, events)
             manifest = bag.write_tag_manifest(self.bag_dir)
             signature = secret.sign(
@@ -427,6 +428,14 @@ class JobRunner:
                 trusted_comment=(f"archived job {self.id} bag {bag_name} timestamp {stamp}"),
             )
             bag.write_atomic(self.bag_dir / bag.SIGNATURE, signature.encode())
+            return manifest
+
+        def pack(token: bytes | None) -> bag.Packed:
+            stale = self.bag_dir / bag.TIMESTAMP  # from an earlier try of this step
+            if token is None:
+                stale.unlink(missing_ok=True)
+            else:
+                bag.write_atomic(stale, token)
             return bag.pack(
                 self.bag_dir,
                 bag_name,
@@ -435,7 +444,22 @@ class JobRunner:
                 check=anyio.from_thread.check_cancelled,
             )
 
-        packed = await anyio.to_thread.run_sync(seal, limiter=self.svc.hash_threads)
+        manifest = await anyio.to_thread.run_sync(sign_manifest, limiter=self.svc.hash_threads)
+        token = None
+        signing = self.config.signing
+        if signing.tsa_url:
+            assert signing.tsa_ca is not None  # the config requires it with tsa_url
+            stamped = await request_token(
+                signing.tsa_url, manifest, ca=signing.tsa_ca, timeout=signing.tsa_timeout
+            )
+            token = stamped.response
+            await self._event(
+                "timestamp",
+                tsa=signing.tsa_url,
+                gen_time=stamped.gen_time.isoformat(),
+                serial=stamped.serial,
+            )
+        packed = await anyio.to_thread.run_sync(pack, token, limiter=self.svc.hash_threads)
         log.info(
             "archive sealed",
             archive=bag_name + ".tar",
