@@ -779,15 +779,12 @@ def test_tag_files_past_the_size_limit(
 # -- the time-stamp token ----------------------------------------------------------------
 
 
-def test_timestamp_token_must_be_over_the_tag_manifest(tmp_path: Path, key: SecretKey) -> None:
+def test_a_timestamp_token_that_is_not_one_is_a_problem(tmp_path: Path, key: SecretKey) -> None:
+    """Real tokens are checked in test_trust.py against a real TSA; here, a forged one."""
     bag = make_bag(tmp_path, key)
     digest = hashlib.sha256((bag / TAGMANIFEST).read_bytes()).digest()
-    # Not a real token: just the DER bytes a real one carries for its message imprint.
+    # the DER bytes a real token carries for its message imprint, and nothing else
     (bag / TIMESTAMP).write_bytes(b"\x30\x82" + b"\x04\x20" + digest + b"\x00" * 20)
-    report = verify_path(bag, keys=[key.public_key()])
-    assert report.ok, report.problems
-    assert any(TIMESTAMP in w for w in report.warnings)
-    (bag / TIMESTAMP).write_bytes(b"\x30\x82" + b"\x04\x20" + bytes(32))
     problem = only_problem(verify_path(bag, keys=[key.public_key()]))
     assert problem.path == TIMESTAMP
-    assert "not over" in problem.message
+    assert "does not verify" in problem.message
