@@ -264,13 +264,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _require_job(store: Any, job_id: str) -> dict[str, Any]:
+    job = await store.job(job_id) if store else None
+    if job is None:
+        raise CommandError(f"no job {job_id!r}")
+    return job  # type: ignore[no-any-return]
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     config = _load_config(args)
 
     async def request(store: Any) -> str:
-        job = await store.job(args.job) if store else None
-        if job is None:
-            raise CommandError(f"no job {args.job!r}")
+        job = await _require_job(store, args.job)
         if job["state"] not in STOPPABLE:
             raise CommandError(f"job {args.job} is {job['state']}: nothing to cancel")
         async with store.transaction() as tx:
@@ -286,9 +291,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     config = _load_config(args)
 
     async def requeue(store: Any) -> str:
-        job = await store.job(args.job) if store else None
-        if job is None:
-            raise CommandError(f"no job {args.job!r}")
+        job = await _require_job(store, args.job)
         if job["state"] != State.FAILED:
             raise CommandError(f"job {args.job} is {job['state']}: only failed jobs are retried")
         phase = job["phase"] or "queued"
@@ -326,7 +329,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     async def audit(store: Any) -> list[Any]:
         if store is None:
             return []
-        if args.job and await store.job(args.job) is None:
+        if args.job:
+            await _require_job(store, args.job)
             raise CommandError(f"no job {args.job!r}")
         auditor = Auditor(store, config, config.daemon.state_dir / "audit")
         if args.job or args.all:
@@ -352,9 +356,7 @@ def cmd_hold(args: argparse.Namespace) -> int:
     hold = args.command == "hold"
 
     async def set_hold(store: Any) -> None:
-        job = await store.job(args.job) if store else None
-        if job is None:
-            raise CommandError(f"no job {args.job!r}")
+        job = await _require_job(store, args.job)
         if job["state"] == State.DELETED:
             raise CommandError(f"job {args.job} is deleted: its copies are gone")
         async with store.transaction() as tx:
