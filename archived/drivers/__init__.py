@@ -21,7 +21,10 @@ _BUILTIN_ACTIVITY = {
     "command": "archived.drivers.command:CommandDriver",
     "sqlite": "archived.drivers.sqlite:SqliteDriver",
 }
-_BUILTIN_STORAGE = {"localdir": "archived.drivers.localdir:LocalDirDriver"}
+_BUILTIN_STORAGE = {
+    "localdir": "archived.drivers.localdir:LocalDirDriver",
+    "s3": "archived.drivers.s3:S3Driver",
+}
 
 
 def _load(spec: str) -> type:

@@ -114,7 +114,12 @@ class CommandDriver(ActivityDriver):
                         break
                     sink.write(chunk)
         finally:
-            if timed_out or proc.poll() is None:
+            if not timed_out:  # stdout is closed: give the program the rest of its time
+                try:
+                    proc.wait(max(deadline - time.monotonic(), 0))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+            if timed_out or proc.poll() is None:  # also when cancelled mid-stream
                 _kill(proc)
             code = proc.wait()
             drain.join(5)

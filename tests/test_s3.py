@@ -1,0 +1,439 @@
+"""The `s3` storage driver through the real daemon, against moto's S3 API on loopback.
+
+moto runs as a real HTTP server on 127.0.0.1 in a thread of the test process (its
+werkzeug app, nothing patched); the daemon and the CLI are subprocesses that talk to
+it with aiobotocore, and the tests look at the bucket with boto3. Ambient AWS
+credentials are removed from the environment, so every request is signed with the
+credentials a test hands over: a credentials file named in the config, or
+`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` in the daemon's environment only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from conftest import Root, wait_until
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from test_retention import expire_now
+from werkzeug.serving import make_server
+
+from archived.drivers.s3 import S3Driver, S3Options, is_recoverable
+from archived.errors import StorageError
+
+KEY_ID, SECRET = "AKIAARCHIVEDTEST0001", "archived/test/secret/key/0000000000000000"
+MiB = 1024 * 1024
+
+
+class S3Server:
+    """moto's S3 API over HTTP on 127.0.0.1; its buckets live in this process, so a
+    server started again on the same port still has them."""
+
+    def __init__(self, port: int = 0) -> None:
+        app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server(
+            "127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler
+        )
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket: connections to the port are refused."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+
+def client(endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+        config=BotoConfig(s3={"addressing_style": "path"}),
+    )
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[S3Server]:
+    s = S3Server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The daemon and CLI subprocesses inherit this: no AWS credentials but ours."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-such-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-such-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254
+
+
+@pytest.fixture
+def bucket(server: S3Server) -> str:
+    name = f"archived-{uuid.uuid4().hex[:12]}"
+    client(server.endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def creds_file(tmp_path: Path) -> Path:
+    path = tmp_path / "aws-credentials"
+    path.write_text(
+        f"[default]\naws_access_key_id = WRONG\naws_secret_access_key = WRONG\n\n"
+        f"[archived]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"
+    )
+    path.chmod(0o600)
+    return path
+
+
+def use_s3(root: Root, endpoint: str, bucket: str, **options: Any) -> None:
+    """Config with two targets: localdir `primary` and s3 `cloud`."""
+    root.targets.pop("offsite", None)
+    extra = {k: options.pop(k) for k in list(options) if k in ("retry", "retention")}
+    root.write_config(
+        storage__cloud={
+            "driver": "s3",
+            "bucket": bucket,
+            "endpoint": endpoint,
+            "prefix": "archives/",
+            **options,
+        },
+        **extra,
+    )
+
+
+def env_credentials() -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET}
+
+
+def cloud_copy(job: dict[str, Any]) -> dict[str, Any]:
+    (copy,) = [c for c in job["copies"] if c["target"] == "cloud"]
+    return copy
+
+
+def object_key(job: dict[str, Any], bucket: str) -> str:
+    path = cloud_copy(job)["path"]
+    assert path.startswith(f"s3://{bucket}/archives/")
+    return str(path.removeprefix(f"s3://{bucket}/"))
+
+
+def download(endpoint: str, bucket: str, key: str) -> bytes:
+    return bytes(client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def unfinished_uploads(endpoint: str, bucket: str) -> list[Any]:
+    return list(client(endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+def completed(root: Root, job_file: Path) -> dict[str, Any]:
+    (job_id,) = root.submit(job_file)
+    job = root.wait_state(job_id, "completed", "failed")
+    assert job["state"] == "completed", job
+    return job
+
+
+def test_a_job_is_stored_on_s3_and_reads_back_identical(
+    root: Root, server: S3Server, bucket: str, creds_file: Path
+) -> None:
+    use_s3(root, server.endpoint, bucket, credentials_file=str(creds_file), profile="archived")
+    root.start()
+    job = completed(root, root.job_file("to-cloud"))
+    key = object_key(job, bucket)
+    assert key == f"archives/to-cloud/{job['archive']['name']}"
+    copy = cloud_copy(job)
+    assert (copy["size"], copy["sha256"]) == (job["archive"]["size"], job["archive"]["sha256"])
+
+    head = client(server.endpoint).head_object(Bucket=bucket, Key=key)
+    assert head["ContentLength"] == job["archive"]["size"]
+    assert head["Metadata"] == {"sha256": job["archive"]["sha256"]}
+    assert "-" not in head["ETag"]  # one PUT, not a multipart upload
+    local = root.archives("primary")[0].read_bytes()
+    data = download(server.endpoint, bucket, key)
+    assert data == local
+    assert hashlib.sha256(data).hexdigest() == job["archive"]["sha256"]
+    fetched = root.path / "fetched.tar"
+    fetched.write_bytes(data)
+    result = root.cli("verify", "--key", str(root.public_key), str(fetched))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert unfinished_uploads(server.endpoint, bucket) == []
+
+
+def test_a_large_archive_goes_up_in_parts_with_credentials_from_the_environment(
+    root: Root, server: S3Server, bucket: str
+) -> None:
+    big = root.sources / "big"
+    big.mkdir()
+    (big / "blob.bin").write_bytes(os.urandom(12 * MiB))
+    use_s3(root, server.endpoint, bucket, part_size=5 * MiB)
+    root.start(env=env_credentials())
+    job = completed(
+        root,
+        root.job_file("large", activities=[{"name": "b", "driver": "files", "path": str(big)}]),
+    )
+    assert 10 * MiB < job["archive"]["size"] <= 15 * MiB
+    key = object_key(job, bucket)
+    head = client(server.endpoint).head_object(Bucket=bucket, Key=key)
+    assert head["ETag"].strip('"').endswith("-3")  # CompleteMultipartUpload of 3 parts
+    assert head["ContentLength"] == job["archive"]["size"]
+    assert head["Metadata"]["sha256"] == job["archive"]["sha256"]
+    data = download(server.endpoint, bucket, key)
+    assert data == root.archives("primary")[0].read_bytes()
+    fetched = root.path / "fetched.tar"
+    fetched.write_bytes(data)
+    assert root.cli("verify", "--key", str(root.public_key), str(fetched)).returncode == 0
+    assert unfinished_uploads(server.endpoint, bucket) == []
+
+
+def test_an_unreachable_endpoint_is_retried_until_it_is_back(root: Root, bucket: str) -> None:
+    flaky = S3Server()
+    port = flaky.port
+    use_s3(
+        root,
+        flaky.endpoint,
+        bucket,
+        retry={"max_attempts": 50, "backoff": "200ms", "backoff_max": "500ms"},
+    )
+    root.start(env=env_credentials())  # the bucket is there at start: ready() passes
+    flaky.stop()  # now the port refuses connections
+    (job_id,) = root.submit(root.job_file("patient"))
+
+    def retried() -> dict[str, Any] | None:
+        job = root.show(job_id)
+        states = [h["state"] for h in job["history"]]
+        return job if "recoverable_error" in states else None
+
+    job = wait_until(retried, 30, "a recoverable error")
+    assert job["state"] != "failed"
+    errors = [h["reason"] for h in job["history"] if h["state"] == "error"]
+    assert any("Could not connect to the endpoint URL" in r for r in errors), errors
+    back = S3Server(port)  # the same port, the same buckets
+    try:
+        job = root.wait_state(job_id, "completed", "failed", timeout=30)
+        assert job["state"] == "completed", job
+        key = object_key(job, bucket)
+        assert download(back.endpoint, bucket, key) == root.archives("primary")[0].read_bytes()
+    finally:
+        back.stop()
+
+
+def test_a_bucket_gone_fails_the_job_at_once_with_the_service_error_code(
+    root: Root, server: S3Server, bucket: str, creds_file: Path
+) -> None:
+    use_s3(root, server.endpoint, bucket, credentials_file=str(creds_file), profile="archived")
+    root.start()
+    client(server.endpoint).delete_bucket(Bucket=bucket)
+    (job_id,) = root.submit(root.job_file("orphan"))
+    job = root.wait_state(job_id, "completed", "failed")
+    assert job["state"] == "failed"
+    assert "NoSuchBucket" in job["error"]
+    assert f"s3://{bucket}/archives/orphan/" in job["error"]
+    states = [h["state"] for h in job["history"]]
+    assert "recoverable_error" not in states  # not retried: no attempt could fix it
+    assert root.archives("primary") == []  # the failed job's local copy is removed too
+
+
+def test_audit_finds_a_damaged_object_and_repairs_it_from_the_local_copy(
+    root: Root, server: S3Server, bucket: str, creds_file: Path
+) -> None:
+    use_s3(root, server.endpoint, bucket, credentials_file=str(creds_file), profile="archived")
+    root.start()
+    job = completed(root, root.job_file("audited"))
+    key = object_key(job, bucket)
+    good = root.archives("primary")[0].read_bytes()
+    s3 = client(server.endpoint)
+    # Same size, same sha256 in the metadata, other bytes: only a read-back can tell.
+    bad = bytearray(good)
+    bad[2000] ^= 0xFF
+    s3.put_object(
+        Bucket=bucket, Key=key, Body=bytes(bad), Metadata={"sha256": job["archive"]["sha256"]}
+    )
+    result = root.cli("audit", job["id"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cloud         damaged" in result.stdout
+    assert f"damaged: s3://{bucket}/{key} has sha256" in result.stdout
+    assert "cloud         repaired" in result.stdout
+    assert "2 copies audited, 1 bad, 1 repaired" in result.stdout
+    assert download(server.endpoint, bucket, key) == good
+
+    s3.delete_object(Bucket=bucket, Key=key)
+    result = root.cli("audit", job["id"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"missing: s3://{bucket}/{key}" in result.stdout
+    assert "cloud         repaired" in result.stdout
+    assert download(server.endpoint, bucket, key) == good
+    assert root.cli("audit", job["id"]).stdout.count("sha256 matches") == 2
+    results = [a["result"] for a in root.show(job["id"])["audits"] if a["target"] == "cloud"]
+    assert results == ["damaged", "repaired", "missing", "repaired", "ok"]
+
+
+def test_retention_deletes_the_object(root: Root, server: S3Server, bucket: str) -> None:
+    use_s3(root, server.endpoint, bucket, retention={"check_interval": "100ms"})
+    root.start(env=env_credentials())
+    job = completed(root, root.job_file("short-lived", retention_days=1))
+    key = object_key(job, bucket)
+    s3 = client(server.endpoint)
+    assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] == job["archive"]["size"]
+    # an upload of the same key that a crashed attempt left unfinished goes too
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=key)
+    s3.upload_part(
+        Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1000
+    )
+    assert len(unfinished_uploads(server.endpoint, bucket)) == 1
+    expire_now(root, job["id"])
+    job = root.wait_state(job["id"], "deleted")
+    with pytest.raises(ClientError) as gone:
+        s3.head_object(Bucket=bucket, Key=key)
+    assert gone.value.response["Error"]["Code"] == "404"
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    assert unfinished_uploads(server.endpoint, bucket) == []
+    assert root.archives("primary") == []
+    assert all(c["deleted_at"] for c in job["copies"])
+
+
+def test_an_object_uploaded_before_a_crash_is_adopted_not_uploaded_again(
+    root: Root, server: S3Server, bucket: str
+) -> None:
+    s3 = client(server.endpoint)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    use_s3(root, server.endpoint, bucket)
+    # killed right after the upload completed, before the database heard of it
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store.after_rename=kill", **env_credentials()})
+    (job_id,) = root.submit(root.job_file("crashed", storage=["cloud"]))
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    assert root.show(job_id)["state"] == "store"
+    root.start(env=env_credentials())
+    job = root.wait_state(job_id, "completed", "failed")
+    assert job["state"] == "completed", job
+    key = object_key(job, bucket)
+    versions = s3.list_object_versions(Bucket=bucket, Prefix=key).get("Versions", [])
+    assert len(versions) == 1  # read back and adopted: no second PUT
+    assert s3.head_object(Bucket=bucket, Key=key)["Metadata"]["sha256"] == job["archive"]["sha256"]
+
+
+def test_credentials_and_bucket_problems_are_config_errors(
+    root: Root, server: S3Server, bucket: str, creds_file: Path
+) -> None:
+    # No credentials anywhere: the standard chain finds none.
+    use_s3(root, server.endpoint, bucket)
+    result = root.cli("check-config")
+    assert result.returncode == 78
+    assert "Unable to locate credentials" in result.stderr
+    # The credentials file is the only source when it is named: its profile must exist.
+    use_s3(root, server.endpoint, bucket, credentials_file=str(creds_file), profile="nope")
+    result = root.cli("check-config", env=env_credentials())
+    assert result.returncode == 78
+    assert "has no [nope] section" in result.stderr
+    # A bucket that is not there.
+    use_s3(root, server.endpoint, "no-such-bucket-here", credentials_file=str(creds_file))
+    result = root.cli("check-config")
+    assert result.returncode == 78
+    assert "'no-such-bucket-here'" in result.stderr and "NoSuchBucket" in result.stderr
+    # A part size below S3's minimum.
+    use_s3(root, server.endpoint, bucket, part_size=MiB)
+    result = root.cli("check-config")
+    assert result.returncode == 78
+    assert "storage.cloud.part_size" in result.stderr
+
+
+async def test_the_driver_leaves_no_partial_object_and_deletes_idempotently(
+    server: S3Server, bucket: str, creds_file: Path, tmp_path: Path
+) -> None:
+    driver = S3Driver(
+        "cloud",
+        S3Options(
+            bucket=bucket,
+            endpoint=server.endpoint,
+            credentials_file=creds_file,
+            profile="archived",
+            part_size=5 * MiB,
+        ),
+    )
+    await driver.ready()
+    archive = tmp_path / "x.tar"
+    archive.write_bytes(os.urandom(11 * MiB))
+    sha256, size = hashlib.sha256(archive.read_bytes()).hexdigest(), 11 * MiB
+    # A digest the file does not have: every part goes up, then the upload is aborted.
+    with pytest.raises(StorageError, match="does not match its sha256") as bad:
+        await driver.put(archive, "j/x.tar", "0" * 64, size)
+    assert bad.value.kind == "recoverable"
+    assert unfinished_uploads(server.endpoint, bucket) == []
+    assert await driver.check("j/x.tar", sha256, size) == f"missing: s3://{bucket}/j/x.tar"
+
+    copy = await driver.put(archive, "j/x.tar", sha256, size)
+    assert (copy.path, copy.size, copy.sha256) == (f"s3://{bucket}/j/x.tar", size, sha256)
+    assert await driver.check("j/x.tar", sha256, size) is None
+    fetched = tmp_path / "fetched.tar"
+    await driver.fetch("j/x.tar", fetched)
+    assert fetched.read_bytes() == archive.read_bytes()
+    assert await driver.delete("j/x.tar") is True
+    assert await driver.delete("j/x.tar") is False
+    with pytest.raises(StorageError, match="NoSuchKey") as missing:
+        await driver.fetch("j/x.tar", fetched)
+    assert missing.value.kind == "fatal"
+
+
+def _error(code: str, status: int) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "recoverable"),
+    [
+        (_error("AccessDenied", 403), False),
+        (_error("NoSuchBucket", 404), False),
+        (_error("InvalidAccessKeyId", 403), False),
+        (_error("SignatureDoesNotMatch", 403), False),
+        (_error("403", 403), False),  # a HEAD request's bare status
+        (_error("InvalidArgument", 400), False),
+        (_error("SlowDown", 503), True),
+        (_error("InternalError", 500), True),
+        (_error("RequestTimeout", 400), True),
+        (_error("TooManyRequests", 429), True),
+        (_error("BadDigest", 400), True),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+        (ReadTimeoutError(endpoint_url="http://127.0.0.1:1"), True),
+    ],
+)
+def test_errors_are_classified(error: Exception, recoverable: bool) -> None:
+    assert is_recoverable(error) is recoverable
+
+
+def test_options_are_checked() -> None:
+    opts = S3Options.model_validate({"bucket": "b"})
+    assert (opts.part_size, opts.addressing_style, opts.region) == (64 * MiB, "path", "us-east-1")
+    for bad in (
+        {"bucket": "b", "secret": "x"},
+        {"bucket": "b", "part_size": 4 * MiB},
+        {"bucket": "b", "endpoint": "ftp://x"},
+        {"bucket": "b", "credentials_file": "relative/creds"},
+        {"bucket": "b", "addressing_style": "sideways"},
+    ):
+        with pytest.raises(ValueError):
+            S3Options.model_validate(bad)
