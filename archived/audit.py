@@ -117,7 +117,7 @@ class Auditor:
         temp = self.scratch / f"repair-{secrets.token_hex(6)}.tar"
         try:
             await self._driver(copies[source], source).fetch(key, temp)
-            await self._driver(row, target).put(temp, key, row["sha256"], row["size"])
+            await self._driver(row, target).put([temp], key, row["sha256"], row["size"])
         except Exception as exc:
             return AuditResult(row["job_id"], target, "unrepaired", f"repair failed: {exc}")
         finally:

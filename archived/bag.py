@@ -1,9 +1,10 @@
 """The BagIt 1.0 bag (RFC 8493) and its tar: tag files, manifests, packing.
 
 All functions here block; the runner calls each in one worker thread. Payload
-digests come from the records the activity tasks wrote while copying, so nothing
-here reads the payload except `pack()`, which streams it once into the tar and
-hashes the tar as it is written.
+digests come from the records the activity tasks wrote while copying, and the
+payload's tar members are already in the activities' fragments, so the archive is
+`write_head()`'s tag files, the fragments and `END`, concatenated; nothing here
+reads the payload except `digest()`, which hashes that concatenation once.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tarfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .drivers.base import BUFFER_SIZE, HashingSink, Record
+from .drivers.base import BLOCK, BUFFER_SIZE, Record, padding, tar_header
 
 BAGIT_TXT = "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
 MANIFEST = "manifest-sha256.txt"
@@ -114,52 +117,43 @@ class Packed:
     size: int
 
 
-def pack(
-    bag_dir: Path,
-    bag_name: str,
-    records: Iterable[Path],
-    out: Path,
-    check: Callable[[], None] = lambda: None,
-) -> Packed:
-    """Write the bag as one tar at `out` (atomically), hashing it while it is written.
+END = bytes(2 * BLOCK)  # a tar ends with two zero blocks
 
-    Members are exactly the tag files and the payload the records list: relative
-    names under `bag_name/`, regular files only, no owners.
+
+def write_head(bag_dir: Path, bag_name: str, out: Path) -> None:
+    """The members that open the archive: the tag files, then the `data/` directory.
+
+    The payload members follow in the activities' fragments, then `END`.
     """
     tmp = out.with_name(out.name + ".part")
-    with open(tmp, "wb", buffering=BUFFER_SIZE) as raw:
-        sink = HashingSink(raw)
-        with tarfile.open(
-            fileobj=sink,
-            mode="w|",
-            format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
-            bufsize=BUFFER_SIZE,
-            copybufsize=BUFFER_SIZE,
-        ) as tar:
-            for name in SEALED_TAG_FILES:
-                if (bag_dir / name).exists():
-                    _add(tar, bag_dir / name, f"{bag_name}/{name}")
-            data_dir = tarfile.TarInfo(f"{bag_name}/data")  # present even with no payload
-            data_dir.type, data_dir.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(data_dir)
-            for record in read_records(records):
-                check()
-                path = decode_path(record.path)
-                _add(tar, bag_dir / path, f"{bag_name}/{path}", expect_size=record.size)
-        raw.flush()
-        os.fsync(raw.fileno())
+    mtime = int(time.time())
+    with open(tmp, "wb", buffering=BUFFER_SIZE) as f:
+        for name in SEALED_TAG_FILES:
+            path = bag_dir / name
+            if not path.exists():
+                continue  # the time-stamp token, when no TSA is configured
+            with open(path, "rb") as src:
+                size = os.fstat(src.fileno()).st_size
+                f.write(
+                    tar_header(f"{bag_name}/{name}", size, int(os.fstat(src.fileno()).st_mtime))
+                )
+                shutil.copyfileobj(src, f, BUFFER_SIZE)
+                f.write(padding(size))
+        data_dir = tarfile.TarInfo(f"{bag_name}/data")  # present even with no payload
+        data_dir.type, data_dir.mode, data_dir.mtime = tarfile.DIRTYPE, 0o755, mtime
+        data_dir.uname = data_dir.gname = ""
+        f.write(data_dir.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
     os.replace(tmp, out)
-    return Packed(sink.hexdigest(), sink.size)
 
 
-def _add(tar: tarfile.TarFile, path: Path, arcname: str, expect_size: int | None = None) -> None:
-    with open(path, "rb", buffering=0) as f:
-        st = os.fstat(f.fileno())
-        if expect_size is not None and st.st_size != expect_size:
-            raise ValueError(f"{arcname}: staged size {st.st_size} != recorded {expect_size}")
-        info = tarfile.TarInfo(arcname)
-        info.size = st.st_size
-        info.mtime = int(st.st_mtime)
-        info.mode = 0o644
-        info.uname = info.gname = ""
-        tar.addfile(info, f)
+def digest(parts: Iterable[Path], check: Callable[[], None] = lambda: None) -> Packed:
+    """The sha256 and size of the archive the concatenation of `parts` is."""
+    sha, size = hashlib.sha256(), 0
+    buffer = memoryview(bytearray(BUFFER_SIZE))
+    for part in parts:
+        with open(part, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                check()
+                sha.update(buffer[:n])
+                size += n
+    return Packed(sha.hexdigest(), size)

@@ -12,9 +12,8 @@ import json
 import os
 import random
 import shutil
-import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -66,18 +65,6 @@ class AttemptsExhausted(Exception):
 POST_STEPS = ("check_integrity", "calculate_checksums", "sign")
 
 
-def _walk_files(root: Path) -> Iterator[Path]:
-    """Every non-directory under `root`, without following symlinks."""
-    if not root.is_dir():
-        return
-    with os.scandir(root) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                yield from _walk_files(Path(entry.path))
-            else:
-                yield Path(entry.path)
-
-
 class JobRunner:
     def __init__(self, svc: Services, job: Row) -> None:
         self.svc, self.job = svc, job
@@ -85,9 +72,11 @@ class JobRunner:
         self.config = Config.from_snapshot(job["config"])
         self.spec = JobSpec.model_validate_json(job["spec"])
         self.staging = svc.state_dir / "staging" / self.id
-        self.bag_dir = self.staging / "bag"
-        self.records_dir = self.staging / "records"
-        self.archive = self.staging / "archive.tar"
+        self.bag_dir = self.staging / "bag"  # the tag files
+        self.records_dir = self.staging / "records"  # per activity: sha256 size path
+        self.parts_dir = self.staging / "parts"  # per activity: its tar fragment
+        self.head = self.staging / "head.tar"  # the tag files' tar members
+        self.end = self.staging / "end.tar"
         self.last_error: BaseException | None = None
         self.scope: anyio.CancelScope | None = None
         self.canceled = False
@@ -106,6 +95,18 @@ class JobRunner:
     @property
     def state(self) -> State:
         return State(self.job["state"])
+
+    @property
+    def bag_name(self) -> str:
+        """`<name>-<job id>-<UTC start>`: fixed when the job first starts, since the
+        activities write it into their tar members."""
+        started = datetime.fromisoformat(self.job["started_at"]).astimezone(UTC)
+        return f"{self.spec.name}-{self.id}-{started.strftime('%Y%m%dT%H%M%SZ')}"
+
+    def _archive_parts(self) -> list[Path]:
+        """The files whose concatenation is the archive, in order."""
+        fragments = [self.parts_dir / f"{a.name}.tar" for a in self.spec.activities]
+        return [self.head, *fragments, self.end]
 
     async def run(self) -> None:
         with structlog.contextvars.bound_contextvars(job_id=self.id, state=self.state.value):
@@ -296,7 +297,12 @@ class JobRunner:
     async def _activity(self, name: str) -> dict[str, Any]:
         activity = next(a for a in self.spec.activities if a.name == name)
         driver_cls = activity_driver(activity.driver)
-        writer = ArtifactWriter(self.bag_dir, name, self.records_dir / f"{name}.records")
+        writer = ArtifactWriter(
+            self.parts_dir / f"{name}.tar",
+            self.bag_name,
+            name,
+            self.records_dir / f"{name}.records",
+        )
         await anyio.to_thread.run_sync(self._clear_activity, writer)
         driver = driver_cls(name, driver_cls.options(activity.options()))
         ctx = ActivityContext(self.id, self.config, writer, self.svc.hash_threads)
@@ -308,6 +314,8 @@ class JobRunner:
                 result = await driver.run(ctx)
             except Exception as exc:  # raised as itself below, not inside an ExceptionGroup
                 error = exc
+            finally:
+                writer.close()
             tg.cancel_scope.cancel()
         if error is not None:
             raise error
@@ -331,8 +339,8 @@ class JobRunner:
     @staticmethod
     def _clear_activity(writer: ArtifactWriter) -> None:
         """Remove what an unfinished earlier try of this task left behind."""
-        shutil.rmtree(writer.root, ignore_errors=True)
-        writer.records_path.unlink(missing_ok=True)
+        for path in (writer.fragment, writer.spool, writer.records_path):
+            path.unlink(missing_ok=True)
         writer.records_path.with_name(writer.records_path.name + ".part").unlink(missing_ok=True)
 
     # -- post_processing ---------------------------------------------------------------
@@ -353,53 +361,54 @@ class JobRunner:
         return Outcome(Event.DONE, "integrity checked, checksums calculated, signed")
 
     async def check_integrity(self) -> dict[str, Any]:
+        reported = {t["name"]: json.loads(t["result"]) for t in await self._tasks("activity")}
         checked = await anyio.to_thread.run_sync(
-            self._check_integrity, limiter=self.svc.hash_threads
+            self._check_integrity, reported, limiter=self.svc.hash_threads
         )
         await self._event("check_integrity", result="ok", files=checked[0], bytes=checked[1])
         return {}
 
-    def _check_integrity(self) -> tuple[int, int]:
-        """Every recorded artifact is there with its recorded size, and nothing else is.
+    def _check_integrity(self, reported: dict[str, dict[str, Any]]) -> tuple[int, int]:
+        """Each activity's records and fragment are what its task reported when it
+        finished, and staging holds no fragment of anything else.
 
-        Memory stays flat however many files there are: records are streamed, and the
-        staged files are only counted (a writer creates each file once, with O_EXCL, so
-        as many staged files as records, all present, means no extra one).
+        Memory stays flat however many files there are: records are streamed.
         """
+        fragments = {f"{a.name}.tar" for a in self.spec.activities}
+        extra = sorted(set(os.listdir(self.parts_dir)) - fragments)
+        if extra:
+            raise IntegrityError(f"staging holds {extra[0]}, which no activity wrote")
         files = total = 0
-        for record in bag.read_records(self._records()):
-            path = bag.decode_path(record.path)
-            try:
-                st = os.lstat(self.bag_dir / path)
-                size = st.st_size if stat.S_ISREG(st.st_mode) else -1
-            except OSError:
-                size = -1
-            if size != record.size:
+        for activity in self.spec.activities:
+            result = reported[activity.name]
+            count = size = 0
+            for record in bag.read_records([self.records_dir / f"{activity.name}.records"]):
+                count += 1
+                size += record.size
+            if (count, size) != (result["files"], result["bytes"]):
                 raise IntegrityError(
-                    f"artifact {path}: recorded {record.size} bytes, "
-                    f"staged {'missing' if size < 0 else size}"
+                    f"activity {activity.name}: {count} files of {size} bytes recorded, "
+                    f"{result['files']} files of {result['bytes']} bytes written"
                 )
-            files += 1
+            fragment = self.parts_dir / f"{activity.name}.tar"
+            try:
+                staged = os.lstat(fragment).st_size
+            except FileNotFoundError:
+                raise IntegrityError(
+                    f"activity {activity.name}: its tar fragment is gone"
+                ) from None
+            if staged != result["tar_bytes"]:
+                raise IntegrityError(
+                    f"activity {activity.name}: tar fragment has {staged} bytes staged, "
+                    f"{result['tar_bytes']} written"
+                )
+            files += count
             total += size
-        staged = sum(1 for _ in _walk_files(self.bag_dir / "data"))
-        if staged != files:
-            recorded = {bag.decode_path(r.path) for r in bag.read_records(self._records())}
-            extra = next(
-                (
-                    p
-                    for p in _walk_files(self.bag_dir / "data")
-                    if p.relative_to(self.bag_dir).as_posix() not in recorded
-                ),
-                None,
-            )
-            raise IntegrityError(
-                f"{staged} files staged but {files} recorded"
-                + (f"; e.g. {extra.relative_to(self.bag_dir)}" if extra else "")
-            )
         return files, total
 
     async def calculate_checksums(self) -> dict[str, Any]:
         def write() -> bag.Oxum:
+            self.bag_dir.mkdir(parents=True, exist_ok=True)
             oxum = bag.write_payload_manifest(self.bag_dir, self._records())
             info = bag.bag_info(
                 job_id=self.id,
@@ -415,8 +424,8 @@ class JobRunner:
         return {"payload_files": oxum.files, "payload_bytes": oxum.bytes}
 
     async def sign(self) -> dict[str, Any]:
+        bag_name = self.bag_name
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        bag_name = f"{self.spec.name}-{self.id}-{stamp}"
         secret = self.svc.keys.secret(self.config)
         events = await self._event_log()
 
@@ -436,13 +445,9 @@ class JobRunner:
                 stale.unlink(missing_ok=True)
             else:
                 bag.write_atomic(stale, token)
-            return bag.pack(
-                self.bag_dir,
-                bag_name,
-                self._records(),
-                self.archive,
-                check=anyio.from_thread.check_cancelled,
-            )
+            bag.write_head(self.bag_dir, bag_name, self.head)
+            bag.write_atomic(self.end, bag.END)
+            return bag.digest(self._archive_parts(), check=anyio.from_thread.check_cancelled)
 
         manifest = await anyio.to_thread.run_sync(sign_manifest, limiter=self.svc.hash_threads)
         token = None
@@ -497,7 +502,7 @@ class JobRunner:
         driver = self._storage(target)
         key = f"{self.spec.name}/{self.job['archive_name']}"
         copy = await driver.put(
-            self.archive, key, self.job["archive_sha256"], self.job["archive_size"]
+            self._archive_parts(), key, self.job["archive_sha256"], self.job["archive_size"]
         )
         async with self.svc.store.transaction() as tx:
             await tx.run(

@@ -20,6 +20,7 @@ the timed rounds, so caches are warm for all three alike. Targets are emptied an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -55,18 +56,23 @@ def find_archived() -> str:
 
 
 def need_tools() -> None:
-    missing = [t for t in ("minisign", "tar", "sha256sum", "tee", "sync", "bash", "find",
-                           "xargs", "cp") if not shutil.which(t)]
+    missing = [
+        t
+        for t in ("minisign", "tar", "sha256sum", "tee", "sync", "bash", "find", "xargs", "cp")
+        if not shutil.which(t)
+    ]
     if missing:
         raise BenchError(f"missing tools: {', '.join(missing)}")
 
 
-def run(argv: list[str], *, check: bool = True, timeout: float | None = None,
-        **kw) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: list[str], *, check: bool = True, timeout: float | None = None, **kw
+) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     if check and p.returncode != 0:
-        raise BenchError(f"{' '.join(argv)!r} exited {p.returncode}: "
-                         f"{(p.stderr or p.stdout).strip()[-2000:]}")
+        raise BenchError(
+            f"{' '.join(argv)!r} exited {p.returncode}: {(p.stderr or p.stdout).strip()[-2000:]}"
+        )
     return p
 
 
@@ -156,21 +162,38 @@ def datasets(quick: bool, extra_files: int | None) -> list[DataSet]:
     mixed.append(("big/big.bin", big))
     n_small = 20000 // scale
     sets = [
-        DataSet("A", f"mixed ~{(n_mixed * 256 * KiB + big) / GiB:.2f} GiB: "
-                f"{n_mixed:,} x 256 KiB in 4 dirs + 1 x {big / MiB:.1f} MiB", mixed),
+        DataSet(
+            "A",
+            f"mixed ~{(n_mixed * 256 * KiB + big) / GiB:.2f} GiB: "
+            f"{n_mixed:,} x 256 KiB in 4 dirs + 1 x {big / MiB:.1f} MiB",
+            mixed,
+        ),
         DataSet("B", f"{n_small:,} x 1 KiB in dirs of 1,000", small_files(n_small)),
     ]
     if extra_files:
-        sets.append(DataSet("F", f"{extra_files:,} x 1 KiB in dirs of 1,000 (archived only)",
-                            small_files(extra_files), only_archived=True))
+        sets.append(
+            DataSet(
+                "F",
+                f"{extra_files:,} x 1 KiB in dirs of 1,000 (archived only)",
+                small_files(extra_files),
+                only_archived=True,
+            )
+        )
     return sets
 
 
 def generate(ds: DataSet) -> None:
     """Deterministic incompressible content; reused if a kept workdir already has it."""
     marker = ds.root / ".complete"
-    spec = json.dumps({"files": len(ds.files), "bytes": ds.nbytes, "label": ds.label,
-                       "first": ds.files[0], "last": ds.files[-1]})
+    spec = json.dumps(
+        {
+            "files": len(ds.files),
+            "bytes": ds.nbytes,
+            "label": ds.label,
+            "first": ds.files[0],
+            "last": ds.files[-1],
+        }
+    )
     if marker.exists() and marker.read_text() == spec:
         print(f"  data set {ds.key}: reusing {ds.src}", flush=True)
         return
@@ -192,8 +215,11 @@ def generate(ds: DataSet) -> None:
                 left -= n
     sync()
     marker.write_text(spec)
-    print(f"  data set {ds.key}: generated {len(ds.files):,} files, {ds.nbytes / MiB:.1f} MiB "
-          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    print(
+        f"  data set {ds.key}: generated {len(ds.files):,} files, {ds.nbytes / MiB:.1f} MiB "
+        f"in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
 
 
 def warm(ds: DataSet) -> None:
@@ -266,8 +292,17 @@ class Script:
         sync()
 
     def run(self) -> Result:
-        argv = ["bash", "-c", SCRIPT, "script", str(self.ds.root), str(self.stage),
-                str(self.t1), str(self.t2), str(self.key)]
+        argv = [
+            "bash",
+            "-c",
+            SCRIPT,
+            "script",
+            str(self.ds.root),
+            str(self.stage),
+            str(self.t1),
+            str(self.t2),
+            str(self.key),
+        ]
         t0 = time.perf_counter()
         p = subprocess.run(argv, capture_output=True, text=True)
         dt = time.perf_counter() - t0
@@ -312,8 +347,9 @@ class Archived:
 
     name = "archived"
 
-    def __init__(self, exe: str, base: Path, ds: DataSet, warmup_src: Path,
-                 allowed_root: Path) -> None:
+    def __init__(
+        self, exe: str, base: Path, ds: DataSet, warmup_src: Path, allowed_root: Path
+    ) -> None:
         self.exe, self.base, self.ds = exe, base, ds
         self.t1, self.t2 = base / "t1", base / "t2"
         self.config = base / "config.toml"
@@ -341,8 +377,10 @@ class Archived:
             '[storage.t2]\ndriver = "localdir"\n'
             f"path = {json.dumps(str(self.t2))}\n"
         )
-        for path, name, src in ((self.job, "bench", ds.src), (self.warmup_job, "warmup",
-                                                               warmup_src)):
+        for path, name, src in (
+            (self.job, "bench", ds.src),
+            (self.warmup_job, "warmup", warmup_src),
+        ):
             path.write_text(
                 f'name = "{name}"\nstorage = ["t1", "t2"]\n'
                 f'[[activities]]\nname = "src"\ndriver = "files"\npath = {json.dumps(str(src))}\n'
@@ -354,9 +392,13 @@ class Archived:
     # daemon lifecycle
     def start(self) -> None:
         self.cli("check-config")
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([self.exe, "run", "--config", str(self.config)],
-                                     stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        logf = open(self.log, "ab")  # noqa: SIM115 (the daemon writes it while it runs)
+        self.proc = subprocess.Popen(
+            [self.exe, "run", "--config", str(self.config)],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+        )
         logf.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -414,8 +456,16 @@ class Archived:
 
     def submit(self, job: Path, label: str = "archived") -> Result:
         self.alive()
-        argv = [self.exe, "submit", "--config", str(self.config), "--wait", "--timeout", "2h",
-                str(job)]
+        argv = [
+            self.exe,
+            "submit",
+            "--config",
+            str(self.config),
+            "--wait",
+            "--timeout",
+            "2h",
+            str(job),
+        ]
         wall0 = time.time()
         t0 = time.perf_counter()
         p = subprocess.run(argv, capture_output=True, text=True)
@@ -426,12 +476,12 @@ class Archived:
             why = p.stderr.strip()
             if job_id:
                 shown = self.cli("show", job_id, "--json", check=False).stdout
-                try:
+                with contextlib.suppress(ValueError):
                     why += f"; job error: {json.loads(shown).get('error')}"
-                except ValueError:
-                    pass
-            raise BenchError(f"{label}: submit --wait exited {p.returncode}: {why}\n"
-                             f"daemon log:\n{self.log_tail()}")
+            raise BenchError(
+                f"{label}: submit --wait exited {p.returncode}: {why}\n"
+                f"daemon log:\n{self.log_tail()}"
+            )
         show = json.loads(self.cli("show", job_id, "--json").stdout)
         if show["state"] != "completed":
             raise BenchError(f"{label}: job {job_id} is {show['state']}: {show.get('error')}")
@@ -450,8 +500,10 @@ class Archived:
             if not self.verified:  # once per data set, untimed: the archive is valid
                 v = self.cli("verify", copies["t1"]["path"], check=False)
                 if v.returncode != 0:
-                    raise BenchError(f"archived verify {copies['t1']['path']} failed: "
-                                     f"{(v.stdout + v.stderr).strip()[-2000:]}")
+                    raise BenchError(
+                        f"archived verify {copies['t1']['path']} failed: "
+                        f"{(v.stdout + v.stderr).strip()[-2000:]}"
+                    )
                 self.verified = True
         return Result(dt, {"job": job_id, "show": show, "wall0": wall0, "wall1": wall1})
 
@@ -468,9 +520,11 @@ class Archived:
             if rec.get("job_id") != job_id:
                 continue
             ev = rec.get("event")
-            key = {"post-processing step done": f"step:{rec.get('step')}",
-                   "stored": f"stored:{rec.get('target')}",
-                   "archive sealed": "sealed"}.get(ev)
+            key = {
+                "post-processing step done": f"step:{rec.get('step')}",
+                "stored": f"stored:{rec.get('target')}",
+                "archive sealed": "sealed",
+            }.get(ev)
             if key:
                 events[key] = parse_ts(rec["timestamp"])
         out: list[tuple[str, float]] = []
@@ -480,19 +534,29 @@ class Archived:
                 out.append((label, b - a))
 
         g = hist.get
-        span("submit CLI start -> job file picked up (uninitialized)", r.detail["wall0"],
-             g("uninitialized"))
-        span("uninitialized -> queued -> activity_archiving", g("uninitialized"),
-             g("activity_archiving"))
-        span("activity_archiving (walk, copy + sha256 into staging)", g("activity_archiving"),
-             g("post_processing"))
+        span(
+            "submit CLI start -> job file picked up (uninitialized)",
+            r.detail["wall0"],
+            g("uninitialized"),
+        )
+        span(
+            "uninitialized -> queued -> activity_archiving",
+            g("uninitialized"),
+            g("activity_archiving"),
+        )
+        span(
+            "activity_archiving (walk, read + sha256 into the tar fragment)",
+            g("activity_archiving"),
+            g("post_processing"),
+        )
         pp, st = g("post_processing"), g("store")
-        ci, cc, sg = (events.get(f"step:{s}") for s in
-                      ("check_integrity", "calculate_checksums", "sign"))
+        ci, cc, sg = (
+            events.get(f"step:{s}") for s in ("check_integrity", "calculate_checksums", "sign")
+        )
         if pp and ci and cc and sg and st:
             span("  post_processing: check_integrity", pp, ci)
             span("  post_processing: calculate_checksums", ci, cc)
-            span("  post_processing: sign (event log, tag manifest, sig, tar)", cc, sg)
+            span("  post_processing: sign (tag files, signature, archive sha256)", cc, sg)
             span("  post_processing: commit -> store", sg, st)
         span("post_processing (total)", pp, st)
         s1, s2 = events.get("stored:t1"), events.get("stored:t2")
@@ -520,10 +584,19 @@ def fmt_bytes(n: float) -> str:
     return f"{n / MiB:.1f} MiB"
 
 
-def bench_set(ds: DataSet, work: Path, archived_exe: str, op_key: Path, warmup_src: Path,
-              rounds: int, daemons: list[Archived]) -> list[str]:
-    print(f"\n== {ds.key}: {ds.label} ({len(ds.files):,} files, {fmt_bytes(ds.nbytes)}) ==",
-          flush=True)
+def bench_set(
+    ds: DataSet,
+    work: Path,
+    archived_exe: str,
+    op_key: Path,
+    warmup_src: Path,
+    rounds: int,
+    daemons: list[Archived],
+) -> list[str]:
+    print(
+        f"\n== {ds.key}: {ds.label} ({len(ds.files):,} files, {fmt_bytes(ds.nbytes)}) ==",
+        flush=True,
+    )
     warm(ds)
     arch = Archived(archived_exe, work / "daemon" / ds.key, ds, warmup_src, work / "data")
     daemons.append(arch)
@@ -534,8 +607,11 @@ def bench_set(ds: DataSet, work: Path, archived_exe: str, op_key: Path, warmup_s
         contenders: list = [arch]
         rounds = 1
     else:
-        contenders = [Script(work / "script" / ds.key, ds, op_key),
-                      Floor(work / "floor" / ds.key, ds), arch]
+        contenders = [
+            Script(work / "script" / ds.key, ds, op_key),
+            Floor(work / "floor" / ds.key, ds),
+            arch,
+        ]
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     arch_results: list[Result] = []
     for rnd in range(rounds):
@@ -554,20 +630,26 @@ def bench_set(ds: DataSet, work: Path, archived_exe: str, op_key: Path, warmup_s
     arch.stop()
 
     med = {name: statistics.median(v) for name, v in times.items()}
-    lines = [f"{ds.key}: {ds.label} ({len(ds.files):,} files, {fmt_bytes(ds.nbytes)}); "
-             f"median of {rounds}, caches warm for all alike",
-             f"  {'':<10}{'median s':>10}   runs"]
+    lines = [
+        f"{ds.key}: {ds.label} ({len(ds.files):,} files, {fmt_bytes(ds.nbytes)}); "
+        f"median of {rounds}, caches warm for all alike",
+        f"  {'':<10}{'median s':>10}   runs",
+    ]
     for name, v in times.items():
         lines.append(f"  {name:<10}{med[name]:>10.2f}   " + " ".join(f"{x:.2f}" for x in v))
     if "script" in med:
         lines.append(f"  archived/script  {med['archived'] / med['script']:.2f}x")
         lines.append(f"  archived/floor   {med['archived'] / med['floor']:.2f}x")
-    lines.append(f"  daemon peak RSS (VmHWM) {fmt_bytes(peak)} (after warm-up job "
-                 f"{fmt_bytes(idle_hwm)}; VmRSS at end {fmt_bytes(rss)})")
+    lines.append(
+        f"  daemon peak RSS (VmHWM) {fmt_bytes(peak)} (after warm-up job "
+        f"{fmt_bytes(idle_hwm)}; VmRSS at end {fmt_bytes(rss)})"
+    )
     # the phase breakdown of the archived run closest to the median
     r = min(arch_results, key=lambda x: abs(x.seconds - med["archived"]))
-    lines.append(f"  phases of archived job {r.detail['job']} ({r.seconds:.2f}s wall, "
-                 "from `archived show --json` history and the daemon log):")
+    lines.append(
+        f"  phases of archived job {r.detail['job']} ({r.seconds:.2f}s wall, "
+        "from `archived show --json` history and the daemon log):"
+    )
     for label, secs in arch.phases(r):
         lines.append(f"    {label:<62}{secs:>8.3f}s")
     print("\n".join(lines), flush=True)
@@ -575,16 +657,27 @@ def bench_set(ds: DataSet, work: Path, archived_exe: str, op_key: Path, warmup_s
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="data sets 10x smaller (smoke run)")
-    ap.add_argument("--workdir", type=Path,
-                    help="where data, targets and daemon state go (default: a fresh temp dir)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        help="where data, targets and daemon state go (default: a fresh temp dir)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per contender (3)")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the workdir (and reuse its generated data next time)")
-    ap.add_argument("--files", type=int, metavar="N",
-                    help="also an 'N x 1 KiB' data set, archived only, for peak RSS")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the workdir (and reuse its generated data next time)",
+    )
+    ap.add_argument(
+        "--files",
+        type=int,
+        metavar="N",
+        help="also an 'N x 1 KiB' data set, archived only, for peak RSS",
+    )
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
@@ -604,9 +697,12 @@ def main() -> int:
         exe = find_archived()
         head = machine(work, exe)
         print("\n".join(head), flush=True)
-        print("caches:    page cache NOT dropped (no root); every source is read once before "
-              "its timed rounds, so caches are warm for script, floor and archived alike; "
-              "targets emptied + sync before every timed command", flush=True)
+        print(
+            "caches:    page cache NOT dropped (no root); every source is read once before "
+            "its timed rounds, so caches are warm for script, floor and archived alike; "
+            "targets emptied + sync before every timed command",
+            flush=True,
+        )
         sets = datasets(args.quick, args.files)
         for ds in sets:
             ds.root = work / "data" / ds.key
@@ -620,7 +716,7 @@ def main() -> int:
         for ds in sets:  # each set generated right before its rounds, not all up front,
             print(f"\ngenerating data set {ds.key}", flush=True)  # so a big set's writeback
             generate(ds)  # cannot slow down the rounds of an earlier one
-            report += [""] + bench_set(ds, work, exe, op_key, warmup_src, args.rounds, daemons)
+            report += ["", *bench_set(ds, work, exe, op_key, warmup_src, args.rounds, daemons)]
     except BenchError as exc:
         failed = str(exc)
     except KeyboardInterrupt:

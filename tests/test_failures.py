@@ -267,22 +267,34 @@ def test_a_busy_database_does_not_crash_the_daemon(root: Root) -> None:
     assert root.wait_state(job_id, "completed")["state"] == "completed"
 
 
-@pytest.mark.parametrize("tamper", ["extra", "truncated"])
+@pytest.mark.parametrize("tamper", ["extra", "appended", "truncated", "records"])
 def test_staged_artifacts_that_differ_from_their_records_fail_the_job(
     root: Root, tamper: str
 ) -> None:
     root.start(env={"ARCHIVED_FAILPOINTS": "check_integrity=delay:3"})
     (job_id,) = root.submit(root.job_file("tampered"))
     root.wait_state(job_id, "post_processing")
-    data = root.state_dir / "staging" / job_id / "bag" / "data" / "a"
+    staging = root.state_dir / "staging" / job_id
+    fragment = staging / "parts" / "a.tar"
     if tamper == "extra":
-        (data / "sub" / "planted.txt").write_text("not from the source\n")
-    else:
-        with open(data / "sub" / "data.bin", "r+b") as f:
+        (staging / "parts" / "planted.tar").write_bytes(fragment.read_bytes())
+    elif tamper == "appended":
+        with open(fragment, "ab") as f:
+            f.write(bytes(512))
+    elif tamper == "truncated":
+        with open(fragment, "r+b") as f:
             f.truncate(10)
+    else:
+        records = staging / "records" / "a.records"
+        records.write_text(records.read_text().splitlines(keepends=True)[0])
     job = root.wait_state(job_id, "failed", "completed")
     assert job["state"] == "failed"
-    expected = "planted.txt" if tamper == "extra" else "recorded 300000 bytes, staged 10"
+    expected = {
+        "extra": "staging holds planted.tar, which no activity wrote",
+        "appended": "bytes staged",
+        "truncated": "tar fragment has 10 bytes staged",
+        "records": "activity a: 1 files",
+    }[tamper]
     assert expected in job["error"]
     assert [h["state"] for h in job["history"]].count("recoverable_error") == 0
     assert root.all_target_files() == []

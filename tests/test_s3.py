@@ -373,9 +373,14 @@ async def test_the_driver_leaves_no_partial_object_and_deletes_idempotently(
         ),
     )
     await driver.ready()
-    archive = tmp_path / "x.tar"
-    archive.write_bytes(os.urandom(11 * MiB))
-    sha256, size = hashlib.sha256(archive.read_bytes()).hexdigest(), 11 * MiB
+    # The archive as staging holds it: pieces whose concatenation it is, split so that
+    # upload parts (5 MiB) begin and end inside pieces and span them.
+    whole = os.urandom(11 * MiB)
+    cuts = [0, 3 * MiB, 3 * MiB + 1, 7 * MiB + 512, 11 * MiB]
+    archive = [tmp_path / f"piece{i}" for i in range(len(cuts) - 1)]
+    for piece, start, end in zip(archive, cuts, cuts[1:], strict=False):
+        piece.write_bytes(whole[start:end])
+    sha256, size = hashlib.sha256(whole).hexdigest(), 11 * MiB
     # A digest the file does not have: every part goes up, then the upload is aborted.
     with pytest.raises(StorageError, match="does not match its sha256") as bad:
         await driver.put(archive, "j/x.tar", "0" * 64, size)
@@ -388,7 +393,7 @@ async def test_the_driver_leaves_no_partial_object_and_deletes_idempotently(
     assert await driver.check("j/x.tar", sha256, size) is None
     fetched = tmp_path / "fetched.tar"
     await driver.fetch("j/x.tar", fetched)
-    assert fetched.read_bytes() == archive.read_bytes()
+    assert fetched.read_bytes() == whole
     assert await driver.delete("j/x.tar") is True
     assert await driver.delete("j/x.tar") is False
     with pytest.raises(StorageError, match="NoSuchKey") as missing:

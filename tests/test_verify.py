@@ -163,18 +163,44 @@ def test_what_verify_accepts_the_spec_s_manual_check_accepts(
     )
 
 
-def test_what_the_packer_writes_verifies(tmp_path: Path, key: SecretKey) -> None:
-    from archived import bag as packer
-    from archived.drivers.base import Record, bagit_path
+def test_what_the_writer_and_packer_write_verifies(tmp_path: Path, key: SecretKey) -> None:
+    """Fragments from every ArtifactWriter entry point, the head and END, concatenated."""
+    import io
 
-    bag_dir = tmp_path / "staging"
-    records = tmp_path / "records.txt"
-    with records.open("w", encoding="utf-8") as out:
-        for path, data in PAYLOAD.items():
-            (bag_dir / path).parent.mkdir(parents=True, exist_ok=True)
-            (bag_dir / path).write_bytes(data)
-            out.write(Record(sha256(data), len(data), bagit_path(path)).line())
-    oxum = packer.write_payload_manifest(bag_dir, [records])
+    from archived import bag as packer
+    from archived.drivers.base import SMALL_FILE, ArtifactWriter
+
+    big = bytes(range(256)) * (SMALL_FILE // 128)  # past the whole-file path
+    long_name = "deep/" * 30 + "long name.txt"  # past ustar's 100 bytes: a PAX header
+    parts = tmp_path / "parts"
+    writers = []
+    for activity in ("docs", "logs"):
+        writer = ArtifactWriter(parts / f"{activity}.tar", BAG, activity, tmp_path / activity)
+        writer.start()
+        writers.append(writer)
+    docs, logs = writers
+    docs.add("a.txt", b"hello, archive\n", 1_700_000_000.5)
+    docs.add("caf\u00e9/\u65e5\u672c.txt", b"non-ASCII names get PAX headers\n", 0)
+    docs.add(long_name, b"", 1_700_000_000)
+    docs.copy_from("big.bin", io.BytesIO(big), len(big), 1_700_000_000)
+    staged = tmp_path / "snapshot"
+    staged.write_bytes(b"adopted\n")
+    logs.adopt("snap.db", staged)
+    with logs.stream("two\nlines.txt") as sink:
+        sink.write(b"streamed, ")
+        sink.write(b"length unknown up front\n")
+    results = [w.finish() for w in writers]
+    assert not staged.exists()
+    assert [r["files"] for r in results] == [4, 2]
+    assert [r["tar_bytes"] for r in results] == [
+        (parts / f"{a}.tar").stat().st_size for a in ("docs", "logs")
+    ]
+
+    bag_dir = tmp_path / "bag"
+    bag_dir.mkdir()
+    records = [w.records_path for w in writers]
+    oxum = packer.write_payload_manifest(bag_dir, records)
+    assert (oxum.files, oxum.bytes) == (6, sum(r["bytes"] for r in results))
     packer.write_tag_files(
         bag_dir,
         info=packer.bag_info(job_id="job-1", bagging_date="2024-01-01", oxum=oxum, metadata={}),
@@ -182,11 +208,60 @@ def test_what_the_packer_writes_verifies(tmp_path: Path, key: SecretKey) -> None
     packer.write_events(bag_dir, [{"event": "created"}])
     signed = packer.write_tag_manifest(bag_dir)
     (bag_dir / SIGNATURE).write_text(key.sign(signed, trusted_comment="job-1"))
+    head, end = tmp_path / "head.tar", tmp_path / "end.tar"
+    packer.write_head(bag_dir, BAG, head)
+    end.write_bytes(packer.END)
+    archive = [head, parts / "docs.tar", parts / "logs.tar", end]
     out_tar = tmp_path / "out.tar"
-    packer.pack(bag_dir, BAG, [records], out_tar)
+    out_tar.write_bytes(b"".join(p.read_bytes() for p in archive))
+    packed = packer.digest(archive)
+    assert (packed.sha256, packed.size) == (sha256(out_tar.read_bytes()), out_tar.stat().st_size)
+
     report = verify_path(out_tar, keys=[key.public_key()])
     assert report.ok, report.problems
-    assert (report.bag, report.files) == (BAG, len(PAYLOAD))
+    assert (report.bag, report.files) == (BAG, 6)
+    # what GNU tar and bagit-python, which we did not write, make of it
+    listing = subprocess.run(
+        ["tar", "-tvf", str(out_tar)], check=True, capture_output=True, text=True
+    ).stdout
+    assert f"{BAG}/data/docs/{long_name}" in listing
+    assert f"{BAG}/data/docs/caf\u00e9/\u65e5\u672c.txt" in listing
+    (tmp_path / "out").mkdir()
+    subprocess.run(["tar", "-xf", str(out_tar), "-C", str(tmp_path / "out")], check=True)
+    extracted = tmp_path / "out" / BAG
+    bagit.Bag(str(extracted)).validate()
+    assert (extracted / "data" / "docs" / "big.bin").read_bytes() == big
+    assert (extracted / "data" / "docs" / "a.txt").stat().st_mtime == 1_700_000_000
+
+
+def test_the_fast_tar_header_is_what_tarfile_reads_back() -> None:
+    from archived.drivers.base import tar_header
+
+    for name, size, mtime in [
+        ("b/data/x/a.txt", 0, 0),
+        ("b/data/x/" + "n" * 91, 8**11 - 1, 8**11 - 1),  # the largest a ustar header holds
+        ("b/data/x/" + "n" * 92, 1, 1),  # 101 bytes: PAX
+        ("b/data/x/big", 8**11, 1_700_000_000),  # 8 GiB: PAX
+        ("b/data/x/\u00e9", 5, 1_700_000_000),
+    ]:
+        header = tar_header(name, size, mtime)
+        assert len(header) % 512 == 0
+        with tarfile.open(fileobj=io.BytesIO(header + bytes(-size % 512 + 1024)), mode="r|") as t:
+            info = t.next()
+        assert info is not None
+        assert (info.name, info.size, info.mtime, info.mode, info.type, info.uname) == (
+            name,
+            size,
+            mtime,
+            0o644,
+            tarfile.REGTYPE,
+            "",
+        ), name
+        if len(name) <= 100 and name.isascii() and size < 8**11:
+            expected = tarfile.TarInfo(name)
+            expected.size, expected.mtime, expected.mode = size, mtime, 0o644
+            expected.uname = expected.gname = ""
+            assert header == expected.tobuf(tarfile.USTAR_FORMAT), name
 
 
 def test_percent_in_a_name_is_encoded_as_rfc_8493_says(tmp_path: Path, key: SecretKey) -> None:

@@ -1,18 +1,20 @@
 """The two driver interfaces, and the artifact writer every activity driver shares.
 
-An activity driver turns one data source into files under the job's staging area,
-through an `ArtifactWriter` that hashes every byte as it is written and records
-`sha256 size path` for each file, so the payload is never read a second time to
-be checksummed. A storage driver puts the finished archive somewhere and proves it
-reads back identical.
+An activity driver turns one data source into one tar fragment in the job's staging
+area, through an `ArtifactWriter` that hashes every byte as it is written and records
+`sha256 size path` for each file, so the payload is never read a second time to be
+checksummed, and no file is created per source file. A storage driver puts the
+finished archive (the fragments and the tag files' tar, concatenated) somewhere and
+proves it reads back identical.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tarfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +24,13 @@ import anyio
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Config
+from ..errors import StorageError, TransientError
 
 BUFFER_SIZE = 1024 * 1024
+BLOCK = 512  # a tar block
+SMALL_FILE = 256 * 1024  # files up to this size are read whole, in one call
+# The sealed archive as it sits in staging: files whose concatenation is the tar.
+Parts = Sequence[Path]
 
 
 class DriverOptions(BaseModel):
@@ -33,6 +40,103 @@ class DriverOptions(BaseModel):
 def bagit_path(path: str) -> str:
     """A path as BagIt manifests spell it (RFC 8493 section 2.1.3)."""
     return path.replace("%", "%25").replace("\n", "%0A").replace("\r", "%0D")
+
+
+def padding(size: int) -> bytes:
+    """The zeros that fill a tar member's data up to a whole block."""
+    return bytes(-size % BLOCK)
+
+
+_USTAR_TAIL = (
+    b"0"  # regular file
+    + bytes(100)  # link name
+    + b"ustar\x0000"
+    + bytes(64)  # user and group name: none
+    + bytes(16)  # device numbers: none, as tarfile writes them for a regular file
+    + bytes(155 + 12)  # name prefix, padding
+)
+_USTAR_FIXED = b"0000644\x00" + b"0000000\x00" * 2  # mode, uid, gid
+_USTAR_MAX = 8**11  # size and mtime fields hold 11 octal digits
+
+
+def tar_header(name: str, size: int, mtime: int) -> bytes:
+    """The header block(s) of a regular file member: mode 0644, no owner.
+
+    A short ASCII name gets a plain ustar header, built here because `tarfile` takes
+    15 us a header (a third of the time per small file); anything else, such as a
+    long or non-ASCII name or an 8 GiB file, the PAX header `tarfile` writes.
+    """
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= 100 and raw.isascii() and 0 <= size < _USTAR_MAX and 0 <= mtime < _USTAR_MAX:
+        head = raw.ljust(100, b"\x00") + _USTAR_FIXED + b"%011o\x00%011o\x00" % (size, mtime)
+        checksum = sum(head) + 8 * 32 + sum(_USTAR_TAIL)  # the checksum field counts as spaces
+        return head + b"%06o\x00 " % checksum + _USTAR_TAIL
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o644
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def file_sha256(path: Path | str) -> tuple[str, int]:
+    """The sha256 and size of a file, read once in large blocks."""
+    digest, size = hashlib.sha256(), 0
+    buffer = memoryview(bytearray(BUFFER_SIZE))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(buffer[:n])
+            size += n
+    return digest.hexdigest(), size
+
+
+def parts_size(parts: Parts) -> int:
+    return sum(os.stat(p).st_size for p in parts)
+
+
+def read_parts(parts: Parts, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` of the concatenation of `parts`."""
+    out = bytearray()
+    for part in parts:
+        if len(out) == length:
+            break
+        with open(part, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset >= size:
+                offset -= size
+                continue
+            f.seek(offset)
+            offset = 0
+            while len(out) < length and (chunk := f.read(length - len(out))):
+                out += chunk
+    if len(out) != length:
+        raise StorageError(
+            f"the staged archive is shorter than recorded ({parts[-1]})", recoverable=True
+        )
+    return bytes(out)
+
+
+def copy_parts(parts: Parts, dst_fd: int) -> None:
+    """Append the concatenation of `parts` to `dst_fd`, in the kernel where it can."""
+    buffer: memoryview | None = None
+    for part in parts:
+        with open(part, "rb", buffering=0) as f:
+            remaining = os.fstat(f.fileno()).st_size
+            try:
+                while remaining and (n := os.copy_file_range(f.fileno(), dst_fd, remaining)):
+                    remaining -= n
+            except OSError:  # not on this file system: copy through user space
+                buffer = buffer or memoryview(bytearray(BUFFER_SIZE))
+                f.seek(os.fstat(f.fileno()).st_size - remaining)
+                while n := f.readinto(buffer):
+                    write_all(dst_fd, buffer[:n])
+                    remaining -= n
+            if remaining:
+                raise StorageError(f"{part} shrank while it was being copied", recoverable=True)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 @dataclass(frozen=True)
@@ -50,84 +154,138 @@ class Record:
         return cls(sha, int(size), path)
 
 
+class SourceChanged(TransientError):
+    """A file changed size while it was being copied."""
+
+
 @dataclass
 class ArtifactWriter:
-    """Writes one activity's files under `bag_dir/data/<activity>/`, hashing as it goes.
+    """Writes one activity's files as tar members into `fragment`, hashing as it goes.
 
-    Used from one worker thread. Records stream to `records_path` (never held in
-    memory) and become visible under that name only once `finish()` ran.
+    Members are named `<bag_name>/data/<activity>/<relpath>`; the fragment has no
+    end-of-archive blocks, so fragments concatenate into one tar. Small members are
+    gathered in a buffer and written 1 MiB at a time. Used from one worker thread.
+    Records stream to `records_path` (never held in memory) and become visible
+    under that name only once `finish()` ran.
     """
 
-    bag_dir: Path
+    fragment: Path
+    bag_name: str
     activity: str
     records_path: Path
-    buffer_size: int = BUFFER_SIZE
     files: int = 0
     total_bytes: int = 0
+    tar_bytes: int = 0
+    _fd: int = field(default=-1, repr=False)
+    _pending: bytearray = field(default_factory=bytearray, repr=False)
+    _buffer: memoryview = field(default_factory=lambda: memoryview(b""), repr=False)
     _records: IO[str] | None = field(default=None, repr=False)
-    _buffer: bytearray = field(default_factory=bytearray, repr=False)
 
     @property
-    def root(self) -> Path:
-        return self.bag_dir / "data" / self.activity
-
-    @property
-    def _part(self) -> Path:
+    def _records_part(self) -> Path:
         return self.records_path.with_name(self.records_path.name + ".part")
 
-    def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.records_path.parent.mkdir(parents=True, exist_ok=True)
-        self._records = open(self._part, "w", encoding="utf-8")  # noqa: SIM115
-        self._buffer = bytearray(self.buffer_size)
+    @property
+    def spool(self) -> Path:
+        """Where output of unknown length waits before it joins the fragment."""
+        return self.fragment.with_name(self.fragment.name + ".spool")
 
-    def copy_from(self, relpath: str, source: IO[bytes], mtime: float | None = None) -> int:
-        """Copy an open binary stream into the artifact file `relpath`; returns its size."""
-        view = memoryview(self._buffer)
-        with self.open(relpath, mtime) as sink:
-            while n := source.readinto(view):  # type: ignore[attr-defined]
-                sink.write(view[:n])
-        return sink.size
+    def start(self) -> None:
+        self.fragment.parent.mkdir(parents=True, exist_ok=True)
+        self.records_path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        self._fd = os.open(self.fragment, flags, 0o600)
+        self._records = open(self._records_part, "w", encoding="utf-8")  # noqa: SIM115
+        self._buffer = memoryview(bytearray(BUFFER_SIZE))
+
+    def add(self, relpath: str, data: bytes, mtime: float) -> None:
+        """A whole small file at once."""
+        self._pending += tar_header(self._member(relpath), len(data), int(mtime))
+        self._pending += data
+        self._pending += padding(len(data))
+        if len(self._pending) >= BUFFER_SIZE:
+            self._flush()
+        self._record(relpath, hashlib.sha256(data).hexdigest(), len(data))
+
+    def copy_from(self, relpath: str, source: IO[bytes], size: int, mtime: float) -> None:
+        """Exactly `size` bytes of an open binary stream; SourceChanged if it has fewer."""
+        self._pending += tar_header(self._member(relpath), size, int(mtime))
+        self._flush()
+        digest = hashlib.sha256()
+        buffer, left = self._buffer, size
+        while left:
+            n = source.readinto(buffer[: min(left, BUFFER_SIZE)])  # type: ignore[attr-defined]
+            if not n:
+                raise SourceChanged(f"{relpath} changed while being archived (shrank)")
+            digest.update(buffer[:n])
+            write_all(self._fd, buffer[:n])
+            left -= n
+        self._pending += padding(size)
+        self.tar_bytes += size
+        self._record(relpath, digest.hexdigest(), size)
 
     @contextmanager
-    def open(self, relpath: str, mtime: float | None = None) -> Iterator[HashingSink]:
-        """An artifact file to write into; recorded when the block ends without error."""
-        target = self.root / relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb", buffering=0) as raw:
-            sink = HashingSink(raw)
-            yield sink
-        if mtime is not None:
-            os.utime(target, (mtime, mtime))
-        assert self._records is not None, "start() first"
-        path = bagit_path(f"data/{self.activity}/{relpath}")
-        self._records.write(Record(sink.hexdigest(), sink.size, path).line())
-        self.files += 1
-        self.total_bytes += sink.size
+    def stream(self, relpath: str) -> Iterator[HashingSink]:
+        """A file of unknown length: written to a spool file, then appended as a member."""
+        fd = os.open(self.spool, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb", buffering=0, closefd=False) as raw:
+                sink = HashingSink(raw)
+                yield sink
+            self._pending += tar_header(
+                self._member(relpath), sink.size, int(os.fstat(fd).st_mtime)
+            )
+            self._flush()
+            os.lseek(fd, 0, os.SEEK_SET)
+            copy_parts([self.spool], self._fd)
+            self._pending += padding(sink.size)
+            self.tar_bytes += sink.size
+            self._record(relpath, sink.hexdigest(), sink.size)
+        finally:
+            os.close(fd)
+            self.spool.unlink(missing_ok=True)
 
-    def adopt(self, relpath: str) -> None:
-        """Record a file a driver wrote under `root` by other means, hashing it once."""
-        buffer = memoryview(self._buffer)
-        digest = hashlib.sha256()
-        size = 0
-        with open(self.root / relpath, "rb", buffering=0) as f:
-            while n := f.readinto(buffer):
-                digest.update(buffer[:n])
-                size += n
-        assert self._records is not None, "start() first"
-        path = bagit_path(f"data/{self.activity}/{relpath}")
-        self._records.write(Record(digest.hexdigest(), size, path).line())
-        self.files += 1
-        self.total_bytes += size
+    def adopt(self, relpath: str, path: Path) -> None:
+        """A file a driver made in staging by other means; it is removed once added."""
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            self.copy_from(relpath, f, st.st_size, st.st_mtime)
+        path.unlink()
 
     def finish(self) -> dict[str, Any]:
-        assert self._records is not None
+        assert self._records is not None, "start() first"
+        self._flush()
+        os.close(self._fd)
+        self._fd = -1
         self._records.flush()
         os.fsync(self._records.fileno())
         self._records.close()
-        os.replace(self._part, self.records_path)
-        return {"files": self.files, "bytes": self.total_bytes}
+        os.replace(self._records_part, self.records_path)
+        return {"files": self.files, "bytes": self.total_bytes, "tar_bytes": self.tar_bytes}
+
+    def close(self) -> None:
+        """Release what an unfinished run holds (after an error)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._records is not None and not self._records.closed:
+            self._records.close()
+
+    def _member(self, relpath: str) -> str:
+        return f"{self.bag_name}/data/{self.activity}/{relpath}"
+
+    def _flush(self) -> None:
+        if self._pending:
+            write_all(self._fd, self._pending)
+            self.tar_bytes += len(self._pending)
+            self._pending.clear()
+
+    def _record(self, relpath: str, sha256: str, size: int) -> None:
+        assert self._records is not None, "start() first"
+        path = bagit_path(f"data/{self.activity}/{relpath}")
+        self._records.write(f"{sha256} {size} {path}\n")
+        self.files += 1
+        self.total_bytes += size
 
 
 class HashingSink:
@@ -202,8 +360,8 @@ class StorageDriver(ABC):
         """Raise ConfigError unless the target can take archives now."""
 
     @abstractmethod
-    async def put(self, archive: Path, key: str, sha256: str, size: int) -> StoredCopy:
-        """Store `archive` under `key` atomically and return the verified copy.
+    async def put(self, archive: Parts, key: str, sha256: str, size: int) -> StoredCopy:
+        """Store the concatenation of `archive` under `key` atomically; the verified copy.
 
         A copy already at `key` with the same digest is adopted, not written again.
         """

@@ -98,7 +98,7 @@ class CommandDriver(ActivityDriver):
         deadline = time.monotonic() + section.timeout
         timed_out = False
         try:
-            with writer.open(output) as sink, selectors.DefaultSelector() as sel:
+            with writer.stream(output) as sink, selectors.DefaultSelector() as sel:
                 sel.register(proc.stdout, selectors.EVENT_READ)
                 fd = proc.stdout.fileno()
                 while True:

@@ -20,7 +20,14 @@ import anyio.from_thread
 
 from ..config import Config
 from ..errors import JobFileError, SourceError, TransientError
-from .base import ActivityContext, ActivityDriver, ArtifactWriter, DriverOptions
+from .base import (
+    SMALL_FILE,
+    ActivityContext,
+    ActivityDriver,
+    ArtifactWriter,
+    DriverOptions,
+    SourceChanged,
+)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -60,10 +67,9 @@ class FilesDriver(ActivityDriver):
 
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         self.check(self.opts, ctx.config)  # again: the tree may have changed since submit
-        result = await anyio.to_thread.run_sync(
+        return await anyio.to_thread.run_sync(
             self._copy, ctx.writer, ctx.notes, limiter=ctx.limiter
         )
-        return result
 
     def _copy(self, writer: ArtifactWriter, notes: list[str]) -> dict[str, Any]:
         source = Path(os.path.realpath(self.opts.path))
@@ -142,8 +148,26 @@ class FilesDriver(ActivityDriver):
 
     def _copy_file(self, fd: int, relpath: str, writer: ArtifactWriter) -> None:
         before = os.fstat(fd)
-        with os.fdopen(os.dup(fd), "rb", buffering=0) as source:
-            size = writer.copy_from(relpath, source, before.st_mtime)
-        after = os.fstat(fd)
-        if size != after.st_size or before.st_mtime_ns != after.st_mtime_ns:
-            raise TransientError(f"{relpath} changed while being archived")
+        if before.st_size <= SMALL_FILE:  # read whole: nothing reaches the fragment unchecked
+            data = _read_whole(fd, before.st_size + 1)
+            if len(data) == before.st_size and _unchanged(before, os.fstat(fd)):
+                writer.add(relpath, data, before.st_mtime)
+                return
+        else:
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as source:
+                writer.copy_from(relpath, source, before.st_size, before.st_mtime)
+            if _unchanged(before, os.fstat(fd)):
+                return
+        raise SourceChanged(f"{relpath} changed while being archived")
+
+
+def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
+    return before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns
+
+
+def _read_whole(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from `fd`: one read for a regular file, unless it is growing."""
+    data = os.read(fd, limit)
+    while len(data) < limit and (more := os.read(fd, limit - len(data))):
+        data += more
+    return data

@@ -8,7 +8,6 @@ temporary names start with `.archived-tmp-` and are removed on failure.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -17,7 +16,7 @@ import anyio
 
 from .. import failpoints
 from ..errors import ConfigError, StorageError, classify
-from .base import BUFFER_SIZE, DriverOptions, StorageDriver, StoredCopy
+from .base import DriverOptions, Parts, StorageDriver, StoredCopy, copy_parts, file_sha256
 
 TMP_PREFIX = ".archived-tmp-"
 
@@ -27,49 +26,12 @@ class LocalDirOptions(DriverOptions):
     create: bool = False  # make the directory if missing (off: a missing mount must fail)
 
 
-def file_sha256(path: Path | str) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    buffer = bytearray(BUFFER_SIZE)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-            size += n
-    return digest.hexdigest(), size
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _copy(src: Path, dst_fd: int) -> None:
-    with open(src, "rb", buffering=0) as f:
-        remaining = os.fstat(f.fileno()).st_size
-        offset = 0
-        try:
-            while remaining:
-                n = os.copy_file_range(f.fileno(), dst_fd, min(remaining, 1 << 30))
-                if n == 0:
-                    break
-                remaining -= n
-                offset += n
-        except OSError:
-            if offset:
-                raise
-            remaining = -1  # copy_file_range unsupported here: plain copy
-        if remaining:
-            f.seek(0)
-            os.lseek(dst_fd, 0, os.SEEK_SET)
-            os.ftruncate(dst_fd, 0)
-            buffer = memoryview(bytearray(BUFFER_SIZE))
-            while n := f.readinto(buffer):
-                view = buffer[:n]
-                while view:
-                    view = view[os.write(dst_fd, view) :]
 
 
 class LocalDirDriver(StorageDriver):
@@ -89,10 +51,10 @@ class LocalDirDriver(StorageDriver):
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"storage.{self.target}: {root} is not writable")
 
-    async def put(self, archive: Path, key: str, sha256: str, size: int) -> StoredCopy:
+    async def put(self, archive: Parts, key: str, sha256: str, size: int) -> StoredCopy:
         return await anyio.to_thread.run_sync(self._put, archive, key, sha256, size)
 
-    def _put(self, archive: Path, key: str, sha256: str, size: int) -> StoredCopy:
+    def _put(self, archive: Parts, key: str, sha256: str, size: int) -> StoredCopy:
         final = self.root / key
         try:
             if self.opts.create:
@@ -135,7 +97,7 @@ class LocalDirDriver(StorageDriver):
         def copy() -> None:
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                _copy(self.root / key, fd)
+                copy_parts([self.root / key], fd)
             finally:
                 os.close(fd)
 
@@ -166,12 +128,12 @@ class LocalDirDriver(StorageDriver):
         for leftover in final.parent.glob(f"{TMP_PREFIX}*-{final.name}"):
             leftover.unlink(missing_ok=True)
 
-    def _write(self, archive: Path, final: Path) -> None:
+    def _write(self, archive: Parts, final: Path) -> None:
         tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{final.name}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
         try:
             try:
-                _copy(archive, fd)
+                copy_parts(archive, fd)
                 os.fsync(fd)
             finally:
                 os.close(fd)

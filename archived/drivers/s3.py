@@ -44,7 +44,15 @@ from pydantic import Field, StrictInt, field_validator
 
 from .. import failpoints
 from ..errors import ConfigError, StorageError, classify
-from .base import BUFFER_SIZE, DriverOptions, StorageDriver, StoredCopy
+from .base import (
+    BUFFER_SIZE,
+    DriverOptions,
+    Parts,
+    StorageDriver,
+    StoredCopy,
+    read_parts,
+    write_all,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -213,15 +221,9 @@ def _is_missing(exc: ClientError) -> bool:
     return error_code(exc) in ("404", "NoSuchKey", "NotFound")
 
 
-def _read_part(path: Path, offset: int, length: int, digest: Any) -> tuple[bytes, str]:
+def _read_part(archive: Parts, offset: int, length: int, digest: Any) -> tuple[bytes, str]:
     """One part of the archive and its Content-MD5; updates the running sha256."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise StorageError(
-            f"{path} is shorter than its recorded size (part at {offset})", recoverable=True
-        )
+    data = read_parts(archive, offset, length)
     digest.update(data)
     md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
     return data, md5
@@ -229,9 +231,7 @@ def _read_part(path: Path, offset: int, length: int, digest: Any) -> tuple[bytes
 
 def _write_all(fd: int, batch: list[bytes]) -> None:
     for chunk in batch:
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, chunk)
 
 
 class S3Driver(StorageDriver):
@@ -315,7 +315,7 @@ class S3Driver(StorageDriver):
         except BotoCoreError as exc:
             raise ConfigError(f"{where}: {_describe(exc)}") from None
 
-    async def put(self, archive: Path, key: str, sha256: str, size: int) -> StoredCopy:
+    async def put(self, archive: Parts, key: str, sha256: str, size: int) -> StoredCopy:
         name = self._name(key)
         copy = StoredCopy(self._url(name), size, sha256)
         try:
@@ -466,7 +466,7 @@ class S3Driver(StorageDriver):
         return aborted
 
     async def _put_single(
-        self, s3: S3Client, archive: Path, name: str, sha256: str, size: int
+        self, s3: S3Client, archive: Parts, name: str, sha256: str, size: int
     ) -> None:
         digest = hashlib.sha256()
         data, md5 = await anyio.to_thread.run_sync(_read_part, archive, 0, size, digest)
@@ -482,7 +482,7 @@ class S3Driver(StorageDriver):
         )
 
     async def _put_multipart(
-        self, s3: S3Client, archive: Path, name: str, sha256: str, size: int
+        self, s3: S3Client, archive: Parts, name: str, sha256: str, size: int
     ) -> None:
         part_size = max(self.opts.part_size, math.ceil(size / MAX_PARTS))
         bucket = self.opts.bucket
@@ -529,7 +529,7 @@ class S3Driver(StorageDriver):
                     )
             raise
 
-    def _check_source(self, archive: Path, digest: Any, sha256: str) -> None:
+    def _check_source(self, archive: Parts, digest: Any, sha256: str) -> None:
         if digest.hexdigest() != sha256:
             raise StorageError(
                 f"storage.{self.target}: {archive} does not match its sha256 {sha256}",

@@ -49,7 +49,8 @@ class SqliteDriver(ActivityDriver):
         name = self.opts.output or source.name
         writer = ctx.writer
         writer.start()
-        target = writer.root / name
+        target = writer.spool  # the snapshot, until it joins the fragment
+        target.unlink(missing_ok=True)
         try:
             src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
         except sqlite3.Error as exc:
@@ -67,7 +68,7 @@ class SqliteDriver(ActivityDriver):
             src.close()
         if check != [("ok",)]:
             raise IntegrityError(f"snapshot of {source} fails integrity_check: {check[:3]}")
-        writer.adopt(name)
+        writer.adopt(name, target)
         ctx.notes.append(f"sqlite snapshot of {source}: integrity_check ok")
         return writer.finish()
 
