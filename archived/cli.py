@@ -118,8 +118,8 @@ async def _wait_for(config: Config, ids: list[str], timeout: float | None) -> di
                     else states[i]
                     for i in ids
                 }
-            # every 20 ms for a quick job, then easing off to every 0.5 s for a long one
-            await anyio.sleep(0.02 if time.monotonic() - begun < 5 else 0.5)
+            # quick for a quick job, easing off for a long one: late by 2 % at the most
+            await anyio.sleep(min(max((time.monotonic() - begun) / 50, 0.02), 0.5))
     finally:
         if store is not None:
             await store.close()

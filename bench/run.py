@@ -678,6 +678,11 @@ def main() -> int:
         metavar="N",
         help="also an 'N x 1 KiB' data set, archived only, for peak RSS",
     )
+    ap.add_argument(
+        "--only",
+        metavar="SETS",
+        help="run only these data sets, e.g. 'A' or 'A,B' (default: all)",
+    )
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
@@ -704,6 +709,8 @@ def main() -> int:
             flush=True,
         )
         sets = datasets(args.quick, args.files)
+        if args.only:
+            sets = [ds for ds in sets if ds.key in args.only.upper().split(",")]
         for ds in sets:
             ds.root = work / "data" / ds.key
         (work / "keys").mkdir(exist_ok=True)

@@ -56,6 +56,7 @@ _USTAR_TAIL = (
     + bytes(155 + 12)  # name prefix, padding
 )
 _USTAR_FIXED = b"0000644\x00" + b"0000000\x00" * 2  # mode, uid, gid
+_USTAR_SUM = sum(_USTAR_TAIL) + 8 * 32  # the checksum field counts as eight spaces
 _USTAR_MAX = 8**11  # size and mtime fields hold 11 octal digits
 
 
@@ -69,7 +70,7 @@ def tar_header(name: str, size: int, mtime: int) -> bytes:
     raw = name.encode("utf-8", "surrogateescape")
     if len(raw) <= 100 and raw.isascii() and 0 <= size < _USTAR_MAX and 0 <= mtime < _USTAR_MAX:
         head = raw.ljust(100, b"\x00") + _USTAR_FIXED + b"%011o\x00%011o\x00" % (size, mtime)
-        checksum = sum(head) + 8 * 32 + sum(_USTAR_TAIL)  # the checksum field counts as spaces
+        checksum = sum(head) + _USTAR_SUM
         return head + b"%06o\x00 " % checksum + _USTAR_TAIL
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, mtime, 0o644

@@ -86,7 +86,7 @@ class FilesDriver(ActivityDriver):
             if stat.S_ISDIR(st.st_mode):
                 skipped = self._walk(fd, "", writer, notes)
             elif stat.S_ISREG(st.st_mode):
-                self._copy_file(fd, source.name, writer)
+                self._copy_file(fd, st, source.name, writer)
             else:
                 raise SourceError(f"source {self.opts.path} is neither a directory nor a file")
         finally:
@@ -127,8 +127,9 @@ class FilesDriver(ActivityDriver):
             elif entry.is_file(follow_symlinks=False):
                 fd = self._open(entry.name, dir_fd, _FILE_FLAGS, relpath)
                 try:
-                    if stat.S_ISREG(os.fstat(fd).st_mode):
-                        self._copy_file(fd, relpath, writer)
+                    st = os.fstat(fd)
+                    if stat.S_ISREG(st.st_mode):
+                        self._copy_file(fd, st, relpath, writer)
                 finally:
                     os.close(fd)
             else:
@@ -146,10 +147,12 @@ class FilesDriver(ActivityDriver):
                 raise SourceError(f"{self.opts.path}/{relpath}: permission denied") from None
             raise
 
-    def _copy_file(self, fd: int, relpath: str, writer: ArtifactWriter) -> None:
-        before = os.fstat(fd)
+    def _copy_file(
+        self, fd: int, before: os.stat_result, relpath: str, writer: ArtifactWriter
+    ) -> None:
         if before.st_size <= SMALL_FILE:  # read whole: nothing reaches the fragment unchecked
-            data = _read_whole(fd, before.st_size + 1)
+            data = _read_whole(fd, before.st_size)
+            # a file that grew or shrank meanwhile has a new size or mtime
             if len(data) == before.st_size and _unchanged(before, os.fstat(fd)):
                 writer.add(relpath, data, before.st_mtime)
                 return
@@ -165,9 +168,9 @@ def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
     return before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns
 
 
-def _read_whole(fd: int, limit: int) -> bytes:
-    """Up to `limit` bytes from `fd`: one read for a regular file, unless it is growing."""
-    data = os.read(fd, limit)
-    while len(data) < limit and (more := os.read(fd, limit - len(data))):
+def _read_whole(fd: int, size: int) -> bytes:
+    """Up to `size` bytes from `fd`: one read for a regular file, unless it shrank."""
+    data = os.read(fd, size)
+    while len(data) < size and (more := os.read(fd, size - len(data))):
         data += more
     return data

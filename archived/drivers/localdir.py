@@ -1,8 +1,10 @@
 """Storage driver `localdir`: archives as files in a local (or mounted) directory.
 
-Write to a temporary name, fsync, rename, fsync the directory, then read the copy
-back and match its digest. Only finished archives ever carry a final name; the
-temporary names start with `.archived-tmp-` and are removed on failure.
+Write to a temporary name; read that copy back and match its digest while fsync
+puts it on disk (the read-back comes from the page cache, so the two overlap);
+then rename and fsync the directory. Only verified, durable archives ever carry a
+final name; the temporary names start with `.archived-tmp-` and are removed on
+failure.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio
@@ -63,22 +66,13 @@ class LocalDirDriver(StorageDriver):
             if final.exists() and file_sha256(final) == (sha256, size):
                 return StoredCopy(str(final), size, sha256)  # in place from an earlier try
             self._discard_partial(final)
-            self._write(archive, final)
+            self._write(archive, final, (sha256, size))
             failpoints.hit("store.after_rename")
-            got = file_sha256(final)
         except OSError as exc:
             raise StorageError(
                 f"storage.{self.target}: {exc.strerror or exc}: {exc.filename or final}",
                 recoverable=classify(exc) == "recoverable",
             ) from exc
-        if got != (sha256, size):
-            with contextlib.suppress(OSError):
-                final.unlink()
-            raise StorageError(
-                f"storage.{self.target}: read-back of {final} gave sha256 "
-                f"{got[0]} ({got[1]} bytes), expected {sha256} ({size} bytes)",
-                recoverable=True,
-            )
         return StoredCopy(str(final), size, sha256)
 
     async def check(self, key: str, sha256: str, size: int) -> str | None:
@@ -128,15 +122,24 @@ class LocalDirDriver(StorageDriver):
         for leftover in final.parent.glob(f"{TMP_PREFIX}*-{final.name}"):
             leftover.unlink(missing_ok=True)
 
-    def _write(self, archive: Parts, final: Path) -> None:
+    def _write(self, archive: Parts, final: Path, expected: tuple[str, int]) -> None:
         tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{final.name}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
         try:
             try:
                 copy_parts(archive, fd)
-                os.fsync(fd)
+                with ThreadPoolExecutor(1) as pool:  # the disk writes while we read back
+                    synced = pool.submit(os.fsync, fd)
+                    got = file_sha256(tmp)
+                    synced.result()
             finally:
                 os.close(fd)
+            if got != expected:
+                raise StorageError(
+                    f"storage.{self.target}: read-back of {tmp} gave sha256 "
+                    f"{got[0]} ({got[1]} bytes), expected {expected[0]} ({expected[1]} bytes)",
+                    recoverable=True,
+                )
             os.rename(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
