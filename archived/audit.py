@@ -18,7 +18,7 @@ import structlog
 
 from .config import Config
 from .drivers import open_storage
-from .drivers.base import StorageDriver
+from .drivers.base import StorageDriver, known_digest
 from .store import Row, Store, now_iso
 
 log = structlog.get_logger("archived.audit")
@@ -117,7 +117,8 @@ class Auditor:
         temp = self.scratch / f"repair-{secrets.token_hex(6)}.tar"
         try:
             await self._driver(copies[source], source).fetch(key, temp)
-            await self._driver(row, target).put([temp], key, row["sha256"], row["size"])
+            digest = known_digest(row["sha256"])
+            await self._driver(row, target).put([temp], key, digest, row["size"])
         except Exception as exc:
             return AuditResult(row["job_id"], target, "unrepaired", f"repair failed: {exc}")
         finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .drivers.base import BLOCK, BUFFER_SIZE, Record, padding, tar_header
+from .drivers.base import BLOCK, BUFFER_SIZE, file_sha256, padding, tar_header
 
 BAGIT_TXT = "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
 MANIFEST = "manifest-sha256.txt"
@@ -39,11 +39,13 @@ def decode_path(path: str) -> str:
     return path.replace("%0A", "\n").replace("%0D", "\r").replace("%25", "%")
 
 
-def read_records(paths: Iterable[Path]) -> Iterator[Record]:
+def record_fields(paths: Iterable[Path]) -> Iterator[list[str]]:
+    """Each record's `sha256`, `size` and `path` (BagIt-encoded, with its newline), as
+    the activities' writers wrote them, one line a file; streamed, never held whole."""
     for path in paths:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                yield Record.parse(line)
+                yield line.split(" ", 2)
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,9 @@ def write_payload_manifest(bag_dir: Path, records: Iterable[Path]) -> Oxum:
     total = count = 0
     tmp = bag_dir / (MANIFEST + ".part")
     with open(tmp, "w", encoding="utf-8", newline="\n") as out:
-        for record in read_records(records):
-            out.write(f"{record.sha256}  {record.path}\n")
-            total += record.size
+        for sha256, size, path in record_fields(records):
+            out.write(f"{sha256}  {path}")
+            total += int(size)
             count += 1
         out.flush()
         os.fsync(out.fileno())
@@ -104,7 +106,7 @@ def write_tag_manifest(bag_dir: Path) -> bytes:
     """tagmanifest-sha256.txt over the tag files; returns its bytes, which get signed."""
     lines = []
     for name in TAG_FILES:
-        digest = hashlib.sha256((bag_dir / name).read_bytes()).hexdigest()
+        digest, _ = file_sha256(bag_dir / name)  # the manifest grows with the files: stream it
         lines.append(f"{digest}  {name}\n")
     data = "".join(lines).encode()
     write_atomic(bag_dir / TAGMANIFEST, data)

@@ -14,6 +14,7 @@ import random
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,8 +26,8 @@ import structlog
 from . import bag, failpoints
 from .config import Config
 from .drivers import activity_driver, open_storage
-from .drivers.base import ActivityContext, ArtifactWriter, StorageDriver
-from .errors import IntegrityError, Kind, classify, describe
+from .drivers.base import ActivityContext, ArtifactWriter, Digest, StorageDriver, parts_size
+from .errors import IntegrityError, Kind, StorageError, classify, describe
 from .jobfile import JobSpec, parse_job
 from .keys import KeyRing
 from .metrics import Metrics
@@ -382,9 +383,9 @@ class JobRunner:
         for activity in self.spec.activities:
             result = reported[activity.name]
             count = size = 0
-            for record in bag.read_records([self.records_dir / f"{activity.name}.records"]):
+            for fields in bag.record_fields([self.records_dir / f"{activity.name}.records"]):
                 count += 1
-                size += record.size
+                size += int(fields[1])
             if (count, size) != (result["files"], result["bytes"]):
                 raise IntegrityError(
                     f"activity {activity.name}: {count} files of {size} bytes recorded, "
@@ -439,7 +440,7 @@ class JobRunner:
             bag.write_atomic(self.bag_dir / bag.SIGNATURE, signature.encode())
             return manifest
 
-        def pack(token: bytes | None) -> bag.Packed:
+        def seal(token: bytes | None) -> int:
             stale = self.bag_dir / bag.TIMESTAMP  # from an earlier try of this step
             if token is None:
                 stale.unlink(missing_ok=True)
@@ -447,7 +448,7 @@ class JobRunner:
                 bag.write_atomic(stale, token)
             bag.write_head(self.bag_dir, bag_name, self.head)
             bag.write_atomic(self.end, bag.END)
-            return bag.digest(self._archive_parts(), check=anyio.from_thread.check_cancelled)
+            return parts_size(self._archive_parts())
 
         manifest = await anyio.to_thread.run_sync(sign_manifest, limiter=self.svc.hash_threads)
         token = None
@@ -464,19 +465,14 @@ class JobRunner:
                 gen_time=stamped.gen_time.isoformat(),
                 serial=stamped.serial,
             )
-        packed = await anyio.to_thread.run_sync(pack, token, limiter=self.svc.hash_threads)
+        size = await anyio.to_thread.run_sync(seal, token, limiter=self.svc.hash_threads)
         log.info(
             "archive sealed",
             archive=bag_name + ".tar",
-            size=packed.size,
-            sha256=packed.sha256,
+            size=size,
             key_id=secret.public_key().key_id_hex,
         )
-        return {
-            "archive_name": bag_name + ".tar",
-            "archive_sha256": packed.sha256,
-            "archive_size": packed.size,
-        }
+        return {"archive_name": bag_name + ".tar", "archive_size": size}
 
     async def _event_log(self) -> list[dict[str, Any]]:
         history = await self.svc.store.fetchall("history", job_id=self.id)
@@ -489,21 +485,55 @@ class JobRunner:
     # -- store -------------------------------------------------------------------------
 
     async def store(self) -> Outcome:
+        """Every target's copy, while the archive's sha256 is computed from staging.
+
+        The copies are checked against that digest only once written, so hashing the
+        staged archive overlaps with writing them to disk (S3 waits for it up front).
+        """
         await self._begin_attempt(State.STORE)
         await failpoints.reach("store")
-        await self._run_tasks("storage", self.svc.storage_slots, self._store_one)
+        digest: Digest = Future()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._hash_archive, digest)
+            await self._run_tasks(
+                "storage", self.svc.storage_slots, lambda target: self._store_one(target, digest)
+            )
         return Outcome(
             Event.DONE,
             f"stored on {', '.join(self.spec.targets(self.config))}"
             ", every copy read back and verified",
+            {"archive_sha256": digest.result()},
         )
 
-    async def _store_one(self, target: str) -> dict[str, Any]:
+    async def _hash_archive(self, digest: Digest) -> None:
+        """Resolve `digest`, whatever happens: storage threads may be waiting for it."""
+        try:
+            packed = await anyio.to_thread.run_sync(
+                bag.digest,
+                self._archive_parts(),
+                anyio.from_thread.check_cancelled,
+                limiter=self.svc.hash_threads,
+            )
+        except BaseException as exc:
+            digest.set_exception(
+                exc if isinstance(exc, Exception) else StorageError("cancelled", recoverable=True)
+            )
+            raise
+        if packed.size != self.job["archive_size"]:
+            digest.set_exception(
+                IntegrityError(
+                    f"the staged archive has {packed.size} bytes, "
+                    f"{self.job['archive_size']} when it was sealed"
+                )
+            )
+            return
+        digest.set_result(packed.sha256)
+        log.info("archive hashed", size=packed.size, sha256=packed.sha256)
+
+    async def _store_one(self, target: str, digest: Digest) -> dict[str, Any]:
         driver = self._storage(target)
         key = f"{self.spec.name}/{self.job['archive_name']}"
-        copy = await driver.put(
-            self._archive_parts(), key, self.job["archive_sha256"], self.job["archive_size"]
-        )
+        copy = await driver.put(self._archive_parts(), key, digest, self.job["archive_size"])
         async with self.svc.store.transaction() as tx:
             await tx.run(
                 "upsert_copy",

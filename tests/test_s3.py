@@ -32,6 +32,7 @@ from moto.moto_server.werkzeug_app import (
 from test_retention import expire_now
 from werkzeug.serving import make_server
 
+from archived.drivers.base import known_digest
 from archived.drivers.s3 import S3Driver, S3Options, is_recoverable
 from archived.errors import StorageError
 
@@ -383,12 +384,12 @@ async def test_the_driver_leaves_no_partial_object_and_deletes_idempotently(
     sha256, size = hashlib.sha256(whole).hexdigest(), 11 * MiB
     # A digest the file does not have: every part goes up, then the upload is aborted.
     with pytest.raises(StorageError, match="does not match its sha256") as bad:
-        await driver.put(archive, "j/x.tar", "0" * 64, size)
+        await driver.put(archive, "j/x.tar", known_digest("0" * 64), size)
     assert bad.value.kind == "recoverable"
     assert unfinished_uploads(server.endpoint, bucket) == []
     assert await driver.check("j/x.tar", sha256, size) == f"missing: s3://{bucket}/j/x.tar"
 
-    copy = await driver.put(archive, "j/x.tar", sha256, size)
+    copy = await driver.put(archive, "j/x.tar", known_digest(sha256), size)
     assert (copy.path, copy.size, copy.sha256) == (f"s3://{bucket}/j/x.tar", size, sha256)
     assert await driver.check("j/x.tar", sha256, size) is None
     fetched = tmp_path / "fetched.tar"

@@ -15,6 +15,7 @@ import os
 import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,20 @@ BLOCK = 512  # a tar block
 SMALL_FILE = 256 * 1024  # files up to this size are read whole, in one call
 # The sealed archive as it sits in staging: files whose concatenation is the tar.
 Parts = Sequence[Path]
+# The archive's sha256, which the runner may still be computing while the copies are
+# written: a storage driver needs it only to check what it wrote (S3: before it starts).
+Digest = Future[str]
+
+
+def known_digest(sha256: str) -> Digest:
+    digest: Digest = Future()
+    digest.set_result(sha256)
+    return digest
+
+
+async def wait_digest(digest: Digest) -> str:
+    """The archive's sha256 from async code, once it is known."""
+    return await anyio.to_thread.run_sync(digest.result, abandon_on_cancel=True)
 
 
 class DriverOptions(BaseModel):
@@ -138,21 +153,6 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-@dataclass(frozen=True)
-class Record:
-    sha256: str
-    size: int
-    path: str  # bag-relative, BagIt-encoded: data/<activity>/...
-
-    def line(self) -> str:
-        return f"{self.sha256} {self.size} {self.path}\n"
-
-    @classmethod
-    def parse(cls, line: str) -> Record:
-        sha, size, path = line.rstrip("\n").split(" ", 2)
-        return cls(sha, int(size), path)
 
 
 class SourceChanged(TransientError):
@@ -361,8 +361,10 @@ class StorageDriver(ABC):
         """Raise ConfigError unless the target can take archives now."""
 
     @abstractmethod
-    async def put(self, archive: Parts, key: str, sha256: str, size: int) -> StoredCopy:
+    async def put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:
         """Store the concatenation of `archive` under `key` atomically; the verified copy.
+
+        It must match `digest` (the archive's sha256) and `size` as it reads back.
 
         A copy already at `key` with the same digest is adopted, not written again.
         """

@@ -104,27 +104,16 @@ class FilesDriver(ActivityDriver):
         skipped = 0
         with os.scandir(dir_fd) as it:
             entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            anyio.from_thread.check_cancelled()
+        check_cancelled = anyio.from_thread.check_cancelled
+        excluded = self._excluded if self.opts.exclude else None
+        for entry in entries:  # most common kind first: this loop runs once a file
+            check_cancelled()
             relpath = prefix + entry.name
-            try:
-                relpath.encode("utf-8")
-            except UnicodeEncodeError:
-                raise SourceError(
-                    f"{self.opts.path}/{relpath!r}: file name is not UTF-8; rename it or exclude it"
-                ) from None
-            if self._excluded(relpath):
+            if not relpath.isascii():
+                self._check_name(relpath)
+            if excluded is not None and excluded(relpath):
                 continue
-            if entry.is_symlink():
-                notes.append(f"skipped symlink {relpath}")
-                skipped += 1
-            elif entry.is_dir(follow_symlinks=False):
-                child = self._open(entry.name, dir_fd, _DIR_FLAGS, relpath)
-                try:
-                    skipped += self._walk(child, relpath + "/", writer, notes)
-                finally:
-                    os.close(child)
-            elif entry.is_file(follow_symlinks=False):
+            if entry.is_file(follow_symlinks=False):
                 fd = self._open(entry.name, dir_fd, _FILE_FLAGS, relpath)
                 try:
                     st = os.fstat(fd)
@@ -132,10 +121,27 @@ class FilesDriver(ActivityDriver):
                         self._copy_file(fd, st, relpath, writer)
                 finally:
                     os.close(fd)
+            elif entry.is_dir(follow_symlinks=False):
+                child = self._open(entry.name, dir_fd, _DIR_FLAGS, relpath)
+                try:
+                    skipped += self._walk(child, relpath + "/", writer, notes)
+                finally:
+                    os.close(child)
+            elif entry.is_symlink():
+                notes.append(f"skipped symlink {relpath}")
+                skipped += 1
             else:
                 notes.append(f"skipped special file {relpath}")
                 skipped += 1
         return skipped
+
+    def _check_name(self, relpath: str) -> None:
+        try:
+            relpath.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SourceError(
+                f"{self.opts.path}/{relpath!r}: file name is not UTF-8; rename it or exclude it"
+            ) from None
 
     def _open(self, name: str, dir_fd: int, flags: int, relpath: str) -> int:
         try:

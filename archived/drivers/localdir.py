@@ -19,7 +19,15 @@ import anyio
 
 from .. import failpoints
 from ..errors import ConfigError, StorageError, classify
-from .base import DriverOptions, Parts, StorageDriver, StoredCopy, copy_parts, file_sha256
+from .base import (
+    Digest,
+    DriverOptions,
+    Parts,
+    StorageDriver,
+    StoredCopy,
+    copy_parts,
+    file_sha256,
+)
 
 TMP_PREFIX = ".archived-tmp-"
 
@@ -54,26 +62,26 @@ class LocalDirDriver(StorageDriver):
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"storage.{self.target}: {root} is not writable")
 
-    async def put(self, archive: Parts, key: str, sha256: str, size: int) -> StoredCopy:
-        return await anyio.to_thread.run_sync(self._put, archive, key, sha256, size)
+    async def put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:
+        return await anyio.to_thread.run_sync(self._put, archive, key, digest, size)
 
-    def _put(self, archive: Parts, key: str, sha256: str, size: int) -> StoredCopy:
+    def _put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:
         final = self.root / key
         try:
             if self.opts.create:
                 self.root.mkdir(parents=True, exist_ok=True)
             final.parent.mkdir(exist_ok=True)
-            if final.exists() and file_sha256(final) == (sha256, size):
-                return StoredCopy(str(final), size, sha256)  # in place from an earlier try
+            if final.exists() and file_sha256(final) == (digest.result(), size):
+                return StoredCopy(str(final), size, digest.result())  # from an earlier try
             self._discard_partial(final)
-            self._write(archive, final, (sha256, size))
+            self._write(archive, final, digest, size)
             failpoints.hit("store.after_rename")
         except OSError as exc:
             raise StorageError(
                 f"storage.{self.target}: {exc.strerror or exc}: {exc.filename or final}",
                 recoverable=classify(exc) == "recoverable",
             ) from exc
-        return StoredCopy(str(final), size, sha256)
+        return StoredCopy(str(final), size, digest.result())
 
     async def check(self, key: str, sha256: str, size: int) -> str | None:
         path = self.root / key
@@ -122,7 +130,7 @@ class LocalDirDriver(StorageDriver):
         for leftover in final.parent.glob(f"{TMP_PREFIX}*-{final.name}"):
             leftover.unlink(missing_ok=True)
 
-    def _write(self, archive: Parts, final: Path, expected: tuple[str, int]) -> None:
+    def _write(self, archive: Parts, final: Path, digest: Digest, size: int) -> None:
         tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{final.name}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
         try:
@@ -134,10 +142,11 @@ class LocalDirDriver(StorageDriver):
                     synced.result()
             finally:
                 os.close(fd)
+            expected = (digest.result(), size)  # the runner may have been hashing meanwhile
             if got != expected:
                 raise StorageError(
                     f"storage.{self.target}: read-back of {tmp} gave sha256 "
-                    f"{got[0]} ({got[1]} bytes), expected {expected[0]} ({expected[1]} bytes)",
+                    f"{got[0]} ({got[1]} bytes), expected {expected[0]} ({size} bytes)",
                     recoverable=True,
                 )
             os.rename(tmp, final)

@@ -46,11 +46,13 @@ from .. import failpoints
 from ..errors import ConfigError, StorageError, classify
 from .base import (
     BUFFER_SIZE,
+    Digest,
     DriverOptions,
     Parts,
     StorageDriver,
     StoredCopy,
     read_parts,
+    wait_digest,
     write_all,
 )
 
@@ -315,8 +317,9 @@ class S3Driver(StorageDriver):
         except BotoCoreError as exc:
             raise ConfigError(f"{where}: {_describe(exc)}") from None
 
-    async def put(self, archive: Parts, key: str, sha256: str, size: int) -> StoredCopy:
+    async def put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:
         name = self._name(key)
+        sha256 = await wait_digest(digest)  # it travels as metadata, ahead of the bytes
         copy = StoredCopy(self._url(name), size, sha256)
         try:
             async with self._client() as s3:
@@ -532,7 +535,8 @@ class S3Driver(StorageDriver):
     def _check_source(self, archive: Parts, digest: Any, sha256: str) -> None:
         if digest.hexdigest() != sha256:
             raise StorageError(
-                f"storage.{self.target}: {archive} does not match its sha256 {sha256}",
+                f"storage.{self.target}: the staged archive ({archive[0].parent}) "
+                f"does not match its sha256 {sha256}",
                 recoverable=True,
             )
 
