@@ -24,7 +24,6 @@ from . import config as configmod
 from .config import Config, parse_duration
 from .errors import ArchivedError, ConfigError, JobFileError
 from .states import FINAL, STOPPABLE, Event, State
-from .store import now_iso
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -79,32 +78,36 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return EXIT_OK
     timeout = parse_duration(args.timeout) if args.timeout else None
-    states = anyio.run(_wait_for, config, ids, timeout)
+    states = _wait_for(config, ids, timeout)
     for job_id, state in states.items():
         if state != State.COMPLETED:
             print(f"{job_id}: {state}", file=sys.stderr)
     return EXIT_OK if all(s == State.COMPLETED for s in states.values()) else EXIT_FAILED
 
 
-async def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str, str]:
-    """Poll the database until every job is final (or rejected into corrupt/)."""
-    from .store import Store
+def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str, str]:
+    """Poll the database until every job is final (or rejected into corrupt/).
+
+    Read-only, with the standard library's sqlite3: a waiting `submit` starts and ends
+    quickly, without an event loop.
+    """
+    import sqlite3
 
     deadline = time.monotonic() + timeout if timeout else None
     states: dict[str, str] = {}
     corrupt = config.daemon.spool_dir / "corrupt"
-    store: Store | None = None
+    db: sqlite3.Connection | None = None
     begun = time.monotonic()
     try:
         while True:
-            if store is None and _db_path(config).exists():
-                store = await Store.open(_db_path(config))
+            if db is None and _db_path(config).exists():
+                db = sqlite3.connect(f"{_db_path(config).as_uri()}?mode=ro", uri=True, timeout=10)
             for job_id in ids:
                 if states.get(job_id) in FINAL:
                     continue
-                job = await store.job(job_id) if store else None
-                if job is not None:
-                    states[job_id] = job["state"]
+                row = _job_state(db, job_id) if db else None
+                if row is not None:
+                    states[job_id] = row
                 elif any(corrupt.glob(f"{job_id}.*.reason")):
                     states[job_id] = "rejected (see spool corrupt/)"
             if all(
@@ -119,10 +122,22 @@ async def _wait_for(config: Config, ids: list[str], timeout: float | None) -> di
                     for i in ids
                 }
             # quick for a quick job, easing off for a long one: late by 2 % at the most
-            await anyio.sleep(min(max((time.monotonic() - begun) / 50, 0.02), 0.5))
+            time.sleep(min(max((time.monotonic() - begun) / 50, 0.02), 0.5))
     finally:
-        if store is not None:
-            await store.close()
+        if db is not None:
+            db.close()
+
+
+def _job_state(db: Any, job_id: str) -> str | None:
+    import sqlite3
+
+    try:
+        row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # the daemon is creating the database
+            return None
+        raise
+    return row[0] if row else None
 
 
 async def _read(config: Config, fn: Callable[[Any], Any]) -> Any:
@@ -274,6 +289,8 @@ async def _require_job(store: Any, job_id: str) -> dict[str, Any]:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from .store import now_iso
+
     config = _load_config(args)
 
     async def request(store: Any) -> str:
@@ -290,6 +307,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    from .store import now_iso
+
     config = _load_config(args)
 
     async def requeue(store: Any) -> str:
@@ -353,6 +372,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
+    from .store import now_iso
+
     config = _load_config(args)
     hold = args.command == "hold"
 

@@ -16,8 +16,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiofiles
-import aiofiles.os
+# aiofiles (and with it asyncio) is imported in the daemon's methods below, not here:
+# `archived submit` uses this module too, and an operator's shell waits for it to start.
 
 SUBDIRS = ("tmp", "incoming", "active", "corrupt")
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
@@ -50,6 +50,8 @@ class Spool:
 
     async def pending(self) -> list[str]:
         """Names in incoming/, oldest first; hidden names (being written) are left alone."""
+        import aiofiles.os
+
         names = [n for n in await aiofiles.os.listdir(self.incoming) if not n.startswith(".")]
         stamped = []
         for name in names:
@@ -64,6 +66,8 @@ class Spool:
 
     async def leftovers(self) -> list[Claimed]:
         """Files a crashed daemon had claimed but not finished with."""
+        import aiofiles.os
+
         found = []
         for name in sorted(await aiofiles.os.listdir(self.active)):
             if match := _ACTIVE.match(name):
@@ -72,6 +76,8 @@ class Spool:
 
     async def claim(self, name: str) -> Claimed | None:
         """Move incoming/NAME into active/ under its job id; None if it vanished."""
+        import aiofiles.os
+
         match = _SUBMITTED.match(name)
         job_id = match["id"] if match else new_job_id()
         target = self.active / f"{job_id}__{name}"
@@ -82,10 +88,14 @@ class Spool:
         return Claimed(target, job_id, name)
 
     async def done(self, claimed: Claimed) -> None:
+        import aiofiles.os
+
         await aiofiles.os.unlink(claimed.path)
 
     async def reject(self, claimed: Claimed, reason: str) -> Path:
         """Move the file, unchanged, to corrupt/ beside a .reason file; returns its path."""
+        import aiofiles.os
+
         target = self.corrupt / claimed.original_name
         if await aiofiles.os.path.exists(target) or await aiofiles.os.path.islink(target):
             target = self.corrupt / f"{claimed.job_id}__{claimed.original_name}"

@@ -556,14 +556,18 @@ class Archived:
         if pp and ci and cc and sg and st:
             span("  post_processing: check_integrity", pp, ci)
             span("  post_processing: calculate_checksums", ci, cc)
-            span("  post_processing: sign (tag files, signature, archive sha256)", cc, sg)
+            span("  post_processing: sign (tag files, signature, head of the tar)", cc, sg)
             span("  post_processing: commit -> store", sg, st)
         span("post_processing (total)", pp, st)
         s1, s2 = events.get("stored:t1"), events.get("stored:t2")
         if st and s1 and s2:
             span("  store: first copy written, fsynced, read back", st, min(s1, s2))
             span("  store: second copy done", min(s1, s2), max(s1, s2))
-        span("store (total: copy to t1, t2 concurrently + verify)", st, g("cleanup"))
+        span(
+            "store (total: copies to t1, t2 + archive sha256, concurrently; verify)",
+            st,
+            g("cleanup"),
+        )
         span("cleanup (remove staging)", g("cleanup"), g("completed"))
         span("completed -> submit --wait returns", g("completed"), r.detail["wall1"])
         span("total (uninitialized -> completed)", g("uninitialized"), g("completed"))
