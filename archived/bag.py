@@ -22,6 +22,7 @@ from typing import Any
 
 from . import __version__
 from .drivers.base import BLOCK, BUFFER_SIZE, file_sha256, padding, tar_header
+from .errors import IntegrityError
 
 BAGIT_TXT = "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
 MANIFEST = "manifest-sha256.txt"
@@ -111,6 +112,47 @@ def write_tag_manifest(bag_dir: Path) -> bytes:
     data = "".join(lines).encode()
     write_atomic(bag_dir / TAGMANIFEST, data)
     return data
+
+
+def verify_fragment(
+    fragment: Path, records: Path, check: Callable[[], None] = lambda: None
+) -> tuple[int, int]:
+    """Re-read a tar fragment and match each member to its record, in order: the path,
+    the size and the sha256 of its data; (files, bytes) if all match.
+
+    For staging that may not have reached the disk whole: it is not fsynced (the
+    copies are), so a restart of the machine can leave holes in it.
+    """
+    files = total = 0
+    with open(fragment, "rb") as raw, open(records, encoding="utf-8") as lines:
+        tar = None  # for an empty fragment (no files found): tarfile calls it an error
+        if os.fstat(raw.fileno()).st_size:  # reads `raw`, which this block closes
+            tar = tarfile.open(fileobj=raw, mode="r|", errors="surrogateescape")  # noqa: SIM115
+        for line in lines:
+            check()
+            sha256, size, path = line.rstrip("\n").split(" ", 2)
+            name = decode_path(path)
+            member = tar.next() if tar is not None else None
+            if tar is None or member is None:
+                raise IntegrityError(f"{name}: recorded, but not in the staged tar fragment")
+            tar.members.clear()  # type: ignore[attr-defined]  # kept by tarfile: memory
+            stream = tar.extractfile(member) if member.isreg() else None
+            if stream is None or member.name.split("/", 1)[-1] != name:
+                raise IntegrityError(f"{name}: the staged tar fragment has {member.name} instead")
+            digest = hashlib.sha256()
+            while chunk := stream.read(BUFFER_SIZE):
+                digest.update(chunk)
+            if member.size != int(size) or digest.hexdigest() != sha256:
+                raise IntegrityError(
+                    f"{name}: staged data does not match what was read from the source "
+                    f"(sha256 {digest.hexdigest()}, {member.size} bytes; "
+                    f"recorded {sha256}, {size} bytes)"
+                )
+            files += 1
+            total += member.size
+        if tar is not None and (extra := tar.next()) is not None:
+            raise IntegrityError(f"the staged tar fragment holds {extra.name}, never recorded")
+    return files, total
 
 
 @dataclass(frozen=True)

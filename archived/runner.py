@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import tarfile
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -64,6 +65,16 @@ class AttemptsExhausted(Exception):
 
 
 POST_STEPS = ("check_integrity", "calculate_checksums", "sign")
+
+
+def boot_id() -> str:
+    """Which start of the machine this is (Linux); staging from another may have holes."""
+    if override := os.environ.get("ARCHIVED_BOOT_ID"):  # tests: as if the machine restarted
+        return override
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 class JobRunner:
@@ -325,7 +336,7 @@ class JobRunner:
                 "activity_notes", activity=name, notes=ctx.notes[:1000], count=len(ctx.notes)
             )
         log.info("activity task completed", activity=name, **result)
-        return result
+        return {**result, "boot": boot_id()}
 
     async def _report_progress(self, name: str, writer: ArtifactWriter) -> None:
         """Every second, how far the copy has come, for `archived show`."""
@@ -362,12 +373,45 @@ class JobRunner:
         return Outcome(Event.DONE, "integrity checked, checksums calculated, signed")
 
     async def check_integrity(self) -> dict[str, Any]:
-        reported = {t["name"]: json.loads(t["result"]) for t in await self._tasks("activity")}
+        reported = await self._activity_results()
         checked = await anyio.to_thread.run_sync(
             self._check_integrity, reported, limiter=self.svc.hash_threads
         )
-        await self._event("check_integrity", result="ok", files=checked[0], bytes=checked[1])
+        reread = await self._reverify_after_restart(reported)
+        await self._event(
+            "check_integrity",
+            result="ok",
+            files=checked[0],
+            bytes=checked[1],
+            **({"reread_after_restart": reread} if reread else {}),
+        )
         return {}
+
+    async def _activity_results(self) -> dict[str, dict[str, Any]]:
+        return {t["name"]: json.loads(t["result"]) for t in await self._tasks("activity")}
+
+    async def _reverify_after_restart(self, reported: dict[str, dict[str, Any]]) -> list[str]:
+        """Re-read, against their records, the fragments written before the machine
+        last started: staging is not fsynced, so they may have holes. Returns the
+        activities re-read; IntegrityError names the first file that does not match."""
+        boot = boot_id()
+        stale = [name for name, result in reported.items() if result.get("boot") != boot]
+        for name in stale:
+            log.warning("the machine restarted since this activity ran: re-reading", activity=name)
+            try:
+                await anyio.to_thread.run_sync(
+                    bag.verify_fragment,
+                    self.parts_dir / f"{name}.tar",
+                    self.records_dir / f"{name}.records",
+                    anyio.from_thread.check_cancelled,
+                    limiter=self.svc.hash_threads,
+                )
+            except (IntegrityError, OSError, tarfile.TarError) as exc:
+                raise IntegrityError(
+                    f"activity {name}, staged before the machine restarted: {describe(exc)}; "
+                    f"`archived retry {self.id}` archives it again"
+                ) from exc
+        return stale
 
     def _check_integrity(self, reported: dict[str, dict[str, Any]]) -> tuple[int, int]:
         """Each activity's records and fragment are what its task reported when it
@@ -492,6 +536,9 @@ class JobRunner:
         """
         await self._begin_attempt(State.STORE)
         await failpoints.reach("store")
+        if await self._reverify_after_restart(await self._activity_results()):
+            # the tag files are fsynced, the head made of them is not: make it again
+            await anyio.to_thread.run_sync(bag.write_head, self.bag_dir, self.bag_name, self.head)
         digest: Digest = Future()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._hash_archive, digest)

@@ -298,3 +298,43 @@ def test_staged_artifacts_that_differ_from_their_records_fail_the_job(
     assert expected in job["error"]
     assert [h["state"] for h in job["history"]].count("recoverable_error") == 0
     assert root.all_target_files() == []
+
+
+def _flip_a_byte_of(fragment: Path, member_suffix: str) -> None:
+    """Damage a member's data in place, keeping every size: what a hole left by a crash
+    of the machine (not of the daemon) looks like to a size check."""
+    import tarfile
+
+    with tarfile.open(fragment) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(member_suffix))
+    with open(fragment, "r+b") as f:
+        f.seek(member.offset_data + 1000)
+        byte = f.read(1)
+        f.seek(member.offset_data + 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "damaged"])
+@pytest.mark.parametrize("point", ["check_integrity", "store"])
+def test_staging_from_before_the_machine_restarted_is_read_again(
+    root: Root, point: str, damaged: bool
+) -> None:
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": f"{point}=kill"})
+    (job_id,) = root.submit(root.job_file("rebooted"))
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    fragment = root.state_dir / "staging" / job_id / "parts" / "a.tar"
+    if damaged:
+        _flip_a_byte_of(fragment, "/data/a/sub/data.bin")
+    restarted = root.start(env={"ARCHIVED_BOOT_ID": "a later start of the machine"})
+    job = root.wait_state(job_id, "completed", "failed")
+    assert "re-reading" in restarted.log_text()
+    if damaged:
+        assert job["state"] == "failed"
+        assert "data/a/sub/data.bin: staged data does not match" in job["error"]
+        assert f"archived retry {job_id}" in job["error"]
+        assert root.all_target_files() == []
+        return
+    assert_one_verified_copy_per_target(root, job_id)
+    if point == "check_integrity":
+        (check,) = [e for e in job["events"] if e["kind"] == "check_integrity"]
+        assert check["detail"]["reread_after_restart"] == ["a"]

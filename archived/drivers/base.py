@@ -57,6 +57,9 @@ def bagit_path(path: str) -> str:
     return path.replace("%", "%25").replace("\n", "%0A").replace("\r", "%0D")
 
 
+_ZERO_BLOCK = bytes(BLOCK)
+
+
 def padding(size: int) -> bytes:
     """The zeros that fill a tar member's data up to a whole block."""
     return bytes(-size % BLOCK)
@@ -200,13 +203,15 @@ class ArtifactWriter:
         self._buffer = memoryview(bytearray(BUFFER_SIZE))
 
     def add(self, relpath: str, data: bytes, mtime: float) -> None:
-        """A whole small file at once."""
-        self._pending += tar_header(self._member(relpath), len(data), int(mtime))
-        self._pending += data
-        self._pending += padding(len(data))
-        if len(self._pending) >= BUFFER_SIZE:
+        """A whole small file at once. (Runs once a file: kept lean.)"""
+        size, pending = len(data), self._pending
+        pending += tar_header(self._member(relpath), size, int(mtime))
+        pending += data
+        if size % BLOCK:
+            pending += _ZERO_BLOCK[: BLOCK - size % BLOCK]
+        if len(pending) >= BUFFER_SIZE:
             self._flush()
-        self._record(relpath, hashlib.sha256(data).hexdigest(), len(data))
+        self._record(relpath, hashlib.sha256(data).hexdigest(), size)
 
     def copy_from(self, relpath: str, source: IO[bytes], size: int, mtime: float) -> None:
         """Exactly `size` bytes of an open binary stream; SourceChanged if it has fewer."""
