@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .drivers.base import BLOCK, BUFFER_SIZE, file_sha256, padding, tar_header
+from .drivers.base import BLOCK, BUFFER_SIZE, file_sha256, hash_file, padding, tar_header
 from .errors import IntegrityError
 
 BAGIT_TXT = "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
@@ -192,12 +192,6 @@ def write_head(bag_dir: Path, bag_name: str, out: Path) -> None:
 
 def digest(parts: Iterable[Path], check: Callable[[], None] = lambda: None) -> Packed:
     """The sha256 and size of the archive the concatenation of `parts` is."""
-    sha, size = hashlib.sha256(), 0
-    buffer = memoryview(bytearray(BUFFER_SIZE))
-    for part in parts:
-        with open(part, "rb", buffering=0) as f:
-            while n := f.readinto(buffer):
-                check()
-                sha.update(buffer[:n])
-                size += n
+    sha, buffer = hashlib.sha256(), memoryview(bytearray(BUFFER_SIZE))
+    size = sum(hash_file(part, sha, buffer, check) for part in parts)
     return Packed(sha.hexdigest(), size)

@@ -14,7 +14,7 @@ import hashlib
 import os
 import tarfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,14 +96,23 @@ def tar_header(name: str, size: int, mtime: int) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def file_sha256(path: Path | str) -> tuple[str, int]:
-    """The sha256 and size of a file, read once in large blocks."""
-    digest, size = hashlib.sha256(), 0
-    buffer = memoryview(bytearray(BUFFER_SIZE))
+def hash_file(
+    path: Path | str, digest: Any, buffer: memoryview, check: Callable[[], None] = lambda: None
+) -> int:
+    """Feed the file at `path` to `digest` through `buffer`; returns its size."""
+    size = 0
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
+            check()
             digest.update(buffer[:n])
             size += n
+    return size
+
+
+def file_sha256(path: Path | str) -> tuple[str, int]:
+    """The sha256 and size of a file, read once in large blocks."""
+    digest = hashlib.sha256()
+    size = hash_file(path, digest, memoryview(bytearray(BUFFER_SIZE)))
     return digest.hexdigest(), size
 
 
