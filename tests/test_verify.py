@@ -168,7 +168,7 @@ def test_what_the_writer_and_packer_write_verifies(tmp_path: Path, key: SecretKe
     import io
 
     from archived import bag as packer
-    from archived.drivers.base import SMALL_FILE, ArtifactWriter
+    from archived.drivers.base import HASH_ASIDE, SMALL_FILE, ArtifactWriter
 
     big = bytes(range(256)) * (SMALL_FILE // 128)  # past the whole-file path
     long_name = "deep/" * 30 + "long name.txt"  # past ustar's 100 bytes: a PAX header
@@ -180,6 +180,8 @@ def test_what_the_writer_and_packer_write_verifies(tmp_path: Path, key: SecretKe
         writers.append(writer)
     docs, logs = writers
     docs.add("a.txt", b"hello, archive\n", 1_700_000_000.5)
+    for i in range(3):  # big enough to be hashed aside, in a helper thread
+        docs.add(f"mid{i}.bin", bytes([i]) * (HASH_ASIDE + 1), 1_700_000_000)
     docs.add("caf\u00e9/\u65e5\u672c.txt", b"non-ASCII names get PAX headers\n", 0)
     docs.add(long_name, b"", 1_700_000_000)
     docs.copy_from("big.bin", io.BytesIO(big), len(big), 1_700_000_000)
@@ -191,7 +193,13 @@ def test_what_the_writer_and_packer_write_verifies(tmp_path: Path, key: SecretKe
         sink.write(b"length unknown up front\n")
     results = [w.finish() for w in writers]
     assert not staged.exists()
-    assert [r["files"] for r in results] == [4, 2]
+    assert [r["files"] for r in results] == [7, 2]
+    # records in member order, each with the digest of its member's data
+    for writer, result in zip(writers, results, strict=True):
+        assert packer.verify_fragment(writer.fragment, writer.records_path) == (
+            result["files"],
+            result["bytes"],
+        )
     assert [r["tar_bytes"] for r in results] == [
         (parts / f"{a}.tar").stat().st_size for a in ("docs", "logs")
     ]
@@ -200,7 +208,7 @@ def test_what_the_writer_and_packer_write_verifies(tmp_path: Path, key: SecretKe
     bag_dir.mkdir()
     records = [w.records_path for w in writers]
     oxum = packer.write_payload_manifest(bag_dir, records)
-    assert (oxum.files, oxum.bytes) == (6, sum(r["bytes"] for r in results))
+    assert (oxum.files, oxum.bytes) == (9, sum(r["bytes"] for r in results))
     packer.write_tag_files(
         bag_dir,
         info=packer.bag_info(job_id="job-1", bagging_date="2024-01-01", oxum=oxum, metadata={}),
@@ -219,7 +227,7 @@ def test_what_the_writer_and_packer_write_verifies(tmp_path: Path, key: SecretKe
 
     report = verify_path(out_tar, keys=[key.public_key()])
     assert report.ok, report.problems
-    assert (report.bag, report.files) == (BAG, 6)
+    assert (report.bag, report.files) == (BAG, 9)
     # what GNU tar and bagit-python, which we did not write, make of it
     listing = subprocess.run(
         ["tar", "-tvf", str(out_tar)], check=True, capture_output=True, text=True

@@ -14,8 +14,9 @@ import hashlib
 import os
 import tarfile
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from ..errors import StorageError, TransientError
 BUFFER_SIZE = 1024 * 1024
 BLOCK = 512  # a tar block
 SMALL_FILE = 256 * 1024  # files up to this size are read whole, in one call
+HASH_ASIDE = 64 * 1024  # whole files from this size are hashed in a helper thread
 # The sealed archive as it sits in staging: files whose concatenation is the tar.
 Parts = Sequence[Path]
 # The archive's sha256, which the runner may still be computing while the copies are
@@ -191,7 +193,9 @@ class ArtifactWriter:
     tar_bytes: int = 0
     _fd: int = field(default=-1, repr=False)
     _pending: bytearray = field(default_factory=bytearray, repr=False)
-    _buffer: memoryview = field(default_factory=lambda: memoryview(b""), repr=False)
+    _buffers: tuple[memoryview, ...] = field(default=(), repr=False)
+    _hasher: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _queued: deque[tuple[str, str | Future[str], int]] = field(default_factory=deque, repr=False)
     _records: IO[str] | None = field(default=None, repr=False)
 
     @property
@@ -209,7 +213,7 @@ class ArtifactWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         self._fd = os.open(self.fragment, flags, 0o600)
         self._records = open(self._records_part, "w", encoding="utf-8")  # noqa: SIM115
-        self._buffer = memoryview(bytearray(BUFFER_SIZE))
+        self._buffers = (memoryview(bytearray(BUFFER_SIZE)), memoryview(bytearray(BUFFER_SIZE)))
 
     def add(self, relpath: str, data: bytes, mtime: float) -> None:
         """A whole small file at once. (Runs once a file: kept lean.)"""
@@ -220,21 +224,35 @@ class ArtifactWriter:
             pending += _ZERO_BLOCK[: BLOCK - size % BLOCK]
         if len(pending) >= BUFFER_SIZE:
             self._flush()
-        self._record(relpath, hashlib.sha256(data).hexdigest(), size)
+        if size < HASH_ASIDE:
+            self._record(relpath, hashlib.sha256(data).hexdigest(), size)
+        else:  # hashed in the helper thread while the next files are read
+            self._record(relpath, self._hash_thread().submit(_sha256_hex, data), size)
 
     def copy_from(self, relpath: str, source: IO[bytes], size: int, mtime: float) -> None:
         """Exactly `size` bytes of an open binary stream; SourceChanged if it has fewer."""
         self._pending += tar_header(self._member(relpath), size, int(mtime))
         self._flush()
-        digest = hashlib.sha256()
-        buffer, left = self._buffer, size
-        while left:
-            n = source.readinto(buffer[: min(left, BUFFER_SIZE)])  # type: ignore[attr-defined]
-            if not n:
-                raise SourceChanged(f"{relpath} changed while being archived (shrank)")
-            digest.update(buffer[:n])
-            write_all(self._fd, buffer[:n])
-            left -= n
+        # sha256 and write() both release the GIL: one block is hashed in a helper
+        # thread while it is written and the next is read (two buffers, taking turns)
+        hasher = self._hash_thread()
+        digest, left, turn = hashlib.sha256(), size, 0
+        hashing: Future[None] | None = None
+        try:
+            while left:
+                buffer = self._buffers[turn][: min(left, BUFFER_SIZE)]
+                n = source.readinto(buffer)  # type: ignore[attr-defined]
+                if not n:
+                    raise SourceChanged(f"{relpath} changed while being archived (shrank)")
+                block = buffer[:n]
+                hashed = hasher.submit(digest.update, block)
+                write_all(self._fd, block)
+                if hashing is not None:
+                    hashing.result()  # the other buffer is free again
+                hashing, turn, left = hashed, turn ^ 1, left - n
+        finally:
+            if hashing is not None:
+                hashing.result()
         self._pending += padding(size)
         self.tar_bytes += size
         self._record(relpath, digest.hexdigest(), size)
@@ -269,6 +287,7 @@ class ArtifactWriter:
 
     def finish(self) -> dict[str, Any]:
         assert self._records is not None, "start() first"
+        self._write_records()
         self._flush()
         os.close(self._fd)
         self._fd = -1
@@ -279,7 +298,11 @@ class ArtifactWriter:
         return {"files": self.files, "bytes": self.total_bytes, "tar_bytes": self.tar_bytes}
 
     def close(self) -> None:
-        """Release what an unfinished run holds (after an error)."""
+        """Release what the writer holds; after finish(), or after an error."""
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
+        self._queued.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -295,12 +318,44 @@ class ArtifactWriter:
             self.tar_bytes += len(self._pending)
             self._pending.clear()
 
-    def _record(self, relpath: str, sha256: str, size: int) -> None:
+    def _hash_thread(self) -> ThreadPoolExecutor:
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="archived-hash")
+        return self._hasher
+
+    def _record(self, relpath: str, sha256: str | Future[str], size: int) -> None:
+        """A record, in file order; one whose digest is still being computed waits in
+        a short queue (and so does every record after it)."""
+        self.files += 1
+        self.total_bytes += size
+        if self._queued or not isinstance(sha256, str):
+            self._queued.append((relpath, sha256, size))
+            self._write_records(keep=8)
+        else:
+            self._write_record(relpath, sha256, size)
+
+    def _write_records(self, keep: int = 0) -> None:
+        """Queued records in order, waiting for digests, until at most `keep` are left
+        (and only those whose digest is not known yet)."""
+        queued = self._queued
+        while queued and (len(queued) > keep or _known(queued[0][1])):
+            relpath, sha256, size = queued.popleft()
+            self._write_record(
+                relpath, sha256 if isinstance(sha256, str) else sha256.result(), size
+            )
+
+    def _write_record(self, relpath: str, sha256: str, size: int) -> None:
         assert self._records is not None, "start() first"
         path = bagit_path(f"data/{self.activity}/{relpath}")
         self._records.write(f"{sha256} {size} {path}\n")
-        self.files += 1
-        self.total_bytes += size
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _known(sha256: str | Future[str]) -> bool:
+    return isinstance(sha256, str) or sha256.done()
 
 
 class HashingSink:
