@@ -37,6 +37,7 @@ from .spool import Claimed, Spool
 from .states import FINAL, PROCESSING, STOPPABLE, Event, State
 from .store import StaleState, Store, now_iso
 from .timestamp import load_ca_bundle
+from .wakeup import SpoolWatch
 
 log = structlog.get_logger("archived.daemon")
 
@@ -126,6 +127,7 @@ class Daemon:
             )
             self.notify.ready(await self._status())
             tg.start_soon(self._reloader)
+            tg.start_soon(self._watch_spool)
             if self.notify.watchdog_seconds:
                 tg.start_soon(self._watchdog, self.notify.watchdog_seconds)
             tg.start_soon(self._metrics_writer)
@@ -152,6 +154,15 @@ class Daemon:
             self.notify.stopping()
             await self._drain()
             tg.cancel_scope.cancel()
+
+    async def _watch_spool(self) -> None:
+        watch = SpoolWatch.open(self.spool.incoming)
+        if watch is None:
+            log.info(
+                "no inotify for the spool: polling it only", every=self.config.daemon.poll_interval
+            )
+            return
+        await watch.run(lambda: self.wake.set())
 
     async def _status(self) -> str:
         counts = {r["state"]: r["n"] for r in await self.svc.store.fetchall("count_by_state")}

@@ -111,3 +111,13 @@ def test_peak_memory_does_not_grow_with_the_number_of_files(root: Root) -> None:
     )
     wait_until(lambda: not any((root.state_dir / "staging").iterdir()), 10, "staging emptied")
     assert os.path.exists(f"/proc/{pid}")
+
+
+def test_a_submitted_job_starts_without_waiting_for_the_next_poll(root: Root) -> None:
+    root.write_config(daemon={"poll_interval": "1h"})  # the loop looks once at start-up
+    daemon = root.start()
+    (job_id,) = root.submit(root.job_file("prompt"))
+    # the spool's inotify event wakes the loop; nothing else would within the hour
+    job = root.wait_state(job_id, "completed", "failed", timeout=30)
+    assert job["state"] == "completed", job.get("error")
+    assert "polling it only" not in daemon.log_text()
