@@ -122,7 +122,7 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
                     for i in ids
                 }
             # quick for a quick job, easing off for a long one: late by 2 % at the most
-            time.sleep(min(max((time.monotonic() - begun) / 50, 0.02), 0.5))
+            time.sleep(min(max((time.monotonic() - begun) / 50, 0.01), 0.5))
     finally:
         if db is not None:
             db.close()
