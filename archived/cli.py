@@ -8,14 +8,16 @@ traceback only with --debug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 
@@ -572,3 +574,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
     print(f"archived: {message}", file=sys.stderr)
     return code
+
+
+def console() -> NoReturn:
+    """The `archived` command: `main()`, then out without the interpreter's teardown,
+    which spends about 45 ms freeing modules no one will use again (every command has
+    closed what it opened by the time `main()` returns)."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone (`| head`), or closed
+            stream.flush()
+    os._exit(code)
