@@ -338,3 +338,17 @@ def test_staging_from_before_the_machine_restarted_is_read_again(
     if point == "check_integrity":
         (check,) = [e for e in job["events"] if e["kind"] == "check_integrity"]
         assert check["detail"]["reread_after_restart"] == ["a"]
+
+
+def test_a_staged_archive_that_changed_size_after_sign_fails_the_job(root: Root) -> None:
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store=kill"})
+    (job_id,) = root.submit(root.job_file("grown"))
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    with open(root.state_dir / "staging" / job_id / "head.tar", "ab") as head:
+        head.write(bytes(512))  # same machine start: no re-reading, only the size tells
+    root.start()
+    job = root.wait_state(job_id, "failed", "completed")
+    assert job["state"] == "failed"
+    assert "the staged archive has" in job["error"] and "when it was sealed" in job["error"]
+    assert states(job).count("recoverable_error") == 0
+    assert root.all_target_files() == []
