@@ -553,7 +553,11 @@ class JobRunner:
         )
 
     async def _hash_archive(self, digest: Digest) -> None:
-        """Resolve `digest`, whatever happens: storage threads may be waiting for it."""
+        """Resolve `digest`, whatever happens: storage threads may be waiting for it.
+
+        An error goes into `digest`, so each storage task fails with it (and is
+        recorded so) rather than being cancelled under its feet.
+        """
         try:
             packed = await anyio.to_thread.run_sync(
                 bag.digest,
@@ -561,10 +565,11 @@ class JobRunner:
                 anyio.from_thread.check_cancelled,
                 limiter=self.svc.hash_threads,
             )
-        except BaseException as exc:
-            digest.set_exception(
-                exc if isinstance(exc, Exception) else StorageError("cancelled", recoverable=True)
-            )
+        except Exception as exc:
+            digest.set_exception(exc)
+            return
+        except BaseException:
+            digest.set_exception(StorageError("cancelled", recoverable=True))
             raise
         if packed.size != self.job["archive_size"]:
             digest.set_exception(

@@ -352,3 +352,18 @@ def test_a_staged_archive_that_changed_size_after_sign_fails_the_job(root: Root)
     assert "the staged archive has" in job["error"] and "when it was sealed" in job["error"]
     assert states(job).count("recoverable_error") == 0
     assert root.all_target_files() == []
+
+
+def test_a_staged_archive_part_gone_before_store_fails_each_storage_task(root: Root) -> None:
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store=kill"})
+    (job_id,) = root.submit(root.job_file("vanished"))
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    (root.state_dir / "staging" / job_id / "end.tar").unlink()
+    root.start()
+    job = root.wait_state(job_id, "failed", "completed")
+    assert job["state"] == "failed"
+    assert "end.tar" in job["error"]
+    storage = [t for t in job["tasks"] if t["kind"] == "storage"]
+    assert {t["state"] for t in storage} == {"failed"}
+    assert all("end.tar" in t["error"] for t in storage)
+    assert root.all_target_files() == []
