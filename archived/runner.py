@@ -33,7 +33,7 @@ from .jobfile import JobSpec, parse_job
 from .keys import KeyRing
 from .metrics import Metrics
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
-from .store import Row, StaleState, Store, now_iso
+from .store import Row, StaleState, Store, Tx, now_iso
 from .timestamp import request_token
 
 log = structlog.get_logger("archived.runner")
@@ -93,6 +93,7 @@ class JobRunner:
         self.scope: anyio.CancelScope | None = None
         self.canceled = False
         self.attempt_begun = False
+        self.step_events: list[tuple[str, dict[str, Any]]] = []
         self.handlers: dict[State, Callable[[], Awaitable[Outcome | None]]] = {
             State.ACTIVITY_ARCHIVING: self.activity_archiving,
             State.POST_PROCESSING: self.post_processing,
@@ -218,13 +219,21 @@ class JobRunner:
 
     async def _event(self, kind: str, **detail: Any) -> None:
         async with self.svc.store.transaction() as tx:
-            await tx.run(
-                "insert_event",
-                job_id=self.id,
-                now=now_iso(),
-                kind=kind,
-                detail=json.dumps(detail, sort_keys=True),
-            )
+            await self._insert_event(tx, kind, detail)
+
+    async def _insert_event(self, tx: Tx, kind: str, detail: dict[str, Any]) -> None:
+        await tx.run(
+            "insert_event",
+            job_id=self.id,
+            now=now_iso(),
+            kind=kind,
+            detail=json.dumps(detail, sort_keys=True),
+        )
+
+    def _step_event(self, kind: str, **detail: Any) -> None:
+        """An event committed with the post-processing step that logs it (once, even if
+        the daemon dies in between and the step runs again)."""
+        self.step_events.append((kind, detail))
 
     async def _tasks(self, kind: str) -> list[Row]:
         rows = await self.svc.store.fetchall("tasks", job_id=self.id)
@@ -235,8 +244,12 @@ class JobRunner:
         kind: str,
         slots: anyio.CapacityLimiter,
         work: Callable[[str], Awaitable[dict[str, Any]]],
+        record: Callable[[Tx, str, dict[str, Any]], Awaitable[None]] | None = None,
     ) -> None:
-        """Run every unfinished task of `kind` concurrently; raise the first failure."""
+        """Run every unfinished task of `kind` concurrently; raise the first failure.
+
+        `record` adds what a finished task found to the transaction that marks it done.
+        """
         pending = [t["name"] for t in await self._tasks(kind) if t["state"] != "completed"]
         failures: list[BaseException] = []
         store = self.svc.store
@@ -262,6 +275,8 @@ class JobRunner:
                         )
                     return
                 async with store.transaction() as tx:
+                    if record is not None:
+                        await record(tx, name, result)
                     await tx.run(
                         "finish_task",
                         job_id=self.id,
@@ -366,8 +381,12 @@ class JobRunner:
         start = POST_STEPS.index(done) + 1 if done in POST_STEPS else 0
         for step in POST_STEPS[start:]:
             await failpoints.reach(step)
+            self.step_events = []
             fields = await getattr(self, step)()
-            await self.svc.store.update_job(self.id, step=step, **fields)
+            async with self.svc.store.transaction() as tx:
+                await tx.update_job(self.id, step=step, **fields)
+                for kind, detail in self.step_events:
+                    await self._insert_event(tx, kind, detail)
             self.job = {**self.job, "step": step, **fields}
             log.info("post-processing step done", step=step)
         return Outcome(Event.DONE, "integrity checked, checksums calculated, signed")
@@ -378,7 +397,7 @@ class JobRunner:
             self._check_integrity, reported, limiter=self.svc.hash_threads
         )
         reread = await self._reverify_after_restart(reported)
-        await self._event(
+        self._step_event(
             "check_integrity",
             result="ok",
             files=checked[0],
@@ -465,7 +484,7 @@ class JobRunner:
             return oxum
 
         oxum = await anyio.to_thread.run_sync(write, limiter=self.svc.hash_threads)
-        await self._event("calculate_checksums", algorithm="sha256", payload_oxum=str(oxum))
+        self._step_event("calculate_checksums", algorithm="sha256", payload_oxum=str(oxum))
         return {"payload_files": oxum.files, "payload_bytes": oxum.bytes}
 
     async def sign(self) -> dict[str, Any]:
@@ -503,7 +522,7 @@ class JobRunner:
                 signing.tsa_url, manifest, ca=signing.tsa_ca, timeout=signing.tsa_timeout
             )
             token = stamped.response
-            await self._event(
+            self._step_event(
                 "timestamp",
                 tsa=signing.tsa_url,
                 gen_time=stamped.gen_time.isoformat(),
@@ -543,7 +562,10 @@ class JobRunner:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._hash_archive, digest)
             await self._run_tasks(
-                "storage", self.svc.storage_slots, lambda target: self._store_one(target, digest)
+                "storage",
+                self.svc.storage_slots,
+                lambda target: self._store_one(target, digest),
+                self._record_copy,
             )
         return Outcome(
             Event.DONE,
@@ -586,18 +608,11 @@ class JobRunner:
         driver = self._storage(target)
         key = f"{self.spec.name}/{self.job['archive_name']}"
         copy = await driver.put(self._archive_parts(), key, digest, self.job["archive_size"])
-        async with self.svc.store.transaction() as tx:
-            await tx.run(
-                "upsert_copy",
-                job_id=self.id,
-                target=target,
-                path=copy.path,
-                size=copy.size,
-                sha256=copy.sha256,
-                now=now_iso(),
-            )
         log.info("stored", target=target, path=copy.path)
-        return {"path": copy.path}
+        return {"path": copy.path, "size": copy.size, "sha256": copy.sha256}
+
+    async def _record_copy(self, tx: Tx, target: str, copy: dict[str, Any]) -> None:
+        await tx.run("upsert_copy", job_id=self.id, target=target, now=now_iso(), **copy)
 
     def _storage(self, target: str) -> StorageDriver:
         return open_storage(self.config, target)
