@@ -124,14 +124,13 @@ def verify_fragment(
     copies are), so a restart of the machine can leave holes in it.
     """
     files = total = 0
-    with open(fragment, "rb") as raw, open(records, encoding="utf-8") as lines:
+    with open(fragment, "rb") as raw:
         tar = None  # for an empty fragment (no files found): tarfile calls it an error
         if os.fstat(raw.fileno()).st_size:  # reads `raw`, which this block closes
             tar = tarfile.open(fileobj=raw, mode="r|", errors="surrogateescape")  # noqa: SIM115
-        for line in lines:
+        for sha256, size, path in record_fields([records]):
             check()
-            sha256, size, path = line.rstrip("\n").split(" ", 2)
-            name = decode_path(path)
+            name = decode_path(path.rstrip("\n"))
             member = tar.next() if tar is not None else None
             if tar is None or member is None:
                 raise IntegrityError(f"{name}: recorded, but not in the staged tar fragment")
@@ -177,12 +176,10 @@ def write_head(bag_dir: Path, bag_name: str, out: Path) -> None:
             if not path.exists():
                 continue  # the time-stamp token, when no TSA is configured
             with open(path, "rb") as src:
-                size = os.fstat(src.fileno()).st_size
-                f.write(
-                    tar_header(f"{bag_name}/{name}", size, int(os.fstat(src.fileno()).st_mtime))
-                )
+                st = os.fstat(src.fileno())
+                f.write(tar_header(f"{bag_name}/{name}", st.st_size, int(st.st_mtime)))
                 shutil.copyfileobj(src, f, BUFFER_SIZE)
-                f.write(padding(size))
+                f.write(padding(st.st_size))
         data_dir = tarfile.TarInfo(f"{bag_name}/data")  # present even with no payload
         data_dir.type, data_dir.mode, data_dir.mtime = tarfile.DIRTYPE, 0o755, mtime
         data_dir.uname = data_dir.gname = ""

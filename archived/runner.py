@@ -85,8 +85,8 @@ class JobRunner:
         self.spec = JobSpec.model_validate_json(job["spec"])
         self.staging = svc.state_dir / "staging" / self.id
         self.bag_dir = self.staging / "bag"  # the tag files
-        self.records_dir = self.staging / "records"  # per activity: sha256 size path
-        self.parts_dir = self.staging / "parts"  # per activity: its tar fragment
+        self.records_dir: Path = self.staging / "records"  # per activity: sha256 size path
+        self.parts_dir: Path = self.staging / "parts"  # per activity: its tar fragment
         self.head = self.staging / "head.tar"  # the tag files' tar members
         self.end = self.staging / "end.tar"
         self.last_error: BaseException | None = None
@@ -116,9 +116,15 @@ class JobRunner:
         started = datetime.fromisoformat(self.job["started_at"]).astimezone(UTC)
         return f"{self.spec.name}-{self.id}-{started.strftime('%Y%m%dT%H%M%SZ')}"
 
+    def _fragment(self, activity: str) -> Path:
+        return self.parts_dir / f"{activity}.tar"
+
+    def _records_of(self, activity: str) -> Path:
+        return self.records_dir / f"{activity}.records"
+
     def _archive_parts(self) -> list[Path]:
         """The files whose concatenation is the archive, in order."""
-        fragments = [self.parts_dir / f"{a.name}.tar" for a in self.spec.activities]
+        fragments = [self._fragment(a.name) for a in self.spec.activities]
         return [self.head, *fragments, self.end]
 
     async def run(self) -> None:
@@ -324,12 +330,7 @@ class JobRunner:
     async def _activity(self, name: str) -> dict[str, Any]:
         activity = next(a for a in self.spec.activities if a.name == name)
         driver_cls = activity_driver(activity.driver)
-        writer = ArtifactWriter(
-            self.parts_dir / f"{name}.tar",
-            self.bag_name,
-            name,
-            self.records_dir / f"{name}.records",
-        )
+        writer = ArtifactWriter(self._fragment(name), self.bag_name, name, self._records_of(name))
         await anyio.to_thread.run_sync(self._clear_activity, writer)
         driver = driver_cls(name, driver_cls.options(activity.options()))
         ctx = ActivityContext(self.id, self.config, writer, self.svc.hash_threads)
@@ -373,7 +374,7 @@ class JobRunner:
     # -- post_processing ---------------------------------------------------------------
 
     def _records(self) -> list[Path]:
-        return [self.records_dir / f"{a.name}.records" for a in self.spec.activities]
+        return [self._records_of(a.name) for a in self.spec.activities]
 
     async def post_processing(self) -> Outcome:
         await self._begin_attempt(State.POST_PROCESSING)
@@ -420,8 +421,8 @@ class JobRunner:
             try:
                 await anyio.to_thread.run_sync(
                     bag.verify_fragment,
-                    self.parts_dir / f"{name}.tar",
-                    self.records_dir / f"{name}.records",
+                    self._fragment(name),
+                    self._records_of(name),
                     anyio.from_thread.check_cancelled,
                     limiter=self.svc.hash_threads,
                 )
@@ -438,7 +439,7 @@ class JobRunner:
 
         Memory stays flat however many files there are: records are streamed.
         """
-        fragments = {f"{a.name}.tar" for a in self.spec.activities}
+        fragments = {self._fragment(a.name).name for a in self.spec.activities}
         extra = sorted(set(os.listdir(self.parts_dir)) - fragments)
         if extra:
             raise IntegrityError(f"staging holds {extra[0]}, which no activity wrote")
@@ -446,7 +447,7 @@ class JobRunner:
         for activity in self.spec.activities:
             result = reported[activity.name]
             count = size = 0
-            for fields in bag.record_fields([self.records_dir / f"{activity.name}.records"]):
+            for fields in bag.record_fields([self._records_of(activity.name)]):
                 count += 1
                 size += int(fields[1])
             if (count, size) != (result["files"], result["bytes"]):
@@ -454,9 +455,8 @@ class JobRunner:
                     f"activity {activity.name}: {count} files of {size} bytes recorded, "
                     f"{result['files']} files of {result['bytes']} bytes written"
                 )
-            fragment = self.parts_dir / f"{activity.name}.tar"
             try:
-                staged = os.lstat(fragment).st_size
+                staged = os.lstat(self._fragment(activity.name)).st_size
             except FileNotFoundError:
                 raise IntegrityError(
                     f"activity {activity.name}: its tar fragment is gone"

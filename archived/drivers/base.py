@@ -64,7 +64,7 @@ _ZERO_BLOCK = bytes(BLOCK)
 
 def padding(size: int) -> bytes:
     """The zeros that fill a tar member's data up to a whole block."""
-    return bytes(-size % BLOCK)
+    return _ZERO_BLOCK[: -size % BLOCK]
 
 
 _USTAR_TAIL = (
@@ -149,13 +149,13 @@ def copy_parts(parts: Parts, dst_fd: int) -> None:
     buffer: memoryview | None = None
     for part in parts:
         with open(part, "rb", buffering=0) as f:
-            remaining = os.fstat(f.fileno()).st_size
+            size = remaining = os.fstat(f.fileno()).st_size
             try:
                 while remaining and (n := os.copy_file_range(f.fileno(), dst_fd, remaining)):
                     remaining -= n
             except OSError:  # not on this file system: copy through user space
                 buffer = buffer or memoryview(bytearray(BUFFER_SIZE))
-                f.seek(os.fstat(f.fileno()).st_size - remaining)
+                f.seek(size - remaining)
                 while n := f.readinto(buffer):
                     write_all(dst_fd, buffer[:n])
                     remaining -= n
@@ -167,6 +167,16 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def copy_problem(where: str, got: tuple[str, int] | None, sha256: str, size: int) -> str | None:
+    """What a storage driver's `check()` says of a copy that read back as `got` (its
+    sha256 and size; None: not there). The audit tells the verdicts by their first word."""
+    if got is None:
+        return f"missing: {where}"
+    if got != (sha256, size):
+        return f"damaged: {where} has sha256 {got[0]} ({got[1]} bytes)"
+    return None
 
 
 class SourceChanged(TransientError):
@@ -220,8 +230,7 @@ class ArtifactWriter:
         size, pending = len(data), self._pending
         pending += tar_header(self._member(relpath), size, int(mtime))
         pending += data
-        if size % BLOCK:
-            pending += _ZERO_BLOCK[: BLOCK - size % BLOCK]
+        pending += padding(size)
         if len(pending) >= BUFFER_SIZE:
             self._flush()
         if size < HASH_ASIDE:
@@ -231,8 +240,7 @@ class ArtifactWriter:
 
     def copy_from(self, relpath: str, source: IO[bytes], size: int, mtime: float) -> None:
         """Exactly `size` bytes of an open binary stream; SourceChanged if it has fewer."""
-        self._pending += tar_header(self._member(relpath), size, int(mtime))
-        self._flush()
+        self._begin_member(relpath, size, mtime)
         # sha256 and write() both release the GIL: one block is hashed in a helper
         # thread while it is written and the next is read (two buffers, taking turns)
         hasher = self._hash_thread()
@@ -253,9 +261,7 @@ class ArtifactWriter:
         finally:
             if hashing is not None:
                 hashing.result()
-        self._pending += padding(size)
-        self.tar_bytes += size
-        self._record(relpath, digest.hexdigest(), size)
+        self._end_member(relpath, digest.hexdigest(), size)
 
     @contextmanager
     def stream(self, relpath: str) -> Iterator[HashingSink]:
@@ -265,15 +271,9 @@ class ArtifactWriter:
             with os.fdopen(fd, "wb", buffering=0, closefd=False) as raw:
                 sink = HashingSink(raw)
                 yield sink
-            self._pending += tar_header(
-                self._member(relpath), sink.size, int(os.fstat(fd).st_mtime)
-            )
-            self._flush()
-            os.lseek(fd, 0, os.SEEK_SET)
+            self._begin_member(relpath, sink.size, os.fstat(fd).st_mtime)
             copy_parts([self.spool], self._fd)
-            self._pending += padding(sink.size)
-            self.tar_bytes += sink.size
-            self._record(relpath, sink.hexdigest(), sink.size)
+            self._end_member(relpath, sink.hexdigest(), sink.size)
         finally:
             os.close(fd)
             self.spool.unlink(missing_ok=True)
@@ -311,6 +311,17 @@ class ArtifactWriter:
 
     def _member(self, relpath: str) -> str:
         return f"{self.bag_name}/data/{self.activity}/{relpath}"
+
+    def _begin_member(self, relpath: str, size: int, mtime: float) -> None:
+        """The header of a member whose data the caller then writes to `_fd` itself."""
+        self._pending += tar_header(self._member(relpath), size, int(mtime))
+        self._flush()
+
+    def _end_member(self, relpath: str, sha256: str, size: int) -> None:
+        """After its `size` bytes went to `_fd`: count them, pad, record the file."""
+        self.tar_bytes += size
+        self._pending += padding(size)
+        self._record(relpath, sha256, size)
 
     def _flush(self) -> None:
         if self._pending:

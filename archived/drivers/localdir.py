@@ -26,6 +26,7 @@ from .base import (
     StorageDriver,
     StoredCopy,
     copy_parts,
+    copy_problem,
     file_sha256,
 )
 
@@ -85,15 +86,14 @@ class LocalDirDriver(StorageDriver):
 
     async def check(self, key: str, sha256: str, size: int) -> str | None:
         path = self.root / key
+        got: tuple[str, int] | None
         try:
             got = await anyio.to_thread.run_sync(file_sha256, path)
         except FileNotFoundError:
-            return f"missing: {path}"
+            got = None
         except OSError as exc:
             return f"unreadable: {path}: {exc.strerror}"
-        if got != (sha256, size):
-            return f"damaged: {path} has sha256 {got[0]} ({got[1]} bytes)"
-        return None
+        return copy_problem(str(path), got, sha256, size)
 
     async def fetch(self, key: str, dest: Path) -> None:
         def copy() -> None:

@@ -51,6 +51,7 @@ from .base import (
     Parts,
     StorageDriver,
     StoredCopy,
+    copy_problem,
     read_parts,
     wait_digest,
     write_all,
@@ -358,11 +359,7 @@ class S3Driver(StorageDriver):
             return f"unreadable: {url}: {exc}"
         except (ClientError, BotoCoreError) as exc:
             return f"unreadable: {url}: {_describe(exc)}"
-        if got is None:
-            return f"missing: {url}"
-        if got != (sha256, size):
-            return f"damaged: {url} has sha256 {got[0]} ({got[1]} bytes)"
-        return None
+        return copy_problem(url, got, sha256, size)
 
     async def fetch(self, key: str, dest: Path) -> None:
         name = self._name(key)
