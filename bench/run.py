@@ -264,6 +264,16 @@ def empty(*dirs: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
 
 
+def timed(argv: list[str], who: str) -> float:
+    """Seconds `argv` took; BenchError if it failed."""
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise BenchError(f"{who} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
+    return dt
+
+
 def check_tar_copies(paths: list[Path], ds: DataSet, what: str) -> None:
     sizes = []
     for p in paths:
@@ -303,11 +313,7 @@ class Script:
             str(self.t2),
             str(self.key),
         ]
-        t0 = time.perf_counter()
-        p = subprocess.run(argv, capture_output=True, text=True)
-        dt = time.perf_counter() - t0
-        if p.returncode != 0:
-            raise BenchError(f"script exited {p.returncode}: {p.stderr.strip()[-2000:]}")
+        dt = timed(argv, "script")
         check_tar_copies([self.t1 / "x.tar", self.t2 / "x.tar"], self.ds, "script")
         for t in (self.t1, self.t2):
             for name in ("manifest.sha256", "manifest.sha256.minisig"):
@@ -329,11 +335,7 @@ class Floor:
 
     def run(self) -> Result:
         argv = ["bash", "-c", FLOOR, "floor", str(self.ds.root), str(self.t1), str(self.t2)]
-        t0 = time.perf_counter()
-        p = subprocess.run(argv, capture_output=True, text=True)
-        dt = time.perf_counter() - t0
-        if p.returncode != 0:
-            raise BenchError(f"floor exited {p.returncode}: {p.stderr.strip()[-2000:]}")
+        dt = timed(argv, "floor")
         check_tar_copies([self.t1 / "x.tar", self.t2 / "x.tar"], self.ds, "floor")
         return Result(dt)
 
