@@ -26,8 +26,8 @@ PAYLOAD = {
     "data/docs/b.bin": bytes(range(256)) * 41,
     "data/logs/two\nlines.txt": b"a name BagIt must percent-encode\n",
 }
-# the shared folder beside the project: the Library of Congress BagIt conformance suite
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "bagit-conformance"
+# the Library of Congress BagIt conformance suite (public domain, CC0), kept in the repository
+CONFORMANCE = Path(__file__).resolve().parent / "data" / "bagit-conformance"
 
 
 def encode(path: str) -> str:
