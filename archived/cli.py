@@ -482,13 +482,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .daemon import check_config, check_targets
+    from .daemon import check_config
 
     config = _load_config(args)
-    if config.embedded and not config.signing.key.exists():
-        anyio.run(check_targets, config)  # `run` makes the embedded default's key
-    else:
-        anyio.run(check_config, config)
+    # `run` makes the embedded default's key
+    key = not (config.embedded and not config.signing.key.exists())
+    for warning in anyio.run(lambda: check_config(config, key=key)):
+        print(f"archived: warning: {warning}", file=sys.stderr)
     print(f"ok: {config.source or 'embedded default'}")
     return EXIT_OK
 
@@ -559,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except ConfigError as exc:
-        code, message = EXIT_CONFIG, f"config error: {exc}"
+        code, message = EXIT_CONFIG, "\n".join(f"config error: {p}" for p in exc.problems)
     except CommandError as exc:
         code, message = exc.code, str(exc)
     except KeyboardInterrupt:
@@ -572,7 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     if args.debug:
         traceback.print_exc()
-    print(f"archived: {message}", file=sys.stderr)
+    for line in message.splitlines():
+        print(f"archived: {line}", file=sys.stderr)
     return code
 
 

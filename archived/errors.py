@@ -22,7 +22,11 @@ class ArchivedError(Exception):
 
 
 class ConfigError(ArchivedError):
-    """The config file is missing, unparsable or invalid (exit code 78)."""
+    """The config file is missing, unparsable or invalid (exit code 78): one line a problem."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
 
 
 class JobFileError(ArchivedError):
@@ -43,6 +47,14 @@ class StorageError(ArchivedError):
     def __init__(self, message: str, *, recoverable: bool) -> None:
         super().__init__(message)
         self.kind = Kind.RECOVERABLE if recoverable else Kind.FATAL
+
+
+class TargetUnavailable(StorageError):
+    """A storage target cannot be reached now (not mounted, no marker, off the network):
+    jobs wait for it. At start, on reload and in check-config this is a warning."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, recoverable=True)
 
 
 class TransientError(ArchivedError):

@@ -436,9 +436,19 @@ class StorageDriver(ABC):
     def options(cls, raw: dict[str, Any]) -> DriverOptions:
         return cls.Options.model_validate(raw)
 
+    @property
+    def local_root(self) -> Path | None:
+        """The local directory the target keeps its archives in, if it has one."""
+        return None
+
     @abstractmethod
     async def ready(self) -> None:
-        """Raise ConfigError unless the target can take archives now."""
+        """Raise ConfigError if the target cannot work as configured, TargetUnavailable
+        if it cannot be reached now (jobs wait for it)."""
+
+    async def mark(self) -> str | None:
+        """Mark the target as one (`archived init-target`); None: it needs no marker."""
+        return None
 
     @abstractmethod
     async def put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:
