@@ -31,6 +31,7 @@ from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
 from .metrics import write_textfile
 from .notify import Notifier
+from .orphans import remove_orphans
 from .retention import expire_due
 from .runner import JobRunner, Services
 from .schedules import Scheduler
@@ -272,6 +273,7 @@ class Daemon:
     async def _retention(self) -> None:
         while True:
             await anyio.sleep(self.config.retention.check_interval)
+            await remove_orphans(self.svc.store, self.config)
             for job_id in await expire_due(self.svc.store, self.config):
                 self.svc.metrics.transition(State.DELETED)
                 log.info("job deleted by retention", job_id=job_id, state="deleted")

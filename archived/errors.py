@@ -76,6 +76,8 @@ RECOVERABLE_ERRNOS: frozenset[int] = frozenset(
         errno.ECONNREFUSED,
         errno.ECONNRESET,
         errno.ESTALE,
+        errno.ENOTCONN,  # a FUSE or network mount whose server went away
+        errno.EHOSTDOWN,
         errno.EINTR,
         errno.EROFS,
         errno.ENOMEM,
