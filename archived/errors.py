@@ -61,6 +61,10 @@ class TransientError(ArchivedError):
     kind = Kind.RECOVERABLE
 
 
+class NoSpace(TransientError):
+    """A file system has less room than a step needs: told before the step writes."""
+
+
 # OS errors that say "the world is not ready yet", not "this request is wrong".
 RECOVERABLE_ERRNOS: frozenset[int] = frozenset(
     {

@@ -29,11 +29,13 @@ from .config import Config
 from .drivers import activity_driver, open_storage
 from .drivers.base import (
     ActivityContext,
+    ActivityDriver,
     ArtifactWriter,
     Digest,
     StorageDriver,
     file_sha256,
     parts_size,
+    require_space,
 )
 from .errors import IntegrityError, Kind, StorageError, classify, describe
 from .jobfile import JobSpec, parse_job
@@ -318,6 +320,7 @@ class JobRunner:
         parse_job(self.spec.model_dump_json().encode(), "job.json", self.config)
         await self._sync_storage_tasks()
         await failpoints.reach("activity_archiving")
+        await self._check_staging_space()
         await self._run_tasks("activity", self.svc.activity_slots, self._activity)
         return Outcome(Event.DONE, "every activity task completed")
 
@@ -337,12 +340,38 @@ class JobRunner:
                     now=now_iso(),
                 )
 
-    async def _activity(self, name: str) -> dict[str, Any]:
+    def _driver(self, name: str) -> ActivityDriver:
         activity = next(a for a in self.spec.activities if a.name == name)
         driver_cls = activity_driver(activity.driver)
-        writer = ArtifactWriter(self._fragment(name), self.bag_name, name, self._records_of(name))
+        return driver_cls(name, driver_cls.options(activity.options()))
+
+    def _writer(self, name: str) -> ArtifactWriter:
+        return ArtifactWriter(self._fragment(name), self.bag_name, name, self._records_of(name))
+
+    async def _check_staging_space(self) -> None:
+        """NoSpace (recoverable) before anything is staged, when the staging file system
+        has less room than the unfinished activities' sources will take there."""
+        pending = [t["name"] for t in await self._tasks("activity") if t["state"] != "completed"]
+        needed = 0
+        for name in pending:
+            await anyio.to_thread.run_sync(self._clear_activity, self._writer(name))
+            estimate = await anyio.to_thread.run_sync(
+                self._driver(name).estimate,
+                f"{self.bag_name}/data/{name}/",
+                limiter=self.svc.hash_threads,
+            )
+            needed += estimate or 0
+        if needed:
+            await anyio.to_thread.run_sync(self._require_staging_space, needed)
+
+    def _require_staging_space(self, needed: int) -> None:
+        self.staging.mkdir(parents=True, exist_ok=True)
+        require_space(self.staging, needed, "staging")
+
+    async def _activity(self, name: str) -> dict[str, Any]:
+        writer = self._writer(name)
         await anyio.to_thread.run_sync(self._clear_activity, writer)
-        driver = driver_cls(name, driver_cls.options(activity.options()))
+        driver = self._driver(name)
         ctx = ActivityContext(self.id, self.config, writer, self.svc.hash_threads)
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
@@ -597,11 +626,10 @@ class JobRunner:
         """The archive in staging again, fetched from a verified copy and checked
         against its digest; the next copy if one does not read back as recorded."""
         archive: Path = self.staging / "archive.tar"
+        archive.unlink(missing_ok=True)
+        await anyio.to_thread.run_sync(self._require_staging_space, self.job["archive_size"])
         problems = []
         for copy in kept:
-            await anyio.to_thread.run_sync(
-                lambda: archive.parent.mkdir(parents=True, exist_ok=True)
-            )
             try:
                 await self._storage(copy["target"]).fetch(self._key(), archive)
                 got = await anyio.to_thread.run_sync(

@@ -35,6 +35,7 @@ from .base import (
     copy_parts,
     copy_problem,
     file_sha256,
+    require_space,
 )
 
 TMP_PREFIX = ".archived-tmp-"
@@ -148,6 +149,7 @@ class LocalDirDriver(StorageDriver):
             if final.exists() and file_sha256(final) == (digest.result(), size):
                 return StoredCopy(str(final), size, digest.result())  # from an earlier try
             self._discard_partial(final)
+            require_space(final.parent, size, f"storage.{self.target}")
             self._write(archive, final, digest, size)
             failpoints.hit("store.after_rename")
         except OSError as exc:
