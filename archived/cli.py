@@ -325,8 +325,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
             raise CommandError(f"job {args.job} is {job['state']}: only failed jobs are retried")
         phase = job["phase"] or "queued"
         kept = sorted(c["target"] for c in await store.fetchall("live_copies", job_id=args.job))
-        fresh = {"phase": None, "attempts": 0, "error": None, "cancel_requested": 0}
-        fresh |= {"retry_at": None, "started_at": None, "cleanup_attempts": 0}
+        fresh: dict[str, Any] = dict.fromkeys(("phase", "error", "retry_at", "started_at"))
+        fresh |= dict.fromkeys(("attempts", "cancel_requested", "cleanup_attempts"), 0)
         async with store.transaction() as tx:
             if kept:  # its archive is safe on those targets: store it on the others
                 await tx.run("reset_storage_tasks_without_copy", job_id=args.job, now=now_iso())
@@ -338,8 +338,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
                 )
             else:
                 await tx.run("reset_tasks", job_id=args.job, now=now_iso())
-                fresh |= {"step": None, "archive_name": None, "archive_sha256": None}
-                fresh |= {"archive_size": None}
+                fresh |= dict.fromkeys(("step", "archive_name", "archive_sha256", "archive_size"))
                 how = "staging was removed when it failed, so it runs again from activity_archiving"
             await tx.transition(
                 args.job,
