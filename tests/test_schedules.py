@@ -119,6 +119,20 @@ def test_a_schedule_added_by_reload(root: Root) -> None:
     assert created(root)[0]["schedule"] == "later"
 
 
+def test_schedules_lists_every_schedule_with_its_next_slot_before_any_ran(root: Root) -> None:
+    slot = int(time.time()) + 3600
+    root.write_config(
+        schedules__yearly=schedule(root, cron=once_at(slot)),
+        schedules__typo=schedule(root, cron="*/2 * * * * *"),  # meant: every two seconds
+    )
+    result = root.cli("schedules", check=True)  # no daemon has run, no database yet
+    lines = result.stdout.splitlines()
+    (yearly,) = [line for line in lines if line.startswith("yearly:")]
+    assert f"next {iso_time(slot)} (in 59m)" in yearly or f"next {iso_time(slot)} (in 1h)" in yearly
+    (typo,) = [line for line in lines if line.startswith("typo:")]
+    assert "next " in typo  # seconds last: the slots are every second of every other minute
+
+
 def test_bad_schedules_are_config_errors(root: Root) -> None:
     root.write_config(schedules__bad=schedule(root, cron="every tuesday"))
     result = root.cli("check-config")
