@@ -164,15 +164,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     rows = anyio.run(_read, config, fetch)
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {k: r[k] for k in ("id", "name", "state", "created_at", "updated_at", "error")}
-                    for r in rows
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps(rows, indent=2))
         return EXIT_OK
     print(f"{'ID':12}  {'STATE':18}  {'AGE':>6}  {'UPDATED':>7}  NAME")
     for r in rows:
@@ -180,13 +172,24 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             f"{r['id']:12}  {r['state']:18}  {age(r['created_at']):>6}  "
             f"{age(r['updated_at']):>7}  {r['name']}"
         )
+        at_risk = [
+            f"{r[f'{kind}_copies']} {kind}"
+            for kind in ("damaged", "unreachable")
+            if r[f"{kind}_copies"]
+        ]
+        if at_risk:
+            line += f"  copies: {', '.join(at_risk)}"
         print(line + (f"  error: {r['error']}" if r["error"] else ""))
     return EXIT_OK
 
 
 def age(iso: str) -> str:
     """How long ago, the way an operator reads it: 45s, 12m, 3h, 5d."""
-    seconds = (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+    return span((datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds())
+
+
+def span(seconds: float) -> str:
+    """A duration the way an operator reads it: 45s, 12m, 3h, 5d."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
@@ -272,6 +275,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if details["copies"]:
         print("copies")
         for c in details["copies"]:
+            if c["deleted_at"]:
+                print(f"  {c['target']:12}  deleted {c['deleted_at'][:19]}  (was {c['path']})")
+                continue
             audited = (
                 f", audited {c['audited_at'][:19]}: {c['audit_result']}" if c["audited_at"] else ""
             )
@@ -393,11 +399,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"{r.job_id}  {r.target:12}  {r.result:10}  {r.detail}")
     healed = {(r.job_id, r.target) for r in results if r.result == "repaired"}
     bad = {(r.job_id, r.target) for r in results if r.result in ("missing", "damaged")}
+    unreachable = {(r.job_id, r.target) for r in results if r.result == "unreachable"}
     print(
         f"{len({(r.job_id, r.target) for r in results})} copies audited, "
         f"{len(bad)} bad, {len(healed)} repaired"
+        + (f", {len(unreachable)} unreachable" if unreachable else "")
     )
-    return EXIT_OK if bad <= healed else EXIT_FAILED
+    return EXIT_OK if bad <= healed and not unreachable else EXIT_FAILED
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
@@ -426,6 +434,8 @@ def cmd_hold(args: argparse.Namespace) -> int:
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
+    from .schedules import iso, next_slot
+
     config = _load_config(args)
 
     async def fetch(store: Any) -> list[dict[str, Any]]:
@@ -437,11 +447,14 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(runs, indent=2))
         return EXIT_OK
+    now = datetime.now(UTC)
     for name, schedule in sorted(config.schedules.items()):
         if args.name in (None, name):
+            slot = next_slot(schedule, now)
             print(
                 f"{name}: cron {schedule.cron!r} ({schedule.timezone}), missed={schedule.missed}"
-                f"{', skip_unchanged' if schedule.skip_unchanged else ''}"
+                f"{', skip_unchanged' if schedule.skip_unchanged else ''}; "
+                f"next {iso(slot)} (in {span((slot - now).total_seconds())})"
             )
     for r in runs:
         print(

@@ -10,9 +10,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,7 +31,7 @@ from .drivers import open_storage
 from .errors import ArchivedError, ConfigError, JobFileError, TargetUnavailable, describe
 from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
-from .metrics import write_textfile
+from .metrics import Stored, write_textfile
 from .notify import Notifier
 from .orphans import remove_orphans
 from .retention import expire_due
@@ -117,6 +119,7 @@ class Daemon:
         self.running: dict[str, JobRunner] = {}
         self.wake = anyio.Event()
         self.reload_requested = anyio.Event()
+        self.reloaded = anyio.Event()  # set (and replaced) by every reload that applied
         self.notify = Notifier()
         self.last_reload = "none"
 
@@ -246,6 +249,8 @@ class Daemon:
         self.svc.metrics.reloads["ok"] += 1
         log.info("config reloaded", digest=new.digest, targets=sorted(new.storage))
         self.wake.set()
+        self.reloaded.set()
+        self.reloaded = anyio.Event()
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 only while the event loop turns and the database answers."""
@@ -256,25 +261,48 @@ class Daemon:
             await anyio.sleep(interval / 2)
 
     async def _auditor(self) -> None:
-        """Periodic fixity audits, `audit.copies_per_round` copies every `audit.interval`."""
+        """Periodic fixity audits, `audit.copies_per_round` copies every `audit.interval`.
+
+        A round is due one interval after the last audit the database knows of (so a
+        restart does not put it off), or after this process's last round. A reload
+        wakes this loop: audits turned on, or an interval shortened, apply at once.
+        """
+        last_round: datetime | None = None
         while True:
+            reloaded = self.reloaded
             audit = self.config.audit
-            if audit.interval <= 0:
-                await anyio.sleep(60)  # off; a reload may turn it on
-                continue
-            await anyio.sleep(audit.interval)
-            auditor = Auditor(self.svc.store, self.config, self.config.daemon.state_dir / "audit")
-            results = await auditor.round(
-                copies=audit.copies_per_round, max_bytes=audit.bytes_per_round
-            )
-            for result in results:
-                self.svc.metrics.audits[result.result] += 1
+            wait = math.inf
+            if audit.interval > 0:
+                row = await self.svc.store.fetchone("last_audited")
+                known = [datetime.fromisoformat(row["at"])] if row and row["at"] else []
+                last = max([*known, *([last_round] if last_round else [])], default=None)
+                now = datetime.now(UTC)
+                wait = 0 if last is None else (last - now).total_seconds() + audit.interval
+                if wait <= 0:
+                    last_round = now
+                    await self._audit_round()
+                    continue
+            with anyio.move_on_after(wait):
+                await reloaded.wait()
+
+    async def _audit_round(self) -> None:
+        audit = self.config.audit
+        auditor = Auditor(self.svc.store, self.config, self.config.daemon.state_dir / "audit")
+        try:
+            await auditor.round(copies=audit.copies_per_round, max_bytes=audit.bytes_per_round)
+        except Exception:
+            log.exception("audit round failed; the next one runs as planned")
 
     async def _retention(self) -> None:
         while True:
             await anyio.sleep(self.config.retention.check_interval)
-            await remove_orphans(self.svc.store, self.config)
-            for job_id in await expire_due(self.svc.store, self.config):
+            try:
+                await remove_orphans(self.svc.store, self.config)
+                deleted = await expire_due(self.svc.store, self.config)
+            except Exception:
+                log.exception("retention round failed; the next one tries again")
+                continue
+            for job_id in deleted:
                 self.svc.metrics.transition(State.DELETED)
                 log.info("job deleted by retention", job_id=job_id, state="deleted")
 
@@ -282,10 +310,7 @@ class Daemon:
         while True:
             textfile = self.config.metrics.textfile
             if textfile is not None:
-                counts = {
-                    r["state"]: r["n"] for r in await self.svc.store.fetchall("count_by_state")
-                }
-                text = self.svc.metrics.render(counts)
+                text = self.svc.metrics.render(await Stored.read(self.svc.store))
                 try:
                     await anyio.to_thread.run_sync(write_textfile, textfile, text)
                 except OSError as exc:

@@ -10,8 +10,10 @@ proves it reads back identical.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tarfile
 from abc import ABC, abstractmethod
 from collections import deque
@@ -119,9 +121,13 @@ def require_space(directory: Path, needed: int, what: str) -> None:
 
 
 def hash_file(
-    path: Path | str, digest: Any, buffer: memoryview, check: Callable[[], None] = lambda: None
+    path: Path | str | int,
+    digest: Any,
+    buffer: memoryview,
+    check: Callable[[], None] = lambda: None,
 ) -> int:
-    """Feed the file at `path` to `digest` through `buffer`; returns its size."""
+    """Feed the file at `path` (or an open descriptor, closed after) to `digest` through
+    `buffer`; returns its size."""
     size = 0
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
@@ -131,10 +137,37 @@ def hash_file(
     return size
 
 
+class NotRegularFile(OSError):
+    """Something other than a regular file (a FIFO, a device, a symbolic link) at a path
+    where one was expected."""
+
+
+def open_regular(path: Path | str) -> int:
+    """A read-only descriptor of the regular file at `path`, or NotRegularFile.
+
+    A symbolic link is not followed, and a FIFO or a device is not waited on: opening a
+    FIFO to read blocks until someone writes to it, which may be never.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the last component is a symbolic link
+            raise NotRegularFile(errno.ELOOP, "not a regular file", str(path)) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def file_sha256(path: Path | str) -> tuple[str, int]:
-    """The sha256 and size of a file, read once in large blocks."""
+    """The sha256 and size of a regular file, read once in large blocks."""
     digest = hashlib.sha256()
-    size = hash_file(path, digest, memoryview(bytearray(BUFFER_SIZE)))
+    size = hash_file(open_regular(path), digest, memoryview(bytearray(BUFFER_SIZE)))
     return digest.hexdigest(), size
 
 

@@ -29,6 +29,7 @@ from ..errors import ConfigError, StorageError, TargetUnavailable, classify
 from .base import (
     Digest,
     DriverOptions,
+    NotRegularFile,
     Parts,
     StorageDriver,
     StoredCopy,
@@ -42,6 +43,8 @@ TMP_PREFIX = ".archived-tmp-"
 MARKER = ".archived-target"  # in a target's root: "this is the target, not a mount point"
 # errors of a root that is there no more, beyond the recoverable ones
 _GONE = frozenset({errno.ENOENT, errno.ENOTCONN, errno.EHOSTDOWN, errno.ENODEV, errno.ENXIO})
+# What a network file system answers when its server is gone, not the file.
+NETWORK_GONE = frozenset({errno.ENOTCONN, errno.ESTALE, errno.EHOSTDOWN})
 
 
 class LocalDirOptions(DriverOptions):
@@ -146,8 +149,9 @@ class LocalDirDriver(StorageDriver):
         try:
             self._usable_root()
             final.parent.mkdir(exist_ok=True)
-            if final.exists() and file_sha256(final) == (digest.result(), size):
-                return StoredCopy(str(final), size, digest.result())  # from an earlier try
+            with contextlib.suppress(FileNotFoundError, NotRegularFile):  # else replaced
+                if file_sha256(final) == (digest.result(), size):
+                    return StoredCopy(str(final), size, digest.result())  # an earlier try's
             self._discard_partial(final)
             require_space(final.parent, size, f"storage.{self.target}")
             self._write(archive, final, digest, size)
@@ -161,15 +165,40 @@ class LocalDirDriver(StorageDriver):
         return StoredCopy(str(final), size, digest.result())
 
     async def check(self, key: str, sha256: str, size: int) -> str | None:
+        return await anyio.to_thread.run_sync(self._check, key, sha256, size)
+
+    def _check(self, key: str, sha256: str, size: int) -> str | None:
+        """A copy is only missing, damaged or unreadable if its target is there: a root
+        that is gone (an unmounted disk, a dead file server) makes it unreachable."""
         path = self.root / key
-        got: tuple[str, int] | None
+        got: tuple[str, int] | None = None
         try:
-            got = await anyio.to_thread.run_sync(file_sha256, path)
+            got = file_sha256(path)
         except FileNotFoundError:
-            got = None
+            pass
+        except NotRegularFile:
+            return f"damaged: {path} is not a regular file"
         except OSError as exc:
-            return f"unreadable: {path}: {exc.strerror}"
+            if gone := self._unreachable():
+                return gone
+            if exc.errno in NETWORK_GONE:
+                return f"unreachable: {path}: {exc.strerror}"
+            return f"unreadable: {path}: {exc.strerror}"  # EIO on one file: a bad block
+        if got is None and (gone := self._unreachable()):
+            return gone
         return copy_problem(str(path), got, sha256, size)
+
+    def _unreachable(self) -> str | None:
+        """Why the target's root cannot be reached, or None if it can."""
+        try:
+            st = os.stat(self.root)
+        except OSError as exc:
+            return f"unreachable: {self.root}: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"unreachable: {self.root} is not a directory"
+        if self.opts.require_marker and not (self.root / MARKER).is_file():
+            return f"unreachable: {self.root} has no {MARKER} (not mounted?)"
+        return None
 
     async def fetch(self, key: str, dest: Path) -> None:
         def copy() -> None:

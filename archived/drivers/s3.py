@@ -220,6 +220,13 @@ def _describe(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _target_gone(exc: BaseException) -> bool:
+    """The endpoint cannot be reached, or has no such bucket: nothing about the object."""
+    if isinstance(exc, ClientError):
+        return error_code(exc) == "NoSuchBucket"
+    return isinstance(exc, ConnectionError)
+
+
 def _is_missing(exc: ClientError) -> bool:
     return error_code(exc) in ("404", "NoSuchKey", "NotFound")
 
@@ -363,7 +370,8 @@ class S3Driver(StorageDriver):
         except CredentialsError as exc:
             return f"unreadable: {url}: {exc}"
         except (ClientError, BotoCoreError) as exc:
-            return f"unreadable: {url}: {_describe(exc)}"
+            verdict = "unreachable" if _target_gone(exc) else "unreadable"
+            return f"{verdict}: {url}: {_describe(exc)}"
         return copy_problem(url, got, sha256, size)
 
     async def fetch(self, key: str, dest: Path) -> None:
