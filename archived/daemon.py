@@ -16,7 +16,6 @@ import signal
 from pathlib import Path
 from typing import IO, Any
 
-import aiofiles.os
 import anyio
 import structlog
 from anyio.abc import TaskGroup
@@ -25,7 +24,7 @@ from . import config as configmod
 from .audit import Auditor
 from .config import Config
 from .drivers import open_storage
-from .errors import ArchivedError, ConfigError, JobFileError, describe
+from .errors import ArchivedError, ConfigError, JobFileError, Kind, classify, describe
 from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
 from .metrics import write_textfile
@@ -33,7 +32,7 @@ from .notify import Notifier
 from .retention import expire_due
 from .runner import JobRunner, Services
 from .schedules import Scheduler
-from .spool import Claimed, Spool
+from .spool import Claimed, Spool, new_job_id, printable
 from .states import FINAL, PROCESSING, STOPPABLE, Event, State
 from .store import StaleState, Store, now_iso
 from .timestamp import load_ca_bundle
@@ -87,6 +86,7 @@ class Daemon:
         self.reload_requested = anyio.Event()
         self.notify = Notifier()
         self.last_reload = "none"
+        self.said: dict[str, str] = {}  # spool errors already logged, by entry name
 
     async def run(self) -> None:
         config = self.config
@@ -343,21 +343,57 @@ class Daemon:
             await self._accept_or_reject(claimed)
 
     async def _ingest(self) -> None:
-        for name in await self.spool.pending():
+        """Take every entry of incoming/; an error with one is about that entry only."""
+        try:
+            await self._ingest_leftovers()  # after a crash, or an error worth another try
+            names = await self.spool.pending()
+        except OSError as exc:
+            self._say_once("", "cannot read the spool; trying again", exc)
+            await anyio.to_thread.run_sync(self.spool.create)  # an operator removed a folder?
+            return
+        for name in names:
             if self.svc.stopping.is_set():
                 return
-            claimed = await self.spool.claim(name)
+            try:
+                claimed = await self.spool.claim(name)
+            except OSError as exc:
+                entry = Claimed(self.spool.incoming / name, new_job_id(), name)
+                await self._cannot_take(entry, exc)
+                continue
             if claimed is not None:
                 await self._accept_or_reject(claimed)
 
     async def _accept_or_reject(self, claimed: Claimed) -> None:
-        """A file that trips a bug is rejected with that reason: no crash, no crash loop."""
         try:
             await self._accept(claimed)
         except Exception as exc:
-            log.exception("error while reading a job file", file=claimed.original_name)
-            if await aiofiles.os.path.exists(claimed.path):
-                await self._reject(claimed, f"internal error while reading it: {describe(exc)}")
+            await self._cannot_take(claimed, exc)
+
+    async def _cannot_take(self, entry: Claimed, exc: Exception) -> None:
+        """Into corrupt/ with the reason, unless the error may pass (EMFILE, ENOSPC, EBUSY,
+        ...): then it stays for the next poll. What cannot be moved is said once, skipped."""
+        if isinstance(exc, FileNotFoundError):
+            return  # gone: taken by someone else, or removed
+        if classify(exc) == Kind.RECOVERABLE:
+            self._say_once(entry.original_name, "cannot take a spool entry now; trying again", exc)
+            return
+        reason = f"cannot take it: {describe(exc)}"
+        if not isinstance(exc, OSError):  # a bug: its traceback, and no crash loop
+            log.exception("error while reading a job file", file=printable(entry.original_name))
+            reason = f"internal error while reading it: {describe(exc)}"
+        try:
+            await self._reject(entry, reason)
+        except FileNotFoundError:
+            return
+        except OSError as again:
+            self._say_once(entry.original_name, "cannot move a spool entry to corrupt/", again)
+
+    def _say_once(self, key: str, message: str, exc: BaseException) -> None:
+        """Log an error that every poll would meet again, once for as long as it lasts."""
+        error = describe(exc)
+        if self.said.get(key) != error:
+            self.said[key] = error
+            log.error(message, file=printable(key), error=error)
 
     async def _accept(self, claimed: Claimed) -> None:
         """Turn a claimed spool file into a queued job, or move it to corrupt/."""
@@ -384,6 +420,7 @@ class Daemon:
             return
         await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
         await self.spool.done(claimed)
+        self.said.pop(claimed.original_name, None)
         log.info(
             "job queued",
             job_id=claimed.job_id,
@@ -429,8 +466,12 @@ class Daemon:
         )
         self.wake.set()
 
-    async def _reject(self, claimed: Claimed, reason: str) -> None:
-        target = await self.spool.reject(claimed, reason)
+    async def _reject(self, entry: Claimed, reason: str) -> None:
+        target = await self.spool.reject(entry, reason)
+        self.said.pop(entry.original_name, None)
         log.error(
-            "job file rejected", file=claimed.original_name, moved_to=str(target), reason=reason
+            "job file rejected",
+            file=printable(entry.original_name),
+            moved_to=printable(str(target)),
+            reason=reason,
         )

@@ -7,6 +7,7 @@ JobFileError with the one line that goes into the `.reason` file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from pydantic import (
 
 from .config import Config, first_error
 from .drivers import activity_driver
-from .errors import JobFileError
+from .errors import JobFileError, Kind, classify
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
@@ -125,8 +126,10 @@ def read_job_file(path: Path, max_bytes: int, dir_fd: int | None = None) -> byte
             path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
         )
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the entry is a symlink
+        if exc.errno == errno.ELOOP:  # the entry is a symlink
             raise JobFileError("is a symbolic link, not a regular file") from None
+        if classify(exc) == Kind.RECOVERABLE:  # EMFILE, ENOMEM, ...: not the file's fault
+            raise
         raise JobFileError(f"cannot open: {exc.strerror}") from None
     try:
         st = os.fstat(fd)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,6 +473,115 @@ def test_good_job_after_the_bad_ones_completes(running: Running) -> None:
     assert [(j["id"], j["name"]) for j in listed] == [(job_id, "good-after-bad")]
     assert spool_listing(root.spool)["incoming"] == []
     assert spool_listing(root.spool)["active"] == []
+
+
+# -- spool entries whose names or nature make them hard to take ------------------------
+
+ODD_NAMES = [b"x" * n for n in range(1, 256)] + [
+    b"\xff\xfe.json",  # not UTF-8
+    b"\xff" * 255,  # not UTF-8, and as long as a name can be
+    "é".encode() * 127,  # 254 bytes of two-byte characters
+    b"y" * 250 + b".json",  # 255 bytes, and it says JSON
+    b"-rf",
+    b"--config",
+    b"-",
+    b"new\nline.toml",
+    b"tab\there",
+    b"\x01\x02\x1b[31m",
+    b" leading space",
+    b"trailing space ",
+    b"back\\slash",
+    b"line\xe2\x80\xa8separator",
+    b"*?[",
+]
+NOT_A_JOB = b"this is not a job file\n"
+
+
+def shown(raw: bytes) -> str:
+    """How a .reason file spells a name: invalid bytes and control characters escaped."""
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def test_no_spool_entry_name_stops_the_daemon(running: Running) -> None:
+    """Every name length 1..255 and odd bytes: each entry lands in corrupt/ with a reason,
+    under a shortened name (the original in the .reason) where its own leaves no room."""
+    daemon, spool = running.daemon, os.fsencode(running.root.spool)
+    assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
+    corrupt = os.path.join(spool, b"corrupt")
+    before = set(os.listdir(corrupt))
+    for raw in ODD_NAMES:
+        tmp = os.path.join(spool, b"tmp", b"entry")
+        with open(tmp, "wb") as f:
+            f.write(NOT_A_JOB)
+        os.rename(tmp, os.path.join(spool, b"incoming", raw))
+
+    def all_taken() -> bool:
+        assert alive(daemon), f"daemon died:\n{daemon.log_text()[-3000:]}"
+        left = os.listdir(os.path.join(spool, b"incoming")) + os.listdir(
+            os.path.join(spool, b"active")
+        )
+        return not left and len(set(os.listdir(corrupt)) - before) == 2 * len(ODD_NAMES)
+
+    wait_until(all_taken, 60, "every odd entry moved to corrupt/")
+    new = sorted(set(os.listdir(corrupt)) - before)
+    moved = [n for n in new if not n.endswith(b".reason")]
+    assert len(moved) == len(ODD_NAMES)
+    reasons = {}
+    for name in moved:
+        assert name + b".reason" in new, name
+        with open(os.path.join(corrupt, name), "rb") as f:
+            assert f.read() == NOT_A_JOB, f"{name!r} changed on the way to corrupt/"
+        with open(os.path.join(corrupt, name + b".reason"), "rb") as f:
+            reasons[name] = f.read().decode()
+    for raw in ODD_NAMES:
+        if raw in reasons:  # under its own name
+            assert "not valid" in reasons[raw], (raw, reasons[raw])
+            continue
+        (text,) = [t for t in reasons.values() if f"original name: {shown(raw)}\n" in t]
+        assert len(raw) + len(b".reason") > 255, raw
+        assert "not valid" in text.splitlines()[0], text
+    assert alive(daemon)
+    (job_id,) = running.root.submit(running.root.job_file("good-after-odd-names"))
+    assert running.root.wait_state(job_id, "completed", "failed")["state"] == "completed"
+
+
+def test_an_entry_that_cannot_be_moved_is_logged_once_and_skipped(running: Running) -> None:
+    """A mount point in incoming/ can be neither claimed nor moved to corrupt/ (EBUSY)."""
+    root, daemon = running.root, running.daemon
+    assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
+    source = root.path / "mounted.json"
+    source.write_bytes(NOT_A_JOB)
+    entry = root.spool / "incoming" / "stuck.json"
+    daemon.send(signal.SIGSTOP)  # so that it cannot take the entry before it is mounted on
+    try:
+        entry.write_bytes(b"")
+        done = subprocess.run(
+            ["mount", "--bind", str(source), str(entry)], capture_output=True, timeout=10
+        )
+        if done.returncode != 0:
+            entry.unlink()
+            pytest.skip(f"cannot bind-mount here: {done.stderr.decode().strip()}")
+    finally:
+        daemon.send(signal.SIGCONT)
+    try:
+
+        def stuck_events() -> list[dict[str, Any]]:
+            assert alive(daemon), f"daemon died:\n{daemon.log_text()[-3000:]}"
+            return [e for e in daemon.events() if e.get("file") == "stuck.json"]
+
+        (event,) = wait_until(stuck_events, 20, "the stuck entry logged")
+        assert "Device or resource busy" in event["error"], event
+        # the daemon goes on serving, and says it once however many polls pass
+        (job_id,) = root.submit(root.job_file("good-beside-stuck"))
+        assert root.wait_state(job_id, "completed", "failed")["state"] == "completed"
+        assert len(stuck_events()) == 1, stuck_events()
+    finally:
+        subprocess.run(["umount", str(entry)], capture_output=True, timeout=10)
+    # once it can be moved, the next poll takes it
+    reason = root.spool / "corrupt" / "stuck.json.reason"
+    wait_until(reason.exists, 20, "the entry taken once it is no longer stuck")
+    assert alive(daemon)
 
 
 # -- `archived submit` refuses the same files -----------------------------------------
