@@ -29,7 +29,7 @@ from .config import Config
 from .drivers import activity_driver, open_storage
 from .drivers.base import ActivityContext, ArtifactWriter, Digest, StorageDriver, parts_size
 from .errors import IntegrityError, Kind, StorageError, classify, describe
-from .jobfile import JobSpec, parse_job
+from .jobfile import JobSpec, check_against
 from .keys import KeyRing
 from .metrics import Metrics
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
@@ -305,7 +305,7 @@ class JobRunner:
     async def activity_archiving(self) -> Outcome:
         await self._begin_attempt(State.ACTIVITY_ARCHIVING)
         # The job may start on a newer config than it was accepted under (SIGHUP).
-        parse_job(self.spec.model_dump_json().encode(), "job.json", self.config)
+        check_against(self.spec, self.config)
         await self._sync_storage_tasks()
         await failpoints.reach("activity_archiving")
         await self._run_tasks("activity", self.svc.activity_slots, self._activity)

@@ -3,10 +3,12 @@
 Every bad kind is dropped straight into `spool/incoming/` of one running daemon (as
 cron would: written in `tmp/`, renamed into `incoming/`). Each must land in
 `spool/corrupt/` unchanged, beside a one-line `.reason`, with a log line, while the
-daemon keeps going; a good job afterwards still completes. `archived submit` refuses
-the same regular files with exit code 2 and one line on stderr, touching no spool
-directory. Last, the crash windows of the spool: a file in `active/` whose job is
-already in the database makes no second job; one whose job is not becomes a job.
+daemon keeps going; a good job afterwards still completes. `archived submit`, on the
+same config, refuses the same regular files with exit code 2 and one line on stderr
+that gives the very reason the daemon gives, touching no spool directory. Spool entries
+with any name, and one that cannot be moved at all, do not stop the daemon. Last, the
+crash windows of the spool: a file in `active/` whose job is already in the database
+makes no second job; one whose job is not becomes a job.
 """
 
 from __future__ import annotations
@@ -175,6 +177,12 @@ CASES = [
         toml_job('name = "bad"\nstorage = ["primary", "tape"]\n' + TOML_ACTIVITY),
     ),
     Case(
+        "duplicate-storage-target",
+        "target-twice.toml",
+        "storage: 'primary' is named twice",
+        toml_job('name = "bad"\nstorage = ["primary", "primary"]\n' + TOML_ACTIVITY),
+    ),
+    Case(
         "unknown-command",
         "command.toml",
         "unknown command 'pgdump' (known: none configured)",
@@ -201,6 +209,18 @@ CASES = [
         "name-long.json",
         "name: String should match pattern",
         lambda s: json_job(s, name="n" * 101),
+    ),
+    Case(
+        "name-leading-dash",
+        "name-dash.json",
+        "name: Value error, must not start with '-'",
+        lambda s: json_job(s, name="-rf"),
+    ),
+    Case(
+        "activity-name-leading-dash",
+        "activity-dash.json",
+        "activities.0.name: Value error, must not start with '-'",
+        lambda s: json_job(s, activities=[activity(s, name="--all")]),
     ),
     Case(
         "name-empty",
@@ -282,6 +302,39 @@ CASES = [
         "value of 'Course' must be one line",
         lambda s: json_job(s, metadata={"Course": "CS101\u2028Payload-Oxum: 1.1"}),
     ),
+    Case(
+        "metadata-archived-label",
+        "poses-as-scheduled.json",
+        "'Archived-Schedule' is written by archived itself",
+        lambda s: json_job(s, metadata={"Archived-Schedule": "nightly"}),
+    ),
+    Case(
+        "metadata-archived-label-any-case",
+        "archived-lower.toml",
+        "'archived-anything' is written by archived itself",
+        toml_job('name = "bad"\n[metadata]\narchived-anything = "x"\n' + TOML_ACTIVITY),
+    ),
+    # text that is not Unicode: JSON can spell a lone surrogate, which no UTF-8 can hold
+    Case(
+        "json-lone-surrogate-in-metadata",
+        "surrogate-value.json",
+        "metadata.Course: not Unicode text (a lone surrogate \\ud800)",
+        lambda s: json_job(s).replace(b'"name"', b'"metadata": {"Course": "\\ud800"}, "name"'),
+    ),
+    Case(
+        "json-lone-surrogate-in-a-key",
+        "surrogate-key.json",
+        "metadata: not Unicode text (a lone surrogate \\udfff)",
+        lambda s: json_job(s).replace(b'"name"', b'"metadata": {"C\\udfff": "x"}, "name"'),
+    ),
+    Case(
+        "json-lone-surrogate-in-a-path",
+        "surrogate-path.json",
+        "activities.0.path: not Unicode text (a lone surrogate \\udc80)",
+        lambda s: json_job(s, activities=[activity(s, path="@P@")]).replace(
+            b"@P@", str(s.sources / "a").encode() + b"\\udc80"
+        ),
+    ),
     # not_before
     Case(
         "not-before-naive-toml",
@@ -358,11 +411,18 @@ def keys(site_dir: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def running(site_dir: Path, site: Site, keys: tuple[Path, Path]) -> Iterator[Running]:
-    """One daemon for every case in this module."""
+def targets(site_dir: Path) -> dict[str, Path]:
     targets = {"primary": site_dir / "t1", "offsite": site_dir / "t2"}
     for target in targets.values():
         target.mkdir()
+    return targets
+
+
+@pytest.fixture(scope="module")
+def running(
+    site_dir: Path, site: Site, keys: tuple[Path, Path], targets: dict[str, Path]
+) -> Iterator[Running]:
+    """One daemon for every case in this module."""
     root = make_root(site_dir / "daemon", site, keys, targets)
     daemon = root.start()
     yield Running(site, root, daemon)
@@ -372,10 +432,8 @@ def running(site_dir: Path, site: Site, keys: tuple[Path, Path]) -> Iterator[Run
 
 
 @pytest.fixture(scope="module")
-def cli_root(site_dir: Path, site: Site, keys: tuple[Path, Path]) -> Root:
-    """Same sources and limits, its own (empty) spool, and no daemon reading it."""
-    targets = {"primary": site_dir / "cli-t1"}
-    targets["primary"].mkdir()
+def cli_root(site_dir: Path, site: Site, keys: tuple[Path, Path], targets: dict[str, Path]) -> Root:
+    """The daemon's config but for its own (empty) spool, which no daemon reads."""
     root = make_root(site_dir / "cli", site, keys, targets)
     for sub in SUBDIRS:
         (root.spool / sub).mkdir(parents=True)
@@ -412,13 +470,18 @@ def drop(spool: Path, case: Case, site: Site) -> bytes:
     return data
 
 
-# -- the daemon: every bad kind ends up in corrupt/ -------------------------------------
+# -- every bad kind: `submit` refuses it, and the daemon puts it in corrupt/, saying the same
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_daemon_moves_bad_job_file_to_corrupt_and_goes_on(running: Running, case: Case) -> None:
+def test_submit_and_daemon_refuse_bad_job_file_alike(
+    running: Running, cli_root: Root, case: Case
+) -> None:
     daemon, spool, site = running.daemon, running.root.spool, running.site
     assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
+    submitted = None
+    if case.kind == "file":
+        submitted = submit_refused(cli_root, case, site)
     data = drop(spool, case, site)
     moved = spool / "corrupt" / case.filename
     reason = spool / "corrupt" / f"{case.filename}.reason"
@@ -442,6 +505,9 @@ def test_daemon_moves_bad_job_file_to_corrupt_and_goes_on(running: Running, case
     assert event["level"] == "error"
     assert case.expected in event["reason"], event
     assert event["moved_to"] == str(moved), event
+    if submitted is not None:  # one validation: the very same verdict
+        path, line = submitted
+        assert line == f"archived: {path}: {text.rstrip()}", (case.id, line, text)
 
     if case.kind == "fifo":
         assert stat.S_ISFIFO(os.lstat(moved).st_mode), f"{case.id}: no longer a FIFO"
@@ -584,11 +650,12 @@ def test_an_entry_that_cannot_be_moved_is_logged_once_and_skipped(running: Runni
     assert alive(daemon)
 
 
-# -- `archived submit` refuses the same files -----------------------------------------
+# -- `archived submit` ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", FILE_CASES, ids=[c.id for c in FILE_CASES])
-def test_submit_refuses_bad_job_file_with_exit_2(cli_root: Root, site: Site, case: Case) -> None:
+def submit_refused(cli_root: Root, case: Case, site: Site) -> tuple[Path, str]:
+    """`submit` of the case's file: refused with exit 2 and one line, the spool untouched.
+    Returns the file's path and that line."""
     path = cli_root.path / case.filename
     path.write_bytes(case.body(site))
     empty: dict[str, list[str]] = {sub: [] for sub in SUBDIRS}
@@ -603,6 +670,7 @@ def test_submit_refuses_bad_job_file_with_exit_2(cli_root: Root, site: Site, cas
     assert "Traceback" not in result.stderr
     assert result.stdout == "", f"{case.id}: printed a job id for a refused file"
     assert spool_listing(cli_root.spool) == empty, f"{case.id}: submit wrote into the spool"
+    return path, lines[0]
 
 
 def test_submit_does_not_block_on_a_fifo(cli_root: Root) -> None:
