@@ -20,6 +20,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from . import children
 from . import config as configmod
 from .audit import Auditor
 from .config import Config
@@ -82,6 +83,7 @@ class Daemon:
         self.config = config
         self.spool = Spool(config.daemon.spool_dir)
         self.running: dict[str, JobRunner] = {}
+        self.whole_job: dict[str, anyio.CancelScope] = {}  # what shutdown cancels at the end
         self.wake = anyio.Event()
         self.reload_requested = anyio.Event()
         self.notify = Notifier()
@@ -260,10 +262,12 @@ class Daemon:
         job_id = str(job["id"])
         runner = JobRunner(self.svc, job)
         self.running[job_id] = runner
+        whole = self.whole_job[job_id] = anyio.CancelScope()
 
         async def run() -> None:
             try:
-                await runner.run()
+                with whole:
+                    await runner.run()
             except Exception:
                 log.exception(
                     "job runner crashed; the job resumes at the next start",
@@ -272,6 +276,7 @@ class Daemon:
                 )
             finally:
                 self.running.pop(job_id, None)
+                self.whole_job.pop(job_id, None)
                 self.wake.set()
 
         tg.start_soon(run)
@@ -315,9 +320,11 @@ class Daemon:
         with anyio.move_on_after(self.config.daemon.shutdown_grace):
             while self.running:
                 await anyio.sleep(0.05)
-        for runner in list(self.running.values()):
-            if runner.scope is not None:
-                runner.scope.cancel()
+        for job_id, runner in list(self.running.items()):
+            if runner.scope is not None and runner.state in STOPPABLE:
+                runner.scope.cancel()  # the step gives its attempt back
+            else:  # the failure path (a hook, cleanup): it runs again at the next start
+                self.whole_job[job_id].cancel()
         while self.running:
             await anyio.sleep(0.01)
 
@@ -330,8 +337,9 @@ class Daemon:
                     self.reload_requested.set()
                     continue
                 if self.svc.stopping.is_set():
-                    log.warning("second signal: exiting now", signal=name)
-                    os._exit(0)
+                    log.warning("second signal: exiting now, running work abandoned", signal=name)
+                    children.kill_all()
+                    os._exit(128 + signum)  # not 0: work was abandoned
                 log.info("stopping: no new work", signal=name, running=len(self.running))
                 self.svc.stopping.set()
                 self.wake.set()
