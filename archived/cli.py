@@ -496,13 +496,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 # -- wiring --------------------------------------------------------------------------
 
 
-def parser() -> argparse.ArgumentParser:
+def _global_options(default: Any) -> argparse.ArgumentParser:
+    """--config and --debug, which every command takes before or after its name. After
+    it, their default is `default`: SUPPRESS, so as not to undo what was given before."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", help="config file (or ARCHIVED_CONFIG)")
-    common.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    common.add_argument(
+        "--config", metavar="PATH", default=default, help="config file (or ARCHIVED_CONFIG)"
+    )
+    debug = False if default is None else default
+    common.add_argument(
+        "--debug", action="store_true", default=debug, help="tracebacks and debug logs"
+    )
+    return common
+
+
+def parser() -> argparse.ArgumentParser:
+    common = _global_options(argparse.SUPPRESS)
     p = argparse.ArgumentParser(
         prog="archived",
-        parents=[common],
+        parents=[_global_options(None)],
         description="Signed, checksummed BagIt archives from job files.",
     )
     p.add_argument("--version", action="version", version=f"archived {__version__}")
@@ -559,9 +571,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except ConfigError as exc:
+        error: Exception = exc
         code, message = EXIT_CONFIG, f"config error: {exc}"
     except CommandError as exc:
-        code, message = exc.code, str(exc)
+        error, code, message = exc, exc.code, str(exc)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -571,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         raise
     if args.debug:
-        traceback.print_exc()
+        traceback.print_exception(error)
     print(f"archived: {message}", file=sys.stderr)
     return code
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import Root, run_cli
+from conftest import Root, run_cli, wait_until
 
 
 def test_check_config_accepts_a_good_config(root: Root) -> None:
@@ -131,3 +133,59 @@ def test_demo_script_runs_a_job_through_on_the_embedded_default(tmp_path: Path) 
     archives = list((tmp_path / "home" / "archive" / "sample").glob("sample-*.tar"))
     assert len(archives) == 1
     assert (tmp_path / "home" / "signing.key").stat().st_mode & 0o777 == 0o600
+
+
+# -- global options, before or after the subcommand -------------------------------------
+
+
+@pytest.fixture
+def no_home(tmp_path: Path) -> dict[str, str]:
+    """An environment whose embedded default would live in the test's own folder."""
+    return {"ARCHIVED_HOME": str(tmp_path / "home"), "ARCHIVED_CONFIG": ""}
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_and_debug_work_before_or_after_the_subcommand(
+    tmp_path: Path, no_home: dict[str, str], where: str
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[nonsense]\n")
+    missing = tmp_path / "missing.toml"
+    for config, expected in ((bad, "nonsense: unknown key"), (missing, "cannot read config")):
+        options = ["--debug", "--config", str(config)]
+        args = [*options, "check-config"] if where == "before" else ["check-config", *options]
+        result = run_cli(*args, env=no_home)
+        assert result.returncode == 78, (args, result.stdout, result.stderr)
+        assert expected in result.stderr and str(config) in result.stderr, result.stderr
+        assert "Traceback" in result.stderr, "--debug shows the traceback"
+        assert "NoneType: None" not in result.stderr
+    assert not (tmp_path / "home").exists(), "the embedded default was used"
+
+
+def test_run_with_config_before_the_subcommand_uses_that_config(
+    root: Root, no_home: dict[str, str]
+) -> None:
+    log = root.path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "archived", "--config", str(root.config), "run"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **no_home},
+        )
+        try:
+
+            def ready() -> dict[str, Any] | None:
+                assert proc.poll() is None, log.read_text()
+                for line in log.read_text().splitlines():
+                    event = json.loads(line) if line.startswith("{") else {}
+                    if event.get("event") == "ready":
+                        return event
+                return None
+
+            event = wait_until(ready, 30, "daemon ready")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    assert event["state_dir"] == str(root.state_dir), event
+    assert not (Path(no_home["ARCHIVED_HOME"])).exists(), "the embedded default was used"
