@@ -7,14 +7,12 @@ storage tasks are bounded across all jobs by the limiters in `Services`.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import signal
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import anyio
 import structlog
@@ -28,6 +26,7 @@ from .drivers import open_storage
 from .errors import ArchivedError, ConfigError, JobFileError, Kind, classify, describe
 from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
+from .lock import lock_state_dir
 from .metrics import write_textfile
 from .notify import Notifier
 from .retention import expire_due
@@ -40,26 +39,6 @@ from .timestamp import load_ca_bundle
 from .wakeup import SpoolWatch
 
 log = structlog.get_logger("archived.daemon")
-
-
-class AlreadyRunning(ArchivedError):
-    pass
-
-
-def lock_state_dir(state_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on the state directory for the life of the process."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(state_dir / "archived.lock", "a+")  # noqa: SIM115
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise AlreadyRunning(f"another archived daemon is running on {state_dir}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 async def check_targets(config: Config) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +191,59 @@ def test_run_with_config_before_the_subcommand_uses_that_config(
             proc.wait(30)
     assert event["state_dir"] == str(root.state_dir), event
     assert not (Path(no_home["ARCHIVED_HOME"])).exists(), "the embedded default was used"
+
+
+# -- submit --wait never hangs silently ---------------------------------------------------
+
+
+def test_submit_wait_says_when_no_daemon_runs_and_each_state_change(root: Root) -> None:
+    stuck = root.job_file("stuck", not_before="2999-01-01T00:00:00Z")  # queued for good
+    err = root.path / "wait.err"
+    argv = ["submit", "--wait", "--config", str(root.config), str(stuck)]
+    with open(err, "wb") as stderr:
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "archived", *argv], stdout=subprocess.PIPE, stderr=stderr
+        )
+    try:
+        wait_until(lambda: "no daemon is running" in err.read_text(), 15, "said: no daemon")
+        assert waiting.poll() is None
+        root.start()
+        wait_until(lambda: ": queued" in err.read_text(), 30, "said: queued")
+        assert waiting.poll() is None, "it said so while still waiting"
+    finally:
+        waiting.kill()
+        waiting.wait(10)
+    said = err.read_text()
+    assert "a daemon is running now" in said, said
+
+    # --timeout is honoured, whatever it is; one that is no duration submits nothing
+    result = root.cli("submit", "--wait", "--timeout", "soon", str(stuck))
+    assert result.returncode == 2 and result.stdout == "", result
+    assert "--timeout" in result.stderr
+    for timeout in ("0", "1s"):
+        began = time.monotonic()
+        result = root.cli("submit", "--wait", "--timeout", timeout, str(stuck), timeout=30)
+        assert result.returncode == 1, result.stderr
+        assert "timed out waiting" in result.stderr
+        assert time.monotonic() - began < 20
+
+
+def test_submit_wait_timeout_holds_while_the_database_is_locked(root: Root) -> None:
+    daemon = root.start()
+    (job_id,) = root.submit(root.job_file("done"))
+    root.wait_state(job_id, "completed")
+    assert daemon.stop() == 0
+    locker = sqlite3.connect(root.state_dir / "archived.db", isolation_level=None)
+    try:
+        locker.execute("PRAGMA locking_mode = EXCLUSIVE")
+        locker.execute("BEGIN EXCLUSIVE")
+        locker.execute("DELETE FROM schedule_runs")  # a write: the lock is taken now
+        began = time.monotonic()
+        result = root.cli("submit", "--wait", "--timeout", "2s", str(root.job_file("late")))
+        elapsed = time.monotonic() - began
+    finally:
+        locker.close()
+    assert result.returncode == 1, result.stderr
+    assert "timed out waiting" in result.stderr, result.stderr
+    assert "database is locked" in result.stderr, "said why it cannot see the job"
+    assert elapsed < 9, elapsed  # sqlite's own busy timeout is 10 s
