@@ -296,7 +296,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  {key.replace('_', ' '):8} {details[key]}")
     if details["archive"]:
         a = details["archive"]
-        print(f"  archive  {a['name']}  {a['size']} bytes  sha256 {a['sha256']}")
+        digest = f"sha256 {a['sha256']}" if a["sha256"] else "sha256 computed while stored"
+        print(f"  archive  {a['name']}  {a['size']} bytes  {digest}")
     print("history")
     for h in details["history"]:
         print(f"  {h['at'][:23]}  {h['state']:18}  {h['reason']}")

@@ -125,6 +125,7 @@ class Daemon:
                     claimed = await self.svc.store.claim_next(config.snapshot(), config.digest)
                     if claimed is None:
                         break
+                    self.svc.metrics.transition(State.ACTIVITY_ARCHIVING)
                     self._start(tg, claimed)
                 if (new_status := await self._status()) != status:
                     status = new_status
@@ -279,6 +280,7 @@ class Daemon:
                     )
                 except StaleState:
                     continue
+                self.svc.metrics.transition(State.FAILURE)
                 job = await store.job(job_id)
                 assert job is not None
                 self._start(tg, job)  # failure -> error_handling -> cleanup -> failed
@@ -440,6 +442,8 @@ class Daemon:
             reason=reason,
             schedule_run=schedule_run,
         )
+        self.svc.metrics.transition(State.UNINITIALIZED)
+        self.svc.metrics.transition(State.QUEUED)
 
     async def _create_scheduled(
         self, spec: JobSpec, job_id: str, digest: str, run: dict[str, Any]
