@@ -87,6 +87,9 @@ class Spool:
                 st = await aiofiles.os.stat(self.incoming / name, follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            except OSError:  # claiming it will meet the error, and deal with it
+                stamped.append((0, name))
+                continue
             if stat.S_ISDIR(st.st_mode):
                 continue  # an operator's folder, not a job file
             stamped.append((st.st_mtime_ns, name))
