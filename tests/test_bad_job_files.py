@@ -364,7 +364,6 @@ CASES = [
     ),
     Case("spool-entry-fifo", "pipe.toml", "not a regular file", lambda s: b"", kind="fifo"),
 ]
-FILE_CASES = [c for c in CASES if c.kind == "file"]
 assert len({c.filename for c in CASES}) == len(CASES), "file names must be unique"
 
 
@@ -454,18 +453,24 @@ def clear_spool(spool: Path) -> None:
             entry.unlink()
 
 
-def drop(spool: Path, case: Case, site: Site) -> bytes:
-    """Put the case's entry into incoming/ as cron would; returns its (target's) bytes."""
-    tmp = spool / "tmp" / case.filename
+def make_entry(path: Path, case: Case, site: Site) -> bytes:
+    """The case's file, symlink or FIFO at `path`; returns its (target's) bytes."""
     data = case.body(site)
     if case.kind == "fifo":
-        os.mkfifo(tmp)
+        os.mkfifo(path)
     elif case.kind == "symlink":
         target = site.elsewhere / f"{case.filename}.target"
         target.write_bytes(data)
-        os.symlink(target, tmp)
+        os.symlink(target, path)
     else:
-        tmp.write_bytes(data)
+        path.write_bytes(data)
+    return data
+
+
+def drop(spool: Path, case: Case, site: Site) -> bytes:
+    """Put the case's entry into incoming/ as cron would; returns its (target's) bytes."""
+    tmp = spool / "tmp" / case.filename
+    data = make_entry(tmp, case, site)
     os.rename(tmp, spool / "incoming" / case.filename)
     return data
 
@@ -479,9 +484,7 @@ def test_submit_and_daemon_refuse_bad_job_file_alike(
 ) -> None:
     daemon, spool, site = running.daemon, running.root.spool, running.site
     assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
-    submitted = None
-    if case.kind == "file":
-        submitted = submit_refused(cli_root, case, site)
+    submitted = submit_refused(cli_root, case, site)
     data = drop(spool, case, site)
     moved = spool / "corrupt" / case.filename
     reason = spool / "corrupt" / f"{case.filename}.reason"
@@ -505,9 +508,8 @@ def test_submit_and_daemon_refuse_bad_job_file_alike(
     assert event["level"] == "error"
     assert case.expected in event["reason"], event
     assert event["moved_to"] == str(moved), event
-    if submitted is not None:  # one validation: the very same verdict
-        path, line = submitted
-        assert line == f"archived: {path}: {text.rstrip()}", (case.id, line, text)
+    path, line = submitted  # one validation: the very same verdict
+    assert line == f"archived: {path}: {text.rstrip()}", (case.id, line, text)
 
     if case.kind == "fifo":
         assert stat.S_ISFIFO(os.lstat(moved).st_mode), f"{case.id}: no longer a FIFO"
@@ -654,10 +656,10 @@ def test_an_entry_that_cannot_be_moved_is_logged_once_and_skipped(running: Runni
 
 
 def submit_refused(cli_root: Root, case: Case, site: Site) -> tuple[Path, str]:
-    """`submit` of the case's file: refused with exit 2 and one line, the spool untouched.
-    Returns the file's path and that line."""
+    """`submit` of the case's entry: refused with exit 2 and one line, the spool untouched.
+    Returns the entry's path and that line."""
     path = cli_root.path / case.filename
-    path.write_bytes(case.body(site))
+    make_entry(path, case, site)
     empty: dict[str, list[str]] = {sub: [] for sub in SUBDIRS}
     clear_spool(cli_root.spool)  # whatever an earlier (failed) case may have left
 
