@@ -266,6 +266,7 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
             for t in tasks
         ],
         "copies": await store.fetchall("copies", job_id=job_id),
+        "orphans": await store.fetchall("job_orphans", job_id=job_id),
         "audits": await store.fetchall("audits", job_id=job_id),
         "events": [
             {"at": e["at"], "kind": e["kind"], "detail": json.loads(e["detail"])}
@@ -316,6 +317,11 @@ def cmd_show(args: argparse.Namespace) -> int:
                 f", audited {c['audited_at'][:19]}: {c['audit_result']}" if c["audited_at"] else ""
             )
             print(f"  {c['target']:12}  {c['path']}  verified {c['verified_at'][:19]}{audited}")
+    left = [o for o in details["orphans"] if not o["removed_at"]]
+    if left:
+        print("orphans  (left on a target by cleanup; removed once it answers)")
+        for o in left:
+            print(f"  {o['target']:12}  {o['key']}  {o['reason']}")
     problems = [a for a in details["audits"] if a["result"] != "ok"]
     if problems:
         print("audit findings")
@@ -359,29 +365,50 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if job["state"] != State.FAILED:
             raise CommandError(f"job {args.job} is {job['state']}: only failed jobs are retried")
         phase = job["phase"] or "queued"
+        kept = sorted(c["target"] for c in await store.fetchall("live_copies", job_id=args.job))
+        fresh: dict[str, Any] = dict.fromkeys(("phase", "error", "retry_at", "started_at"))
+        fresh |= dict.fromkeys(("attempts", "cancel_requested", "cleanup_attempts"), 0)
         async with store.transaction() as tx:
-            await tx.run("reset_tasks", job_id=args.job, now=now_iso())
+            if kept:  # its archive is safe on those targets: store it on the others
+                await tx.run("reset_storage_tasks_without_copy", job_id=args.job, now=now_iso())
+                key = f"{job['name']}/{job['archive_name']}"
+                await tx.run("drop_orphans_of_key", job_id=args.job, key=key)
+                how = (
+                    f"stores its archive, kept on {', '.join(kept)}, on the targets that "
+                    "miss it; nothing is archived again"
+                )
+            else:
+                await tx.run("reset_tasks", job_id=args.job, now=now_iso())
+                fresh |= dict.fromkeys(("step", "archive_name", "archive_sha256", "archive_size"))
+                how = "staging was removed when it failed, so it runs again from activity_archiving"
             await tx.transition(
                 args.job,
                 State.FAILED,
                 Event.REQUEUED,
-                f"requeued by operator (had failed in {phase}); staging was removed when it "
-                "failed, so it runs again from activity_archiving",
-                phase=None,
-                step=None,
-                attempts=0,
-                error=None,
-                cancel_requested=0,
-                retry_at=None,
-                archive_name=None,
-                archive_sha256=None,
-                archive_size=None,
-                started_at=None,
+                f"requeued by operator (had failed in {phase}); {how}",
+                **fresh,
             )
-        return phase
+        return f"had failed in {phase}" + (
+            f"; its archive is kept on {', '.join(kept)}" if kept else ""
+        )
 
-    phase = anyio.run(_read, config, requeue)
-    print(f"{args.job}: queued again (had failed in {phase})")
+    said = anyio.run(_read, config, requeue)
+    print(f"{args.job}: queued again ({said})")
+    return EXIT_OK
+
+
+def cmd_init_target(args: argparse.Namespace) -> int:
+    from .drivers import open_storage
+
+    config = _load_config(args)
+    if args.target not in config.storage:
+        known = ", ".join(sorted(config.storage))
+        raise CommandError(f"no target {args.target!r} in the config (known: {known})", EXIT_USAGE)
+    said = anyio.run(open_storage(config, args.target).mark)
+    print(
+        said
+        or f"storage.{args.target}: a {config.storage[args.target].driver} target needs no marker"
+    )
     return EXIT_OK
 
 
@@ -523,13 +550,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .daemon import check_config, check_targets
+    from .daemon import check_config
 
     config = _load_config(args)
-    if config.embedded and not config.signing.key.exists():
-        anyio.run(check_targets, config)  # `run` makes the embedded default's key
-    else:
-        anyio.run(check_config, config)
+    # `run` makes the embedded default's key
+    key = not (config.embedded and not config.signing.key.exists())
+    for warning in anyio.run(lambda: check_config(config, key=key)):
+        print(f"archived: warning: {warning}", file=sys.stderr)
     print(f"ok: {config.source or 'embedded default'}")
     return EXIT_OK
 
@@ -604,6 +631,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--secret", metavar="PATH", help="default: the configured signing.key")
     sp.add_argument("--public", metavar="PATH", help="default: beside the secret key, .pub")
     add("check-config", cmd_check_config, "validate the config")
+    sp = add(
+        "init-target",
+        cmd_init_target,
+        "mark a target's directory as the target (an empty mount point is not)",
+    )
+    sp.add_argument("target", metavar="NAME")
     return p
 
 
@@ -613,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.fn(args))
     except ConfigError as exc:
         error: Exception = exc
-        code, message = EXIT_CONFIG, f"config error: {exc}"
+        code, message = EXIT_CONFIG, "\n".join(f"config error: {p}" for p in exc.problems)
     except CommandError as exc:
         error, code, message = exc, exc.code, str(exc)
     except KeyboardInterrupt:
@@ -626,7 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     if args.debug:
         traceback.print_exception(error)
-    print(f"archived: {message}", file=sys.stderr)
+    for line in message.splitlines():
+        print(f"archived: {line}", file=sys.stderr)
     return code
 
 

@@ -18,17 +18,26 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from . import children
+from . import children, preflight
 from . import config as configmod
 from .audit import Auditor
 from .config import Config
 from .drivers import open_storage
-from .errors import ArchivedError, ConfigError, JobFileError, Kind, classify, describe
+from .errors import (
+    ArchivedError,
+    ConfigError,
+    JobFileError,
+    Kind,
+    TargetUnavailable,
+    classify,
+    describe,
+)
 from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
 from .lock import lock_state_dir
 from .metrics import write_textfile
 from .notify import Notifier
+from .orphans import remove_orphans
 from .retention import expire_due
 from .runner import JobRunner, Services
 from .schedules import Scheduler
@@ -41,20 +50,50 @@ from .wakeup import SpoolWatch
 log = structlog.get_logger("archived.daemon")
 
 
-async def check_targets(config: Config) -> None:
+async def check_targets(config: Config) -> tuple[list[str], list[str]]:
+    """Problems (the target can never work as configured) and warnings (it cannot be
+    reached now: an unmounted disk, a missing marker, an endpoint off the network)."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    roots = {}
     for name in config.storage:
-        await open_storage(config, name).ready()
+        driver = open_storage(config, name)
+        if driver.local_root is not None:
+            roots[name] = driver.local_root
+        try:
+            await driver.ready()
+        except TargetUnavailable as exc:
+            warnings.append(f"{exc}; jobs that store there wait for it")
+        except ConfigError as exc:
+            problems += exc.problems
+    problems += preflight.path_problems(config, roots)
+    return problems, warnings
 
 
-async def check_config(config: Config) -> None:
-    """Everything a config needs beyond its schema: targets usable, signing key readable."""
-    await check_targets(config)
-    await anyio.to_thread.run_sync(load_signing_key, config)
+async def check_config(config: Config, *, key: bool = True) -> list[str]:
+    """Everything a config needs beyond its schema: targets usable, directories apart,
+    programs there, signing key readable. ConfigError names every problem; returns the
+    warnings (targets that cannot be reached now)."""
+    problems, warnings = await check_targets(config)
+    problems += preflight.program_problems(config)
+    if key:
+        try:
+            await anyio.to_thread.run_sync(load_signing_key, config)
+        except ConfigError as exc:
+            problems += exc.problems
     if config.signing.tsa_ca is not None:
         try:
             load_ca_bundle(config.signing.tsa_ca)
         except ArchivedError as exc:
-            raise ConfigError(f"signing.tsa_ca: {exc}") from None
+            problems.append(f"signing.tsa_ca: {exc}")
+    if problems:
+        raise ConfigError(*problems)
+    return warnings
+
+
+def log_unavailable(warnings: list[str]) -> None:
+    for warning in warnings:
+        log.warning("storage target unavailable", reason=warning)
 
 
 class Daemon:
@@ -74,7 +113,9 @@ class Daemon:
         lock = lock_state_dir(config.daemon.state_dir)
         try:
             self.spool.create()
-            await check_config(config)  # fail at start, not at the first job's sign step
+            # fail at start, not at the first job's sign step; an unreachable target is
+            # no reason not to start (the others work): jobs wait for it
+            log_unavailable(await check_config(config))
             store = await Store.open(config.daemon.state_dir / "archived.db")
             try:
                 self.svc = Services(
@@ -178,12 +219,13 @@ class Daemon:
             for fixed in ("state_dir", "spool_dir"):
                 if getattr(new.daemon, fixed) != getattr(self.config.daemon, fixed):
                     raise ConfigError(f"daemon.{fixed} cannot change on reload; restart instead")
-            await check_config(new)
+            warnings = await check_config(new)
         except ArchivedError as exc:
             self.last_reload = f"rejected at {stamp}: {exc}"
             self.svc.metrics.reloads["rejected"] += 1
             log.error("reload rejected; the old config stays in force", reason=str(exc))
             return
+        log_unavailable(warnings)
         self.config = new
         self.svc.keys.clear()
         self.svc.activity_slots.total_tokens = new.limits.activity_tasks
@@ -220,6 +262,7 @@ class Daemon:
     async def _retention(self) -> None:
         while True:
             await anyio.sleep(self.config.retention.check_interval)
+            await remove_orphans(self.svc.store, self.config)
             for job_id in await expire_due(self.svc.store, self.config):
                 self.svc.metrics.transition(State.DELETED)
                 log.info("job deleted by retention", job_id=job_id, state="deleted")

@@ -254,7 +254,10 @@ def test_a_bucket_gone_fails_the_job_at_once_with_the_service_error_code(
     assert f"s3://{bucket}/archives/orphan/" in job["error"]
     states = [h["state"] for h in job["history"]]
     assert "recoverable_error" not in states  # not retried: no attempt could fix it
-    assert root.archives("primary") == []  # the failed job's local copy is removed too
+    # the verified local copy is kept (a good copy is never thrown away because another
+    # target failed), recorded, and `archived retry` stores it in S3 once the bucket is back
+    assert [c["target"] for c in job["copies"]] == ["primary"]
+    assert [p.name for p in root.archives("primary")] == [job["archive"]["name"]]
 
 
 def test_audit_finds_a_damaged_object_and_repairs_it_from_the_local_copy(

@@ -172,7 +172,8 @@ def test_a_broken_config_on_reload_keeps_the_old_one(root: Root, notify: NotifyS
 def test_a_reload_to_an_unusable_target_is_rejected(root: Root, notify: NotifySocket) -> None:
     daemon = root.start(env={"NOTIFY_SOCKET": notify.path})
     ready = notify.wait_for("READY", "1")
-    root.targets["gone"] = root.path / "no-such-dir"
+    root.targets["gone"] = root.path / "a-file"  # a missing one may be an unmounted disk
+    root.targets["gone"].write_text("not a directory\n")
     root.write_config()
     daemon.send(signal.SIGHUP)
     reloading = notify.wait_for("RELOADING", "1", after=ready + 1)

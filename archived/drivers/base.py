@@ -26,7 +26,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Config
-from ..errors import StorageError, TransientError
+from ..errors import NoSpace, StorageError, TransientError
 
 BUFFER_SIZE = 1024 * 1024
 BLOCK = 512  # a tar block
@@ -96,6 +96,26 @@ def tar_header(name: str, size: int, mtime: int) -> bytes:
     info.size, info.mtime, info.mode = size, mtime, 0o644
     info.uname = info.gname = ""
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def member_bytes(name: str, size: int) -> int:
+    """About what a regular file's member takes in a tar fragment, with its record:
+    the header (a PAX one for a long or non-ASCII name), the data padded to a block."""
+    length = len(name)
+    if length > 100 or not name.isascii():
+        length = len(name.encode("utf-8", "surrogateescape"))
+        header = 3 * BLOCK + (length + 30) // BLOCK * BLOCK
+    else:
+        header = BLOCK
+    return header + (size + BLOCK - 1) // BLOCK * BLOCK + length + 80  # record: sha256 size path
+
+
+def require_space(directory: Path, needed: int, what: str) -> None:
+    """NoSpace unless the file system of `directory` has `needed` bytes free (for us)."""
+    st = os.statvfs(directory)
+    has = st.f_bavail * st.f_frsize
+    if needed > has:
+        raise NoSpace(f"{what}: needs {needed} bytes, has {has} on {directory}")
 
 
 def hash_file(
@@ -414,6 +434,12 @@ class ActivityDriver(ABC):
     def check(cls, options: DriverOptions, config: Config) -> None:
         """Raise JobFileError if the options are not allowed under `config`."""
 
+    def estimate(self, member_prefix: str) -> int | None:
+        """About how many bytes the artifacts will take in staging, members named
+        `member_prefix + relpath` (see member_bytes); None if it cannot be known before
+        (a program's output). Runs in a worker thread, before `run`."""
+        return None
+
     @abstractmethod
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         """Write the artifacts through `ctx.writer`; return a small JSON summary."""
@@ -436,9 +462,19 @@ class StorageDriver(ABC):
     def options(cls, raw: dict[str, Any]) -> DriverOptions:
         return cls.Options.model_validate(raw)
 
+    @property
+    def local_root(self) -> Path | None:
+        """The local directory the target keeps its archives in, if it has one."""
+        return None
+
     @abstractmethod
     async def ready(self) -> None:
-        """Raise ConfigError unless the target can take archives now."""
+        """Raise ConfigError if the target cannot work as configured, TargetUnavailable
+        if it cannot be reached now (jobs wait for it)."""
+
+    async def mark(self) -> str | None:
+        """Mark the target as one (`archived init-target`); None: it needs no marker."""
+        return None
 
     @abstractmethod
     async def put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:

@@ -43,7 +43,7 @@ from botocore.loaders import create_loader
 from pydantic import Field, StrictInt, field_validator
 
 from .. import failpoints
-from ..errors import ConfigError, StorageError, classify
+from ..errors import ConfigError, StorageError, TargetUnavailable, classify
 from .base import (
     BUFFER_SIZE,
     Digest,
@@ -314,7 +314,12 @@ class S3Driver(StorageDriver):
                 "AccessDenied": "the credentials may not use this bucket",
                 "PermanentRedirect": "the bucket is in another region",
             }.get(code, "")
-            raise ConfigError(f"{where}: {code}{f' ({hint})' if hint else ''}") from None
+            message = f"{where}: {code}{f' ({hint})' if hint else ''}"
+            if code.startswith("5") or code in RECOVERABLE_CODES:
+                raise TargetUnavailable(message) from None
+            raise ConfigError(message) from None
+        except (ConnectionError, HTTPClientError) as exc:  # off the network: wait for it
+            raise TargetUnavailable(f"{where}: {_describe(exc)}") from None
         except BotoCoreError as exc:
             raise ConfigError(f"{where}: {_describe(exc)}") from None
 

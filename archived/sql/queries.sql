@@ -176,3 +176,31 @@ ORDER BY r.slot DESC LIMIT 1;
 -- name: schedule_runs
 SELECT schedule, slot, result, job_id, detail, at FROM schedule_runs
 WHERE :schedule IS NULL OR schedule = :schedule ORDER BY slot DESC LIMIT :limit;
+
+-- name: upsert_orphan
+INSERT INTO orphans (job_id, target, key, reason, recorded_at)
+VALUES (:job_id, :target, :key, :reason, :now)
+ON CONFLICT (job_id, target, key) DO UPDATE
+SET reason = excluded.reason, removed_at = NULL;
+
+-- name: orphans_due
+-- Orphans of final jobs: a job that runs again (an operator's retry) cleans up itself.
+SELECT o.job_id, o.target, o.key, j.config, j.state
+FROM orphans o JOIN jobs j ON j.id = o.job_id
+WHERE o.removed_at IS NULL AND j.state IN ('completed', 'failed', 'deleted')
+ORDER BY o.recorded_at;
+
+-- name: mark_orphan_removed
+UPDATE orphans SET removed_at = :now WHERE job_id = :job_id AND target = :target AND key = :key;
+
+-- name: drop_orphans_of_key
+DELETE FROM orphans WHERE job_id = :job_id AND key = :key AND removed_at IS NULL;
+
+-- name: job_orphans
+SELECT target, key, reason, recorded_at, removed_at FROM orphans
+WHERE job_id = :job_id ORDER BY target, key;
+
+-- name: reset_storage_tasks_without_copy
+UPDATE tasks SET state = 'created', error = NULL, result = NULL, updated_at = :now
+WHERE job_id = :job_id AND kind = 'storage'
+AND name NOT IN (SELECT target FROM copies WHERE job_id = :job_id AND deleted_at IS NULL);
