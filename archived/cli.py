@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -62,6 +63,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .spool import Spool
 
     config = _load_config(args)
+    try:  # before anything goes into the spool
+        timeout = parse_duration(args.timeout) if args.timeout is not None else None
+    except ValueError as exc:
+        raise CommandError(f"--timeout: {exc}", EXIT_USAGE) from None
     validated = []
     for name in args.files:
         path = Path(name)
@@ -79,7 +84,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(ids[-1], flush=True)
     if not args.wait:
         return EXIT_OK
-    timeout = parse_duration(args.timeout) if args.timeout else None
     states = _wait_for(config, ids, timeout)
     for job_id, state in states.items():
         if state != State.COMPLETED:
@@ -90,56 +94,92 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str, str]:
     """Poll the database until every job is final (or rejected into corrupt/).
 
-    Read-only, with the standard library's sqlite3: a waiting `submit` starts and ends
-    quickly, without an event loop.
+    Never silent: on stderr it says at once when no daemon holds the state directory's
+    lock (and when one does again), and each job's state as it changes. `timeout`
+    bounds it all, a locked database too. Read-only, with the standard library's
+    sqlite3: a waiting `submit` starts and ends quickly, without an event loop.
     """
     import sqlite3
 
-    deadline = time.monotonic() + timeout if timeout else None
+    from .lock import daemon_running
+
+    deadline = None if timeout is None else time.monotonic() + timeout
     states: dict[str, str] = {}
     corrupt = config.daemon.spool_dir / "corrupt"
+    state_dir = config.daemon.state_dir
     db: sqlite3.Connection | None = None
     begun = time.monotonic()
+    daemon_seen: bool | None = None
+    look_at_lock = 0.0
+    unreadable = ""
+
+    def settled(state: str | None) -> bool:
+        return state in FINAL or str(state).startswith("rejected")
+
     try:
         while True:
-            if db is None and _db_path(config).exists():
-                db = sqlite3.connect(f"{_db_path(config).as_uri()}?mode=ro", uri=True, timeout=10)
-            for job_id in ids:
-                if states.get(job_id) in FINAL:
-                    continue
-                row = _job_state(db, job_id) if db else None
-                if row is not None:
-                    states[job_id] = row
-                elif any(corrupt.glob(f"{job_id}.*.reason")):
-                    states[job_id] = "rejected (see spool corrupt/)"
-            if all(
-                states.get(i) in FINAL or str(states.get(i, "")).startswith("rejected") for i in ids
-            ):
+            if time.monotonic() >= look_at_lock:  # twice a second at most
+                look_at_lock = time.monotonic() + 0.5
+                running = daemon_running(state_dir)
+                if running != daemon_seen and not running:
+                    _say(f"no daemon is running on {state_dir}: the jobs wait until one starts")
+                elif running != daemon_seen and daemon_seen is not None:
+                    _say("a daemon is running now")
+                daemon_seen = running
+            try:
+                if db is None and _db_path(config).exists():
+                    # a short busy timeout: a locked database must not outlast `timeout`
+                    db = sqlite3.connect(
+                        f"{_db_path(config).as_uri()}?mode=ro", uri=True, timeout=0.1
+                    )
+                for job_id in ids:
+                    if settled(states.get(job_id)):
+                        continue
+                    state = _job_state(db, job_id) if db else None
+                    if state is None and any(corrupt.glob(f"{job_id}.*.reason")):
+                        state = "rejected (see spool corrupt/)"
+                    if state is not None and state != states.get(job_id):
+                        states[job_id] = state
+                        print(f"{job_id}: {state}", file=sys.stderr, flush=True)
+                unreadable = ""
+            except sqlite3.OperationalError as exc:  # locked or busy: say so, and go on
+                if str(exc) != unreadable:
+                    unreadable = str(exc)
+                    _say(f"cannot read the jobs' states now: {exc}")
+            if all(settled(states.get(i)) for i in ids):
                 return states
-            if deadline is not None and time.monotonic() > deadline:
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 return {
-                    i: states.get(i, "not picked up") + " (timed out waiting)"
-                    if states.get(i) not in FINAL
-                    else states[i]
+                    i: states[i]
+                    if settled(states.get(i))
+                    else f"{states.get(i, 'not picked up')} (timed out waiting)"
                     for i in ids
                 }
             # quick for a quick job, easing off for a long one: late by 2 % at the most
-            time.sleep(min(max((time.monotonic() - begun) / 50, 0.01), 0.5))
+            time.sleep(min(max((time.monotonic() - begun) / 50, 0.01), 0.5, left))
     finally:
         if db is not None:
             db.close()
+
+
+def _say(message: str) -> None:
+    print(f"archived: {message}", file=sys.stderr, flush=True)
 
 
 def _job_state(db: Any, job_id: str) -> str | None:
     import sqlite3
 
     try:
-        row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = db.execute("SELECT state, not_before FROM jobs WHERE id = ?", (job_id,)).fetchone()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):  # the daemon is creating the database
             return None
         raise
-    return row[0] if row else None
+    if row is None:
+        return None
+    state, not_before = row
+    return f"{state} (not before {not_before})" if state == State.QUEUED and not_before else state
 
 
 async def _read(config: Config, fn: Callable[[Any], Any]) -> Any:
@@ -260,7 +300,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  {key.replace('_', ' '):8} {details[key]}")
     if details["archive"]:
         a = details["archive"]
-        print(f"  archive  {a['name']}  {a['size']} bytes  sha256 {a['sha256']}")
+        digest = f"sha256 {a['sha256']}" if a["sha256"] else "sha256 computed while stored"
+        print(f"  archive  {a['name']}  {a['size']} bytes  {digest}")
     print("history")
     for h in details["history"]:
         print(f"  {h['at'][:23]}  {h['state']:18}  {h['reason']}")
@@ -536,13 +577,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 # -- wiring --------------------------------------------------------------------------
 
 
-def parser() -> argparse.ArgumentParser:
+def _global_options(default: Any) -> argparse.ArgumentParser:
+    """--config and --debug, which every command takes before or after its name. After
+    it, their default is `default`: SUPPRESS, so as not to undo what was given before."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", help="config file (or ARCHIVED_CONFIG)")
-    common.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    common.add_argument(
+        "--config", metavar="PATH", default=default, help="config file (or ARCHIVED_CONFIG)"
+    )
+    debug = False if default is None else default
+    common.add_argument(
+        "--debug", action="store_true", default=debug, help="tracebacks and debug logs"
+    )
+    return common
+
+
+def parser() -> argparse.ArgumentParser:
+    common = _global_options(argparse.SUPPRESS)
     p = argparse.ArgumentParser(
         prog="archived",
-        parents=[common],
+        parents=[_global_options(None)],
         description="Signed, checksummed BagIt archives from job files.",
     )
     p.add_argument("--version", action="version", version=f"archived {__version__}")
@@ -605,9 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except ConfigError as exc:
+        error: Exception = exc
         code, message = EXIT_CONFIG, "\n".join(f"config error: {p}" for p in exc.problems)
     except CommandError as exc:
-        code, message = exc.code, str(exc)
+        error, code, message = exc, exc.code, str(exc)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -617,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         raise
     if args.debug:
-        traceback.print_exc()
+        traceback.print_exception(error)
     for line in message.splitlines():
         print(f"archived: {line}", file=sys.stderr)
     return code

@@ -7,7 +7,6 @@ storage tasks are bounded across all jobs by the limiters in `Services`.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -15,55 +14,42 @@ import os
 import shutil
 import signal
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import aiofiles.os
 import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from . import children, preflight
 from . import config as configmod
-from . import preflight
 from .audit import Auditor
 from .config import Config
 from .drivers import open_storage
-from .errors import ArchivedError, ConfigError, JobFileError, TargetUnavailable, describe
+from .errors import (
+    ArchivedError,
+    ConfigError,
+    JobFileError,
+    Kind,
+    TargetUnavailable,
+    classify,
+    describe,
+)
 from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
+from .lock import lock_state_dir
 from .metrics import Stored, write_textfile
 from .notify import Notifier
 from .orphans import remove_orphans
 from .retention import expire_due
 from .runner import JobRunner, Services
 from .schedules import Scheduler
-from .spool import Claimed, Spool
+from .spool import Claimed, Spool, new_job_id, printable
 from .states import FINAL, PROCESSING, STOPPABLE, Event, State
 from .store import StaleState, Store, now_iso
 from .timestamp import load_ca_bundle
 from .wakeup import SpoolWatch
 
 log = structlog.get_logger("archived.daemon")
-
-
-class AlreadyRunning(ArchivedError):
-    pass
-
-
-def lock_state_dir(state_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on the state directory for the life of the process."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(state_dir / "archived.lock", "a+")  # noqa: SIM115
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise AlreadyRunning(f"another archived daemon is running on {state_dir}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 async def check_targets(config: Config) -> tuple[list[str], list[str]]:
@@ -117,11 +103,13 @@ class Daemon:
         self.config = config
         self.spool = Spool(config.daemon.spool_dir)
         self.running: dict[str, JobRunner] = {}
+        self.whole_job: dict[str, anyio.CancelScope] = {}  # what shutdown cancels at the end
         self.wake = anyio.Event()
         self.reload_requested = anyio.Event()
         self.reloaded = anyio.Event()  # set (and replaced) by every reload that applied
         self.notify = Notifier()
         self.last_reload = "none"
+        self.said: dict[str, str] = {}  # spool errors already logged, by entry name
 
     async def run(self) -> None:
         config = self.config
@@ -181,6 +169,7 @@ class Daemon:
                     claimed = await self.svc.store.claim_next(config.snapshot(), config.digest)
                     if claimed is None:
                         break
+                    self.svc.metrics.transition(State.ACTIVITY_ARCHIVING)
                     self._start(tg, claimed)
                 if (new_status := await self._status()) != status:
                     status = new_status
@@ -321,10 +310,12 @@ class Daemon:
         job_id = str(job["id"])
         runner = JobRunner(self.svc, job)
         self.running[job_id] = runner
+        whole = self.whole_job[job_id] = anyio.CancelScope()
 
         async def run() -> None:
             try:
-                await runner.run()
+                with whole:
+                    await runner.run()
             except Exception:
                 log.exception(
                     "job runner crashed; the job resumes at the next start",
@@ -333,6 +324,7 @@ class Daemon:
                 )
             finally:
                 self.running.pop(job_id, None)
+                self.whole_job.pop(job_id, None)
                 self.wake.set()
 
         tg.start_soon(run)
@@ -356,6 +348,7 @@ class Daemon:
                     )
                 except StaleState:
                     continue
+                self.svc.metrics.transition(State.FAILURE)
                 job = await store.job(job_id)
                 assert job is not None
                 self._start(tg, job)  # failure -> error_handling -> cleanup -> failed
@@ -376,9 +369,11 @@ class Daemon:
         with anyio.move_on_after(self.config.daemon.shutdown_grace):
             while self.running:
                 await anyio.sleep(0.05)
-        for runner in list(self.running.values()):
-            if runner.scope is not None:
-                runner.scope.cancel()
+        for job_id, runner in list(self.running.items()):
+            if runner.scope is not None and runner.state in STOPPABLE:
+                runner.scope.cancel()  # the step gives its attempt back
+            else:  # the failure path (a hook, cleanup): it runs again at the next start
+                self.whole_job[job_id].cancel()
         while self.running:
             await anyio.sleep(0.01)
 
@@ -391,8 +386,9 @@ class Daemon:
                     self.reload_requested.set()
                     continue
                 if self.svc.stopping.is_set():
-                    log.warning("second signal: exiting now", signal=name)
-                    os._exit(0)
+                    log.warning("second signal: exiting now, running work abandoned", signal=name)
+                    children.kill_all()
+                    os._exit(128 + signum)  # not 0: work was abandoned
                 log.info("stopping: no new work", signal=name, running=len(self.running))
                 self.svc.stopping.set()
                 self.wake.set()
@@ -404,21 +400,57 @@ class Daemon:
             await self._accept_or_reject(claimed)
 
     async def _ingest(self) -> None:
-        for name in await self.spool.pending():
+        """Take every entry of incoming/; an error with one is about that entry only."""
+        try:
+            await self._ingest_leftovers()  # after a crash, or an error worth another try
+            names = await self.spool.pending()
+        except OSError as exc:
+            self._say_once("", "cannot read the spool; trying again", exc)
+            await anyio.to_thread.run_sync(self.spool.create)  # an operator removed a folder?
+            return
+        for name in names:
             if self.svc.stopping.is_set():
                 return
-            claimed = await self.spool.claim(name)
+            try:
+                claimed = await self.spool.claim(name)
+            except OSError as exc:
+                entry = Claimed(self.spool.incoming / name, new_job_id(), name)
+                await self._cannot_take(entry, exc)
+                continue
             if claimed is not None:
                 await self._accept_or_reject(claimed)
 
     async def _accept_or_reject(self, claimed: Claimed) -> None:
-        """A file that trips a bug is rejected with that reason: no crash, no crash loop."""
         try:
             await self._accept(claimed)
         except Exception as exc:
-            log.exception("error while reading a job file", file=claimed.original_name)
-            if await aiofiles.os.path.exists(claimed.path):
-                await self._reject(claimed, f"internal error while reading it: {describe(exc)}")
+            await self._cannot_take(claimed, exc)
+
+    async def _cannot_take(self, entry: Claimed, exc: Exception) -> None:
+        """Into corrupt/ with the reason, unless the error may pass (EMFILE, ENOSPC, EBUSY,
+        ...): then it stays for the next poll. What cannot be moved is said once, skipped."""
+        if isinstance(exc, FileNotFoundError):
+            return  # gone: taken by someone else, or removed
+        if classify(exc) == Kind.RECOVERABLE:
+            self._say_once(entry.original_name, "cannot take a spool entry now; trying again", exc)
+            return
+        reason = f"cannot take it: {describe(exc)}"
+        if not isinstance(exc, OSError):  # a bug: its traceback, and no crash loop
+            log.exception("error while reading a job file", file=printable(entry.original_name))
+            reason = f"internal error while reading it: {describe(exc)}"
+        try:
+            await self._reject(entry, reason)
+        except FileNotFoundError:
+            return
+        except OSError as again:
+            self._say_once(entry.original_name, "cannot move a spool entry to corrupt/", again)
+
+    def _say_once(self, key: str, message: str, exc: BaseException) -> None:
+        """Log an error that every poll would meet again, once for as long as it lasts."""
+        error = describe(exc)
+        if self.said.get(key) != error:
+            self.said[key] = error
+            log.error(message, file=printable(key), error=error)
 
     async def _accept(self, claimed: Claimed) -> None:
         """Turn a claimed spool file into a queued job, or move it to corrupt/."""
@@ -445,6 +477,7 @@ class Daemon:
             return
         await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
         await self.spool.done(claimed)
+        self.said.pop(claimed.original_name, None)
         log.info(
             "job queued",
             job_id=claimed.job_id,
@@ -477,6 +510,8 @@ class Daemon:
             reason=reason,
             schedule_run=schedule_run,
         )
+        self.svc.metrics.transition(State.UNINITIALIZED)
+        self.svc.metrics.transition(State.QUEUED)
 
     async def _create_scheduled(
         self, spec: JobSpec, job_id: str, digest: str, run: dict[str, Any]
@@ -490,8 +525,12 @@ class Daemon:
         )
         self.wake.set()
 
-    async def _reject(self, claimed: Claimed, reason: str) -> None:
-        target = await self.spool.reject(claimed, reason)
+    async def _reject(self, entry: Claimed, reason: str) -> None:
+        target = await self.spool.reject(entry, reason)
+        self.said.pop(entry.original_name, None)
         log.error(
-            "job file rejected", file=claimed.original_name, moved_to=str(target), reason=reason
+            "job file rejected",
+            file=printable(entry.original_name),
+            moved_to=printable(str(target)),
+            reason=reason,
         )

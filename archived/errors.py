@@ -85,6 +85,8 @@ RECOVERABLE_ERRNOS: frozenset[int] = frozenset(
         errno.EINTR,
         errno.EROFS,
         errno.ENOMEM,
+        errno.EMFILE,  # this process, or the system, is out of file descriptors for now
+        errno.ENFILE,
     }
 )
 

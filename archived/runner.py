@@ -8,6 +8,7 @@ again: finished tasks are skipped, finished post-processing steps are skipped.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from typing import Any
 import anyio
 import structlog
 
-from . import bag, failpoints, orphans
+from . import bag, children, failpoints, orphans
 from .config import Config
 from .drivers import activity_driver, open_storage
 from .drivers.base import (
@@ -38,7 +39,7 @@ from .drivers.base import (
     require_space,
 )
 from .errors import IntegrityError, Kind, StorageError, classify, describe
-from .jobfile import JobSpec, parse_job
+from .jobfile import JobSpec, check_against
 from .keys import KeyRing
 from .metrics import Metrics
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
@@ -317,7 +318,7 @@ class JobRunner:
     async def activity_archiving(self) -> Outcome:
         await self._begin_attempt(State.ACTIVITY_ARCHIVING)
         # The job may start on a newer config than it was accepted under (SIGHUP).
-        parse_job(self.spec.model_dump_json().encode(), "job.json", self.config)
+        check_against(self.spec, self.config)
         await self._sync_storage_tasks()
         await failpoints.reach("activity_archiving")
         await self._check_staging_space()
@@ -757,16 +758,21 @@ class JobRunner:
             "ARCHIVED_FAILED_STATE": self.job["phase"] or "queued",
             "ARCHIVED_REASON": self.job["error"] or "",
         }
-        timeout = self.config.hooks.timeout
-        result = "timed out"
-        with anyio.move_on_after(timeout):
-            try:
-                done = await anyio.run_process(argv, env=env, check=False)
-                result = f"exit {done.returncode}"
-                if done.stderr:
-                    result += f": {done.stderr.decode(errors='replace').strip()[-500:]}"
-            except OSError as exc:
-                result = f"could not run: {describe(exc)}"
+        try:
+            code, stderr = await anyio.to_thread.run_sync(
+                functools.partial(
+                    children.run,
+                    argv,
+                    env=env,
+                    timeout=self.config.hooks.timeout,
+                    check=anyio.from_thread.check_cancelled,  # shutdown stops it at once
+                )
+            )
+            result = "timed out" if code is None else f"exit {code}"
+            if code is not None and stderr.strip():
+                result += f": {stderr.strip()[-500:]}"
+        except OSError as exc:
+            result = f"could not run: {describe(exc)}"
         level = log.info if result.startswith("exit 0") else log.error
         level("failure hook ran", hook=argv[0], result=result)
         await self._event("failure_hook", hook=argv, result=result)

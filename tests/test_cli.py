@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Root, run_cli
+from conftest import Root, run_cli, wait_until
 
 from archived.cli import main
 
@@ -287,3 +290,118 @@ def test_demo_script_runs_a_job_through_on_the_embedded_default(tmp_path: Path) 
     archives = list((tmp_path / "home" / "archive" / "sample").glob("sample-*.tar"))
     assert len(archives) == 1
     assert (tmp_path / "home" / "signing.key").stat().st_mode & 0o777 == 0o600
+
+
+# -- global options, before or after the subcommand -------------------------------------
+
+
+@pytest.fixture
+def no_home(tmp_path: Path) -> dict[str, str]:
+    """An environment whose embedded default would live in the test's own folder."""
+    return {"ARCHIVED_HOME": str(tmp_path / "home"), "ARCHIVED_CONFIG": ""}
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_and_debug_work_before_or_after_the_subcommand(
+    tmp_path: Path, no_home: dict[str, str], where: str
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[nonsense]\n")
+    missing = tmp_path / "missing.toml"
+    for config, expected in ((bad, "nonsense: unknown key"), (missing, "cannot read config")):
+        options = ["--debug", "--config", str(config)]
+        args = [*options, "check-config"] if where == "before" else ["check-config", *options]
+        result = run_cli(*args, env=no_home)
+        assert result.returncode == 78, (args, result.stdout, result.stderr)
+        assert expected in result.stderr and str(config) in result.stderr, result.stderr
+        assert "Traceback" in result.stderr, "--debug shows the traceback"
+        assert "NoneType: None" not in result.stderr
+    assert not (tmp_path / "home").exists(), "the embedded default was used"
+
+
+def test_run_with_config_before_the_subcommand_uses_that_config(
+    root: Root, no_home: dict[str, str]
+) -> None:
+    log = root.path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "archived", "--config", str(root.config), "run"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **no_home},
+        )
+        try:
+
+            def ready() -> dict[str, Any] | None:
+                assert proc.poll() is None, log.read_text()
+                for line in log.read_text().splitlines():
+                    event = json.loads(line) if line.startswith("{") else {}
+                    if event.get("event") == "ready":
+                        return event
+                return None
+
+            event = wait_until(ready, 30, "daemon ready")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    assert event["state_dir"] == str(root.state_dir), event
+    assert not (Path(no_home["ARCHIVED_HOME"])).exists(), "the embedded default was used"
+
+
+# -- submit --wait never hangs silently ---------------------------------------------------
+
+
+def test_submit_wait_says_when_no_daemon_runs_and_each_state_change(root: Root) -> None:
+    stuck = root.job_file("stuck", not_before="2999-01-01T00:00:00Z")  # queued for good
+    err = root.path / "wait.err"
+    argv = ["submit", "--wait", "--config", str(root.config), str(stuck)]
+    with open(err, "wb") as stderr:
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "archived", *argv], stdout=subprocess.PIPE, stderr=stderr
+        )
+    try:
+        wait_until(lambda: "no daemon is running" in err.read_text(), 15, "said: no daemon")
+        assert waiting.poll() is None
+        root.start()
+
+        def said_both() -> bool:
+            said = err.read_text()
+            return "a daemon is running now" in said and ": queued (not before 2999" in said
+
+        wait_until(said_both, 30, "said: a daemon runs, and the job is queued")
+        assert waiting.poll() is None, "it said so while still waiting"
+    finally:
+        waiting.kill()
+        waiting.wait(10)
+
+    # --timeout is honoured, whatever it is; one that is no duration submits nothing
+    result = root.cli("submit", "--wait", "--timeout", "soon", str(stuck))
+    assert result.returncode == 2 and result.stdout == "", result
+    assert "--timeout" in result.stderr
+    for timeout in ("0", "1s"):
+        began = time.monotonic()
+        result = root.cli("submit", "--wait", "--timeout", timeout, str(stuck), timeout=30)
+        assert result.returncode == 1, result.stderr
+        assert "timed out waiting" in result.stderr
+        assert time.monotonic() - began < 20
+
+
+def test_submit_wait_timeout_holds_while_the_database_is_locked(root: Root) -> None:
+    daemon = root.start()
+    (job_id,) = root.submit(root.job_file("done"))
+    root.wait_state(job_id, "completed")
+    assert daemon.stop() == 0
+    locker = sqlite3.connect(root.state_dir / "archived.db", isolation_level=None)
+    try:
+        locker.execute("PRAGMA locking_mode = EXCLUSIVE")
+        locker.execute("BEGIN EXCLUSIVE")
+        locker.execute("DELETE FROM schedule_runs")  # a write: the lock is taken now
+        began = time.monotonic()
+        result = root.cli("submit", "--wait", "--timeout", "2s", str(root.job_file("late")))
+        elapsed = time.monotonic() - began
+    finally:
+        locker.close()
+    assert result.returncode == 1, result.stderr
+    assert "timed out waiting" in result.stderr, result.stderr
+    assert "database is locked" in result.stderr, "said why it cannot see the job"
+    assert elapsed < 9, elapsed  # sqlite's own busy timeout is 10 s

@@ -37,6 +37,7 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 class FilesOptions(DriverOptions):
     path: Path
     exclude: list[str] = []
+    allow_empty: bool = False  # a source with no file to archive is an error unless set
 
 
 def allowed_root(path: Path, config: Config) -> Path | None:
@@ -61,6 +62,7 @@ def check_under_roots(path: Path, config: Config) -> None:
 class FilesDriver(ActivityDriver):
     Options = FilesOptions
     opts: FilesOptions
+    excluded = 0  # entries left out by `exclude`, counted by the walk
 
     @classmethod
     def check(cls, options: Any, config: Config) -> None:
@@ -127,6 +129,14 @@ class FilesDriver(ActivityDriver):
                 raise SourceError(f"source {self.opts.path} is neither a directory nor a file")
         finally:
             os.close(fd)
+        if writer.files == 0 and not self.opts.allow_empty:
+            why = [f"{self.excluded} excluded"] if self.excluded else []
+            why += [f"{skipped} skipped (not regular files)"] if skipped else []
+            raise SourceError(
+                f"nothing to archive in {self.opts.path}: "
+                f"{', '.join(why) if why else 'it holds no files'}; "
+                "set allow_empty = true in the activity if that is fine"
+            )
         return {**writer.finish(), "skipped": skipped}
 
     def _excluded(self, relpath: str) -> bool:
@@ -148,6 +158,7 @@ class FilesDriver(ActivityDriver):
             if not relpath.isascii():
                 self._check_name(relpath)
             if excluded is not None and excluded(relpath):
+                self.excluded += 1
                 continue
             if entry.is_file(follow_symlinks=False):
                 fd = self._open(entry.name, dir_fd, _FILE_FLAGS, relpath)
