@@ -15,30 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .states import State
-from .store import Store
+from .store import QueueStats
 
 AUDIT_RESULTS = ("ok", "missing", "damaged", "repaired", "unrepaired", "unreachable")
 COPY_AUDITS = ("ok", "damaged", "unreachable", "unaudited")
-
-
-@dataclass
-class Stored:
-    """The metrics the database holds."""
-
-    jobs_by_state: dict[str, int]
-    audits: dict[str, int]  # audit results ever, daemon and command line alike
-    copies: dict[str, int]  # live copies of completed jobs by COPY_AUDITS
-    damaged_jobs: int  # completed jobs with a copy found bad and not repaired
-
-    @classmethod
-    async def read(cls, store: Store) -> Stored:
-        damaged = await store.fetchone("damaged_jobs")
-        return cls(
-            jobs_by_state={r["state"]: r["n"] for r in await store.fetchall("count_by_state")},
-            audits={r["result"]: r["count"] for r in await store.fetchall("audit_totals")},
-            copies={r["audit"]: r["n"] for r in await store.fetchall("copies_by_audit")},
-            damaged_jobs=damaged["n"] if damaged else 0,
-        )
 
 
 @dataclass
@@ -56,7 +36,7 @@ class Metrics:
         self.phase_seconds[state.value] = self.phase_seconds.get(state.value, 0.0) + seconds
         self.phase_count[state.value] += 1
 
-    def render(self, stored: Stored) -> str:
+    def render(self, stored: QueueStats) -> str:
         out: list[str] = []
 
         def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:

@@ -1,4 +1,5 @@
--- All SQL of the queue store, by name. Loaded by archived/store.py.
+-- All SQL of the SQLite queue store, by name (the same names as sql/postgres/queries.sql).
+-- Loaded by archived/store_sqlite.py; timestamps are fixed-width ISO 8601 UTC text.
 
 -- name: insert_job
 INSERT INTO jobs (id, name, state, spec, spec_sha256, config, config_digest, not_before,
@@ -15,38 +16,37 @@ INSERT INTO history (job_id, state, at, reason) VALUES (:job_id, :state, :now, :
 -- name: get_job
 SELECT * FROM jobs WHERE id = :id;
 
--- name: job_by_spec
-SELECT id FROM jobs WHERE id = :id AND spec_sha256 = :spec_sha256;
-
 -- name: set_state
 UPDATE jobs SET state = :to_state, updated_at = :now WHERE id = :id AND state = :from_state;
 
--- name: claim_next
--- One statement: the oldest due queued job becomes activity_archiving, on the config
--- in force now (a SIGHUP reload applies to jobs that start after it).
-UPDATE jobs SET state = :to_state, updated_at = :now, started_at = coalesce(started_at, :now),
-                config = :config, config_digest = :config_digest
-WHERE id = (SELECT id FROM jobs
-            WHERE state = 'queued' AND (not_before IS NULL OR not_before <= :now)
-            ORDER BY created_at, id LIMIT 1)
-  AND state = 'queued'
+-- name: next_job
+-- The oldest job there is to run: queued and due, or waiting to retry and due.
+SELECT * FROM jobs
+WHERE id NOT IN (SELECT value FROM json_each(:busy))
+  AND ((state = 'queued' AND (not_before IS NULL OR not_before <= :now))
+       OR (state = 'recoverable_error' AND (retry_at IS NULL OR retry_at <= :now))
+       OR (state = 'cleanup' AND retry_at <= :now))
+ORDER BY created_at, id LIMIT 1;
+
+-- name: resume_mine
+-- What a previous run left in flight (one daemon: every such job is its own).
+UPDATE jobs SET owner = :me
+WHERE state IN (SELECT value FROM json_each(:states))
+  AND NOT (state = 'cleanup' AND coalesce(retry_at > :now, 0))
 RETURNING *;
 
--- name: jobs_in_states
-SELECT * FROM jobs WHERE state IN (SELECT value FROM json_each(:states)) ORDER BY created_at, id;
+-- name: job_states
+SELECT id, state, not_before FROM jobs WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: list_jobs
 -- With how many live copies the last audit found damaged or lost (and could not
 -- repair), and how many sit on a target it could not reach.
-SELECT id, name, state, created_at, updated_at, error,
+SELECT id, name, state, created_at, updated_at, error, owner,
        (SELECT count(*) FROM copies c WHERE c.job_id = jobs.id AND c.deleted_at IS NULL
         AND c.audit_result = 'unrepaired') AS damaged_copies,
        (SELECT count(*) FROM copies c WHERE c.job_id = jobs.id AND c.deleted_at IS NULL
         AND c.audit_result = 'unreachable') AS unreachable_copies
 FROM jobs WHERE :state IS NULL OR state = :state ORDER BY created_at, id;
-
--- name: count_processing
-SELECT count(*) FROM jobs WHERE state IN (SELECT value FROM json_each(:states));
 
 -- name: history
 SELECT state, at, reason FROM history WHERE job_id = :job_id ORDER BY seq;
@@ -64,8 +64,9 @@ UPDATE tasks SET state = :state, error = :error, result = :result, updated_at = 
 WHERE job_id = :job_id AND kind = :kind AND name = :name;
 
 -- name: copies
+-- :live 1: only the copies not deleted by retention.
 SELECT target, path, size, sha256, verified_at, audited_at, audit_result, deleted_at FROM copies
-WHERE job_id = :job_id ORDER BY target;
+WHERE job_id = :job_id AND (NOT :live OR deleted_at IS NULL) ORDER BY target;
 
 -- name: upsert_copy
 INSERT INTO copies (job_id, target, path, size, sha256, verified_at)
@@ -80,10 +81,6 @@ INSERT INTO events (job_id, at, kind, detail) VALUES (:job_id, :now, :kind, :det
 -- name: events
 SELECT at, kind, detail FROM events WHERE job_id = :job_id ORDER BY seq;
 
--- name: reset_unfinished_tasks
-UPDATE tasks SET state = 'created', updated_at = :now
-WHERE job_id = :job_id AND kind = :kind AND state != 'completed';
-
 -- name: abandon_tasks
 UPDATE tasks SET state = 'failed', error = 'cut short', updated_at = :now
 WHERE job_id = :job_id AND state = 'executing';
@@ -95,8 +92,11 @@ WHERE job_id = :job_id;
 -- name: delete_copy
 DELETE FROM copies WHERE job_id = :job_id AND target = :target;
 
+-- name: delete_copies
+DELETE FROM copies WHERE job_id = :job_id;
+
 -- name: cancel_requests
-SELECT id, state FROM jobs WHERE cancel_requested = 1
+SELECT * FROM jobs WHERE cancel_requested = 1
 AND state IN (SELECT value FROM json_each(:states));
 
 -- name: request_cancel
@@ -145,7 +145,7 @@ INSERT INTO audits (job_id, target, at, result, detail)
 VALUES (:job_id, :target, :now, :result, :detail);
 
 -- name: last_audit_finding
-SELECT result, detail FROM audits
+SELECT target, at, result, detail FROM audits
 WHERE job_id = :job_id AND target = :target AND result IN ('missing', 'damaged')
 ORDER BY seq DESC LIMIT 1;
 
@@ -185,10 +185,6 @@ SELECT * FROM jobs
 WHERE state = 'completed' AND expires_at IS NOT NULL AND expires_at <= :now AND legal_hold = 0
 ORDER BY expires_at;
 
--- name: live_copies
-SELECT target, path, size, sha256 FROM copies WHERE job_id = :job_id AND deleted_at IS NULL
-ORDER BY target;
-
 -- name: legal_hold
 SELECT legal_hold FROM jobs WHERE id = :id;
 
@@ -207,8 +203,10 @@ RETURNING first_seen;
 SELECT slot FROM schedule_runs WHERE schedule = :schedule ORDER BY slot DESC LIMIT 1;
 
 -- name: insert_schedule_run
+-- Nothing when the slot was acted on already.
 INSERT INTO schedule_runs (schedule, slot, result, job_id, fingerprint, detail, at)
-VALUES (:schedule, :slot, :result, :job_id, :fingerprint, :detail, :now);
+VALUES (:schedule, :slot, :result, :job_id, :fingerprint, :detail, :now)
+ON CONFLICT (schedule, slot) DO NOTHING;
 
 -- name: last_completed_fingerprint
 SELECT r.fingerprint FROM schedule_runs r JOIN jobs j ON j.id = r.job_id
@@ -226,10 +224,11 @@ ON CONFLICT (job_id, target, key) DO UPDATE
 SET reason = excluded.reason, removed_at = NULL;
 
 -- name: orphans_due
--- Orphans of final jobs: a job that runs again (an operator's retry) cleans up itself.
-SELECT o.job_id, o.target, o.key, j.config, j.state
+-- Orphans of final jobs (a job that runs again cleans up itself), or of job :job_id.
+SELECT o.job_id, o.target, o.key, o.reason, o.recorded_at, j.config, j.state
 FROM orphans o JOIN jobs j ON j.id = o.job_id
-WHERE o.removed_at IS NULL AND j.state IN ('completed', 'failed', 'deleted')
+WHERE o.removed_at IS NULL
+  AND (j.id = :job_id OR (:job_id IS NULL AND j.state IN ('completed', 'failed', 'deleted')))
 ORDER BY o.recorded_at;
 
 -- name: mark_orphan_removed
@@ -239,7 +238,7 @@ UPDATE orphans SET removed_at = :now WHERE job_id = :job_id AND target = :target
 DELETE FROM orphans WHERE job_id = :job_id AND key = :key AND removed_at IS NULL;
 
 -- name: job_orphans
-SELECT target, key, reason, recorded_at, removed_at FROM orphans
+SELECT job_id, target, key, reason, recorded_at, removed_at FROM orphans
 WHERE job_id = :job_id ORDER BY target, key;
 
 -- name: reset_storage_tasks_without_copy
