@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -35,9 +36,15 @@ TAG_FILES = ("bagit.txt", "bag-info.txt", MANIFEST, EVENTS)
 SEALED_TAG_FILES = (*TAG_FILES, TAGMANIFEST, SIGNATURE, TIMESTAMP)
 
 
+_PERCENT = re.compile(r"%(0[AaDd]|25)")
+_DECODED = {"0a": "\n", "0d": "\r", "25": "%"}
+
+
 def decode_path(path: str) -> str:
-    """The inverse of BagIt's percent-encoding of CR, LF and %."""
-    return path.replace("%0A", "\n").replace("%0D", "\r").replace("%25", "%")
+    """The inverse of BagIt's percent-encoding of CR, LF and % (hex digits in either case)."""
+    if "%" not in path:
+        return path
+    return _PERCENT.sub(lambda m: _DECODED[m.group(1).lower()], path)
 
 
 def record_fields(paths: Iterable[Path]) -> Iterator[list[str]]:

@@ -436,9 +436,7 @@ def test_tag_file_not_covered_by_the_tag_manifest(tmp_path: Path, key: SecretKey
     assert "not covered by" in problem.message
 
 
-def test_names_lost_on_extraction_are_a_warning_in_archives(
-    tmp_path: Path, key: SecretKey
-) -> None:
+def test_names_lost_on_extraction_are_a_warning_in_archives(tmp_path: Path, key: SecretKey) -> None:
     """Equal after Unicode normalization, or but for case: two files in the tar, one on
     a case-insensitive or normalizing file system, and bsdtar keeps one of them."""
     payload = {
@@ -742,11 +740,14 @@ def holey_bag(root: Path, key: SecretKey, length: str = "15") -> Path:
     return bag
 
 
-def test_holey_bag_is_accepted_as_a_bag(tmp_path: Path, key: SecretKey) -> None:
+def test_holey_bag_is_incomplete_as_a_bag(tmp_path: Path, key: SecretKey) -> None:
     report = verify_path(holey_bag(tmp_path, key), keys=[], bag_only=True)
-    assert report.ok, report.problems
-    assert any(w.startswith("holey bag: 1 files listed in fetch.txt") for w in report.warnings)
-    assert report.files == 2  # present; Payload-Oxum counts the 15 bytes fetch.txt announces
+    # only the file to fetch is wrong: Payload-Oxum counts the 15 bytes fetch.txt announces
+    assert paths(report) == {
+        "fetch.txt": "holey bag: 1 files listed here are not present, to be fetched "
+        "(data/docs/a.txt): the bag is incomplete"
+    }
+    assert report.files == 2
 
 
 def test_holey_bag_is_rejected_as_an_archive(tmp_path: Path, key: SecretKey) -> None:
@@ -759,12 +760,13 @@ def test_holey_bag_is_rejected_as_an_archive(tmp_path: Path, key: SecretKey) -> 
 
 def test_holey_bag_payload_oxum(tmp_path: Path, key: SecretKey) -> None:
     wrong = verify_path(holey_bag(tmp_path / "a", key, length="16"), keys=[], bag_only=True)
-    assert paths(wrong) == {
-        "bag-info.txt": f"Payload-Oxum {sum(len(d) for d in PAYLOAD.values())}.3 does not match "
+    assert set(paths(wrong)) == {"fetch.txt", "bag-info.txt"}
+    assert paths(wrong)["bag-info.txt"] == (
+        f"Payload-Oxum {sum(len(d) for d in PAYLOAD.values())}.3 does not match "
         f"the payload and fetch.txt: {sum(len(d) for d in PAYLOAD.values()) + 1} bytes in 3 files"
-    }
+    )
     unknown = verify_path(holey_bag(tmp_path / "b", key, length="-"), keys=[], bag_only=True)
-    assert unknown.ok, unknown.problems
+    assert set(paths(unknown)) == {"fetch.txt"}
     assert any("Payload-Oxum" in w and "not checked" in w for w in unknown.warnings)
 
 
@@ -873,6 +875,7 @@ def test_tag_files_past_the_size_limit(
     (bag / "metadata" / "big.txt").write_bytes(b"m" * 5000)
     (bag / "tagmanifest-sha512.txt").write_text(
         f"{hashlib.sha512(b'm' * 5000).hexdigest()}  metadata/big.txt\n"
+        f"{hashlib.sha512((bag / MANIFEST).read_bytes()).hexdigest()}  {MANIFEST}\n"
     )
     monkeypatch.setattr(archived.verify, "TAG_FILE_LIMIT", 1000)
     report = verify_path(make_tar(bag, tmp_path / "a.tar"), keys=[key.public_key()], bag_only=True)
