@@ -12,17 +12,21 @@ from __future__ import annotations
 import sqlite3
 import unicodedata
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 # SQLite's page cache per temporary database; what does not fit waits in its file.
 CACHE_KIB = 1024
 
 
-def temporary_db() -> sqlite3.Connection:
-    """A private SQLite database in a temporary file, deleted when it is closed.
+def temporary_db(path: Path | None = None) -> sqlite3.Connection:
+    """A private SQLite database in a temporary file, deleted when it is closed (at
+    `path`, if given: the caller deletes it).
 
     Nothing in it must survive a crash, so it keeps no journal and never syncs.
     """
-    db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+    if path is not None:
+        path.unlink(missing_ok=True)  # from an earlier try
+    db = sqlite3.connect(path or "", isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode = OFF")
     db.execute("PRAGMA synchronous = OFF")
     db.execute("PRAGMA temp_store = FILE")
@@ -39,12 +43,13 @@ class Collisions:
     """Names that would collide on extraction, from any number of names.
 
     `add()` them, then read `groups()`; `alike()` gives the names that collide with one
-    name. Uses `db` (a `temporary_db()`) if given, else a database of its own.
+    name. Uses `db` (a `temporary_db()`) if given, else a database of its own, in a
+    file at `path` if given.
     """
 
-    def __init__(self, db: sqlite3.Connection | None = None) -> None:
-        self.owned = db is None
-        self.db = temporary_db() if db is None else db
+    def __init__(self, db: sqlite3.Connection | None = None, *, path: Path | None = None) -> None:
+        self.owned, self.path = db is None, path
+        self.db = temporary_db(path) if db is None else db
         # `fold` is NULL where it equals the name (most names): half the file.
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS names (path TEXT PRIMARY KEY, fold TEXT) WITHOUT ROWID"
@@ -54,6 +59,8 @@ class Collisions:
     def close(self) -> None:
         if self.owned:
             self.db.close()
+            if self.path is not None:
+                self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> Collisions:
         return self

@@ -30,7 +30,16 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from .bag import EVENTS, MANIFEST, SIGNATURE, TAG_FILES, TAGMANIFEST, TIMESTAMP, decode_path
+from .bag import (
+    EVENTS,
+    MANIFEST,
+    SIGNATURE,
+    TAG_FILES,
+    TAGMANIFEST,
+    TIMESTAMP,
+    TIMESTAMP_LABEL,
+    decode_path,
+)
 from .bagread import (
     MANIFEST_NAME,
     READ_ERRORS,
@@ -50,7 +59,6 @@ from .timestamp import TimestampRefused, check_token
 # Tag files parsed whole (bagit.txt, bag-info.txt, the event log); manifests and
 # fetch.txt are read line by line, however long.
 TAG_FILE_LIMIT = 16 * 1024 * 1024
-TIMESTAMP_LABEL = "Archived-Timestamp"  # in bag-info.txt: "rfc3161" when a token was made
 
 _VERSION = re.compile(r"(\d{1,9})\.(\d{1,9})")
 _KNOWN_VERSIONS = {(0, 93), (0, 94), (0, 95), (0, 96), (0, 97), (1, 0)}
