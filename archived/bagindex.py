@@ -207,7 +207,8 @@ class PayloadIndex:
         needed = {
             a
             for (a,) in self.db.execute(
-                "SELECT DISTINCT algorithm FROM manifest WHERE algorithm IS NOT NULL"
+                "SELECT DISTINCT algorithm FROM manifest AS f WHERE algorithm IS NOT NULL"
+                " AND EXISTS (SELECT 1 FROM entry WHERE entry.manifest = f.id)"
             )
         }
         if self.hashed_by_all is not None and needed <= self.hashed_by_all:

@@ -29,6 +29,7 @@ import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol, cast
@@ -128,9 +129,28 @@ def hash_stream(stream: IO[bytes], algorithms: Iterable[Algorithm]) -> tuple[int
         buffer = _buffers.buffer = memoryview(bytearray(CHUNK))
     while n := stream.readinto(buffer):  # type: ignore[attr-defined]
         size += n
-        for _, h in hashers:
-            h.update(buffer[:n])
+        _update([h for _, h in hashers], buffer[:n])
     return size, {k: h.digest() for k, h in hashers}
+
+
+_pool: ThreadPoolExecutor | None = None
+PARALLEL_FROM = 256 * 1024  # below this, handing a chunk to a thread costs more than it saves
+
+
+def _update(hashers: list[Hasher], data: memoryview) -> None:
+    """Feed `data` to every hasher; to several at once on as many cores (hashlib lets go
+    of the GIL), where bagit-python hashes one algorithm after the other."""
+    if len(hashers) < 2 or len(data) < PARALLEL_FROM:
+        for h in hashers:
+            h.update(data)
+        return
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1))
+    others = [_pool.submit(h.update, data) for h in hashers[1:]]
+    hashers[0].update(data)
+    for done in others:
+        done.result()
 
 
 def payload_algorithms(names: Iterable[str]) -> list[Algorithm]:

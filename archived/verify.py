@@ -196,6 +196,7 @@ class _Checker:
         self.holes: list[tuple[str, int | None]] = []  # fetch.txt's files not present
         self.absent_special: set[str] = set()  # special system files listed, not present
         self.tag_digests: dict[tuple[str, str], bytes] = {}
+        self.info_name = "bag-info.txt"  # package-info.txt in 0.93 to 0.95
 
     @property
     def strict(self) -> bool:
@@ -319,6 +320,9 @@ class _Checker:
         other: list[tuple[int, str]] = []
         for number, line in enumerate(lines, 1):
             match = _BAGIT_LINE.fullmatch(line)
+            if not line.strip(" \t"):
+                self.warn(f"bagit.txt: line {number} is blank")
+                continue
             if match is None:
                 other.append((number, line))
                 continue
@@ -384,18 +388,14 @@ class _Checker:
 
     # -- 2.2.2 bag-info.txt --------------------------------------------------------------
 
-    @property
-    def info_name(self) -> str:
+    def check_bag_info(self) -> None:
         # bagit-python and bagit-java read 0.93 to 0.95 bags' metadata from package-info.txt.
         older = self.version < (0, 96)
         name, other = ("package-info.txt", "bag-info.txt")[:: 1 if older else -1]
         if name not in self.tags and other in self.tags:
             self.warn(f"{other}: read as the metadata of a BagIt {self.report.version} bag")
-            return other
-        return name
-
-    def check_bag_info(self) -> None:
-        name = self.info_name
+            name = other
+        self.info_name = name
         if not self.present(name, required=self.policy.archive):
             return
         for label, value in self.metadata(name):
@@ -405,7 +405,8 @@ class _Checker:
             if len(values) < 2:
                 continue
             if key in _SHOULD_BE_ONCE:
-                self.warn(f"{name}: {label} appears more than once; it should not be repeated")
+                if self.strict:
+                    self.warn(f"{name}: {label} appears more than once; it should not be repeated")
             elif self.strict or len(set(values)) > 1:
                 self.problem(name, f"declares Payload-Oxum {len(values)} times: {values}")
         oxums = self.info.get("payload-oxum", [])
@@ -428,11 +429,13 @@ class _Checker:
             if not line.strip(" \t"):
                 continue
             if line[0] in " \t":
-                if element is None:
-                    self.problem(name, f"line {number}: continues no element before it")
-                else:
+                if element is not None:
                     element[1] += " " + line.strip(" \t")
-                continue
+                    continue
+                self.breach(name, f"line {number}: starts with a blank, but continues nothing")
+                if self.strict:
+                    continue
+                line = line.lstrip(" \t")
             if element is not None:
                 yield element[0], element[1]
                 element = None
@@ -539,8 +542,8 @@ class _Checker:
         manifest's lines for tag files go to its `tag_entries`."""
         name = manifest.name
         length = manifest.algorithm.hex_length if manifest.algorithm else None
-        starred = 0
-        reworded: list[tuple[str, str]] = []  # (as written, as read) of paths not plain
+        starred = reworded = 0
+        example = ("", "")  # the first path not written plainly, as written and as read
         for number, line in self.lines(name):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
@@ -567,7 +570,8 @@ class _Checker:
             if path is None:
                 continue
             if path != decode_path(raw):
-                reworded.append((raw, path))
+                reworded += 1
+                example = example if reworded > 1 else (raw, path)
             written = _bag_path(raw) or path  # a "%" another tool did not encode
             digest = bytes.fromhex(checksum)
             if manifest.tag and not is_payload(path):
@@ -589,10 +593,9 @@ class _Checker:
                 "binary mode; read without it"
             )
         if reworded:
-            written, read = reworded[0]
             self.warn(
-                f"{name}: {len(reworded)} paths not written as plain bag-relative paths "
-                f"(e.g. {written!r}, read as {read!r})"
+                f"{name}: {reworded} paths not written as plain bag-relative paths "
+                f"(e.g. {example[0]!r}, read as {example[1]!r})"
             )
 
     def tag_entry(self, manifest: _Manifest, number: int, path: str, digest: bytes) -> None:
@@ -615,11 +618,20 @@ class _Checker:
     def check_payload(self, manifests: list[_Manifest]) -> None:
         """Section 3: every payload file in every payload manifest (before 1.0: in one),
         and, holey bags, every file fetch.txt lists."""
-        if manifests and not any(m.algorithm for m in manifests):
+        supported = [m.id for m in manifests if m.algorithm]
+        if manifests and not supported:
             names = ", ".join(m.name for m in manifests)
             self.report.unverifiable.append(
                 f"no manifest in a supported algorithm ({names}): no checksum could be checked"
             )
+        elif len(supported) < len(manifests) and not self.strict:
+            # Before 1.0 a file may be in one manifest only: it may be one we cannot check.
+            unchecked = sum(1 for _ in self.index.unlisted(supported))
+            if unchecked:
+                self.report.unverifiable.append(
+                    f"{unchecked} payload files are listed only in manifests in algorithms "
+                    "not supported: their checksums could not be checked"
+                )
         unlisted: dict[str, list[str]] = {}
         if self.strict:
             for manifest in manifests:

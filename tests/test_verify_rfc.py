@@ -422,6 +422,18 @@ def test_a_0_97_file_in_one_manifest_only_is_valid(tmp_path: Path) -> None:
     assert_invalid(check(v1), "data/sub/b.bin", "manifest-sha1.txt")
 
 
+def test_a_0_97_file_listed_only_in_a_manifest_not_supported_is_unverifiable(
+    tmp_path: Path,
+) -> None:
+    directory = bag(tmp_path, version="0.97", algorithms=["md5", "blake3"])
+    write(
+        directory / "manifest-md5.txt", manifest_text({"data/a.txt": PAYLOAD["data/a.txt"]}, "md5")
+    )
+    report = check(directory)
+    assert (report.verdict, report.problems) == ("unverifiable", [])
+    assert any("1 payload files are listed only in" in r for r in report.unverifiable)
+
+
 @pytest.mark.parametrize(
     ("version", "info_name"),
     [
