@@ -336,13 +336,23 @@ class _Members:
             if not is_dir:
                 self.problem(name, "member without a name")
             return None
-        if self.top is None and (len(parts) > 1 or is_dir):
+        if self.top is None and len(parts) == 1 and not is_dir and _is_bag_file(parts[0]):
+            self.top = ""
+            self.problem(
+                "",
+                f"{parts[0]} at the top of the {self.contents.container}: a serialized bag "
+                "must unpack to one directory, the bag (RFC 8493 section 4); read as if it did",
+            )
+        elif self.top is None and (len(parts) > 1 or is_dir):
             self.top = self.contents.name = parts[0]
-        if parts[0] != self.top:
+        if self.top == "":
+            rel = "/".join(parts)
+        elif parts[0] == self.top:
+            rel = "/".join(parts[1:])
+        else:
             where = f"the bag directory {self.top}/" if self.top else "a bag directory"
             self.problem(name, f"outside {where}: every member must be under one top directory")
             return None
-        rel = "/".join(parts[1:])
         if rel == "data" or is_payload(rel):
             self.contents.data_dir = True
         return rel
@@ -362,6 +372,11 @@ class _Members:
         else:
             self.contents.tags[rel] = file
             self.algorithms = payload_algorithms(self.contents.tags)
+
+
+def _is_bag_file(name: str) -> bool:
+    """A name only a bag's own directory holds."""
+    return name in ("bagit.txt", "bag-info.txt", "fetch.txt") or bool(MANIFEST_NAME.fullmatch(name))
 
 
 # -- tar ---------------------------------------------------------------------------------
@@ -589,6 +604,8 @@ class _Zip:
             # The central directory names every member first: the manifests are known
             # before any payload file is read. Read in the order of the file.
             self.infos = sorted(self.zip.infolist(), key=lambda i: i.header_offset)
+            if any(_is_bag_file(i.filename) for i in self.infos):  # before a "data/" entry
+                self.infos.sort(key=lambda i: not _is_bag_file(i.filename))
             members.algorithms = payload_algorithms(
                 "/".join(i.filename.split("/")[1:]) for i in self.infos
             )

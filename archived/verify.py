@@ -890,14 +890,15 @@ class _Checker:
 
 def _absolute_url(url: str) -> bool:
     """An absolute URI (RFC 3986 section 4.3): a scheme (one letter would be a Windows
-    drive), and a host where it says "//"."""
+    drive), and a host where it says "//" (but for file:///path)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return False
     if len(parts.scheme) < 2 or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", parts.scheme):
         return False
-    return bool(parts.netloc) or not url[len(parts.scheme) + 1 :].startswith("//")
+    hierarchical = url[len(parts.scheme) + 1 :].startswith("//")
+    return bool(parts.netloc) or not hierarchical or parts.scheme.lower() == "file"
 
 
 def _bag_path(path: str) -> str | None:
