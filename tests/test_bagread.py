@@ -132,6 +132,16 @@ def test_serializations_are_read_without_extracting(tmp_path: Path, kind: str) -
     assert sorted(os.listdir(tmp_path)) == sorted(["src", packed.name])  # nothing extracted
 
 
+def test_a_bag_zipped_from_inside_its_directory_is_one_problem(tmp_path: Path) -> None:
+    bag = bagit_python_bag(tmp_path / "bag")
+    out = tmp_path / "inside.zip"
+    subprocess.run(["zip", "-q", "-r", str(out), "."], cwd=bag, check=True)
+    report = check(out)
+    (problem,) = report.problems
+    assert problem.path == "" and "section 4" in problem.message
+    assert report.files == len(FILES)  # and the bag in it was checked
+
+
 def test_a_zip_member_that_is_a_link_is_refused(tmp_path: Path) -> None:
     bag = bagit_python_bag(tmp_path / "src" / "bag")
     (bag / "data" / "link").symlink_to("/etc/passwd")

@@ -377,6 +377,11 @@ def test_fetch_lines_need_an_absolute_url_and_a_length(
     assert_invalid(check(bag(tmp_path, fetch=line + "\n")), "fetch.txt", *words)
 
 
+@pytest.mark.parametrize("url", ["https://example.org/a", "file:///srv/a", "urn:x-a:b"])
+def test_fetch_urls_that_are_absolute(tmp_path: Path, url: str) -> None:
+    assert_valid(check(bag(tmp_path, fetch=f"{url} 6 data/a.txt\n")))
+
+
 def test_a_holey_bag_is_incomplete_so_invalid(tmp_path: Path) -> None:
     fetch = "https://example.org/a 6 data/a.txt\nhttps://example.org/b - data/sub/b.bin\n"
     directory = bag(tmp_path, fetch=fetch, present=[])
