@@ -198,14 +198,14 @@ class Contents:
                 try:
                     _, found = hash_stream(stream, [_by_key(k) for k in item.algorithms])
                 except READ_ERRORS as exc:
-                    problem(item.path, f"cannot read: {describe(exc)}")
+                    problem(item.path, f"cannot read: {read_error(exc)}")
                     continue
                 digests += [(item.id, k, v) for k, v in found.items()]
                 if len(digests) >= 4096:
                     self.index.add_digests(digests)
                     digests.clear()
         except READ_ERRORS as exc:
-            problem("", f"cannot read the bag again: {describe(exc)}")
+            problem("", f"cannot read the bag again: {read_error(exc)}")
         self.index.add_digests(digests)
 
 
@@ -215,7 +215,8 @@ def _by_key(key: str) -> Algorithm:
     return found
 
 
-def describe(exc: BaseException) -> str:
+def read_error(exc: BaseException) -> str:
+    """Why a read failed, without a file name: the report names the file."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
@@ -248,7 +249,7 @@ def open_bag(path: Path, problem: Problem) -> Contents | None:
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        problem("", f"{path}: {describe(exc)}")
+        problem("", f"{path}: {read_error(exc)}")
         return None
     if stat.S_ISDIR(mode):
         return _Directory(path).read(problem)
@@ -258,7 +259,7 @@ def open_bag(path: Path, problem: Problem) -> Contents | None:
     try:
         kind = _serialization(path)
     except OSError as exc:
-        problem("", f"{path}: {describe(exc)}")
+        problem("", f"{path}: {read_error(exc)}")
         return None
     if kind == "zip":
         return _Zip(path).read(problem)
@@ -453,10 +454,11 @@ class _Tar:
             if not self.plain and not last and isinstance(exc, tarfile.ReadError):
                 problem(
                     "",
-                    f"not a bag serialization I read: {describe(exc)} (compressed, but not a tar)",
+                    f"not a bag serialization I read: {read_error(exc)} "
+                    "(compressed, but not a tar)",
                 )
             else:
-                problem("", f"cannot read the tar: {describe(exc)}")
+                problem("", f"cannot read the tar: {read_error(exc)}")
         contents.index.finish()
         if members.top is None:
             contents.close()
@@ -550,7 +552,7 @@ class _Tar:
                         yield item, _extract(tar, member)
                         item = next(wanted, None)
         except READ_ERRORS as exc:
-            problem("", f"cannot read the tar again: {describe(exc)}")
+            problem("", f"cannot read the tar again: {read_error(exc)}")
         while item is not None:
             problem(item.path, "not found when reading the tar again")
             item = next(wanted, None)
@@ -612,7 +614,7 @@ class _Zip:
             for number, info in enumerate(self.infos):
                 self._member(number, info, members)
         except READ_ERRORS as exc:
-            problem("", f"cannot read the zip: {describe(exc)}")
+            problem("", f"cannot read the zip: {read_error(exc)}")
         contents.index.finish()
         if members.top is None:
             if self.zip is not None and not self.infos:
@@ -639,7 +641,7 @@ class _Zip:
                 with self.zip.open(info) as stream:
                     _, digests = hash_stream(stream, members.algorithms)
             except READ_ERRORS as exc:
-                members.problem(rel, f"cannot read: {describe(exc)}")
+                members.problem(rel, f"cannot read: {read_error(exc)}")
                 members.contents.index.add(rel, regular=False)
                 return
             members.contents.index.add(rel, size=info.file_size, loc=number, digests=digests)
@@ -704,7 +706,7 @@ class _Directory:
         try:
             entries = os.scandir(self.root / base if base else self.root)
         except OSError as exc:
-            problem(base, f"cannot read: {describe(exc)}")
+            problem(base, f"cannot read: {read_error(exc)}")
             return directories
         with entries:
             for entry in entries:
@@ -712,7 +714,7 @@ class _Directory:
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError as exc:
-                    problem(rel, f"cannot read: {describe(exc)}")
+                    problem(rel, f"cannot read: {read_error(exc)}")
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     contents.data_dir |= rel == "data" or is_payload(rel)
@@ -733,7 +735,7 @@ class _Directory:
                         with _open_regular(entry.path) as f:
                             size, digests = hash_stream(f, algorithms)
                     except OSError as exc:
-                        problem(rel, f"cannot read: {describe(exc)}")
+                        problem(rel, f"cannot read: {read_error(exc)}")
                         contents.index.add(rel, regular=False)
                         continue
                     contents.index.add(rel, size=size, digests=digests)
@@ -749,7 +751,7 @@ class _Directory:
             try:
                 stream = _open_regular(str(self.root / item.path))
             except OSError as exc:
-                problem(item.path, f"cannot read: {describe(exc)}")
+                problem(item.path, f"cannot read: {read_error(exc)}")
                 continue
             with stream:
                 yield item, stream

@@ -46,10 +46,10 @@ from .bagread import (
     Algorithm,
     Contents,
     algorithm,
-    describe,
     hash_stream,
     is_payload,
     open_bag,
+    read_error,
 )
 from .minisign import MinisignError, PublicKey
 from .minisign import verify as minisign_verify
@@ -265,7 +265,7 @@ class _Checker:
             with file.open() as f:
                 return f.read()
         except READ_ERRORS as exc:
-            self.problem(name, f"cannot read: {describe(exc)}")
+            self.problem(name, f"cannot read: {read_error(exc)}")
             return None
 
     def lines(self, name: str, *, limit: int | None = None) -> Iterator[tuple[int, str]]:
@@ -286,7 +286,7 @@ class _Checker:
         except UnicodeDecodeError as exc:
             self.problem(name, f"line {number + 1}: not valid {self.encoding}: {exc.reason}")
         except READ_ERRORS as exc:
-            self.problem(name, f"cannot read: {describe(exc)}")
+            self.problem(name, f"cannot read: {read_error(exc)}")
 
     def tag_digest(self, name: str, algo: Algorithm) -> bytes | None:
         key = (name, algo.key)
@@ -295,7 +295,7 @@ class _Checker:
                 with self.tags[name].open() as f:
                     self.tag_digests[key] = hash_stream(f, [algo])[1][algo.key]
             except READ_ERRORS as exc:
-                self.problem(name, f"cannot read: {describe(exc)}")
+                self.problem(name, f"cannot read: {read_error(exc)}")
                 return None
         return self.tag_digests[key]
 
