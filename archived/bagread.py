@@ -23,6 +23,7 @@ import lzma
 import os
 import re
 import stat
+import struct
 import tarfile
 import tempfile
 import threading
@@ -372,7 +373,8 @@ class _Members:
             self.problem(rel, f"duplicate member in the {self.contents.container}")
         else:
             self.contents.tags[rel] = file
-            self.algorithms = payload_algorithms(self.contents.tags)
+            known = {a.key for a in self.algorithms}
+            self.algorithms += [a for a in payload_algorithms([rel]) if a.key not in known]
 
 
 def _is_bag_file(name: str) -> bool:
@@ -588,11 +590,98 @@ def _member_kind(member: tarfile.TarInfo) -> str:
 # -- zip ---------------------------------------------------------------------------------
 
 
+class _ZipFile(zipfile.ZipFile):
+    """zipfile.ZipFile that reads the central directory an entry at a time (`entries()`)
+    instead of keeping them all (about 0.5 KiB each: 570 MB for a million members);
+    zipfile still reads the members (`open(info)`). The layout is PKWARE's APPNOTE 6.3,
+    sections 4.3.12 (central directory), 4.3.14-16 (end records), 4.5.3 (zip64 extra)."""
+
+    def _RealGetContents(self) -> None:  # what ZipFile.__init__ calls to read the directory
+        assert self.fp is not None
+        self.cd_start, self.cd_size, self.concat = _central_directory(self.fp)
+
+    def entries(self) -> Iterator[zipfile.ZipInfo]:
+        assert isinstance(self.filename, str)
+        with open(self.filename, "rb", buffering=CHUNK) as f:
+            f.seek(self.cd_start)
+            read = 0
+            while read < self.cd_size:
+                record = f.read(46)
+                if len(record) != 46 or record[:4] != b"PK\x01\x02":
+                    raise zipfile.BadZipFile("bad central directory entry")
+                (made, needed, flags, method, time, date, crc, csize, usize, nlen, xlen, clen) = (
+                    struct.unpack("<4x2B2xHHHHLLLHHH", record[:34])
+                )
+                attributes, offset = struct.unpack("<LL", record[38:46])
+                raw_name, extra = f.read(nlen), f.read(xlen)
+                f.seek(clen, io.SEEK_CUR)
+                read += 46 + nlen + xlen + clen
+                name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
+                info = zipfile.ZipInfo(name)
+                info.create_version, info.create_system, info.extract_version = made, needed, 0
+                info.flag_bits, info.compress_type, info.CRC = flags, method, crc
+                info.external_attr, info.extra = attributes, extra
+                info.date_time = (
+                    (date >> 9) + 1980, (date >> 5) & 0xF, date & 0x1F,
+                    time >> 11, (time >> 5) & 0x3F, (time & 0x1F) * 2,
+                )  # fmt: skip
+                usize, csize, offset = _zip64(extra, usize, csize, offset)
+                info.file_size, info.compress_size = usize, csize
+                info.header_offset = offset + self.concat
+                yield info
+
+
+def _central_directory(fp: IO[bytes]) -> tuple[int, int, int]:
+    """Where the central directory starts, its size, and how many bytes come before the
+    zip proper (a self-extracting stub)."""
+    end = fp.seek(0, io.SEEK_END)
+    tail_start = max(0, end - 22 - 0xFFFF)  # the end record, and a comment of at most 64 KiB
+    fp.seek(tail_start)
+    tail = fp.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        raise zipfile.BadZipFile("no end of central directory record")
+    size, offset = struct.unpack("<LL", tail[at + 12 : at + 20])
+    record_at = tail_start + at
+    locator = tail[at - 20 : at] if at >= 20 else b""
+    if locator[:4] == b"PK\x06\x07":  # zip64: the sizes are in the zip64 end record
+        (zip64_at,) = struct.unpack("<Q", locator[8:16])
+        fp.seek(zip64_at)
+        zip64 = fp.read(56)
+        if zip64[:4] != b"PK\x06\x06":
+            raise zipfile.BadZipFile("bad zip64 end of central directory record")
+        size, offset = struct.unpack("<QQ", zip64[40:56])
+        record_at -= 56 + 20
+    concat = record_at - size - offset
+    if offset + concat < 0:
+        raise zipfile.BadZipFile("bad offset of the central directory")
+    return offset + concat, size, concat
+
+
+def _zip64(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
+    """The sizes and offset a zip64 extra field gives for those at their 32-bit maximum."""
+    at = 0
+    while at + 4 <= len(extra):
+        tag, length = struct.unpack("<HH", extra[at : at + 4])
+        if tag == 1:
+            values = iter(
+                struct.unpack(f"<{length // 8}Q", extra[at + 4 : at + 4 + length // 8 * 8])
+            )
+            if usize == 0xFFFFFFFF:
+                usize = next(values)
+            if csize == 0xFFFFFFFF:
+                csize = next(values)
+            if offset == 0xFFFFFFFF:
+                offset = next(values)
+            break
+        at += 4 + length
+    return usize, csize, offset
+
+
 class _Zip:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.zip: zipfile.ZipFile | None = None
-        self.infos: list[zipfile.ZipInfo] = []
+        self.zip: _ZipFile | None = None
 
     def close(self) -> None:
         if self.zip is not None:
@@ -602,28 +691,27 @@ class _Zip:
         contents = Contents(self.path.name, PayloadIndex(), self, "zip")
         members = _Members(contents, problem)
         try:
-            self.zip = zipfile.ZipFile(self.path)  # closed by close()
-            # The central directory names every member first: the manifests are known
-            # before any payload file is read. Read in the order of the file.
-            self.infos = sorted(self.zip.infolist(), key=lambda i: i.header_offset)
-            if any(_is_bag_file(i.filename) for i in self.infos):  # before a "data/" entry
-                self.infos.sort(key=lambda i: not _is_bag_file(i.filename))
-            members.algorithms = payload_algorithms(
-                "/".join(i.filename.split("/")[1:]) for i in self.infos
-            )
-            for number, info in enumerate(self.infos):
-                self._member(number, info, members)
+            self.zip = _ZipFile(self.path)  # closed by close()
+            # The central directory names every member first: the manifests, and whether
+            # the bag is in a directory at all, are known before any member is read.
+            tops = [i.filename for i in self.zip.entries() if i.filename.count("/") < 2]
+            members.algorithms = payload_algorithms(t.partition("/")[2] for t in tops)
+            if at_top := [t for t in tops if _is_bag_file(t)]:
+                members.algorithms = payload_algorithms(tops)
+                members.place(at_top[0], False)
+            for info in self.zip.entries():
+                self._member(info, members)
         except READ_ERRORS as exc:
             problem("", f"cannot read the zip: {read_error(exc)}")
         contents.index.finish()
         if members.top is None:
-            if self.zip is not None and not self.infos:
+            if self.zip is not None and not any(True for _ in self.zip.entries()):
                 problem("", "empty archive: no bag directory in the zip")
             contents.close()
             return None
         return contents
 
-    def _member(self, number: int, info: zipfile.ZipInfo, members: _Members) -> None:
+    def _member(self, info: zipfile.ZipInfo, members: _Members) -> None:
         assert self.zip is not None
         mode = info.external_attr >> 16 if info.create_system == 3 else 0  # from Unix
         is_dir = info.is_dir() or stat.S_ISDIR(mode)
@@ -644,7 +732,9 @@ class _Zip:
                 members.problem(rel, f"cannot read: {read_error(exc)}")
                 members.contents.index.add(rel, regular=False)
                 return
-            members.contents.index.add(rel, size=info.file_size, loc=number, digests=digests)
+            members.contents.index.add(
+                rel, size=info.file_size, loc=info.header_offset, digests=digests
+            )
         else:
             opener = functools.partial(self.zip.open, info)
             members.tag(rel, info.filename, TagFile(info.file_size, opener))
@@ -663,11 +753,16 @@ class _Zip:
     def reopen(
         self, items: Iterable[Rehash], problem: Problem
     ) -> Iterator[tuple[Rehash, IO[bytes]]]:
+        """Only what a tag manifest of an old bag lists is read again (the payload
+        manifests were all known before the payload was read): a few files."""
         assert self.zip is not None
-        for item in items:
-            assert item.loc is not None
-            with self.zip.open(self.infos[item.loc]) as stream:
-                yield item, stream
+        wanted = {item.loc: item for item in items}
+        for info in self.zip.entries():
+            if (item := wanted.pop(info.header_offset, None)) is not None:
+                with self.zip.open(info) as stream:
+                    yield item, stream
+        for item in wanted.values():
+            problem(item.path, "not found when reading the zip again")
 
 
 # -- directory ---------------------------------------------------------------------------
