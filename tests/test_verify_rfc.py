@@ -39,6 +39,8 @@ HASHES: dict[str, Hash] = {
     "blake2b256": lambda d: hashlib.blake2b(d, digest_size=32).hexdigest(),
     "blake2s": lambda d: hashlib.blake2s(d).hexdigest(),
     "blake2s256": lambda d: hashlib.blake2s(d).hexdigest(),
+    "shake128": lambda d: hashlib.shake_128(d).hexdigest(32),  # RFC 8702's lengths
+    "shake256": lambda d: hashlib.shake_256(d).hexdigest(64),
     # no hashlib behind these: verify cannot compute them
     "blake3": lambda d: hashlib.sha256(b"not really blake3" + d).hexdigest(),
     "xxh128": lambda d: hashlib.md5(b"not really xxh128" + d).hexdigest(),
@@ -146,7 +148,7 @@ def warned(report: Report, *words: str) -> bool:
     [
         *("sha3256", "sha3_256", "sha3512", "sha3_384"),
         *("blake2b", "blake2b512", "blake2b256", "blake2s", "blake2s256"),
-        *("sha224", "sha384"),
+        *("sha224", "sha384", "shake128", "shake256"),
     ],
 )
 def test_every_hashlib_algorithm_is_checked_under_its_bagit_name(
