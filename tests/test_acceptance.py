@@ -206,6 +206,12 @@ def test_names_that_one_file_system_cannot_tell_apart_are_warned_about(root: Roo
     ]
     shown = root.cli("show", job_id, check=True).stdout
     assert "warning" in shown and "Report.txt" in shown
-    verified = root.cli("verify", str(root.archives("primary")[0]))
+    archive = root.archives("primary")[0]
+    verified = root.cli("verify", str(archive))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "would collide" in verified.stderr and "Report.txt" in verified.stderr
+    with tarfile.open(archive) as tar:  # the archive's own event log has it too
+        events = tar.extractfile(f"{archive.stem}/archived-events.jsonl")
+        assert events is not None
+        logged = [json.loads(line) for line in events.read().splitlines()]
+    assert [e["names"] for e in logged if e["type"] == "warning"] == [warnings[0]["names"]]
