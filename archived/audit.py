@@ -3,7 +3,14 @@
 A copy that is missing or does not match its digest is repaired from another target
 of the same job whose copy verifies: written atomically by the storage driver, read
 back, and recorded as a repair. With no good copy left, nothing is touched and the
-result is recorded as `unrepaired`. Every result goes into the `audits` table.
+result is `unrepaired`. A copy whose target cannot be reached at all (an unmounted
+disk, an endpoint that does not answer) is `unreachable`: it is neither repaired nor
+taken for missing. Copies known to be bad (unrepaired, unreachable) take at most half
+of a round ahead of their turn, so the healthy ones are never crowded out.
+
+The `audits` table keeps what changed: a result that repeats the copy's last one (the
+same copy still unrepaired, for the same reason) is counted in `audit_totals` and
+moves `audited_at` on, but adds no row.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
@@ -19,7 +26,7 @@ import structlog
 from .config import Config
 from .drivers import open_storage
 from .drivers.base import StorageDriver, known_digest
-from .store import Row, Store, now_iso
+from .store import Row, Store, Tx, now_iso
 
 log = structlog.get_logger("archived.audit")
 
@@ -28,7 +35,7 @@ log = structlog.get_logger("archived.audit")
 class AuditResult:
     job_id: str
     target: str
-    result: str  # ok | missing | damaged | repaired | unrepaired
+    result: str  # ok | missing | damaged | repaired | unrepaired | unreachable
     detail: str
 
 
@@ -47,12 +54,9 @@ class Auditor:
         self, *, job_id: str | None = None, copies: int | None = None, max_bytes: int = 0
     ) -> list[AuditResult]:
         """Audit up to `copies` copies (all when None) within `max_bytes` (0: no limit)."""
-        rows = await self.store.fetchall(
-            "copies_to_audit", job_id=job_id, limit=-1 if copies is None else copies
-        )
         chosen: list[Row] = []
         total = 0
-        for row in rows:
+        for row in await self._candidates(job_id, copies):
             if max_bytes and chosen and total + row["size"] > max_bytes:
                 break
             chosen.append(row)
@@ -65,56 +69,78 @@ class Auditor:
             results += await self._audit_job(job, {r["target"] for r in job_rows})
         return results
 
+    async def _candidates(self, job_id: str | None, copies: int | None) -> list[Row]:
+        """Half of a round (rounded down) for known-bad copies, as much for the others,
+        each oldest-audited first; what is left of it for the oldest-audited of all."""
+
+        async def oldest(known_bad: bool | None, limit: int) -> list[Row]:
+            return await self.store.fetchall(
+                "copies_to_audit", job_id=job_id, known_bad=known_bad, limit=limit
+            )
+
+        if copies is None:
+            return await oldest(None, -1)
+        half = copies // 2
+        chosen = await oldest(True, half) + await oldest(False, half)
+        taken = {(r["job_id"], r["target"]) for r in chosen}
+        rest = [r for r in await oldest(None, copies) if (r["job_id"], r["target"]) not in taken]
+        return chosen + rest[: copies - len(chosen)]
+
     async def _audit_job(self, job_id: str, targets: set[str]) -> list[AuditResult]:
         copies = {r["target"]: r for r in await self.store.fetchall("job_copies", job_id=job_id)}
-        problems: dict[str, str | None] = {}
-        for target in sorted(targets):
-            row = copies[target]
-            problems[target] = await self._driver(row, target).check(
-                self._key(row), row["sha256"], row["size"]
-            )
-        results = [
-            AuditResult(job_id, t, "ok", "sha256 matches") for t, p in problems.items() if p is None
-        ]
-        damaged = {t: p for t, p in problems.items() if p is not None}
-        if damaged:
-            # the other copies of this job, to repair from
+        problems = {t: await self._check(copies[t]) for t in sorted(targets)}
+        if any(_is_bad(p) for p in problems.values()):
+            # the other copies of this job too: one may be the source of a repair
             for target in sorted(set(copies) - set(problems)):
-                row = copies[target]
-                problem = await self._driver(row, target).check(
-                    self._key(row), row["sha256"], row["size"]
-                )
-                problems[target] = problem
-                if problem is None:
-                    results.append(AuditResult(job_id, target, "ok", "sha256 matches"))
+                problems[target] = await self._check(copies[target])
         good = [t for t, p in problems.items() if p is None]
-        for target, problem in damaged.items():
-            kind = "missing" if problem.startswith("missing") else "damaged"
-            log.error(
-                "stored copy failed its audit",
-                job_id=job_id,
-                target=target,
-                state="completed",
-                problem=problem,
-            )
-            results.append(AuditResult(job_id, target, kind, problem))
-            if good:
-                results.append(await self._repair(copies, good[0], target))
-            else:
-                results.append(
-                    AuditResult(
-                        job_id, target, "unrepaired", "no verified copy on any other target"
-                    )
+        unreachable = sorted(t for t, p in problems.items() if p and not _is_bad(p))
+        results = []
+        for target, problem in problems.items():
+            if problem is None:
+                outcome = [AuditResult(job_id, target, "ok", "sha256 matches")]
+            elif not _is_bad(problem):
+                log.warning(
+                    "stored copy unreachable; not audited",
+                    job_id=job_id,
+                    target=target,
+                    state="completed",
+                    problem=problem,
                 )
-        for result in results:
-            await self._record(result)
+                outcome = [AuditResult(job_id, target, "unreachable", problem)]
+            else:
+                log.error(
+                    "stored copy failed its audit",
+                    job_id=job_id,
+                    target=target,
+                    state="completed",
+                    problem=problem,
+                )
+                kind = "missing" if problem.startswith("missing") else "damaged"
+                finding = AuditResult(job_id, target, kind, problem)
+                outcome = [finding, await self._repair(copies, good, target, unreachable)]
+            await self._record(copies[target], outcome)
+            results += outcome
         return results
 
-    async def _repair(self, copies: dict[str, Row], source: str, target: str) -> AuditResult:
+    async def _check(self, row: Row) -> str | None:
+        return await self._driver(row, row["target"]).check(
+            self._key(row), row["sha256"], row["size"]
+        )
+
+    async def _repair(
+        self, copies: dict[str, Row], sources: list[str], target: str, unreachable: list[str]
+    ) -> AuditResult:
         row = copies[target]
+        if not sources:
+            detail = "no verified copy on any other target"
+            if unreachable:
+                detail += f" (unreachable: {', '.join(unreachable)})"
+            return AuditResult(row["job_id"], target, "unrepaired", detail)
         key = self._key(row)
         self.scratch.mkdir(parents=True, exist_ok=True)
         temp = self.scratch / f"repair-{secrets.token_hex(6)}.tar"
+        source = sources[0]
         try:
             await self._driver(copies[source], source).fetch(key, temp)
             digest = known_digest(row["sha256"])
@@ -139,22 +165,35 @@ class Auditor:
     def _key(row: Row) -> str:
         return f"{row['name']}/{row['archive_name']}"
 
-    async def _record(self, result: AuditResult) -> None:
+    async def _record(self, copy: Row, outcome: list[AuditResult]) -> None:
+        """One copy's results: counted always, kept as rows when they are news."""
         now = now_iso()
         async with self.store.transaction() as tx:
-            await tx.run(
-                "record_audit",
-                job_id=result.job_id,
-                target=result.target,
-                now=now,
-                result=result.result,
-                detail=result.detail,
-            )
-            if result.result not in ("damaged", "missing"):  # a repair verdict follows
-                await tx.run(
-                    "mark_audited",
-                    job_id=result.job_id,
-                    target=result.target,
-                    now=now,
-                    result=result.result,
-                )
+            news = not await _repeats(tx, copy, outcome)
+            for result in outcome:
+                if news:
+                    await tx.run("record_audit", now=now, **asdict(result))
+                await tx.run("count_audit", result=result.result)
+            # the copy's verdict, the last result (a finding is followed by one)
+            await tx.run("mark_audited", now=now, **asdict(outcome[-1]))
+
+
+def _is_bad(problem: str | None) -> bool:
+    """A problem with the copy itself (not with reaching its target)."""
+    return problem is not None and not problem.startswith("unreachable")
+
+
+async def _repeats(tx: Tx, copy: Row, outcome: list[AuditResult]) -> bool:
+    """Whether `outcome` says again what the copy's last audit said.
+
+    A repair is always news (the copy went bad again); an unrepaired copy repeats only
+    while what is wrong with it stays the same.
+    """
+    verdict = outcome[-1].result
+    if verdict == "repaired" or verdict != copy["audit_result"]:
+        return False
+    if len(outcome) == 1:
+        return True
+    finding = outcome[0]
+    last = await tx.all("last_audit_finding", job_id=finding.job_id, target=finding.target)
+    return bool(last) and (last[0]["result"], last[0]["detail"]) == (finding.result, finding.detail)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -62,6 +63,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .spool import Spool
 
     config = _load_config(args)
+    try:  # before anything goes into the spool
+        timeout = parse_duration(args.timeout) if args.timeout is not None else None
+    except ValueError as exc:
+        raise CommandError(f"--timeout: {exc}", EXIT_USAGE) from None
     validated = []
     for name in args.files:
         path = Path(name)
@@ -79,7 +84,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(ids[-1], flush=True)
     if not args.wait:
         return EXIT_OK
-    timeout = parse_duration(args.timeout) if args.timeout else None
     states = _wait_for(config, ids, timeout)
     for job_id, state in states.items():
         if state != State.COMPLETED:
@@ -90,56 +94,92 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str, str]:
     """Poll the database until every job is final (or rejected into corrupt/).
 
-    Read-only, with the standard library's sqlite3: a waiting `submit` starts and ends
-    quickly, without an event loop.
+    Never silent: on stderr it says at once when no daemon holds the state directory's
+    lock (and when one does again), and each job's state as it changes. `timeout`
+    bounds it all, a locked database too. Read-only, with the standard library's
+    sqlite3: a waiting `submit` starts and ends quickly, without an event loop.
     """
     import sqlite3
 
-    deadline = time.monotonic() + timeout if timeout else None
+    from .lock import daemon_running
+
+    deadline = None if timeout is None else time.monotonic() + timeout
     states: dict[str, str] = {}
     corrupt = config.daemon.spool_dir / "corrupt"
+    state_dir = config.daemon.state_dir
     db: sqlite3.Connection | None = None
     begun = time.monotonic()
+    daemon_seen: bool | None = None
+    look_at_lock = 0.0
+    unreadable = ""
+
+    def settled(state: str | None) -> bool:
+        return state in FINAL or str(state).startswith("rejected")
+
     try:
         while True:
-            if db is None and _db_path(config).exists():
-                db = sqlite3.connect(f"{_db_path(config).as_uri()}?mode=ro", uri=True, timeout=10)
-            for job_id in ids:
-                if states.get(job_id) in FINAL:
-                    continue
-                row = _job_state(db, job_id) if db else None
-                if row is not None:
-                    states[job_id] = row
-                elif any(corrupt.glob(f"{job_id}.*.reason")):
-                    states[job_id] = "rejected (see spool corrupt/)"
-            if all(
-                states.get(i) in FINAL or str(states.get(i, "")).startswith("rejected") for i in ids
-            ):
+            if time.monotonic() >= look_at_lock:  # twice a second at most
+                look_at_lock = time.monotonic() + 0.5
+                running = daemon_running(state_dir)
+                if running != daemon_seen and not running:
+                    _say(f"no daemon is running on {state_dir}: the jobs wait until one starts")
+                elif running != daemon_seen and daemon_seen is not None:
+                    _say("a daemon is running now")
+                daemon_seen = running
+            try:
+                if db is None and _db_path(config).exists():
+                    # a short busy timeout: a locked database must not outlast `timeout`
+                    db = sqlite3.connect(
+                        f"{_db_path(config).as_uri()}?mode=ro", uri=True, timeout=0.1
+                    )
+                for job_id in ids:
+                    if settled(states.get(job_id)):
+                        continue
+                    state = _job_state(db, job_id) if db else None
+                    if state is None and any(corrupt.glob(f"{job_id}.*.reason")):
+                        state = "rejected (see spool corrupt/)"
+                    if state is not None and state != states.get(job_id):
+                        states[job_id] = state
+                        print(f"{job_id}: {state}", file=sys.stderr, flush=True)
+                unreadable = ""
+            except sqlite3.OperationalError as exc:  # locked or busy: say so, and go on
+                if str(exc) != unreadable:
+                    unreadable = str(exc)
+                    _say(f"cannot read the jobs' states now: {exc}")
+            if all(settled(states.get(i)) for i in ids):
                 return states
-            if deadline is not None and time.monotonic() > deadline:
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 return {
-                    i: states.get(i, "not picked up") + " (timed out waiting)"
-                    if states.get(i) not in FINAL
-                    else states[i]
+                    i: states[i]
+                    if settled(states.get(i))
+                    else f"{states.get(i, 'not picked up')} (timed out waiting)"
                     for i in ids
                 }
             # quick for a quick job, easing off for a long one: late by 2 % at the most
-            time.sleep(min(max((time.monotonic() - begun) / 50, 0.01), 0.5))
+            time.sleep(min(max((time.monotonic() - begun) / 50, 0.01), 0.5, left))
     finally:
         if db is not None:
             db.close()
+
+
+def _say(message: str) -> None:
+    print(f"archived: {message}", file=sys.stderr, flush=True)
 
 
 def _job_state(db: Any, job_id: str) -> str | None:
     import sqlite3
 
     try:
-        row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = db.execute("SELECT state, not_before FROM jobs WHERE id = ?", (job_id,)).fetchone()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):  # the daemon is creating the database
             return None
         raise
-    return row[0] if row else None
+    if row is None:
+        return None
+    state, not_before = row
+    return f"{state} (not before {not_before})" if state == State.QUEUED and not_before else state
 
 
 async def _read(config: Config, fn: Callable[[Any], Any]) -> Any:
@@ -164,15 +204,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     rows = anyio.run(_read, config, fetch)
     if args.json:
-        print(
-            json.dumps(
-                [
-                    {k: r[k] for k in ("id", "name", "state", "created_at", "updated_at", "error")}
-                    for r in rows
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps(rows, indent=2))
         return EXIT_OK
     print(f"{'ID':12}  {'STATE':18}  {'AGE':>6}  {'UPDATED':>7}  NAME")
     for r in rows:
@@ -180,13 +212,24 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             f"{r['id']:12}  {r['state']:18}  {age(r['created_at']):>6}  "
             f"{age(r['updated_at']):>7}  {r['name']}"
         )
+        at_risk = [
+            f"{r[f'{kind}_copies']} {kind}"
+            for kind in ("damaged", "unreachable")
+            if r[f"{kind}_copies"]
+        ]
+        if at_risk:
+            line += f"  copies: {', '.join(at_risk)}"
         print(line + (f"  error: {r['error']}" if r["error"] else ""))
     return EXIT_OK
 
 
 def age(iso: str) -> str:
     """How long ago, the way an operator reads it: 45s, 12m, 3h, 5d."""
-    seconds = (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+    return span((datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds())
+
+
+def span(seconds: float) -> str:
+    """A duration the way an operator reads it: 45s, 12m, 3h, 5d."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
@@ -226,6 +269,7 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
             for t in tasks
         ],
         "copies": await store.fetchall("copies", job_id=job_id),
+        "orphans": await store.fetchall("job_orphans", job_id=job_id),
         "audits": await store.fetchall("audits", job_id=job_id),
         "events": [
             {"at": e["at"], "kind": e["kind"], "detail": json.loads(e["detail"])}
@@ -256,7 +300,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  {key.replace('_', ' '):8} {details[key]}")
     if details["archive"]:
         a = details["archive"]
-        print(f"  archive  {a['name']}  {a['size']} bytes  sha256 {a['sha256']}")
+        digest = f"sha256 {a['sha256']}" if a["sha256"] else "sha256 computed while stored"
+        print(f"  archive  {a['name']}  {a['size']} bytes  {digest}")
     print("history")
     for h in details["history"]:
         print(f"  {h['at'][:23]}  {h['state']:18}  {h['reason']}")
@@ -271,6 +316,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if details["copies"]:
         print("copies")
         for c in details["copies"]:
+            if c["deleted_at"]:
+                print(f"  {c['target']:12}  deleted {c['deleted_at'][:19]}  (was {c['path']})")
+                continue
             audited = (
                 f", audited {c['audited_at'][:19]}: {c['audit_result']}" if c["audited_at"] else ""
             )
@@ -282,6 +330,11 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  {e['at'][:19]}  {e['detail']['message']}")
             for names in e["detail"].get("names", []):
                 print(f"    {', '.join(map(repr, names))}")
+    left = [o for o in details["orphans"] if not o["removed_at"]]
+    if left:
+        print("orphans  (left on a target by cleanup; removed once it answers)")
+        for o in left:
+            print(f"  {o['target']:12}  {o['key']}  {o['reason']}")
     problems = [a for a in details["audits"] if a["result"] != "ok"]
     if problems:
         print("audit findings")
@@ -325,29 +378,50 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if job["state"] != State.FAILED:
             raise CommandError(f"job {args.job} is {job['state']}: only failed jobs are retried")
         phase = job["phase"] or "queued"
+        kept = sorted(c["target"] for c in await store.fetchall("live_copies", job_id=args.job))
+        fresh: dict[str, Any] = dict.fromkeys(("phase", "error", "retry_at", "started_at"))
+        fresh |= dict.fromkeys(("attempts", "cancel_requested", "cleanup_attempts"), 0)
         async with store.transaction() as tx:
-            await tx.run("reset_tasks", job_id=args.job, now=now_iso())
+            if kept:  # its archive is safe on those targets: store it on the others
+                await tx.run("reset_storage_tasks_without_copy", job_id=args.job, now=now_iso())
+                key = f"{job['name']}/{job['archive_name']}"
+                await tx.run("drop_orphans_of_key", job_id=args.job, key=key)
+                how = (
+                    f"stores its archive, kept on {', '.join(kept)}, on the targets that "
+                    "miss it; nothing is archived again"
+                )
+            else:
+                await tx.run("reset_tasks", job_id=args.job, now=now_iso())
+                fresh |= dict.fromkeys(("step", "archive_name", "archive_sha256", "archive_size"))
+                how = "staging was removed when it failed, so it runs again from activity_archiving"
             await tx.transition(
                 args.job,
                 State.FAILED,
                 Event.REQUEUED,
-                f"requeued by operator (had failed in {phase}); staging was removed when it "
-                "failed, so it runs again from activity_archiving",
-                phase=None,
-                step=None,
-                attempts=0,
-                error=None,
-                cancel_requested=0,
-                retry_at=None,
-                archive_name=None,
-                archive_sha256=None,
-                archive_size=None,
-                started_at=None,
+                f"requeued by operator (had failed in {phase}); {how}",
+                **fresh,
             )
-        return phase
+        return f"had failed in {phase}" + (
+            f"; its archive is kept on {', '.join(kept)}" if kept else ""
+        )
 
-    phase = anyio.run(_read, config, requeue)
-    print(f"{args.job}: queued again (had failed in {phase})")
+    said = anyio.run(_read, config, requeue)
+    print(f"{args.job}: queued again ({said})")
+    return EXIT_OK
+
+
+def cmd_init_target(args: argparse.Namespace) -> int:
+    from .drivers import open_storage
+
+    config = _load_config(args)
+    if args.target not in config.storage:
+        known = ", ".join(sorted(config.storage))
+        raise CommandError(f"no target {args.target!r} in the config (known: {known})", EXIT_USAGE)
+    said = anyio.run(open_storage(config, args.target).mark)
+    print(
+        said
+        or f"storage.{args.target}: a {config.storage[args.target].driver} target needs no marker"
+    )
     return EXIT_OK
 
 
@@ -373,11 +447,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"{r.job_id}  {r.target:12}  {r.result:10}  {r.detail}")
     healed = {(r.job_id, r.target) for r in results if r.result == "repaired"}
     bad = {(r.job_id, r.target) for r in results if r.result in ("missing", "damaged")}
+    unreachable = {(r.job_id, r.target) for r in results if r.result == "unreachable"}
     print(
         f"{len({(r.job_id, r.target) for r in results})} copies audited, "
         f"{len(bad)} bad, {len(healed)} repaired"
+        + (f", {len(unreachable)} unreachable" if unreachable else "")
     )
-    return EXIT_OK if bad <= healed else EXIT_FAILED
+    return EXIT_OK if bad <= healed and not unreachable else EXIT_FAILED
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
@@ -406,6 +482,8 @@ def cmd_hold(args: argparse.Namespace) -> int:
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
+    from .schedules import iso, next_slot
+
     config = _load_config(args)
 
     async def fetch(store: Any) -> list[dict[str, Any]]:
@@ -417,11 +495,14 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(runs, indent=2))
         return EXIT_OK
+    now = datetime.now(UTC)
     for name, schedule in sorted(config.schedules.items()):
         if args.name in (None, name):
+            slot = next_slot(schedule, now)
             print(
                 f"{name}: cron {schedule.cron!r} ({schedule.timezone}), missed={schedule.missed}"
-                f"{', skip_unchanged' if schedule.skip_unchanged else ''}"
+                f"{', skip_unchanged' if schedule.skip_unchanged else ''}; "
+                f"next {iso(slot)} (in {span((slot - now).total_seconds())})"
             )
     for r in runs:
         print(
@@ -496,13 +577,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .daemon import check_config, check_targets
+    from .daemon import check_config
 
     config = _load_config(args)
-    if config.embedded and not config.signing.key.exists():
-        anyio.run(check_targets, config)  # `run` makes the embedded default's key
-    else:
-        anyio.run(check_config, config)
+    # `run` makes the embedded default's key
+    key = not (config.embedded and not config.signing.key.exists())
+    for warning in anyio.run(lambda: check_config(config, key=key)):
+        print(f"archived: warning: {warning}", file=sys.stderr)
     print(f"ok: {config.source or 'embedded default'}")
     return EXIT_OK
 
@@ -510,13 +591,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 # -- wiring --------------------------------------------------------------------------
 
 
-def parser() -> argparse.ArgumentParser:
+def _global_options(default: Any) -> argparse.ArgumentParser:
+    """--config and --debug, which every command takes before or after its name. After
+    it, their default is `default`: SUPPRESS, so as not to undo what was given before."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", help="config file (or ARCHIVED_CONFIG)")
-    common.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    common.add_argument(
+        "--config", metavar="PATH", default=default, help="config file (or ARCHIVED_CONFIG)"
+    )
+    debug = False if default is None else default
+    common.add_argument(
+        "--debug", action="store_true", default=debug, help="tracebacks and debug logs"
+    )
+    return common
+
+
+def parser() -> argparse.ArgumentParser:
+    common = _global_options(argparse.SUPPRESS)
     p = argparse.ArgumentParser(
         prog="archived",
-        parents=[common],
+        parents=[_global_options(None)],
         description="Signed, checksummed BagIt archives from job files.",
     )
     p.add_argument("--version", action="version", version=f"archived {__version__}")
@@ -565,6 +658,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--secret", metavar="PATH", help="default: the configured signing.key")
     sp.add_argument("--public", metavar="PATH", help="default: beside the secret key, .pub")
     add("check-config", cmd_check_config, "validate the config")
+    sp = add(
+        "init-target",
+        cmd_init_target,
+        "mark a target's directory as the target (an empty mount point is not)",
+    )
+    sp.add_argument("target", metavar="NAME")
     return p
 
 
@@ -573,9 +672,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except ConfigError as exc:
-        code, message = EXIT_CONFIG, f"config error: {exc}"
+        error: Exception = exc
+        code, message = EXIT_CONFIG, "\n".join(f"config error: {p}" for p in exc.problems)
     except CommandError as exc:
-        code, message = exc.code, str(exc)
+        error, code, message = exc, exc.code, str(exc)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -585,8 +685,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         raise
     if args.debug:
-        traceback.print_exc()
-    print(f"archived: {message}", file=sys.stderr)
+        traceback.print_exception(error)
+    for line in message.splitlines():
+        print(f"archived: {line}", file=sys.stderr)
     return code
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tomllib
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -43,12 +45,40 @@ def parse_duration(value: object) -> float:
         seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
     else:
         raise ValueError(f'{value!r} is not a duration such as "30s", "5m" or "1h"')
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be finite")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+MS, HOUR, DAY = 0.001, 3600.0, 86400.0
+
+
+def human(seconds: float) -> str:
+    """A duration the way the config spells it: 10ms, 30s, 5m, 1h, 365d."""
+    for unit, size in (("d", DAY), ("h", HOUR), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def within(least: float, most: float, *, off: bool = False) -> AfterValidator:
+    """For a Duration: between `least` and `most`; with `off`, 0 as well (it turns a thing
+    off), as in `Annotated[Duration, within(...)]`.
+
+    Zero where it makes a busy loop or fails everything, and durations no one means
+    (a poll every year), are refused by check-config rather than obeyed."""
+
+    def check(seconds: float) -> float:
+        if (off and seconds == 0) or least <= seconds <= most:
+            return seconds
+        zero = "0 (off) or " if off else ""
+        raise ValueError(f"must be {zero}between {human(least)} and {human(most)}")
+
+    return AfterValidator(check)
 
 
 class Section(BaseModel):
@@ -58,10 +88,10 @@ class Section(BaseModel):
 class DaemonConfig(Section):
     state_dir: Path = Path("/var/lib/archived")
     spool_dir: Path = Path("/var/spool/archived")
-    poll_interval: Duration = 1.0
+    poll_interval: Annotated[Duration, within(10 * MS, HOUR)] = 1.0
     max_concurrent_jobs: StrictInt = Field(default=4, ge=1)
-    shutdown_grace: Duration = 30.0
-    job_timeout: Duration = 6 * 3600.0
+    shutdown_grace: Annotated[Duration, within(0, HOUR)] = 30.0
+    job_timeout: Annotated[Duration, within(1, 365 * DAY)] = 6 * 3600.0
 
 
 class LimitsConfig(Section):
@@ -73,8 +103,17 @@ class LimitsConfig(Section):
 
 class RetryConfig(Section):
     max_attempts: StrictInt = Field(default=5, ge=1)
-    backoff: Duration = 5.0
-    backoff_max: Duration = 600.0
+    backoff: Annotated[Duration, within(10 * MS, DAY)] = 5.0
+    backoff_max: Annotated[Duration, within(10 * MS, 30 * DAY)] = 600.0
+
+    @model_validator(mode="after")
+    def _order(self) -> RetryConfig:
+        if self.backoff_max < self.backoff:
+            raise ValueError(
+                f"backoff_max ({human(self.backoff_max)}) is less than backoff "
+                f"({human(self.backoff)})"
+            )
+        return self
 
 
 class SigningConfig(Section):
@@ -82,7 +121,7 @@ class SigningConfig(Section):
     public_keys: list[Path] = []  # further trusted keys for `verify`, e.g. across a rotation
     tsa_url: str = ""  # RFC 3161 time-stamping authority; empty: no time-stamps
     tsa_ca: Path | None = None  # CA bundle (PEM) the TSA's replies must chain to
-    tsa_timeout: Duration = 30.0
+    tsa_timeout: Annotated[Duration, within(100 * MS, HOUR)] = 30.0
 
     @model_validator(mode="after")
     def _tsa(self) -> SigningConfig:
@@ -99,7 +138,7 @@ class SourcesConfig(Section):
 
 class CommandConfig(Section):
     argv: list[str] = Field(min_length=1)
-    timeout: Duration = 3600.0
+    timeout: Annotated[Duration, within(10 * MS, 30 * DAY)] = 3600.0
     env: dict[str, str] = {}
     cwd: Path | None = None
     allowed_args: list[str] = []  # globs; a job's `args` must each match one
@@ -109,16 +148,17 @@ class CommandConfig(Section):
 
 class HooksConfig(Section):
     on_failure: list[str] = []
-    timeout: Duration = 60.0
+    timeout: Annotated[Duration, within(10 * MS, DAY)] = 60.0
 
 
 class MetricsConfig(Section):
     textfile: Path | None = None  # e.g. /var/lib/node_exporter/textfile/archived.prom
-    interval: Duration = 10.0
+    interval: Annotated[Duration, within(10 * MS, DAY)] = 10.0
 
 
 class AuditConfig(Section):
-    interval: Duration = 86400.0  # between audit rounds; 0 turns periodic audits off
+    # between audit rounds; 0 turns periodic audits off
+    interval: Annotated[Duration, within(10 * MS, 365 * DAY, off=True)] = 86400.0
     copies_per_round: StrictInt = Field(default=20, ge=1)
     bytes_per_round: StrictInt = Field(default=0, ge=0)  # 0: no limit
 
@@ -126,7 +166,8 @@ class AuditConfig(Section):
 class RetentionConfig(Section):
     min_days: StrictInt = Field(default=1, ge=1)  # bounds for a job's retention_days
     max_days: StrictInt = Field(default=36500, ge=1)
-    check_interval: Duration = 60.0  # how often the daemon looks for expired jobs
+    # how often the daemon looks for expired jobs
+    check_interval: Annotated[Duration, within(10 * MS, DAY)] = 60.0
 
 
 class ScheduleConfig(Section):
@@ -240,22 +281,25 @@ def _build(raw: Mapping[str, Any], *, base: Path, source: Path | None, embedded:
     try:
         config = Config.model_validate({**raw, "source": source, "embedded": embedded})
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {first_error(exc)}") from None
+        raise ConfigError(*(f"{where}: {line}" for line in error_lines(exc))) from None
     config = _absolute(config, base)
-    _check_drivers(config, where)
-    _check_schedules(config, where)
+    problems = [*_target_problems(config), *_schedule_problems(config)]
+    if problems:
+        raise ConfigError(*(f"{where}: {line}" for line in problems))
     return config
 
 
-def _check_schedules(config: Config, where: str) -> None:
+def _schedule_problems(config: Config) -> list[str]:
     from .errors import JobFileError
     from .jobfile import parse_job  # here: jobfile imports this module
 
+    problems = []
     for name, schedule in config.schedules.items():
         try:
             parse_job(json.dumps(schedule.job, default=str).encode(), "template.json", config)
         except JobFileError as exc:
-            raise ConfigError(f"{where}: schedules.{name}.job: {exc}") from None
+            problems.append(f"schedules.{name}.job: {exc}")
+    return problems
 
 
 def _absolute(config: Config, base: Path) -> Config:
@@ -296,29 +340,43 @@ def _absolute(config: Config, base: Path) -> Config:
     )
 
 
-def _check_drivers(config: Config, where: str) -> None:
+def _target_problems(config: Config) -> list[str]:
     from .drivers import storage_driver  # here: drivers import this module
+    from .jobfile import NAME_PATTERN
 
     if not config.storage:
-        raise ConfigError(f"{where}: storage: at least one [storage.NAME] target is needed")
+        return ["storage: at least one [storage.NAME] target is needed"]
+    problems = []
     for name, section in config.storage.items():
+        if not re.match(NAME_PATTERN, name) or set(name) == {"."}:
+            problems.append(
+                f'storage."{name}": a target name is 1 to 100 of A-Z a-z 0-9 . _ - '
+                "and not only dots (job files name it)"
+            )
+            continue
         try:
             storage_driver(section.driver).options(config.storage_options(name))
         except KeyError:
-            raise ConfigError(
-                f"{where}: storage.{name}.driver: unknown storage driver {section.driver!r}"
-            ) from None
+            problems.append(f"storage.{name}.driver: unknown storage driver {section.driver!r}")
         except ValidationError as exc:
-            raise ConfigError(f"{where}: storage.{name}.{first_error(exc)}") from None
+            problems += [f"storage.{name}.{line}" for line in error_lines(exc)]
+    return problems
+
+
+def error_lines(exc: ValidationError) -> list[str]:
+    """Pydantic's complaints as `dotted.path: message`, one line each."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key missing"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return lines
 
 
 def first_error(exc: ValidationError) -> str:
     """Pydantic's first complaint as `dotted.path: message`, one line."""
-    err = exc.errors()[0]
-    loc = ".".join(str(part) for part in err["loc"])
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif err["type"] == "missing":
-        msg = "required key missing"
-    return f"{loc}: {msg}" if loc else msg
+    return error_lines(exc)[0]

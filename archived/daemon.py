@@ -7,33 +7,43 @@ storage tasks are bounded across all jobs by the limiters in `Services`.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
-from pathlib import Path
-from typing import IO, Any
+from datetime import UTC, datetime
+from typing import Any
 
-import aiofiles.os
 import anyio
 import structlog
 from anyio.abc import TaskGroup
 
+from . import children, preflight
 from . import config as configmod
 from .audit import Auditor
 from .config import Config
 from .drivers import open_storage
-from .errors import ArchivedError, ConfigError, JobFileError, describe
+from .errors import (
+    ArchivedError,
+    ConfigError,
+    JobFileError,
+    Kind,
+    TargetUnavailable,
+    classify,
+    describe,
+)
 from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
-from .metrics import write_textfile
+from .lock import lock_state_dir
+from .metrics import Stored, write_textfile
 from .notify import Notifier
+from .orphans import remove_orphans
 from .retention import expire_due
 from .runner import JobRunner, Services
 from .schedules import Scheduler
-from .spool import Claimed, Spool
+from .spool import Claimed, Spool, new_job_id, printable
 from .states import FINAL, PROCESSING, STOPPABLE, Event, State
 from .store import StaleState, Store, now_iso
 from .timestamp import load_ca_bundle
@@ -42,40 +52,50 @@ from .wakeup import SpoolWatch
 log = structlog.get_logger("archived.daemon")
 
 
-class AlreadyRunning(ArchivedError):
-    pass
-
-
-def lock_state_dir(state_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on the state directory for the life of the process."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(state_dir / "archived.lock", "a+")  # noqa: SIM115
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise AlreadyRunning(f"another archived daemon is running on {state_dir}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
-async def check_targets(config: Config) -> None:
+async def check_targets(config: Config) -> tuple[list[str], list[str]]:
+    """Problems (the target can never work as configured) and warnings (it cannot be
+    reached now: an unmounted disk, a missing marker, an endpoint off the network)."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    roots = {}
     for name in config.storage:
-        await open_storage(config, name).ready()
+        driver = open_storage(config, name)
+        if driver.local_root is not None:
+            roots[name] = driver.local_root
+        try:
+            await driver.ready()
+        except TargetUnavailable as exc:
+            warnings.append(f"{exc}; jobs that store there wait for it")
+        except ConfigError as exc:
+            problems += exc.problems
+    problems += preflight.path_problems(config, roots)
+    return problems, warnings
 
 
-async def check_config(config: Config) -> None:
-    """Everything a config needs beyond its schema: targets usable, signing key readable."""
-    await check_targets(config)
-    await anyio.to_thread.run_sync(load_signing_key, config)
+async def check_config(config: Config, *, key: bool = True) -> list[str]:
+    """Everything a config needs beyond its schema: targets usable, directories apart,
+    programs there, signing key readable. ConfigError names every problem; returns the
+    warnings (targets that cannot be reached now)."""
+    problems, warnings = await check_targets(config)
+    problems += preflight.program_problems(config)
+    if key:
+        try:
+            await anyio.to_thread.run_sync(load_signing_key, config)
+        except ConfigError as exc:
+            problems += exc.problems
     if config.signing.tsa_ca is not None:
         try:
             load_ca_bundle(config.signing.tsa_ca)
         except ArchivedError as exc:
-            raise ConfigError(f"signing.tsa_ca: {exc}") from None
+            problems.append(f"signing.tsa_ca: {exc}")
+    if problems:
+        raise ConfigError(*problems)
+    return warnings
+
+
+def log_unavailable(warnings: list[str]) -> None:
+    for warning in warnings:
+        log.warning("storage target unavailable", reason=warning)
 
 
 class Daemon:
@@ -83,17 +103,22 @@ class Daemon:
         self.config = config
         self.spool = Spool(config.daemon.spool_dir)
         self.running: dict[str, JobRunner] = {}
+        self.whole_job: dict[str, anyio.CancelScope] = {}  # what shutdown cancels at the end
         self.wake = anyio.Event()
         self.reload_requested = anyio.Event()
+        self.reloaded = anyio.Event()  # set (and replaced) by every reload that applied
         self.notify = Notifier()
         self.last_reload = "none"
+        self.said: dict[str, str] = {}  # spool errors already logged, by entry name
 
     async def run(self) -> None:
         config = self.config
         lock = lock_state_dir(config.daemon.state_dir)
         try:
             self.spool.create()
-            await check_config(config)  # fail at start, not at the first job's sign step
+            # fail at start, not at the first job's sign step; an unreachable target is
+            # no reason not to start (the others work): jobs wait for it
+            log_unavailable(await check_config(config))
             store = await Store.open(config.daemon.state_dir / "archived.db")
             try:
                 self.svc = Services(
@@ -144,6 +169,7 @@ class Daemon:
                     claimed = await self.svc.store.claim_next(config.snapshot(), config.digest)
                     if claimed is None:
                         break
+                    self.svc.metrics.transition(State.ACTIVITY_ARCHIVING)
                     self._start(tg, claimed)
                 if (new_status := await self._status()) != status:
                     status = new_status
@@ -196,12 +222,13 @@ class Daemon:
             for fixed in ("state_dir", "spool_dir"):
                 if getattr(new.daemon, fixed) != getattr(self.config.daemon, fixed):
                     raise ConfigError(f"daemon.{fixed} cannot change on reload; restart instead")
-            await check_config(new)
+            warnings = await check_config(new)
         except ArchivedError as exc:
             self.last_reload = f"rejected at {stamp}: {exc}"
             self.svc.metrics.reloads["rejected"] += 1
             log.error("reload rejected; the old config stays in force", reason=str(exc))
             return
+        log_unavailable(warnings)
         self.config = new
         self.svc.keys.clear()
         self.svc.activity_slots.total_tokens = new.limits.activity_tasks
@@ -211,6 +238,8 @@ class Daemon:
         self.svc.metrics.reloads["ok"] += 1
         log.info("config reloaded", digest=new.digest, targets=sorted(new.storage))
         self.wake.set()
+        self.reloaded.set()
+        self.reloaded = anyio.Event()
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 only while the event loop turns and the database answers."""
@@ -221,24 +250,48 @@ class Daemon:
             await anyio.sleep(interval / 2)
 
     async def _auditor(self) -> None:
-        """Periodic fixity audits, `audit.copies_per_round` copies every `audit.interval`."""
+        """Periodic fixity audits, `audit.copies_per_round` copies every `audit.interval`.
+
+        A round is due one interval after the last audit the database knows of (so a
+        restart does not put it off), or after this process's last round. A reload
+        wakes this loop: audits turned on, or an interval shortened, apply at once.
+        """
+        last_round: datetime | None = None
         while True:
+            reloaded = self.reloaded
             audit = self.config.audit
-            if audit.interval <= 0:
-                await anyio.sleep(60)  # off; a reload may turn it on
-                continue
-            await anyio.sleep(audit.interval)
-            auditor = Auditor(self.svc.store, self.config, self.config.daemon.state_dir / "audit")
-            results = await auditor.round(
-                copies=audit.copies_per_round, max_bytes=audit.bytes_per_round
-            )
-            for result in results:
-                self.svc.metrics.audits[result.result] += 1
+            wait = math.inf
+            if audit.interval > 0:
+                row = await self.svc.store.fetchone("last_audited")
+                known = [datetime.fromisoformat(row["at"])] if row and row["at"] else []
+                last = max([*known, *([last_round] if last_round else [])], default=None)
+                now = datetime.now(UTC)
+                wait = 0 if last is None else (last - now).total_seconds() + audit.interval
+                if wait <= 0:
+                    last_round = now
+                    await self._audit_round()
+                    continue
+            with anyio.move_on_after(wait):
+                await reloaded.wait()
+
+    async def _audit_round(self) -> None:
+        audit = self.config.audit
+        auditor = Auditor(self.svc.store, self.config, self.config.daemon.state_dir / "audit")
+        try:
+            await auditor.round(copies=audit.copies_per_round, max_bytes=audit.bytes_per_round)
+        except Exception:
+            log.exception("audit round failed; the next one runs as planned")
 
     async def _retention(self) -> None:
         while True:
             await anyio.sleep(self.config.retention.check_interval)
-            for job_id in await expire_due(self.svc.store, self.config):
+            try:
+                await remove_orphans(self.svc.store, self.config)
+                deleted = await expire_due(self.svc.store, self.config)
+            except Exception:
+                log.exception("retention round failed; the next one tries again")
+                continue
+            for job_id in deleted:
                 self.svc.metrics.transition(State.DELETED)
                 log.info("job deleted by retention", job_id=job_id, state="deleted")
 
@@ -246,10 +299,7 @@ class Daemon:
         while True:
             textfile = self.config.metrics.textfile
             if textfile is not None:
-                counts = {
-                    r["state"]: r["n"] for r in await self.svc.store.fetchall("count_by_state")
-                }
-                text = self.svc.metrics.render(counts)
+                text = self.svc.metrics.render(await Stored.read(self.svc.store))
                 try:
                     await anyio.to_thread.run_sync(write_textfile, textfile, text)
                 except OSError as exc:
@@ -260,10 +310,12 @@ class Daemon:
         job_id = str(job["id"])
         runner = JobRunner(self.svc, job)
         self.running[job_id] = runner
+        whole = self.whole_job[job_id] = anyio.CancelScope()
 
         async def run() -> None:
             try:
-                await runner.run()
+                with whole:
+                    await runner.run()
             except Exception:
                 log.exception(
                     "job runner crashed; the job resumes at the next start",
@@ -272,6 +324,7 @@ class Daemon:
                 )
             finally:
                 self.running.pop(job_id, None)
+                self.whole_job.pop(job_id, None)
                 self.wake.set()
 
         tg.start_soon(run)
@@ -295,6 +348,7 @@ class Daemon:
                     )
                 except StaleState:
                     continue
+                self.svc.metrics.transition(State.FAILURE)
                 job = await store.job(job_id)
                 assert job is not None
                 self._start(tg, job)  # failure -> error_handling -> cleanup -> failed
@@ -315,9 +369,11 @@ class Daemon:
         with anyio.move_on_after(self.config.daemon.shutdown_grace):
             while self.running:
                 await anyio.sleep(0.05)
-        for runner in list(self.running.values()):
-            if runner.scope is not None:
-                runner.scope.cancel()
+        for job_id, runner in list(self.running.items()):
+            if runner.scope is not None and runner.state in STOPPABLE:
+                runner.scope.cancel()  # the step gives its attempt back
+            else:  # the failure path (a hook, cleanup): it runs again at the next start
+                self.whole_job[job_id].cancel()
         while self.running:
             await anyio.sleep(0.01)
 
@@ -330,8 +386,9 @@ class Daemon:
                     self.reload_requested.set()
                     continue
                 if self.svc.stopping.is_set():
-                    log.warning("second signal: exiting now", signal=name)
-                    os._exit(0)
+                    log.warning("second signal: exiting now, running work abandoned", signal=name)
+                    children.kill_all()
+                    os._exit(128 + signum)  # not 0: work was abandoned
                 log.info("stopping: no new work", signal=name, running=len(self.running))
                 self.svc.stopping.set()
                 self.wake.set()
@@ -343,21 +400,57 @@ class Daemon:
             await self._accept_or_reject(claimed)
 
     async def _ingest(self) -> None:
-        for name in await self.spool.pending():
+        """Take every entry of incoming/; an error with one is about that entry only."""
+        try:
+            await self._ingest_leftovers()  # after a crash, or an error worth another try
+            names = await self.spool.pending()
+        except OSError as exc:
+            self._say_once("", "cannot read the spool; trying again", exc)
+            await anyio.to_thread.run_sync(self.spool.create)  # an operator removed a folder?
+            return
+        for name in names:
             if self.svc.stopping.is_set():
                 return
-            claimed = await self.spool.claim(name)
+            try:
+                claimed = await self.spool.claim(name)
+            except OSError as exc:
+                entry = Claimed(self.spool.incoming / name, new_job_id(), name)
+                await self._cannot_take(entry, exc)
+                continue
             if claimed is not None:
                 await self._accept_or_reject(claimed)
 
     async def _accept_or_reject(self, claimed: Claimed) -> None:
-        """A file that trips a bug is rejected with that reason: no crash, no crash loop."""
         try:
             await self._accept(claimed)
         except Exception as exc:
-            log.exception("error while reading a job file", file=claimed.original_name)
-            if await aiofiles.os.path.exists(claimed.path):
-                await self._reject(claimed, f"internal error while reading it: {describe(exc)}")
+            await self._cannot_take(claimed, exc)
+
+    async def _cannot_take(self, entry: Claimed, exc: Exception) -> None:
+        """Into corrupt/ with the reason, unless the error may pass (EMFILE, ENOSPC, EBUSY,
+        ...): then it stays for the next poll. What cannot be moved is said once, skipped."""
+        if isinstance(exc, FileNotFoundError):
+            return  # gone: taken by someone else, or removed
+        if classify(exc) == Kind.RECOVERABLE:
+            self._say_once(entry.original_name, "cannot take a spool entry now; trying again", exc)
+            return
+        reason = f"cannot take it: {describe(exc)}"
+        if not isinstance(exc, OSError):  # a bug: its traceback, and no crash loop
+            log.exception("error while reading a job file", file=printable(entry.original_name))
+            reason = f"internal error while reading it: {describe(exc)}"
+        try:
+            await self._reject(entry, reason)
+        except FileNotFoundError:
+            return
+        except OSError as again:
+            self._say_once(entry.original_name, "cannot move a spool entry to corrupt/", again)
+
+    def _say_once(self, key: str, message: str, exc: BaseException) -> None:
+        """Log an error that every poll would meet again, once for as long as it lasts."""
+        error = describe(exc)
+        if self.said.get(key) != error:
+            self.said[key] = error
+            log.error(message, file=printable(key), error=error)
 
     async def _accept(self, claimed: Claimed) -> None:
         """Turn a claimed spool file into a queued job, or move it to corrupt/."""
@@ -384,6 +477,7 @@ class Daemon:
             return
         await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
         await self.spool.done(claimed)
+        self.said.pop(claimed.original_name, None)
         log.info(
             "job queued",
             job_id=claimed.job_id,
@@ -416,6 +510,8 @@ class Daemon:
             reason=reason,
             schedule_run=schedule_run,
         )
+        self.svc.metrics.transition(State.UNINITIALIZED)
+        self.svc.metrics.transition(State.QUEUED)
 
     async def _create_scheduled(
         self, spec: JobSpec, job_id: str, digest: str, run: dict[str, Any]
@@ -429,8 +525,12 @@ class Daemon:
         )
         self.wake.set()
 
-    async def _reject(self, claimed: Claimed, reason: str) -> None:
-        target = await self.spool.reject(claimed, reason)
+    async def _reject(self, entry: Claimed, reason: str) -> None:
+        target = await self.spool.reject(entry, reason)
+        self.said.pop(entry.original_name, None)
         log.error(
-            "job file rejected", file=claimed.original_name, moved_to=str(target), reason=reason
+            "job file rejected",
+            file=printable(entry.original_name),
+            moved_to=printable(str(target)),
+            reason=reason,
         )

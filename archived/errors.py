@@ -22,7 +22,11 @@ class ArchivedError(Exception):
 
 
 class ConfigError(ArchivedError):
-    """The config file is missing, unparsable or invalid (exit code 78)."""
+    """The config file is missing, unparsable or invalid (exit code 78): one line a problem."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
 
 
 class JobFileError(ArchivedError):
@@ -45,8 +49,20 @@ class StorageError(ArchivedError):
         self.kind = Kind.RECOVERABLE if recoverable else Kind.FATAL
 
 
+class TargetUnavailable(StorageError):
+    """A storage target cannot be reached now (not mounted, no marker, off the network):
+    jobs wait for it. At start, on reload and in check-config this is a warning."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, recoverable=True)
+
+
 class TransientError(ArchivedError):
     kind = Kind.RECOVERABLE
+
+
+class NoSpace(TransientError):
+    """A file system has less room than a step needs: told before the step writes."""
 
 
 # OS errors that say "the world is not ready yet", not "this request is wrong".
@@ -64,9 +80,13 @@ RECOVERABLE_ERRNOS: frozenset[int] = frozenset(
         errno.ECONNREFUSED,
         errno.ECONNRESET,
         errno.ESTALE,
+        errno.ENOTCONN,  # a FUSE or network mount whose server went away
+        errno.EHOSTDOWN,
         errno.EINTR,
         errno.EROFS,
         errno.ENOMEM,
+        errno.EMFILE,  # this process, or the system, is out of file descriptors for now
+        errno.ENFILE,
     }
 )
 

@@ -7,6 +7,7 @@ JobFileError with the one line that goes into the `.reason` file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -29,9 +30,11 @@ from pydantic import (
 from .bag import TIMESTAMP_LABEL
 from .config import Config, first_error
 from .drivers import activity_driver
-from .errors import JobFileError
+from .errors import JobFileError, Kind, classify
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
+_ENCODABLE = re.compile(r"[^\ud800-\udfff]*")
+OWN_LABEL_PREFIX = "Archived-"  # bag-info.txt labels of archived's own, e.g. Archived-Schedule
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 # bag-info.txt labels that archived writes itself
 RESERVED_LABELS = frozenset(
@@ -52,6 +55,8 @@ RESERVED_LABELS = frozenset(
 def _plain_name(value: str) -> str:
     if set(value) == {"."}:
         raise ValueError("must not consist of dots only")
+    if value.startswith("-"):  # it ends up in file names that operators pass to tools
+        raise ValueError("must not start with '-'")
     return value
 
 
@@ -127,8 +132,10 @@ def read_job_file(path: Path, max_bytes: int, dir_fd: int | None = None) -> byte
             path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
         )
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the entry is a symlink
+        if exc.errno == errno.ELOOP:  # the entry is a symlink
             raise JobFileError("is a symbolic link, not a regular file") from None
+        if classify(exc) == Kind.RECOVERABLE:  # EMFILE, ENOMEM, ...: not the file's fault
+            raise
         raise JobFileError(f"cannot open: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
@@ -168,17 +175,36 @@ def _parse_job(data: bytes, filename: str, config: Config) -> JobSpec:
     except UnicodeDecodeError as exc:
         raise JobFileError(f"not UTF-8 (byte {exc.start})") from None
     raw = _decode(text, filename)
+    _check_unicode(raw, "")
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise JobFileError(first_error(exc)) from None
+    for label in spec.metadata:
+        if label.lower().startswith(OWN_LABEL_PREFIX.lower()):  # e.g. Archived-Schedule
+            raise JobFileError(
+                f"metadata: {label!r} is written by archived itself "
+                f"(labels starting with {OWN_LABEL_PREFIX} are reserved)"
+            )
+    check_against(spec, config)
+    return spec
+
+
+def check_against(spec: JobSpec, config: Config) -> None:
+    """What a job needs from the config: targets, drivers, commands, roots, retention.
+
+    Also run when a job starts, since a reload may have changed the config since.
+    """
     days, bounds = spec.retention_days, config.retention
     if days is not None and not bounds.min_days <= days <= bounds.max_days:
         raise JobFileError(
             f"retention_days: {days} is outside retention.min_days.."
             f"retention.max_days ({bounds.min_days}..{bounds.max_days})"
         )
-    for target in spec.targets(config):
+    targets = spec.targets(config)
+    for index, target in enumerate(targets):
+        if target in targets[:index]:
+            raise JobFileError(f"storage: {target!r} is named twice")
         if target not in config.storage:
             known = ", ".join(sorted(config.storage))
             raise JobFileError(f"storage: unknown storage target {target!r} (known: {known})")
@@ -198,7 +224,21 @@ def _parse_job(data: bytes, filename: str, config: Config) -> JobSpec:
             driver.check(options, config)
         except (JobFileError, ValueError) as exc:
             raise JobFileError(f"{where} ({activity.name}): {exc}") from None
-    return spec
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """JSON can spell a lone surrogate (`"\\ud800"`), which no UTF-8 text can hold."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(item, f"{where}.{index}" if where else str(index))
+    elif isinstance(value, str) and not _ENCODABLE.fullmatch(value):
+        bad = next(c for c in value if 0xD800 <= ord(c) <= 0xDFFF)
+        place = f"{where}: " if where else ""
+        raise JobFileError(f"{place}not Unicode text (a lone surrogate \\u{ord(bad):04x})")
 
 
 def _decode(text: str, filename: str) -> Any:

@@ -1,8 +1,10 @@
 """Prometheus text format for node_exporter's textfile collector.
 
-Counters live in memory (a restart resets them, which Prometheus' rate() handles);
-jobs by state are read from the database each time the file is written. The file
-is replaced atomically, so the collector never reads half of it.
+Counters of what this daemon did live in memory (a restart resets them, which
+Prometheus' rate() handles). What the database knows is read from it each time the
+file is written: jobs by state, stored copies by their last audit, and audit results,
+which the command line's `archived audit` records there as much as the daemon. The
+file is replaced atomically, so the collector never reads half of it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .states import State
+from .store import Store
+
+AUDIT_RESULTS = ("ok", "missing", "damaged", "repaired", "unrepaired", "unreachable")
+COPY_AUDITS = ("ok", "damaged", "unreachable", "unaudited")
+
+
+@dataclass
+class Stored:
+    """The metrics the database holds."""
+
+    jobs_by_state: dict[str, int]
+    audits: dict[str, int]  # audit results ever, daemon and command line alike
+    copies: dict[str, int]  # live copies of completed jobs by COPY_AUDITS
+    damaged_jobs: int  # completed jobs with a copy found bad and not repaired
+
+    @classmethod
+    async def read(cls, store: Store) -> Stored:
+        damaged = await store.fetchone("damaged_jobs")
+        return cls(
+            jobs_by_state={r["state"]: r["n"] for r in await store.fetchall("count_by_state")},
+            audits={r["result"]: r["count"] for r in await store.fetchall("audit_totals")},
+            copies={r["audit"]: r["n"] for r in await store.fetchall("copies_by_audit")},
+            damaged_jobs=damaged["n"] if damaged else 0,
+        )
 
 
 @dataclass
@@ -22,7 +48,6 @@ class Metrics:
     phase_count: Counter[str] = field(default_factory=Counter)
     bytes_archived: int = 0
     reloads: Counter[str] = field(default_factory=Counter)
-    audits: Counter[str] = field(default_factory=Counter)
 
     def transition(self, to_state: State) -> None:
         self.transitions[to_state.value] += 1
@@ -31,7 +56,7 @@ class Metrics:
         self.phase_seconds[state.value] = self.phase_seconds.get(state.value, 0.0) + seconds
         self.phase_count[state.value] += 1
 
-    def render(self, jobs_by_state: dict[str, int]) -> str:
+    def render(self, stored: Stored) -> str:
         out: list[str] = []
 
         def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
@@ -42,7 +67,7 @@ class Metrics:
             "archived_jobs",
             "gauge",
             "Jobs by state.",
-            [(f'{{state="{s.value}"}}', jobs_by_state.get(s.value, 0)) for s in State],
+            [(f'{{state="{s.value}"}}', stored.jobs_by_state.get(s.value, 0)) for s in State],
         )
         family(
             "archived_transitions_total",
@@ -77,11 +102,20 @@ class Metrics:
         family(
             "archived_audits_total",
             "counter",
-            "Audit results of stored copies.",
-            [
-                (f'{{result="{r}"}}', self.audits[r])
-                for r in ("ok", "missing", "damaged", "repaired", "unrepaired")
-            ],
+            "Audit results of stored copies, from the daemon and the command line.",
+            [(f'{{result="{r}"}}', stored.audits.get(r, 0)) for r in AUDIT_RESULTS],
+        )
+        family(
+            "archived_copies",
+            "gauge",
+            "Stored copies of completed jobs by what their last audit found.",
+            [(f'{{audit="{a}"}}', stored.copies.get(a, 0)) for a in COPY_AUDITS],
+        )
+        family(
+            "archived_damaged_jobs",
+            "gauge",
+            "Completed jobs with a copy found damaged or lost and not repaired.",
+            [("", stored.damaged_jobs)],
         )
         phases = sorted(self.phase_count)
         out.append(

@@ -4,7 +4,10 @@ Each copy is deleted through its storage driver and marked deleted only once the
 driver said so; the job moves to `deleted` only when no copy is left. A target that
 cannot be reached keeps its copy, the failure is logged, and the next round tries
 again, so deletion is idempotent and survives a crash at any point. A legal hold
-(`archived hold`) stops all of it until `archived release`.
+(`archived hold`) stops all of it until `archived release`, also a round already under
+way: the hold is read again right before each copy is deleted, and in the transaction
+that would move the job to `deleted`. (A delete the storage driver is already carrying
+out when the hold comes in still completes, and is recorded.)
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ async def _expire(store: Store, config: Config, job: Row) -> bool:
     snapshot = Config.from_snapshot(job["config"])
     left = 0
     for copy in await store.fetchall("live_copies", job_id=job_id):
+        # placed since the round began, or while it waited on another target?
+        if _held(await store.fetchall("legal_hold", id=job_id)):
+            return _stopped(job_id)
         target = copy["target"]
         try:
             driver = open_storage(config if target in config.storage else snapshot, target)
@@ -69,12 +75,24 @@ async def _expire(store: Store, config: Config, job: Row) -> bool:
     if left:
         return False
     try:
-        await store.transition(
-            job_id,
-            State.COMPLETED,
-            Event.EXPIRED,
-            f"retention of {job['expires_at']} passed; every copy deleted",
-        )
+        async with store.transaction() as tx:
+            if _held(await tx.all("legal_hold", id=job_id)):
+                return _stopped(job_id)
+            await tx.transition(
+                job_id,
+                State.COMPLETED,
+                Event.EXPIRED,
+                f"retention of {job['expires_at']} passed; every copy deleted",
+            )
     except StaleState:
         return False
     return True
+
+
+def _held(rows: list[Row]) -> bool:
+    return bool(rows and rows[0]["legal_hold"])
+
+
+def _stopped(job_id: str) -> bool:
+    log.warning("retention: stopped by a legal hold", job_id=job_id, state="completed")
+    return False

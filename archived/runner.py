@@ -8,6 +8,7 @@ again: finished tasks are skipped, finished post-processing steps are skipped.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -24,12 +25,21 @@ from typing import Any
 import anyio
 import structlog
 
-from . import bag, failpoints
+from . import bag, children, failpoints, orphans
 from .config import Config
 from .drivers import activity_driver, open_storage
-from .drivers.base import ActivityContext, ArtifactWriter, Digest, StorageDriver, parts_size
+from .drivers.base import (
+    ActivityContext,
+    ActivityDriver,
+    ArtifactWriter,
+    Digest,
+    StorageDriver,
+    file_sha256,
+    parts_size,
+    require_space,
+)
 from .errors import IntegrityError, Kind, StorageError, classify, describe
-from .jobfile import JobSpec, parse_job
+from .jobfile import JobSpec, check_against
 from .keys import KeyRing
 from .metrics import Metrics
 from .names import Collisions
@@ -114,7 +124,10 @@ class JobRunner:
     @property
     def bag_name(self) -> str:
         """`<name>-<job id>-<UTC start>`: fixed when the job first starts, since the
-        activities write it into their tar members."""
+        activities write it into their tar members (and kept when a retry stores the
+        archive of an earlier start)."""
+        if self.job["archive_name"]:
+            return str(self.job["archive_name"]).removesuffix(".tar")
         started = datetime.fromisoformat(self.job["started_at"]).astimezone(UTC)
         return f"{self.spec.name}-{self.id}-{started.strftime('%Y%m%dT%H%M%SZ')}"
 
@@ -307,9 +320,10 @@ class JobRunner:
     async def activity_archiving(self) -> Outcome:
         await self._begin_attempt(State.ACTIVITY_ARCHIVING)
         # The job may start on a newer config than it was accepted under (SIGHUP).
-        parse_job(self.spec.model_dump_json().encode(), "job.json", self.config)
+        check_against(self.spec, self.config)
         await self._sync_storage_tasks()
         await failpoints.reach("activity_archiving")
+        await self._check_staging_space()
         await self._run_tasks("activity", self.svc.activity_slots, self._activity)
         return Outcome(Event.DONE, "every activity task completed")
 
@@ -329,12 +343,38 @@ class JobRunner:
                     now=now_iso(),
                 )
 
-    async def _activity(self, name: str) -> dict[str, Any]:
+    def _driver(self, name: str) -> ActivityDriver:
         activity = next(a for a in self.spec.activities if a.name == name)
         driver_cls = activity_driver(activity.driver)
-        writer = ArtifactWriter(self._fragment(name), self.bag_name, name, self._records_of(name))
+        return driver_cls(name, driver_cls.options(activity.options()))
+
+    def _writer(self, name: str) -> ArtifactWriter:
+        return ArtifactWriter(self._fragment(name), self.bag_name, name, self._records_of(name))
+
+    async def _check_staging_space(self) -> None:
+        """NoSpace (recoverable) before anything is staged, when the staging file system
+        has less room than the unfinished activities' sources will take there."""
+        pending = [t["name"] for t in await self._tasks("activity") if t["state"] != "completed"]
+        needed = 0
+        for name in pending:
+            await anyio.to_thread.run_sync(self._clear_activity, self._writer(name))
+            estimate = await anyio.to_thread.run_sync(
+                self._driver(name).estimate,
+                f"{self.bag_name}/data/{name}/",
+                limiter=self.svc.hash_threads,
+            )
+            needed += estimate or 0
+        if needed:
+            await anyio.to_thread.run_sync(self._require_staging_space, needed)
+
+    def _require_staging_space(self, needed: int) -> None:
+        self.staging.mkdir(parents=True, exist_ok=True)
+        require_space(self.staging, needed, "staging")
+
+    async def _activity(self, name: str) -> dict[str, Any]:
+        writer = self._writer(name)
         await anyio.to_thread.run_sync(self._clear_activity, writer)
-        driver = driver_cls(name, driver_cls.options(activity.options()))
+        driver = self._driver(name)
         ctx = ActivityContext(self.id, self.config, writer, self.svc.hash_threads)
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
@@ -568,16 +608,25 @@ class JobRunner:
         """
         await self._begin_attempt(State.STORE)
         await failpoints.reach("store")
-        if await self._reverify_after_restart(await self._activity_results()):
-            # the tag files are fsynced, the head made of them is not: make it again
-            await anyio.to_thread.run_sync(bag.write_head, self.bag_dir, self.bag_name, self.head)
+        kept = await self.svc.store.fetchall("live_copies", job_id=self.id)
+        if kept and not self.head.exists():
+            # an operator's retry of a job that failed with verified copies: the
+            # archive comes from one of them, not from sources archived again
+            parts = [await self._restore_archive(kept)]
+        else:
+            parts = self._archive_parts()
+            if await self._reverify_after_restart(await self._activity_results()):
+                # the tag files are fsynced, the head made of them is not: make it again
+                await anyio.to_thread.run_sync(
+                    bag.write_head, self.bag_dir, self.bag_name, self.head
+                )
         digest: Digest = Future()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._hash_archive, digest)
+            tg.start_soon(self._hash_archive, parts, digest)
             await self._run_tasks(
                 "storage",
                 self.svc.storage_slots,
-                lambda target: self._store_one(target, digest),
+                lambda target: self._store_one(target, parts, digest),
                 self._record_copy,
             )
         return Outcome(
@@ -587,7 +636,34 @@ class JobRunner:
             {"archive_sha256": digest.result()},
         )
 
-    async def _hash_archive(self, digest: Digest) -> None:
+    async def _restore_archive(self, kept: list[Row]) -> Path:
+        """The archive in staging again, fetched from a verified copy and checked
+        against its digest; the next copy if one does not read back as recorded."""
+        archive: Path = self.staging / "archive.tar"
+        archive.unlink(missing_ok=True)
+        await anyio.to_thread.run_sync(self._require_staging_space, self.job["archive_size"])
+        problems = []
+        for copy in kept:
+            try:
+                await self._storage(copy["target"]).fetch(self._key(), archive)
+                got = await anyio.to_thread.run_sync(
+                    file_sha256, archive, limiter=self.svc.hash_threads
+                )
+            except Exception as exc:
+                problems.append(f"{copy['target']}: {describe(exc)}")
+                continue
+            if got == (copy["sha256"], copy["size"]):
+                log.info("archive fetched from a kept copy", target=copy["target"])
+                return archive
+            problems.append(f"{copy['target']}: sha256 {got[0]} ({got[1]} bytes)")
+        raise StorageError(
+            "no kept copy reads back as recorded: " + "; ".join(problems), recoverable=True
+        )
+
+    def _key(self) -> str:
+        return f"{self.spec.name}/{self.job['archive_name']}"
+
+    async def _hash_archive(self, parts: list[Path], digest: Digest) -> None:
         """Resolve `digest`, whatever happens: storage threads may be waiting for it.
 
         An error goes into `digest`, so each storage task fails with it (and is
@@ -596,7 +672,7 @@ class JobRunner:
         try:
             packed = await anyio.to_thread.run_sync(
                 bag.digest,
-                self._archive_parts(),
+                parts,
                 anyio.from_thread.check_cancelled,
                 limiter=self.svc.hash_threads,
             )
@@ -617,10 +693,9 @@ class JobRunner:
         digest.set_result(packed.sha256)
         log.info("archive hashed", size=packed.size, sha256=packed.sha256)
 
-    async def _store_one(self, target: str, digest: Digest) -> dict[str, Any]:
+    async def _store_one(self, target: str, parts: list[Path], digest: Digest) -> dict[str, Any]:
         driver = self._storage(target)
-        key = f"{self.spec.name}/{self.job['archive_name']}"
-        copy = await driver.put(self._archive_parts(), key, digest, self.job["archive_size"])
+        copy = await driver.put(parts, self._key(), digest, self.job["archive_size"])
         log.info("stored", target=target, path=copy.path)
         return {"path": copy.path, "size": copy.size, "sha256": copy.sha256}
 
@@ -647,23 +722,33 @@ class JobRunner:
         # Resumed after a crash in this state, the exception is gone: try again.
         if error is not None and classify(error) == Kind.FATAL:
             return Outcome(Event.FATAL, f"not recoverable: {self.job['error']}")
-        cap = min(self.config.retry.backoff_max, self.config.retry.backoff * 2 ** (attempts - 1))
-        delay = random.uniform(0, cap)  # full jitter
-        retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+        delay, retry_at = self._backoff(attempts)
         return Outcome(
             Event.RECOVERABLE,
             f"recoverable; attempt {attempts + 1} of {limit} in {delay:.1f}s",
-            {"retry_at": retry_at.isoformat()},
+            {"retry_at": retry_at},
         )
 
-    async def wait_and_retry(self) -> Outcome | None:
+    def _backoff(self, attempts: int) -> tuple[float, str]:
+        """How long to wait after `attempts` failed attempts, and until when."""
+        cap = min(self.config.retry.backoff_max, self.config.retry.backoff * 2 ** (attempts - 1))
+        delay = random.uniform(0, cap)  # full jitter
+        return delay, (datetime.now(UTC) + timedelta(seconds=delay)).isoformat()
+
+    async def _backoff_over(self) -> bool:
+        """Wait until the job's retry_at; False if the daemon is stopping meanwhile."""
+        if not self.job["retry_at"]:
+            return True
         retry_at = datetime.fromisoformat(self.job["retry_at"])
         delay = (retry_at - datetime.now(UTC)).total_seconds()
         if delay > 0:
             with anyio.move_on_after(delay):
                 await self.svc.stopping.wait()
-            if self.svc.stopping.is_set():
-                return None
+        return not self.svc.stopping.is_set()
+
+    async def wait_and_retry(self) -> Outcome | None:
+        if not await self._backoff_over():
+            return None
         phase = State(self.job["phase"])
         return Outcome(
             RETRY_EVENT[phase],
@@ -686,44 +771,104 @@ class JobRunner:
             "ARCHIVED_FAILED_STATE": self.job["phase"] or "queued",
             "ARCHIVED_REASON": self.job["error"] or "",
         }
-        timeout = self.config.hooks.timeout
-        result = "timed out"
-        with anyio.move_on_after(timeout):
-            try:
-                done = await anyio.run_process(argv, env=env, check=False)
-                result = f"exit {done.returncode}"
-                if done.stderr:
-                    result += f": {done.stderr.decode(errors='replace').strip()[-500:]}"
-            except OSError as exc:
-                result = f"could not run: {describe(exc)}"
+        try:
+            code, stderr = await anyio.to_thread.run_sync(
+                functools.partial(
+                    children.run,
+                    argv,
+                    env=env,
+                    timeout=self.config.hooks.timeout,
+                    check=anyio.from_thread.check_cancelled,  # shutdown stops it at once
+                )
+            )
+            result = "timed out" if code is None else f"exit {code}"
+            if code is not None and stderr.strip():
+                result += f": {stderr.strip()[-500:]}"
+        except OSError as exc:
+            result = f"could not run: {describe(exc)}"
         level = log.info if result.startswith("exit 0") else log.error
         level("failure hook ran", hook=argv[0], result=result)
         await self._event("failure_hook", hook=argv, result=result)
         return Outcome(Event.HANDLED, f"failure hook {argv[0]}: {result}")
 
-    async def cleanup(self) -> Outcome:
-        await failpoints.reach("cleanup")
-        if self.job["error"]:
-            await self._remove_copies()
-        await anyio.to_thread.run_sync(shutil.rmtree, self.staging, True)
-        if self.job["error"]:
-            return Outcome(Event.CLEANED_AFTER_FAILURE, "staging and any stored copies removed")
-        fields = {}
+    async def cleanup(self) -> Outcome | None:
+        """Remove staging (and, for a failed job, what it left on the targets).
+
+        Never fatal, never stuck: an error is retried with backoff in this state; on the
+        last attempt, or for an error no retry fixes, cleanup gives up on what is left,
+        records it (orphans on targets are removed later), and the job reaches its
+        final state all the same. A job whose copies were stored stays `completed`.
+        """
+        if not await self._backoff_over():
+            return None
+        attempt = self.job["cleanup_attempts"] + 1  # counted before anything, as phases are
+        await self.svc.store.update_job(self.id, cleanup_attempts=attempt)
+        self.job = {**self.job, "cleanup_attempts": attempt}
+        last = attempt >= self.config.retry.max_attempts
+        failed = bool(self.job["error"])
+        try:
+            await failpoints.reach("cleanup")
+            if failed:
+                await self._remove_failed_copies(last)
+            await anyio.to_thread.run_sync(shutil.rmtree, self.staging, True)
+        except Exception as exc:
+            if not last and classify(exc) == Kind.RECOVERABLE:
+                delay, retry_at = self._backoff(attempt)
+                return Outcome(
+                    Event.CLEANUP_FAILED,
+                    f"cleanup: {describe(exc)}; attempt {attempt + 1} of "
+                    f"{self.config.retry.max_attempts} in {delay:.1f}s",
+                    {"retry_at": retry_at},
+                )
+            log.error("cleanup gave up", error=describe(exc), attempt=attempt)
+            await self._event("cleanup_gave_up", error=describe(exc), attempt=attempt)
+        done: dict[str, Any] = {"retry_at": None, "cleanup_attempts": 0}
+        if failed:
+            kept = [
+                c["target"] for c in await self.svc.store.fetchall("live_copies", job_id=self.id)
+            ]
+            reason = "staging and partial copies removed"
+            if kept:
+                reason += f"; verified copies kept on {', '.join(sorted(kept))}"
+            return Outcome(Event.CLEANED_AFTER_FAILURE, reason, done)
         if days := self.spec.retention_days:
             expires = datetime.now(UTC) + timedelta(days=days)
-            fields["expires_at"] = expires.isoformat(timespec="seconds").replace("+00:00", "Z")
-        return Outcome(Event.CLEANED, "staging removed; every target holds a verified copy", fields)
+            done["expires_at"] = expires.isoformat(timespec="seconds").replace("+00:00", "Z")
+        return Outcome(Event.CLEANED, "staging removed; every target holds a verified copy", done)
 
-    async def _remove_copies(self) -> None:
-        """A failed job keeps nothing in any target: copies and partial files go."""
+    async def _remove_failed_copies(self, last: bool) -> None:
+        """What a failed job leaves on its targets: partial files always; verified copies
+        only when the operator canceled it (a copy is never thrown away because another
+        target failed). What cannot be removed now raises, to be retried, or on the
+        `last` attempt (or when no retry would help) is recorded as an orphan."""
         name = self.job["archive_name"]
         if not name:
             return  # never sealed, so never stored
-        key = f"{self.spec.name}/{name}"
-        for target in self.spec.targets(self.config):
-            removed = await self._storage(target).delete(key)
+        key = self._key()
+        copies = {c["target"] for c in await self.svc.store.fetchall("live_copies", job_id=self.id)}
+        keep = copies if not self.job["cancel_requested"] else set()
+        problems: list[tuple[str, Exception]] = []
+        for target in sorted(set(self.spec.targets(self.config)) | copies):
+            if target in keep:
+                continue
+            try:
+                removed = await self._storage(target).delete(key)
+            except Exception as exc:
+                problems.append((target, exc))
+                continue
             async with self.svc.store.transaction() as tx:
                 await tx.run("delete_copy", job_id=self.id, target=target)
             if removed:
                 log.info("removed the copy of a failed job", target=target, key=key)
                 await self._event("copy_removed", target=target, key=key)
+        retry = [error for _, error in problems if classify(error) == Kind.RECOVERABLE]
+        if retry and not last:
+            raise retry[0]
+        for target, error in problems:
+            reason = describe(error)
+            log.error("cannot remove from a target yet: orphan", target=target, key=key)
+            async with self.svc.store.transaction() as tx:
+                await orphans.record(tx, self.id, target, key, reason)
+                await self._insert_event(
+                    tx, "orphan", {"target": target, "key": key, "reason": reason}
+                )

@@ -42,10 +42,19 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _slots(schedule: ScheduleConfig, now: datetime) -> croniter:
+    return croniter(schedule.cron, now.astimezone(ZoneInfo(schedule.timezone)))
+
+
 def latest_slot(schedule: ScheduleConfig, now: datetime) -> datetime:
     """The latest slot before `now`, in UTC (a slot exactly at `now` is the next tick's)."""
-    local = now.astimezone(ZoneInfo(schedule.timezone))
-    slot: datetime = croniter(schedule.cron, local).get_prev(datetime)
+    slot: datetime = _slots(schedule, now).get_prev(datetime)
+    return slot.astimezone(UTC)
+
+
+def next_slot(schedule: ScheduleConfig, now: datetime) -> datetime:
+    """The first slot after `now`, in UTC."""
+    slot: datetime = _slots(schedule, now).get_next(datetime)
     return slot.astimezone(UTC)
 
 

@@ -5,10 +5,15 @@ renaming it there. The daemon claims a file by renaming it into active/ under a
 name that carries its job id, inserts the job, then removes the file. A crash at
 any point leaves the file in incoming/ or active/, and a file whose job is already
 in the database is recognised by id and digest, so it never makes a second job.
+
+Any name a file system allows must be taken: a name too long to carry the job id
+in active/, or a `.reason` beside it in corrupt/, is shortened in the middle (its
+end, which says the format, is kept), and the original goes into the `.reason`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -22,16 +27,39 @@ from pathlib import Path
 SUBDIRS = ("tmp", "incoming", "active", "corrupt")
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 _SUBMITTED = re.compile(r"^(?P<id>[0-9a-f]{12})\.(?:toml|json)$")
-_ACTIVE = re.compile(r"^(?P<id>[0-9a-f]{12})__(?P<name>.+)$")
+_ACTIVE = re.compile(r"^(?P<id>[0-9a-f]{12})__(?P<name>.+)$", re.DOTALL)
+NAME_MAX = 255  # bytes in one file name, on every file system a spool is likely to be on
+_TAGGED = len("0123456789ab__")  # a job id and two underscores before a name
+_REASON = ".reason"
 
 
 def new_job_id() -> str:
     return secrets.token_hex(6)
 
 
+def fit(name: str, limit: int) -> str:
+    """`name`, or if it is longer than `limit` bytes, its start and end joined by `~`."""
+    if len(os.fsencode(name)) <= limit:
+        return name
+    tail = name[-32:]
+    while len(os.fsencode(tail)) > limit // 2:
+        tail = tail[1:]
+    head = name[: limit - len(os.fsencode(tail)) - 1]
+    while len(os.fsencode(f"{head}~{tail}")) > limit:
+        head = head[:-1]
+    return f"{head}~{tail}"
+
+
+def printable(name: str) -> str:
+    """A file name for a log or a .reason line: bad bytes and control characters escaped."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 @dataclass(frozen=True)
 class Claimed:
-    """A spool file in active/, with the job id it was given."""
+    """A spool entry in active/ with the job id it was given (or one still in incoming/,
+    when claiming it failed)."""
 
     path: Path
     job_id: str
@@ -59,6 +87,9 @@ class Spool:
                 st = await aiofiles.os.stat(self.incoming / name, follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            except OSError:  # claiming it will meet the error, and deal with it
+                stamped.append((0, name))
+                continue
             if stat.S_ISDIR(st.st_mode):
                 continue  # an operator's folder, not a job file
             stamped.append((st.st_mtime_ns, name))
@@ -80,7 +111,7 @@ class Spool:
 
         match = _SUBMITTED.match(name)
         job_id = match["id"] if match else new_job_id()
-        target = self.active / f"{job_id}__{name}"
+        target = self.active / f"{job_id}__{fit(name, NAME_MAX - _TAGGED)}"
         try:
             await aiofiles.os.rename(self.incoming / name, target)
         except FileNotFoundError:
@@ -92,18 +123,33 @@ class Spool:
 
         await aiofiles.os.unlink(claimed.path)
 
-    async def reject(self, claimed: Claimed, reason: str) -> Path:
-        """Move the file, unchanged, to corrupt/ beside a .reason file; returns its path."""
+    async def reject(self, entry: Claimed, reason: str) -> Path:
+        """Move the entry, unchanged, to corrupt/ beside a .reason file; returns its path.
+
+        `entry` is in active/, or still in incoming/ if even claiming it failed.
+        """
         import aiofiles.os
 
-        target = self.corrupt / claimed.original_name
-        if await aiofiles.os.path.exists(target) or await aiofiles.os.path.islink(target):
-            target = self.corrupt / f"{claimed.job_id}__{claimed.original_name}"
-        reason_path = target.with_name(target.name + ".reason")
-        async with aiofiles.open(reason_path.with_name(reason_path.name + ".part"), "w") as f:
-            await f.write(reason.rstrip("\n") + "\n")
-        await aiofiles.os.replace(reason_path.with_name(reason_path.name + ".part"), reason_path)
-        await aiofiles.os.rename(claimed.path, target)
+        room = NAME_MAX - len(_REASON)
+        name = fit(entry.original_name, room)
+        target = self.corrupt / name
+        if await _taken(target) or await _taken(_reason_path(target)):
+            target = self.corrupt / f"{entry.job_id}__{fit(entry.original_name, room - _TAGGED)}"
+        text = reason.rstrip("\n") + "\n"
+        if target.name != entry.original_name:
+            text += f"original name: {printable(entry.original_name)}\n"
+        reason_path = _reason_path(target)
+        part = self.tmp / f".reason-{secrets.token_hex(6)}"
+        async with aiofiles.open(part, "wb") as f:
+            await f.write(text.encode("utf-8", "backslashreplace"))
+        try:
+            await aiofiles.os.replace(part, reason_path)
+            await aiofiles.os.rename(entry.path, target)
+        except BaseException:
+            for path in (part, reason_path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
         return target
 
     def submit(self, data: bytes, suffix: str) -> str:
@@ -127,3 +173,13 @@ class Spool:
         finally:
             os.close(dir_fd)
         return job_id
+
+
+def _reason_path(target: Path) -> Path:
+    return target.with_name(target.name + _REASON)
+
+
+async def _taken(path: Path) -> bool:
+    import aiofiles.os
+
+    return bool(await aiofiles.os.path.exists(path) or await aiofiles.os.path.islink(path))

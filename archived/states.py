@@ -42,6 +42,7 @@ class Event(StrEnum):
     HANDLED = "handled"  # failure hooks ran
     CLEANED = "cleaned"  # staging removed after success
     CLEANED_AFTER_FAILURE = "cleaned_after_failure"  # staging removed after failure
+    CLEANUP_FAILED = "cleanup_failed"  # cleanup could not finish: it runs again after a backoff
     REQUEUED = "requeued"  # operator ran `archived retry` on a failed job
     EXPIRED = "expired"  # retention passed, stored copies deleted
 
@@ -80,7 +81,13 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     },
     S.FAILURE: {E.HANDLED: S.ERROR_HANDLING},
     S.ERROR_HANDLING: {E.HANDLED: S.CLEANUP},
-    S.CLEANUP: {E.CLEANED: S.COMPLETED, E.CLEANED_AFTER_FAILURE: S.FAILED},
+    # Cleanup is never fatal and never cut short: it retries itself, then gives up on
+    # what it cannot remove (recorded as orphans), so every job reaches a final state.
+    S.CLEANUP: {
+        E.CLEANED: S.COMPLETED,
+        E.CLEANED_AFTER_FAILURE: S.FAILED,
+        E.CLEANUP_FAILED: S.CLEANUP,
+    },
     S.COMPLETED: {E.EXPIRED: S.DELETED},
     S.FAILED: {E.REQUEUED: S.QUEUED},
     S.DELETED: {},

@@ -44,6 +44,7 @@ JOB_COLUMNS = frozenset(
         "config",
         "config_digest",
         "expires_at",
+        "cleanup_attempts",
     }
 )
 

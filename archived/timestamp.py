@@ -17,8 +17,18 @@ is checked here on top of it:
   (we ask certReq=true) and carries a *critical* ExtendedKeyUsage that includes timeStamping,
   checked with `cryptography` so this does not depend on the library version.
 
-Not checked by anyone here: revocation of the TSA certificate, the ESS signing-certificate
-attribute (OpenSSL's `ts -verify` does check it), the TSA policy OID.
+- Here, with our own DER reading (der.py): the signed ESS signing-certificate attribute
+  (ESSCertID or ESSCertIDv2, RFC 2634 / RFC 5035) names the signer certificate by its hash,
+  so a certificate swapped into the token for another one with the same key, issuer and
+  serial is refused.
+
+Certificate order: rfc3161-client refuses a reply whose SignedData certificate SET is not in
+DER order, which is what OpenSSL's `ts -reply` sends when `certs =` adds a chain, and what
+several public TSAs send. That SET is not covered by the signature, so such a reply is
+checked as a copy with the SET sorted (the same certificates, the same signature, the same
+signed content); the reply is kept, and stored in the bag, exactly as received.
+
+Not checked by anyone here: revocation of the TSA certificate, the TSA policy OID.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from pathlib import Path
 import anyio
 import httpx
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from rfc3161_client import (
     HashAlgorithm,
@@ -45,6 +56,7 @@ from rfc3161_client import (
     decode_timestamp_response,
 )
 
+from archived import der
 from archived.errors import ArchivedError, TransientError
 
 __all__ = [
@@ -58,6 +70,14 @@ __all__ = [
 QUERY_TYPE = "application/timestamp-query"
 REPLY_TYPE = "application/timestamp-reply"
 SHA256 = x509.ObjectIdentifier("2.16.840.1.101.3.4.2.1")
+SIGNING_CERTIFICATE = "1.2.840.113549.1.9.16.2.12"  # ESSCertID: sha1 of the certificate
+SIGNING_CERTIFICATE_V2 = "1.2.840.113549.1.9.16.2.47"  # ESSCertIDv2: sha256 unless named
+ESS_HASHES = {
+    "1.3.14.3.2.26": "sha1",
+    "2.16.840.1.101.3.4.2.1": "sha256",
+    "2.16.840.1.101.3.4.2.2": "sha384",
+    "2.16.840.1.101.3.4.2.3": "sha512",
+}
 MAX_REPLY_BYTES = 1 << 20  # real replies are a few KiB, even with a certificate chain
 
 
@@ -215,7 +235,7 @@ def _check(
     source: str,
 ) -> Token:
     with _refuse_on_error(source, "not a TimeStampResp"):
-        tsr = decode_timestamp_response(bytes(response))
+        tsr, ordered = _decode(bytes(response))
         status = tsr.status
     if status != PKIStatus.GRANTED:
         raise TimestampRefused(f"{source}: {_status_text(tsr, status)}")
@@ -241,7 +261,10 @@ def _check(
         verifier = VerifierBuilder(roots=list(roots), nonce=nonce).build()
         with _refuse_on_error(source, "signature or certificate chain does not verify"):
             verifier.verify(tsr, digest)
-        _check_signer(tsr, source)
+        signer = _signer_certificate(tsr, source)
+        check_signer_eku(signer, source)
+        with _refuse_on_error(source, "unreadable signed attributes"):
+            _check_ess(ordered, signer, source)
 
     return Token(
         response=bytes(response),
@@ -279,8 +302,80 @@ def _signer_certificate(tsr: TimeStampResponse, source: str) -> x509.Certificate
     raise TimestampRefused(f"{source}: the signer's certificate is not in the token")
 
 
-def _check_signer(tsr: TimeStampResponse, source: str) -> None:
-    check_signer_eku(_signer_certificate(tsr, source), source)
+def _decode(response: bytes) -> tuple[TimeStampResponse, bytes]:
+    """The parsed reply, and the DER it was parsed from: `response` itself, or a copy of
+    it with the certificate SET in DER order when rfc3161-client refuses the order."""
+    try:
+        return decode_timestamp_response(response), response
+    except ValueError as exc:
+        if "InvalidSetOrdering" not in str(exc):
+            raise
+    ordered = der.sorted_set(response, _certificate_set(response))
+    return decode_timestamp_response(ordered), ordered
+
+
+def _signed_data(response: bytes) -> list[der.Tlv]:
+    """The fields of the token's SignedData (RFC 5652 5.1)."""
+    reply = der.expect(der.read(response), der.SEQUENCE, "TimeStampResp")
+    fields = der.children(response, reply)
+    if len(fields) < 2:
+        raise der.DerError("TimeStampResp without a token")
+    content_info = der.children(response, der.expect(fields[1], der.SEQUENCE, "ContentInfo"))
+    if len(content_info) != 2:
+        raise der.DerError("ContentInfo: expected a type and a content")
+    signed = der.first(response, der.expect(content_info[1], 0xA0, "ContentInfo content"))
+    fields = der.children(response, der.expect(signed, der.SEQUENCE, "SignedData"))
+    if not fields:
+        raise der.DerError("empty SignedData")
+    return fields
+
+
+def _certificate_set(response: bytes) -> der.Tlv:
+    for field in _signed_data(response):
+        if field.tag == 0xA0:  # certificates [0] IMPLICIT CertificateSet
+            return field
+    raise der.DerError("SignedData without certificates")
+
+
+def _ess_cert_id(response: bytes) -> tuple[str, bytes]:
+    """The hash algorithm and certificate hash of the first ESSCertID(v2) in the only
+    SignerInfo's signed attributes."""
+    signer_infos = der.expect(_signed_data(response)[-1], der.SET, "SignerInfos")
+    (signer_info,) = der.children(response, signer_infos)
+    for field in der.children(response, der.expect(signer_info, der.SEQUENCE, "SignerInfo")):
+        if field.tag != 0xA0:  # signedAttrs [0] IMPLICIT
+            continue
+        for attribute in der.children(response, field):
+            kind, values = der.children(response, der.expect(attribute, der.SEQUENCE, "Attr"))
+            name = der.oid(response, kind)
+            if name not in (SIGNING_CERTIFICATE, SIGNING_CERTIFICATE_V2):
+                continue
+            certs = der.first(response, der.first(response, values))
+            cert_id = der.first(response, der.expect(certs, der.SEQUENCE, "ESSCertIDs"))
+            field = der.first(response, cert_id)
+            algorithm = "sha1" if name == SIGNING_CERTIFICATE else "sha256"
+            if field.tag == der.SEQUENCE:  # ESSCertIDv2 that names its hashAlgorithm
+                named = der.oid(response, der.first(response, field))
+                algorithm = ESS_HASHES.get(named, named)
+                field = der.read(response, field.end, cert_id.end)
+            return algorithm, der.expect(field, der.OCTET_STRING, "certHash").value(response)
+    raise TimestampRefused("no ESS signing-certificate attribute")
+
+
+def _check_ess(response: bytes, signer: x509.Certificate, source: str) -> None:
+    """RFC 3161 2.4.2: the signed signing-certificate attribute names the signer."""
+    try:
+        algorithm, named = _ess_cert_id(response)
+    except TimestampRefused as exc:
+        raise TimestampRefused(f"{source}: {exc}") from None
+    if algorithm not in ESS_HASHES.values():
+        raise TimestampRefused(f"{source}: ESS certificate hash in unknown algorithm {algorithm}")
+    actual = hashlib.new(algorithm, signer.public_bytes(serialization.Encoding.DER)).digest()
+    if actual != named:
+        raise TimestampRefused(
+            f"{source}: the signing-certificate attribute names another certificate than "
+            f"the signer's {signer.subject.rfc4514_string()}"
+        )
 
 
 def check_signer_eku(cert: x509.Certificate, source: str = "the TSA certificate") -> None:

@@ -259,3 +259,33 @@ def root(tmp_path: Path) -> Iterator[Root]:
 def tar_members(archive: Path) -> list[str]:
     with tarfile.open(archive) as tar:
         return tar.getnames()
+
+
+@pytest.fixture
+def small_fs(root: Root) -> Iterator[Callable[..., Path]]:
+    """`small_fs(path, size="64k")` mounts a tmpfs of that size at `path`: a file system
+    that fills up, which `remount(path, size)` grows. Skips where mounting is not allowed."""
+    mounts: list[Path] = []
+
+    def mount(path: Path, size: str = "64k") -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            timeout=10,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for daemon in root.daemons:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
+    for path in reversed(mounts):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def remount(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True, timeout=10)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
+from pathlib import Path
 
 from conftest import Root, wait_until
+
+from archived import config as configmod
+from archived.audit import Auditor
+from archived.store import Store, now_iso
 
 
 def completed_job(root: Root, name: str = "kept") -> str:
@@ -108,3 +115,229 @@ def test_the_daemon_audits_oldest_first_and_heals_on_its_own(root: Root) -> None
         "metrics count the repair",
     )
     assert json.loads(root.cli("jobs", "--json").stdout)[0]["state"] == "completed"
+
+
+def metric(prom: os.PathLike[str] | str, line: str) -> bool:
+    """Whether the metrics textfile holds this exact sample line."""
+    try:
+        with open(prom, encoding="utf-8") as f:
+            return line in f.read().splitlines()
+    except FileNotFoundError:
+        return False
+
+
+def test_an_unreachable_target_is_told_from_damage_and_never_written_into(root: Root) -> None:
+    prom = root.path / "m.prom"
+    # `create = true`: a repair that did not tell "unmounted" from "missing" would make
+    # the mount point and write into it
+    root.write_config(
+        storage__offsite={"create": True}, metrics={"textfile": str(prom), "interval": "100ms"}
+    )
+    root.start()
+    job_id = completed_job(root)
+    offsite = root.targets["offsite"]
+    parked = offsite.with_name("parked")
+    offsite.rename(parked)  # the offsite disk is unmounted
+
+    result = root.cli("audit", "--all")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "offsite       unreachable" in result.stdout
+    assert "offsite       missing" not in result.stdout
+    assert "offsite       repaired" not in result.stdout
+    assert "2 copies audited, 0 bad, 0 repaired, 1 unreachable" in result.stdout
+    assert not offsite.exists()
+    job = root.show(job_id)
+    assert [a["result"] for a in job["audits"] if a["target"] == "offsite"] == ["unreachable"]
+    listed = json.loads(root.cli("jobs", "--json").stdout)[0]
+    assert (listed["damaged_copies"], listed["unreachable_copies"]) == (0, 1)
+    assert "copies: 1 unreachable" in root.cli("jobs").stdout
+
+    damage(root.archives("primary")[0])  # and now the only reachable copy goes bad
+    result = root.cli("audit", "--all")
+    assert result.returncode == 1
+    assert "primary       damaged" in result.stdout
+    assert "primary       unrepaired  no verified copy on any other target" in result.stdout
+    assert not offsite.exists()
+    listed = json.loads(root.cli("jobs", "--json").stdout)[0]
+    assert (listed["damaged_copies"], listed["unreachable_copies"]) == (1, 1)
+    assert "copies: 1 damaged, 1 unreachable" in root.cli("jobs").stdout
+    for line in (
+        'archived_copies{audit="damaged"} 1',
+        'archived_copies{audit="unreachable"} 1',
+        "archived_damaged_jobs 1",
+    ):
+        wait_until(lambda line=line: metric(prom, line), 10, f"metrics: {line}")
+
+    parked.rename(offsite)  # mounted again: the damaged copy heals from it
+    result = root.cli("audit", "--all")
+    assert result.returncode == 0, result.stdout
+    assert "primary       repaired" in result.stdout
+    listed = json.loads(root.cli("jobs", "--json").stdout)[0]
+    assert (listed["damaged_copies"], listed["unreachable_copies"]) == (0, 0)
+    assert "copies:" not in root.cli("jobs").stdout
+    job = root.show(job_id)
+    assert [a["result"] for a in job["audits"] if a["target"] == "offsite"] == [
+        "unreachable",
+        "ok",
+    ]
+    for line in ('archived_copies{audit="ok"} 2', "archived_damaged_jobs 0"):
+        wait_until(lambda line=line: metric(prom, line), 10, f"metrics: {line}")
+
+
+def test_a_fifo_in_place_of_an_archive_is_damage_not_a_hang(root: Root) -> None:
+    root.start()
+    job_id = completed_job(root)
+    archive = root.archives("primary")[0]
+    archive.unlink()
+    os.mkfifo(archive)  # nobody will ever write to it: opening it to read would block
+    result = root.cli("audit", "--all", timeout=20)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"damaged: {archive} is not a regular file" in result.stdout
+    assert "primary       repaired" in result.stdout
+    assert archive.is_file()
+    assert root.cli("verify", "--key", str(root.public_key), str(archive)).returncode == 0
+    copies = {c["target"]: c["audit_result"] for c in root.show(job_id)["copies"]}
+    assert copies["primary"] == "repaired"
+
+
+def test_the_daemons_audit_does_not_hang_on_a_fifo(root: Root) -> None:
+    root.write_config(audit={"interval": "200ms", "copies_per_round": 2})
+    root.start()
+    job_id = completed_job(root)
+    archive = root.archives("offsite")[0]
+    archive.unlink()
+    os.mkfifo(archive)
+
+    def repaired() -> bool:
+        return any(a["result"] == "repaired" for a in root.show(job_id)["audits"])
+
+    wait_until(repaired, 20, "the daemon's audit to replace the FIFO")
+    assert archive.is_file()
+
+
+def test_enabling_audits_by_sighup_takes_effect_at_once_and_cli_audits_count(
+    root: Root,
+) -> None:
+    prom = root.path / "m.prom"
+    metrics = {"textfile": str(prom), "interval": "100ms"}
+    root.write_config(audit={"interval": "0"}, metrics=metrics)
+    daemon = root.start()
+    job_id = completed_job(root)
+    assert all(c["audited_at"] is None for c in root.show(job_id)["copies"])
+    # a long interval: the round that is overdue (never audited) runs now, not in an hour
+    root.write_config(audit={"interval": "1h"}, metrics=metrics)
+    daemon.send(signal.SIGHUP)
+    wait_until(
+        lambda: all(c["audited_at"] for c in root.show(job_id)["copies"]),
+        10,
+        "the daemon's first audit round",
+    )
+    wait_until(lambda: metric(prom, 'archived_audits_total{result="ok"} 2'), 10, "metrics")
+    assert root.cli("audit", "--all").returncode == 0  # a round the daemon did not run
+    wait_until(
+        lambda: metric(prom, 'archived_audits_total{result="ok"} 4'),
+        10,
+        "the metrics to count the command line's audits",
+    )
+
+
+# -- the auditor's choices, in-process on a real database and a real target -----------
+
+
+async def single_copy_jobs(tmp_path: Path, count: int) -> tuple[Store, Auditor, list[Path]]:
+    """`count` completed jobs, each with one copy on the only target (nothing to repair
+    from): the store, an auditor, and the archives."""
+    target = tmp_path / "target"
+    target.mkdir()
+    config_path = tmp_path / "archived.toml"
+    config_path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nspool_dir = "{tmp_path / "spool"}"\n'
+        f'[storage.primary]\ndriver = "localdir"\npath = "{target}"\n'
+    )
+    config = configmod.load(config_path)
+    store = await Store.open(tmp_path / "state" / "archived.db")
+    archives = []
+    for i in range(count):
+        job_id, archive_name = f"job{i:04d}", f"kept-job{i:04d}.tar"
+        await store.insert_job(
+            job_id=job_id,
+            name="kept",
+            spec="{}",
+            spec_sha256="-",
+            config=config.snapshot(),
+            config_digest=config.digest,
+            not_before=None,
+            tasks=[],
+        )
+        data = os.urandom(1000 + i)
+        archive = target / "kept" / archive_name
+        archive.parent.mkdir(exist_ok=True)
+        archive.write_bytes(data)
+        archives.append(archive)
+        async with store.transaction() as tx:
+            await tx.update_job(job_id, archive_name=archive_name)
+            await tx.run(
+                "upsert_copy",
+                job_id=job_id,
+                target="primary",
+                path=str(archive),
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                now=now_iso(),
+            )
+            await tx.run(
+                "set_state", id=job_id, from_state="queued", to_state="completed", now=now_iso()
+            )
+    return store, Auditor(store, config, tmp_path / "scratch"), archives
+
+
+async def test_copies_that_could_not_be_repaired_take_at_most_half_a_round(
+    tmp_path: Path,
+) -> None:
+    store, auditor, archives = await single_copy_jobs(tmp_path, 6)
+    try:
+        for archive in archives[:3]:
+            archive.unlink()
+        results = await auditor.round()
+        assert (
+            sorted(r.result for r in results) == ["missing"] * 3 + ["ok"] * 3 + ["unrepaired"] * 3
+        )
+        healthy = {r.job_id for r in results if r.result == "ok"}
+        seen: set[str] = set()
+        for _ in range(3):
+            chosen = {r.job_id for r in await auditor.round(copies=2)}
+            assert len(chosen) == 2
+            assert len(chosen - healthy) <= 1, "known-bad copies took the whole round"
+            seen |= chosen
+        assert healthy <= seen, "a healthy copy was never audited again"
+    finally:
+        await store.close()
+
+
+async def test_an_unrepairable_copy_is_recorded_once_not_every_round(tmp_path: Path) -> None:
+    store, auditor, (lost, fine) = await single_copy_jobs(tmp_path, 2)
+    try:
+        good = lost.read_bytes()
+        lost.unlink()
+        audited = []
+        for _ in range(3):
+            results = await auditor.round()
+            assert sorted(r.result for r in results) == ["missing", "ok", "unrepaired"]
+            copy = (await store.fetchall("copies", job_id="job0000"))[0]
+            audited.append(copy["audited_at"])
+        assert audited == sorted(set(audited)), "audited_at moves on every round"
+        findings = [a["result"] for a in await store.fetchall("audits", job_id="job0000")]
+        assert findings == ["missing", "unrepaired"]
+        assert [a["result"] for a in await store.fetchall("audits", job_id="job0001")] == ["ok"]
+
+        lost.write_bytes(bytes(len(good)))  # what is wrong changes: that is recorded
+        await auditor.round()
+        await auditor.round()
+        lost.write_bytes(good)  # and so is the copy coming back
+        await auditor.round()
+        await auditor.round()
+        findings = [a["result"] for a in await store.fetchall("audits", job_id="job0000")]
+        assert findings == ["missing", "unrepaired", "damaged", "unrepaired", "ok"]
+        assert fine.exists()
+    finally:
+        await store.close()

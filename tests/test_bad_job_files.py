@@ -3,10 +3,12 @@
 Every bad kind is dropped straight into `spool/incoming/` of one running daemon (as
 cron would: written in `tmp/`, renamed into `incoming/`). Each must land in
 `spool/corrupt/` unchanged, beside a one-line `.reason`, with a log line, while the
-daemon keeps going; a good job afterwards still completes. `archived submit` refuses
-the same regular files with exit code 2 and one line on stderr, touching no spool
-directory. Last, the crash windows of the spool: a file in `active/` whose job is
-already in the database makes no second job; one whose job is not becomes a job.
+daemon keeps going; a good job afterwards still completes. `archived submit`, on the
+same config, refuses the same regular files with exit code 2 and one line on stderr
+that gives the very reason the daemon gives, touching no spool directory. Spool entries
+with any name, and one that cannot be moved at all, do not stop the daemon. Last, the
+crash windows of the spool: a file in `active/` whose job is already in the database
+makes no second job; one whose job is not becomes a job.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +177,12 @@ CASES = [
         toml_job('name = "bad"\nstorage = ["primary", "tape"]\n' + TOML_ACTIVITY),
     ),
     Case(
+        "duplicate-storage-target",
+        "target-twice.toml",
+        "storage: 'primary' is named twice",
+        toml_job('name = "bad"\nstorage = ["primary", "primary"]\n' + TOML_ACTIVITY),
+    ),
+    Case(
         "unknown-command",
         "command.toml",
         "unknown command 'pgdump' (known: none configured)",
@@ -199,6 +209,18 @@ CASES = [
         "name-long.json",
         "name: String should match pattern",
         lambda s: json_job(s, name="n" * 101),
+    ),
+    Case(
+        "name-leading-dash",
+        "name-dash.json",
+        "name: Value error, must not start with '-'",
+        lambda s: json_job(s, name="-rf"),
+    ),
+    Case(
+        "activity-name-leading-dash",
+        "activity-dash.json",
+        "activities.0.name: Value error, must not start with '-'",
+        lambda s: json_job(s, activities=[activity(s, name="--all")]),
     ),
     Case(
         "name-empty",
@@ -280,6 +302,39 @@ CASES = [
         "value of 'Course' must be one line",
         lambda s: json_job(s, metadata={"Course": "CS101\u2028Payload-Oxum: 1.1"}),
     ),
+    Case(
+        "metadata-archived-label",
+        "poses-as-scheduled.json",
+        "'Archived-Schedule' is written by archived itself",
+        lambda s: json_job(s, metadata={"Archived-Schedule": "nightly"}),
+    ),
+    Case(
+        "metadata-archived-label-any-case",
+        "archived-lower.toml",
+        "'archived-anything' is written by archived itself",
+        toml_job('name = "bad"\n[metadata]\narchived-anything = "x"\n' + TOML_ACTIVITY),
+    ),
+    # text that is not Unicode: JSON can spell a lone surrogate, which no UTF-8 can hold
+    Case(
+        "json-lone-surrogate-in-metadata",
+        "surrogate-value.json",
+        "metadata.Course: not Unicode text (a lone surrogate \\ud800)",
+        lambda s: json_job(s).replace(b'"name"', b'"metadata": {"Course": "\\ud800"}, "name"'),
+    ),
+    Case(
+        "json-lone-surrogate-in-a-key",
+        "surrogate-key.json",
+        "metadata: not Unicode text (a lone surrogate \\udfff)",
+        lambda s: json_job(s).replace(b'"name"', b'"metadata": {"C\\udfff": "x"}, "name"'),
+    ),
+    Case(
+        "json-lone-surrogate-in-a-path",
+        "surrogate-path.json",
+        "activities.0.path: not Unicode text (a lone surrogate \\udc80)",
+        lambda s: json_job(s, activities=[activity(s, path="@P@")]).replace(
+            b"@P@", str(s.sources / "a").encode() + b"\\udc80"
+        ),
+    ),
     # not_before
     Case(
         "not-before-naive-toml",
@@ -309,7 +364,6 @@ CASES = [
     ),
     Case("spool-entry-fifo", "pipe.toml", "not a regular file", lambda s: b"", kind="fifo"),
 ]
-FILE_CASES = [c for c in CASES if c.kind == "file"]
 assert len({c.filename for c in CASES}) == len(CASES), "file names must be unique"
 
 
@@ -356,11 +410,18 @@ def keys(site_dir: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def running(site_dir: Path, site: Site, keys: tuple[Path, Path]) -> Iterator[Running]:
-    """One daemon for every case in this module."""
+def targets(site_dir: Path) -> dict[str, Path]:
     targets = {"primary": site_dir / "t1", "offsite": site_dir / "t2"}
     for target in targets.values():
         target.mkdir()
+    return targets
+
+
+@pytest.fixture(scope="module")
+def running(
+    site_dir: Path, site: Site, keys: tuple[Path, Path], targets: dict[str, Path]
+) -> Iterator[Running]:
+    """One daemon for every case in this module."""
     root = make_root(site_dir / "daemon", site, keys, targets)
     daemon = root.start()
     yield Running(site, root, daemon)
@@ -370,10 +431,8 @@ def running(site_dir: Path, site: Site, keys: tuple[Path, Path]) -> Iterator[Run
 
 
 @pytest.fixture(scope="module")
-def cli_root(site_dir: Path, site: Site, keys: tuple[Path, Path]) -> Root:
-    """Same sources and limits, its own (empty) spool, and no daemon reading it."""
-    targets = {"primary": site_dir / "cli-t1"}
-    targets["primary"].mkdir()
+def cli_root(site_dir: Path, site: Site, keys: tuple[Path, Path], targets: dict[str, Path]) -> Root:
+    """The daemon's config but for its own (empty) spool, which no daemon reads."""
     root = make_root(site_dir / "cli", site, keys, targets)
     for sub in SUBDIRS:
         (root.spool / sub).mkdir(parents=True)
@@ -394,29 +453,38 @@ def clear_spool(spool: Path) -> None:
             entry.unlink()
 
 
-def drop(spool: Path, case: Case, site: Site) -> bytes:
-    """Put the case's entry into incoming/ as cron would; returns its (target's) bytes."""
-    tmp = spool / "tmp" / case.filename
+def make_entry(path: Path, case: Case, site: Site) -> bytes:
+    """The case's file, symlink or FIFO at `path`; returns its (target's) bytes."""
     data = case.body(site)
     if case.kind == "fifo":
-        os.mkfifo(tmp)
+        os.mkfifo(path)
     elif case.kind == "symlink":
         target = site.elsewhere / f"{case.filename}.target"
         target.write_bytes(data)
-        os.symlink(target, tmp)
+        os.symlink(target, path)
     else:
-        tmp.write_bytes(data)
+        path.write_bytes(data)
+    return data
+
+
+def drop(spool: Path, case: Case, site: Site) -> bytes:
+    """Put the case's entry into incoming/ as cron would; returns its (target's) bytes."""
+    tmp = spool / "tmp" / case.filename
+    data = make_entry(tmp, case, site)
     os.rename(tmp, spool / "incoming" / case.filename)
     return data
 
 
-# -- the daemon: every bad kind ends up in corrupt/ -------------------------------------
+# -- every bad kind: `submit` refuses it, and the daemon puts it in corrupt/, saying the same
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_daemon_moves_bad_job_file_to_corrupt_and_goes_on(running: Running, case: Case) -> None:
+def test_submit_and_daemon_refuse_bad_job_file_alike(
+    running: Running, cli_root: Root, case: Case
+) -> None:
     daemon, spool, site = running.daemon, running.root.spool, running.site
     assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
+    submitted = submit_refused(cli_root, case, site)
     data = drop(spool, case, site)
     moved = spool / "corrupt" / case.filename
     reason = spool / "corrupt" / f"{case.filename}.reason"
@@ -440,6 +508,8 @@ def test_daemon_moves_bad_job_file_to_corrupt_and_goes_on(running: Running, case
     assert event["level"] == "error"
     assert case.expected in event["reason"], event
     assert event["moved_to"] == str(moved), event
+    path, line = submitted  # one validation: the very same verdict
+    assert line == f"archived: {path}: {text.rstrip()}", (case.id, line, text)
 
     if case.kind == "fifo":
         assert stat.S_ISFIFO(os.lstat(moved).st_mode), f"{case.id}: no longer a FIFO"
@@ -473,13 +543,123 @@ def test_good_job_after_the_bad_ones_completes(running: Running) -> None:
     assert spool_listing(root.spool)["active"] == []
 
 
-# -- `archived submit` refuses the same files -----------------------------------------
+# -- spool entries whose names or nature make them hard to take ------------------------
+
+ODD_NAMES = [b"x" * n for n in range(1, 256)] + [
+    b"\xff\xfe.json",  # not UTF-8
+    b"\xff" * 255,  # not UTF-8, and as long as a name can be
+    "é".encode() * 127,  # 254 bytes of two-byte characters
+    b"y" * 250 + b".json",  # 255 bytes, and it says JSON
+    b"-rf",
+    b"--config",
+    b"-",
+    b"new\nline.toml",
+    b"tab\there",
+    b"\x01\x02\x1b[31m",
+    b" leading space",
+    b"trailing space ",
+    b"back\\slash",
+    b"line\xe2\x80\xa8separator",
+    b"*?[",
+]
+NOT_A_JOB = b"this is not a job file\n"
 
 
-@pytest.mark.parametrize("case", FILE_CASES, ids=[c.id for c in FILE_CASES])
-def test_submit_refuses_bad_job_file_with_exit_2(cli_root: Root, site: Site, case: Case) -> None:
+def shown(raw: bytes) -> str:
+    """How a .reason file spells a name: invalid bytes and control characters escaped."""
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def test_no_spool_entry_name_stops_the_daemon(running: Running) -> None:
+    """Every name length 1..255 and odd bytes: each entry lands in corrupt/ with a reason,
+    under a shortened name (the original in the .reason) where its own leaves no room."""
+    daemon, spool = running.daemon, os.fsencode(running.root.spool)
+    assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
+    corrupt = os.path.join(spool, b"corrupt")
+    before = set(os.listdir(corrupt))
+    for raw in ODD_NAMES:
+        tmp = os.path.join(spool, b"tmp", b"entry")
+        with open(tmp, "wb") as f:
+            f.write(NOT_A_JOB)
+        os.rename(tmp, os.path.join(spool, b"incoming", raw))
+
+    def all_taken() -> bool:
+        assert alive(daemon), f"daemon died:\n{daemon.log_text()[-3000:]}"
+        left = os.listdir(os.path.join(spool, b"incoming")) + os.listdir(
+            os.path.join(spool, b"active")
+        )
+        return not left and len(set(os.listdir(corrupt)) - before) == 2 * len(ODD_NAMES)
+
+    wait_until(all_taken, 60, "every odd entry moved to corrupt/")
+    new = sorted(set(os.listdir(corrupt)) - before)
+    moved = [n for n in new if not n.endswith(b".reason")]
+    assert len(moved) == len(ODD_NAMES)
+    reasons = {}
+    for name in moved:
+        assert name + b".reason" in new, name
+        with open(os.path.join(corrupt, name), "rb") as f:
+            assert f.read() == NOT_A_JOB, f"{name!r} changed on the way to corrupt/"
+        with open(os.path.join(corrupt, name + b".reason"), "rb") as f:
+            reasons[name] = f.read().decode()
+    for raw in ODD_NAMES:
+        if raw in reasons:  # under its own name
+            assert "not valid" in reasons[raw], (raw, reasons[raw])
+            continue
+        (text,) = [t for t in reasons.values() if f"original name: {shown(raw)}\n" in t]
+        assert len(raw) + len(b".reason") > 255, raw
+        assert "not valid" in text.splitlines()[0], text
+    assert alive(daemon)
+    (job_id,) = running.root.submit(running.root.job_file("good-after-odd-names"))
+    assert running.root.wait_state(job_id, "completed", "failed")["state"] == "completed"
+
+
+def test_an_entry_that_cannot_be_moved_is_logged_once_and_skipped(running: Running) -> None:
+    """A mount point in incoming/ can be neither claimed nor moved to corrupt/ (EBUSY)."""
+    root, daemon = running.root, running.daemon
+    assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
+    source = root.path / "mounted.json"
+    source.write_bytes(NOT_A_JOB)
+    entry = root.spool / "incoming" / "stuck.json"
+    daemon.send(signal.SIGSTOP)  # so that it cannot take the entry before it is mounted on
+    try:
+        entry.write_bytes(b"")
+        done = subprocess.run(
+            ["mount", "--bind", str(source), str(entry)], capture_output=True, timeout=10
+        )
+        if done.returncode != 0:
+            entry.unlink()
+            pytest.skip(f"cannot bind-mount here: {done.stderr.decode().strip()}")
+    finally:
+        daemon.send(signal.SIGCONT)
+    try:
+
+        def stuck_events() -> list[dict[str, Any]]:
+            assert alive(daemon), f"daemon died:\n{daemon.log_text()[-3000:]}"
+            return [e for e in daemon.events() if e.get("file") == "stuck.json"]
+
+        (event,) = wait_until(stuck_events, 20, "the stuck entry logged")
+        assert "Device or resource busy" in event["error"], event
+        # the daemon goes on serving, and says it once however many polls pass
+        (job_id,) = root.submit(root.job_file("good-beside-stuck"))
+        assert root.wait_state(job_id, "completed", "failed")["state"] == "completed"
+        assert len(stuck_events()) == 1, stuck_events()
+    finally:
+        subprocess.run(["umount", str(entry)], capture_output=True, timeout=10)
+    # once it can be moved, the next poll takes it
+    reason = root.spool / "corrupt" / "stuck.json.reason"
+    wait_until(reason.exists, 20, "the entry taken once it is no longer stuck")
+    assert alive(daemon)
+
+
+# -- `archived submit` ------------------------------------------------------------------
+
+
+def submit_refused(cli_root: Root, case: Case, site: Site) -> tuple[Path, str]:
+    """`submit` of the case's entry: refused with exit 2 and one line, the spool untouched.
+    Returns the entry's path and that line."""
     path = cli_root.path / case.filename
-    path.write_bytes(case.body(site))
+    make_entry(path, case, site)
     empty: dict[str, list[str]] = {sub: [] for sub in SUBDIRS}
     clear_spool(cli_root.spool)  # whatever an earlier (failed) case may have left
 
@@ -492,6 +672,7 @@ def test_submit_refuses_bad_job_file_with_exit_2(cli_root: Root, site: Site, cas
     assert "Traceback" not in result.stderr
     assert result.stdout == "", f"{case.id}: printed a job id for a refused file"
     assert spool_listing(cli_root.spool) == empty, f"{case.id}: submit wrote into the spool"
+    return path, lines[0]
 
 
 def test_submit_does_not_block_on_a_fifo(cli_root: Root) -> None:

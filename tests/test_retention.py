@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 from conftest import Root, wait_until
 
@@ -13,6 +14,11 @@ def expire_now(root: Root, job_id: str) -> None:
     with db:
         db.execute("UPDATE jobs SET expires_at = '2000-01-01T00:00:00Z' WHERE id = ?", (job_id,))
     db.close()
+
+
+def job_copy(job: dict[str, Any], target: str) -> dict[str, Any]:
+    (copy,) = [c for c in job["copies"] if c["target"] == target]
+    return copy
 
 
 def kept_job(root: Root, name: str, days: int = 1) -> str:
@@ -35,6 +41,10 @@ def test_expiry_deletes_every_copy_and_keeps_history(root: Root) -> None:
     assert "every copy deleted" in job["history"][-1]["reason"]
     assert all(c["deleted_at"] for c in job["copies"])
     assert all(c["sha256"] for c in job["copies"])  # the digests stay
+    text = root.cli("show", job_id).stdout
+    for target, path in root.targets.items():
+        assert f"  {target:12}  deleted {job_copy(job, target)['deleted_at'][:19]}" in text
+        assert str(path) in text  # where it was
     assert root.cli("hold", job_id).returncode == 1
 
 

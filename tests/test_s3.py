@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,12 @@ MiB = 1024 * 1024
 
 class S3Server:
     """moto's S3 API over HTTP on 127.0.0.1; its buckets live in this process, so a
-    server started again on the same port still has them."""
+    server started again on the same port (or another one) still has them."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, wrap: Callable[[Any], Any] | None = None) -> None:
         app = DomainDispatcherApplication(create_backend_app)
+        if wrap is not None:  # a WSGI middleware around moto's app
+            app = wrap(app)
         self._server = make_server(
             "127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler
         )
@@ -254,7 +256,10 @@ def test_a_bucket_gone_fails_the_job_at_once_with_the_service_error_code(
     assert f"s3://{bucket}/archives/orphan/" in job["error"]
     states = [h["state"] for h in job["history"]]
     assert "recoverable_error" not in states  # not retried: no attempt could fix it
-    assert root.archives("primary") == []  # the failed job's local copy is removed too
+    # the verified local copy is kept (a good copy is never thrown away because another
+    # target failed), recorded, and `archived retry` stores it in S3 once the bucket is back
+    assert [c["target"] for c in job["copies"]] == ["primary"]
+    assert [p.name for p in root.archives("primary")] == [job["archive"]["name"]]
 
 
 def test_audit_finds_a_damaged_object_and_repairs_it_from_the_local_copy(
@@ -443,3 +448,79 @@ def test_options_are_checked() -> None:
     ):
         with pytest.raises(ValueError):
             S3Options.model_validate(bad)
+
+
+def test_audit_tells_an_unreachable_endpoint_from_a_damaged_object(root: Root, bucket: str) -> None:
+    far = S3Server()
+    use_s3(root, far.endpoint, bucket)
+    root.start(env=env_credentials())
+    job = completed(root, root.job_file("far"))
+    far.stop()  # the endpoint refuses connections now
+    result = root.cli("audit", job["id"], env=env_credentials())
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cloud         unreachable" in result.stdout
+    assert "Could not connect to the endpoint URL" in result.stdout
+    assert "cloud         damaged" not in result.stdout
+    assert "cloud         repaired" not in result.stdout
+    assert "2 copies audited, 0 bad, 0 repaired, 1 unreachable" in result.stdout
+    job = root.show(job["id"])
+    audits = {a["target"]: a["result"] for a in job["audits"]}
+    assert audits == {"cloud": "unreachable", "primary": "ok"}
+    assert cloud_copy(job)["audit_result"] == "unreachable"
+
+
+class Gate:
+    """WSGI middleware that holds the next request, once armed, until opened: a target
+    that keeps the daemon waiting (a slow or half-dead endpoint)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+    def wrap(self, app: Any) -> Any:
+        def gated(environ: Any, start_response: Any) -> Any:
+            if self.armed:
+                self.armed = False
+                self.reached.set()
+                self.opened.wait(30)
+            return app(environ, start_response)
+
+        return gated
+
+
+def test_a_hold_placed_while_retention_waits_on_a_target_stops_the_rest_of_the_round(
+    root: Root, bucket: str
+) -> None:
+    gate = Gate()
+    slow = S3Server(wrap=gate.wrap)
+    try:
+        use_s3(root, slow.endpoint, bucket, retention={"check_interval": "100ms"})
+        daemon = root.start(env=env_credentials())
+        job = completed(root, root.job_file("evidence", retention_days=1))
+        gate.armed = True
+        expire_now(root, job["id"])
+        wait_until(gate.reached.is_set, 30, "retention to wait on the cloud copy")
+        result = root.cli("hold", job["id"])
+        assert result.returncode == 0 and "retention will not delete it" in result.stdout
+        gate.opened.set()  # the delete already under way goes through
+
+        def round_over() -> bool:
+            return root.show(job["id"])["state"] == "deleted" or any(
+                e.get("event") == "retention: stopped by a legal hold" for e in daemon.events()
+            )
+
+        wait_until(round_over, 30, "the retention round to end")
+        job = root.show(job["id"])
+        assert job["state"] == "completed" and job["legal_hold"]
+        assert len(root.archives("primary")) == 1
+        deleted = {c["target"]: c["deleted_at"] for c in job["copies"]}
+        assert deleted["cloud"] and deleted["primary"] is None
+        assert "deleted" not in [h["state"] for h in job["history"]]
+
+        assert root.cli("release", job["id"]).returncode == 0
+        root.wait_state(job["id"], "deleted")
+        assert root.archives("primary") == []
+    finally:
+        gate.opened.set()
+        slow.stop()

@@ -172,7 +172,8 @@ def test_a_broken_config_on_reload_keeps_the_old_one(root: Root, notify: NotifyS
 def test_a_reload_to_an_unusable_target_is_rejected(root: Root, notify: NotifySocket) -> None:
     daemon = root.start(env={"NOTIFY_SOCKET": notify.path})
     ready = notify.wait_for("READY", "1")
-    root.targets["gone"] = root.path / "no-such-dir"
+    root.targets["gone"] = root.path / "a-file"  # a missing one may be an unmounted disk
+    root.targets["gone"].write_text("not a directory\n")
     root.write_config()
     daemon.send(signal.SIGHUP)
     reloading = notify.wait_for("RELOADING", "1", after=ready + 1)
@@ -206,6 +207,8 @@ def test_metrics_textfile_parses(root: Root) -> None:
     assert sample("archived_retries_total") == 1
     assert sample("archived_failures_total") == 0
     assert sample("archived_transitions_total", state="completed") == 1
+    for entered_once in ("uninitialized", "queued", "activity_archiving", "post_processing"):
+        assert sample("archived_transitions_total", state=entered_once) == 1, entered_once
     assert sample("archived_bytes_archived_total") == 300_006
     assert (sample("archived_phase_duration_seconds_count", state="store") or 0) >= 2
     assert not list(root.path.glob(".archived.prom*"))  # written by rename, no leftovers
@@ -277,7 +280,7 @@ def test_unit_file_verifies_and_is_hardened(tmp_path: Path) -> None:
 
 
 def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
-    root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:4"})
+    root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:4,store=delay:3"})
     (job_id,) = root.submit(root.job_file("watched"))
     root.wait_state(job_id, "activity_archiving")
 
@@ -291,6 +294,9 @@ def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
     listing = root.cli("jobs").stdout.splitlines()
     assert listing[0].split() == ["ID", "STATE", "AGE", "UPDATED", "NAME"]
     assert listing[1].split()[:2] == [job_id, "activity_archiving"]
+    root.wait_state(job_id, "store")  # sealed, its sha256 not yet known
+    storing = root.cli("show", job_id).stdout
+    assert "archive  watched-" in storing and "None" not in storing, storing
     root.wait_state(job_id, "completed")
     done = root.cli("show", job_id).stdout
     assert "2 files, 300006 bytes" in done
@@ -311,7 +317,7 @@ def test_a_second_signal_exits_at_once_and_the_next_start_resumes(root: Root) ->
     assert daemon.proc is not None and daemon.proc.poll() is None  # still in its grace
     started = time.monotonic()
     daemon.send(signal.SIGTERM)
-    assert daemon.wait_exit(10) == 0
+    assert daemon.wait_exit(10) == 128 + signal.SIGTERM  # not 0: work was abandoned
     assert time.monotonic() - started < 5
     root.start()
     assert root.wait_state(job_id, "completed")["state"] == "completed"

@@ -11,6 +11,7 @@ from archived.states import (
     IDLE,
     PROCESSING,
     RETRY_EVENT,
+    STOPPABLE,
     TRANSITIONS,
     Event,
     IllegalTransition,
@@ -104,3 +105,13 @@ def test_every_state_is_reachable_from_uninitialized() -> None:
 def test_cancel_and_timeout_lead_to_failure_from_running_states(state: State) -> None:
     assert next_state(state, E.CANCELED) == S.FAILURE
     assert next_state(state, E.TIMED_OUT) == S.FAILURE
+
+
+def test_cleanup_retries_itself_and_can_only_end_final() -> None:
+    """A cleanup error is retried in `cleanup` (never `error`: it is never fatal, and a
+    stored job must not turn into a failed one), and cleanup is never cut short."""
+    assert next_state(S.CLEANUP, E.CLEANUP_FAILED) == S.CLEANUP
+    assert set(TRANSITIONS[S.CLEANUP].values()) == {S.CLEANUP, S.COMPLETED, S.FAILED}
+    assert S.CLEANUP not in STOPPABLE
+    with pytest.raises(IllegalTransition):
+        next_state(S.CLEANUP, E.ERROR)

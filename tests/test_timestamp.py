@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from rfc3161_client import decode_timestamp_response
 from tsa import QUERY_TYPE, Tsa, openssl, openssl_verify
 from tsa import tsa as tsa_fixture  # noqa: F401  (registers the fixture named "tsa")
 
@@ -83,6 +84,49 @@ async def test_gen_time_is_close_to_now(tsa: Tsa) -> None:
     assert token.gen_time.utcoffset() == timedelta(0)
     # openssl writes whole seconds (clock_precision_digits = 0): allow for the truncation
     assert before - timedelta(seconds=2) <= token.gen_time <= after + timedelta(seconds=2)
+
+
+async def test_a_reply_with_the_chain_embedded_in_any_order_is_accepted(
+    tsa: Tsa, tmp_path: Path
+) -> None:
+    """OpenSSL (`certs =`) and several public TSAs send the certificate SET in the order
+    they hold it, not in DER order; the set is not covered by the signature."""
+    ca = load_ca_bundle(tsa.ca_path)
+    unsorted = 0
+    for mode in ("chain", "chain_reversed"):
+        tsa.mode = mode
+        token = await request_token(tsa.url, MESSAGE, ca=tsa.ca_path)
+
+        assert token.response == tsa.replies[-1]  # stored exactly as received
+        assert token.tsa_name == "CN=Test TSA under an intermediate,O=archived tests"
+        assert check_token(token.response, MESSAGE, ca=ca) == token
+        tsr, data = tmp_path / f"{mode}.tsr", tmp_path / "tagmanifest-sha256.txt"
+        tsr.write_bytes(token.response)
+        data.write_bytes(MESSAGE)
+        result = openssl_verify(tsr, data, tsa.ca_path, tsa.pki.intermediate_path)
+        assert "Verification: OK" in result.stdout, result.stderr
+        try:
+            decode_timestamp_response(token.response)
+        except ValueError as exc:  # what rfc3161-client alone does with it
+            assert "InvalidSetOrdering" in str(exc)
+            unsorted += 1
+    assert unsorted >= 1  # the case this test is about did happen
+
+
+async def test_a_token_without_the_ess_signing_certificate_is_refused(tsa: Tsa) -> None:
+    tsa.mode = "no_ess"
+    with pytest.raises(TimestampRefused, match="no ESS signing-certificate attribute"):
+        await request_token(tsa.url, MESSAGE, ca=tsa.ca_path)
+    with pytest.raises(TimestampRefused, match="no ESS signing-certificate attribute"):
+        check_token(tsa.replies[-1], MESSAGE, ca=load_ca_bundle(tsa.ca_path))
+
+
+async def test_a_token_whose_signer_certificate_was_swapped_is_refused(tsa: Tsa) -> None:
+    """Same key, issuer and serial, so the signature and the chain verify: only the ESS
+    signing-certificate attribute (signed) tells which certificate the TSA meant."""
+    tsa.mode = "swapped_cert"
+    with pytest.raises(TimestampRefused, match="signing-certificate attribute names another"):
+        await request_token(tsa.url, MESSAGE, ca=tsa.ca_path)
 
 
 # -- check_token (archived verify) --------------------------------------------------------

@@ -6,6 +6,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import pytest
 from conftest import Root, minisign_keypair, wait_until
 from tsa import Tsa, openssl_verify
 from tsa import tsa as tsa_fixture  # noqa: F401  (registers the fixture named "tsa")
@@ -30,10 +31,13 @@ def extract(archive: Path, into: Path) -> Path:
     return into / archive.name.removesuffix(".tar")
 
 
+@pytest.mark.parametrize("mode", ["ok", "chain_reversed"])
 def test_a_time_stamped_archive_verifies_with_openssl_and_archived(
-    root: Root, tsa: Tsa, tmp_path: Path
+    root: Root, tsa: Tsa, tmp_path: Path, mode: str
 ) -> None:
+    """ "chain_reversed": a TSA that embeds its chain, not in DER order (as OpenSSL's does)."""
     with_tsa(root, tsa)
+    tsa.mode = mode
     root.start()
     (job_id,) = root.submit(root.job_file("stamped"))
     job = root.wait_state(job_id, "completed", "failed")
@@ -41,7 +45,8 @@ def test_a_time_stamped_archive_verifies_with_openssl_and_archived(
     archive = root.archives("primary")[0]
     bag = extract(archive, tmp_path / "x")
     assert (bag / TSR).read_bytes() == tsa.replies[-1]
-    done = openssl_verify(bag / TSR, bag / "tagmanifest-sha256.txt", tsa.ca_path, tsa.tsa_cert_path)
+    untrusted = tsa.tsa_cert_path if mode == "ok" else tsa.pki.intermediate_path
+    done = openssl_verify(bag / TSR, bag / "tagmanifest-sha256.txt", tsa.ca_path, untrusted)
     assert done.returncode == 0 and "Verification: OK" in done.stdout, done.stderr
     ok = root.cli("verify", str(archive))  # the configured key and tsa_ca
     assert ok.returncode == 0, ok.stdout + ok.stderr

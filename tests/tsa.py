@@ -28,6 +28,16 @@ Modes (`tsa.mode`, switchable at any time):
 - "untrusted": signed by a TSA certificate from a different root CA (`other_ca_path`).
 - "wrong_nonce": the reply to a *different* query (`openssl ts -query -data <other> -sha256
   -cert`), so neither the nonce nor the message imprint match the request.
+- "chain" / "chain_reversed": signed by a TSA certificate under an intermediate CA, with the
+  chain embedded (`certs =`: intermediate then root, or root then intermediate). OpenSSL
+  writes the certificate SET in insertion order (signer first), not in DER SET OF order, as
+  several public TSAs do.
+- "no_ess": the token for the real query, re-signed by the good TSA certificate with
+  `openssl cms -sign`, which adds no ESS signing-certificate attribute.
+- "swapped_cert": a granted reply whose embedded signer certificate was replaced by its twin
+  (same issuer, serial and key, other validity, the same length): the signature and chain
+  still verify, only the ESS signing-certificate attribute tells the certificate is not the
+  one the TSA signed with.
 - "no_eku" / "noncritical_eku": the token for the real query, re-signed by a certificate
   (chaining to the trusted root) without the timeStamping extended key usage / with it but
   not critical. `openssl ts -reply` refuses to sign with such a certificate ("invalid signer
@@ -35,10 +45,9 @@ Modes (`tsa.mode`, switchable at any time):
   -econtent_type id-smime-ct-TSTInfo` and wrapped back into a TimeStampResp with
   `openssl ts -reply -token_in` (no ASN.1 written by hand here either).
 
-The signing configuration deliberately embeds only the signer certificate (no `certs =` chain):
-OpenSSL writes the SignedData certificate SET in insertion order, not in DER SET OF order, and
-rfc3161-client 1.0.9 refuses such a reply outright (ASN.1 "InvalidSetOrdering"), so with a
-chain the fixture would pass or fail depending on the certificates' bytes.
+The default signing configuration embeds only the signer certificate; "chain" and
+"chain_reversed" embed a chain, which rfc3161-client 1.0.9 alone refuses outright (ASN.1
+"InvalidSetOrdering") whenever the SET is not in DER order.
 """
 
 from __future__ import annotations
@@ -76,6 +85,10 @@ MODES = frozenset(
         "wrong_nonce",
         "no_eku",
         "noncritical_eku",
+        "chain",
+        "chain_reversed",
+        "no_ess",
+        "swapped_cert",
     }
 )
 
@@ -90,6 +103,12 @@ CN = unused
 basicConstraints = critical,CA:true
 keyUsage = critical,keyCertSign,cRLSign
 subjectKeyIdentifier = hash
+
+[inter_ext]
+basicConstraints = critical,CA:true,pathlen:0
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
 
 [tsa_ext]
 basicConstraints = critical,CA:false
@@ -123,7 +142,7 @@ signer_digest = sha256
 default_policy = {policy}
 other_policies = 1.2.3.4.5
 digests = {digests}
-accuracy = secs:1, millisecs:500, microsecs:100
+{certs}accuracy = secs:1, millisecs:500, microsecs:100
 clock_precision_digits = 0
 ordering = no
 tsa_name = yes
@@ -169,6 +188,9 @@ class Pki:
     no_eku_key_path: Path
     noncritical_eku_cert_path: Path  # signed by the trusted root, EKU timeStamping not critical
     noncritical_eku_key_path: Path
+    intermediate_path: Path  # a CA under the trusted root
+    chained_tsa_cert_path: Path  # TSA cert signed by the intermediate
+    twin_cert_path: Path  # tsa.crt's twin: same issuer, serial and key, other validity
     config: Path  # ts.cnf
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
@@ -191,16 +213,31 @@ def _make_pki(directory: Path) -> Pki:
         )  # fmt: skip
         return cert
 
+    def sign(csr: Path, ca: str, extensions: str, cert: Path, serial: int, days: int) -> None:
+        openssl(
+            "x509", "-req", "-in", csr, "-CA", directory / f"{ca}.crt",
+            "-CAkey", directory / f"{ca}.key", "-set_serial", str(serial),
+            "-days", str(days), "-sha256", "-extfile", ext, "-extensions", extensions,
+            "-out", cert,
+        )  # fmt: skip
+
     def leaf(name: str, subject: str, ca: str, extensions: str) -> Path:
         csr = directory / f"{name}.csr"
         cert = directory / f"{name}.crt"
         openssl("req", "-new", "-key", key(name), "-subj", subject, "-config", ext, "-out", csr)
-        openssl(
-            "x509", "-req", "-in", csr, "-CA", directory / f"{ca}.crt",
-            "-CAkey", directory / f"{ca}.key", "-set_serial", str(secrets.randbits(63)),
-            "-days", "30", "-sha256", "-extfile", ext, "-extensions", extensions, "-out", cert,
-        )  # fmt: skip
+        sign(csr, ca, extensions, cert, secrets.randbits(63), 30)
         return cert
+
+    def twin(cert: Path) -> Path:
+        """A certificate for the key of `cert`, with its issuer and serial but another
+        validity, of exactly the same DER length (ECDSA signatures vary by a byte or two)."""
+        serial = int(openssl("x509", "-in", cert, "-noout", "-serial").stdout.split(b"=")[1], 16)
+        path = cert.with_name(cert.stem + "-twin.crt")
+        for _ in range(50):
+            sign(cert.with_suffix(".csr"), "ca", "tsa_ext", path, serial, 31)
+            if len(_der(path)) == len(_der(cert)):
+                return path
+        raise RuntimeError("could not make a twin certificate of the same length")
 
     ca = root("ca", "/O=archived tests/CN=Test Root CA")
     tsa_cert = leaf("tsa", "/O=archived tests/CN=Test TSA", "ca", "tsa_ext")
@@ -214,19 +251,42 @@ def _make_pki(directory: Path) -> Pki:
         "noncritical_eku_ext",
     )
 
+    intermediate = leaf("inter", "/O=archived tests/CN=Test Intermediate CA", "ca", "inter_ext")
+    chained = leaf(
+        "chained-tsa", "/O=archived tests/CN=Test TSA under an intermediate", "inter", "tsa_ext"
+    )
+    (directory / "chain.pem").write_bytes(intermediate.read_bytes() + ca.read_bytes())
+    (directory / "chain-reversed.pem").write_bytes(ca.read_bytes() + intermediate.read_bytes())
+    tsa_twin = twin(tsa_cert)
+
+    all_digests = "sha256, sha384, sha512"
     sections = [
-        ("tsa_config1", "tsa.crt", "tsa.key", "sha256, sha384, sha512"),
-        ("tsa_untrusted", "untrusted-tsa.crt", "untrusted-tsa.key", "sha256, sha384, sha512"),
-        ("tsa_sha512_only", "tsa.crt", "tsa.key", "sha512"),
+        ("tsa_config1", "tsa.crt", "tsa.key", all_digests, ""),
+        ("tsa_untrusted", "untrusted-tsa.crt", "untrusted-tsa.key", all_digests, ""),
+        ("tsa_sha512_only", "tsa.crt", "tsa.key", "sha512", ""),
+        ("tsa_chain", "chained-tsa.crt", "chained-tsa.key", all_digests, "chain.pem"),
+        (
+            "tsa_chain_reversed",
+            "chained-tsa.crt",
+            "chained-tsa.key",
+            all_digests,
+            "chain-reversed.pem",
+        ),
     ]
     config = directory / "ts.cnf"
     config.write_text(
         "[tsa]\ndefault_tsa = tsa_config1\n\n"
         + "\n".join(
             _TS_SECTION.format(
-                name=name, dir=directory, cert=cert, key=key, policy=POLICY, digests=digests
+                name=name,
+                dir=directory,
+                cert=cert,
+                key=key,
+                policy=POLICY,
+                digests=digests,
+                certs=f"certs = $dir/{chain}\n" if chain else "",
             )
-            for name, cert, key, digests in sections
+            for name, cert, key, digests, chain in sections
         )
     )
     (directory / "tsaserial").write_text("01\n")
@@ -240,8 +300,15 @@ def _make_pki(directory: Path) -> Pki:
         no_eku_key_path=directory / "no-eku.key",
         noncritical_eku_cert_path=noncritical,
         noncritical_eku_key_path=directory / "noncritical-eku.key",
+        intermediate_path=intermediate,
+        chained_tsa_cert_path=chained,
+        twin_cert_path=tsa_twin,
         config=config,
     )
+
+
+def _der(pem: Path) -> bytes:
+    return openssl("x509", "-in", pem, "-outform", "DER").stdout
 
 
 _PKI: dict[Path, Pki] = {}  # one per pytest session (keyed by its base temp dir)
@@ -399,9 +466,12 @@ class Tsa:
             work = Path(tmp)
             queryfile = work / "query.tsq"
             queryfile.write_bytes(query)
-            section = {"untrusted": "tsa_untrusted", "rejected": "tsa_sha512_only"}.get(
-                mode, "tsa_config1"
-            )
+            section = {
+                "untrusted": "tsa_untrusted",
+                "rejected": "tsa_sha512_only",
+                "chain": "tsa_chain",
+                "chain_reversed": "tsa_chain_reversed",
+            }.get(mode, "tsa_config1")
             if mode == "wrong_nonce":
                 other = work / "other.txt"
                 other.write_bytes(b"some other data, some other request\n")
@@ -418,6 +488,13 @@ class Tsa:
                 return self._resign(
                     reply, self.pki.noncritical_eku_cert_path, self.pki.noncritical_eku_key_path
                 )
+            if mode == "no_ess":
+                return self._resign(reply, self.pki.tsa_cert_path, self.pki.dir / "tsa.key")
+            if mode == "swapped_cert":
+                original, twin = _der(self.pki.tsa_cert_path), _der(self.pki.twin_cert_path)
+                data = reply.read_bytes()
+                assert data.count(original) == 1
+                return data.replace(original, twin)
             return reply.read_bytes()
 
     def _resign(self, reply: Path, cert: Path, key: Path) -> bytes:

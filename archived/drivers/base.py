@@ -10,8 +10,10 @@ proves it reads back identical.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tarfile
 from abc import ABC, abstractmethod
 from collections import deque
@@ -26,7 +28,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict
 
 from ..config import Config
-from ..errors import StorageError, TransientError
+from ..errors import NoSpace, StorageError, TransientError
 
 BUFFER_SIZE = 1024 * 1024
 BLOCK = 512  # a tar block
@@ -98,10 +100,34 @@ def tar_header(name: str, size: int, mtime: int) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
+def member_bytes(name: str, size: int) -> int:
+    """About what a regular file's member takes in a tar fragment, with its record:
+    the header (a PAX one for a long or non-ASCII name), the data padded to a block."""
+    length = len(name)
+    if length > 100 or not name.isascii():
+        length = len(name.encode("utf-8", "surrogateescape"))
+        header = 3 * BLOCK + (length + 30) // BLOCK * BLOCK
+    else:
+        header = BLOCK
+    return header + (size + BLOCK - 1) // BLOCK * BLOCK + length + 80  # record: sha256 size path
+
+
+def require_space(directory: Path, needed: int, what: str) -> None:
+    """NoSpace unless the file system of `directory` has `needed` bytes free (for us)."""
+    st = os.statvfs(directory)
+    has = st.f_bavail * st.f_frsize
+    if needed > has:
+        raise NoSpace(f"{what}: needs {needed} bytes, has {has} on {directory}")
+
+
 def hash_file(
-    path: Path | str, digest: Any, buffer: memoryview, check: Callable[[], None] = lambda: None
+    path: Path | str | int,
+    digest: Any,
+    buffer: memoryview,
+    check: Callable[[], None] = lambda: None,
 ) -> int:
-    """Feed the file at `path` to `digest` through `buffer`; returns its size."""
+    """Feed the file at `path` (or an open descriptor, closed after) to `digest` through
+    `buffer`; returns its size."""
     size = 0
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
@@ -111,10 +137,37 @@ def hash_file(
     return size
 
 
+class NotRegularFile(OSError):
+    """Something other than a regular file (a FIFO, a device, a symbolic link) at a path
+    where one was expected."""
+
+
+def open_regular(path: Path | str) -> int:
+    """A read-only descriptor of the regular file at `path`, or NotRegularFile.
+
+    A symbolic link is not followed, and a FIFO or a device is not waited on: opening a
+    FIFO to read blocks until someone writes to it, which may be never.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the last component is a symbolic link
+            raise NotRegularFile(errno.ELOOP, "not a regular file", str(path)) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def file_sha256(path: Path | str) -> tuple[str, int]:
-    """The sha256 and size of a file, read once in large blocks."""
+    """The sha256 and size of a regular file, read once in large blocks."""
     digest = hashlib.sha256()
-    size = hash_file(path, digest, memoryview(bytearray(BUFFER_SIZE)))
+    size = hash_file(open_regular(path), digest, memoryview(bytearray(BUFFER_SIZE)))
     return digest.hexdigest(), size
 
 
@@ -414,6 +467,12 @@ class ActivityDriver(ABC):
     def check(cls, options: DriverOptions, config: Config) -> None:
         """Raise JobFileError if the options are not allowed under `config`."""
 
+    def estimate(self, member_prefix: str) -> int | None:
+        """About how many bytes the artifacts will take in staging, members named
+        `member_prefix + relpath` (see member_bytes); None if it cannot be known before
+        (a program's output). Runs in a worker thread, before `run`."""
+        return None
+
     @abstractmethod
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         """Write the artifacts through `ctx.writer`; return a small JSON summary."""
@@ -436,9 +495,19 @@ class StorageDriver(ABC):
     def options(cls, raw: dict[str, Any]) -> DriverOptions:
         return cls.Options.model_validate(raw)
 
+    @property
+    def local_root(self) -> Path | None:
+        """The local directory the target keeps its archives in, if it has one."""
+        return None
+
     @abstractmethod
     async def ready(self) -> None:
-        """Raise ConfigError unless the target can take archives now."""
+        """Raise ConfigError if the target cannot work as configured, TargetUnavailable
+        if it cannot be reached now (jobs wait for it)."""
+
+    async def mark(self) -> str | None:
+        """Mark the target as one (`archived init-target`); None: it needs no marker."""
+        return None
 
     @abstractmethod
     async def put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:

@@ -5,32 +5,27 @@ arguments only where the config allows them (`allowed_args`, glob patterns each
 argument must match). The program runs without a shell, stdin closed, in a clean
 environment (PATH, LANG and the section's `env`). Its stdout streams into the
 artifact through the shared writer, hashed as it is written; the last
-`stderr_limit` bytes of stderr go into the job's event log. A non-zero exit is
-fatal unless its code is in `transient_exit_codes`; a timeout is recoverable.
+`STDERR_LIMIT` bytes of stderr go into the job's event log. A non-zero exit is
+fatal unless its code is in `transient_exit_codes`; a timeout is recoverable. A
+cancelled or timed-out program is stopped at once with all it started (children.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import os
 import selectors
-import signal
-import subprocess
-import threading
 import time
-from collections import deque
 from typing import Any
 
 import anyio
 import anyio.from_thread
 from pydantic import Field
 
+from ..children import STDERR_LIMIT, Child
 from ..config import CommandConfig, Config
 from ..errors import ArchivedError, JobFileError, TransientError
 from .base import BUFFER_SIZE, ActivityContext, ActivityDriver, DriverOptions
-
-STDERR_LIMIT = 64 * 1024
 
 
 class CommandFailed(ArchivedError):
@@ -78,53 +73,35 @@ class CommandDriver(ActivityDriver):
         writer = ctx.writer
         writer.start()
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=_clean_env(section),
-                cwd=section.cwd,
-                start_new_session=True,
-            )
+            child = Child(argv, env=_clean_env(section), cwd=section.cwd, capture_stdout=True)
         except OSError as exc:
             raise CommandFailed(
                 f"command {self.opts.command}: cannot run {argv[0]}: {exc.strerror}"
             ) from None
-        assert proc.stdout is not None and proc.stderr is not None
-        stderr_tail: deque[bytes] = deque()
-        drain = threading.Thread(target=_keep_tail, args=(proc.stderr, stderr_tail), daemon=True)
-        drain.start()
+        check_cancelled = anyio.from_thread.check_cancelled
         deadline = time.monotonic() + section.timeout
         timed_out = False
         try:
             with writer.stream(output) as sink, selectors.DefaultSelector() as sel:
-                sel.register(proc.stdout, selectors.EVENT_READ)
-                fd = proc.stdout.fileno()
+                sel.register(child.stdout, selectors.EVENT_READ)
+                fd = child.stdout.fileno()
                 while True:
-                    anyio.from_thread.check_cancelled()
+                    check_cancelled()
                     left = deadline - time.monotonic()
                     if left <= 0:
                         timed_out = True
                         break
-                    if not sel.select(min(left, 0.5)):
+                    if not sel.select(min(left, 0.2)):
                         continue
                     chunk = os.read(fd, BUFFER_SIZE)
                     if not chunk:
                         break
                     sink.write(chunk)
+            # stdout is closed: give the program the rest of its time to exit
+            timed_out = timed_out or not child.wait(deadline, check_cancelled)
         finally:
-            if not timed_out:  # stdout is closed: give the program the rest of its time
-                try:
-                    proc.wait(max(deadline - time.monotonic(), 0))
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-            if timed_out or proc.poll() is None:  # also when cancelled mid-stream
-                _kill(proc)
-            code = proc.wait()
-            drain.join(5)
-            proc.stdout.close()
-        stderr = b"".join(stderr_tail).decode("utf-8", errors="replace")
+            code = child.stop()  # at once, when cancelled: nothing waits for its timeout
+        stderr = child.stderr()
         if stderr.strip():
             ctx.notes.append(
                 f"command {self.opts.command} stderr (last {STDERR_LIMIT} bytes):\n{stderr}"
@@ -146,19 +123,3 @@ class CommandDriver(ActivityDriver):
                 f"(set commands.{self.opts.command}.allow_empty if that is fine)"
             )
         return {**writer.finish(), "exit": code}
-
-
-def _keep_tail(stream: Any, tail: deque[bytes]) -> None:
-    size = 0
-    for chunk in iter(lambda: stream.read1(65536), b""):
-        tail.append(chunk)
-        size += len(chunk)
-        while size - len(tail[0]) >= STDERR_LIMIT:
-            size -= len(tail.popleft())
-    stream.close()
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    """The whole process group: a shell script's children must not outlive it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)

@@ -27,6 +27,7 @@ from .base import (
     ArtifactWriter,
     DriverOptions,
     SourceChanged,
+    member_bytes,
 )
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -36,6 +37,7 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 class FilesOptions(DriverOptions):
     path: Path
     exclude: list[str] = []
+    allow_empty: bool = False  # a source with no file to archive is an error unless set
 
 
 def allowed_root(path: Path, config: Config) -> Path | None:
@@ -60,6 +62,7 @@ def check_under_roots(path: Path, config: Config) -> None:
 class FilesDriver(ActivityDriver):
     Options = FilesOptions
     opts: FilesOptions
+    excluded = 0  # entries left out by `exclude`, counted by the walk
 
     @classmethod
     def check(cls, options: Any, config: Config) -> None:
@@ -70,6 +73,41 @@ class FilesDriver(ActivityDriver):
         return await anyio.to_thread.run_sync(
             self._copy, ctx.writer, ctx.notes, limiter=ctx.limiter
         )
+
+    def estimate(self, member_prefix: str) -> int:
+        """The tree's regular files at their full size (a sparse file becomes all of it),
+        as tar members with their records. One stat a file: kept lean."""
+        source = Path(os.path.realpath(self.opts.path))
+        try:
+            st = os.lstat(source)
+        except OSError:
+            return 0  # `run` says what is wrong with it
+        if stat.S_ISREG(st.st_mode):
+            return member_bytes(member_prefix + source.name, st.st_size)
+        excluded = self._excluded if self.opts.exclude else None
+        check_cancelled = anyio.from_thread.check_cancelled
+        total, pending = 0, [(str(source), "")]
+        while pending:
+            directory, prefix = pending.pop()
+            check_cancelled()
+            try:
+                it = os.scandir(directory)
+            except OSError:
+                continue
+            with it:
+                for entry in it:
+                    relpath = prefix + entry.name
+                    if excluded is not None and excluded(relpath):
+                        continue
+                    try:
+                        if entry.is_file(follow_symlinks=False):
+                            size = entry.stat(follow_symlinks=False).st_size
+                            total += member_bytes(member_prefix + relpath, size)
+                        elif entry.is_dir(follow_symlinks=False):
+                            pending.append((entry.path, relpath + "/"))
+                    except OSError:
+                        continue  # gone meanwhile: `run` sees what is there
+        return total
 
     def _copy(self, writer: ArtifactWriter, notes: list[str]) -> dict[str, Any]:
         source = Path(os.path.realpath(self.opts.path))
@@ -91,6 +129,14 @@ class FilesDriver(ActivityDriver):
                 raise SourceError(f"source {self.opts.path} is neither a directory nor a file")
         finally:
             os.close(fd)
+        if writer.files == 0 and not self.opts.allow_empty:
+            why = [f"{self.excluded} excluded"] if self.excluded else []
+            why += [f"{skipped} skipped (not regular files)"] if skipped else []
+            raise SourceError(
+                f"nothing to archive in {self.opts.path}: "
+                f"{', '.join(why) if why else 'it holds no files'}; "
+                "set allow_empty = true in the activity if that is fine"
+            )
         return {**writer.finish(), "skipped": skipped}
 
     def _excluded(self, relpath: str) -> bool:
@@ -112,6 +158,7 @@ class FilesDriver(ActivityDriver):
             if not relpath.isascii():
                 self._check_name(relpath)
             if excluded is not None and excluded(relpath):
+                self.excluded += 1
                 continue
             if entry.is_file(follow_symlinks=False):
                 fd = self._open(entry.name, dir_fd, _FILE_FLAGS, relpath)

@@ -43,7 +43,7 @@ from botocore.loaders import create_loader
 from pydantic import Field, StrictInt, field_validator
 
 from .. import failpoints
-from ..errors import ConfigError, StorageError, classify
+from ..errors import ConfigError, StorageError, TargetUnavailable, classify
 from .base import (
     BUFFER_SIZE,
     Digest,
@@ -220,6 +220,13 @@ def _describe(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _target_gone(exc: BaseException) -> bool:
+    """The endpoint cannot be reached, or has no such bucket: nothing about the object."""
+    if isinstance(exc, ClientError):
+        return error_code(exc) == "NoSuchBucket"
+    return isinstance(exc, ConnectionError)
+
+
 def _is_missing(exc: ClientError) -> bool:
     return error_code(exc) in ("404", "NoSuchKey", "NotFound")
 
@@ -314,7 +321,12 @@ class S3Driver(StorageDriver):
                 "AccessDenied": "the credentials may not use this bucket",
                 "PermanentRedirect": "the bucket is in another region",
             }.get(code, "")
-            raise ConfigError(f"{where}: {code}{f' ({hint})' if hint else ''}") from None
+            message = f"{where}: {code}{f' ({hint})' if hint else ''}"
+            if code.startswith("5") or code in RECOVERABLE_CODES:
+                raise TargetUnavailable(message) from None
+            raise ConfigError(message) from None
+        except (ConnectionError, HTTPClientError) as exc:  # off the network: wait for it
+            raise TargetUnavailable(f"{where}: {_describe(exc)}") from None
         except BotoCoreError as exc:
             raise ConfigError(f"{where}: {_describe(exc)}") from None
 
@@ -358,7 +370,8 @@ class S3Driver(StorageDriver):
         except CredentialsError as exc:
             return f"unreadable: {url}: {exc}"
         except (ClientError, BotoCoreError) as exc:
-            return f"unreadable: {url}: {_describe(exc)}"
+            verdict = "unreachable" if _target_gone(exc) else "unreadable"
+            return f"{verdict}: {url}: {_describe(exc)}"
         return copy_problem(url, got, sha256, size)
 
     async def fetch(self, key: str, dest: Path) -> None:

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from ..config import Config
 from ..errors import IntegrityError, SourceError
-from .base import ActivityContext, ActivityDriver, DriverOptions
+from .base import ActivityContext, ActivityDriver, DriverOptions, member_bytes
 from .files import check_under_roots
 
 
@@ -37,6 +37,17 @@ class SqliteDriver(ActivityDriver):
     @classmethod
     def check(cls, options: Any, config: Config) -> None:
         check_under_roots(options.path, config)
+
+    def estimate(self, member_prefix: str) -> int:
+        """The snapshot is staged twice at the most (a spool file, then its member); it is
+        no bigger than the database and its write-ahead log."""
+        size = 0
+        for path in (self.opts.path, Path(f"{self.opts.path}-wal")):
+            try:
+                size += path.stat().st_size
+            except OSError:
+                continue
+        return 2 * member_bytes(member_prefix + (self.opts.output or self.opts.path.name), size)
 
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         self.check(self.opts, ctx.config)

@@ -36,8 +36,14 @@ RETURNING *;
 SELECT * FROM jobs WHERE state IN (SELECT value FROM json_each(:states)) ORDER BY created_at, id;
 
 -- name: list_jobs
-SELECT id, name, state, created_at, updated_at, error FROM jobs
-WHERE :state IS NULL OR state = :state ORDER BY created_at, id;
+-- With how many live copies the last audit found damaged or lost (and could not
+-- repair), and how many sit on a target it could not reach.
+SELECT id, name, state, created_at, updated_at, error,
+       (SELECT count(*) FROM copies c WHERE c.job_id = jobs.id AND c.deleted_at IS NULL
+        AND c.audit_result = 'unrepaired') AS damaged_copies,
+       (SELECT count(*) FROM copies c WHERE c.job_id = jobs.id AND c.deleted_at IS NULL
+        AND c.audit_result = 'unreachable') AS unreachable_copies
+FROM jobs WHERE :state IS NULL OR state = :state ORDER BY created_at, id;
 
 -- name: count_processing
 SELECT count(*) FROM jobs WHERE state IN (SELECT value FROM json_each(:states));
@@ -117,23 +123,55 @@ AND name NOT IN (SELECT value FROM json_each(:targets));
 UPDATE tasks SET progress = :progress WHERE job_id = :job_id AND kind = :kind AND name = :name;
 
 -- name: copies_to_audit
--- Copies that could not be repaired first, then oldest-audited (never audited before
--- all), copies of completed jobs only.
-SELECT c.job_id, c.target, c.path, c.size, c.sha256, j.name, j.archive_name, j.config
+-- Oldest-audited first (never audited before all), copies of completed jobs only;
+-- :known_bad 1: only those the last audit could not repair or reach, 0: only the others.
+SELECT c.job_id, c.target, c.path, c.size, c.sha256, c.audit_result, j.name, j.archive_name,
+       j.config
 FROM copies c JOIN jobs j ON j.id = c.job_id
 WHERE j.state = 'completed' AND c.deleted_at IS NULL AND (:job_id IS NULL OR c.job_id = :job_id)
-ORDER BY coalesce(c.audit_result, '') != 'unrepaired', c.audited_at IS NOT NULL,
-         c.audited_at, c.verified_at
+  AND (:known_bad IS NULL
+       OR (coalesce(c.audit_result, '') IN ('unrepaired', 'unreachable')) = :known_bad)
+ORDER BY c.audited_at IS NOT NULL, c.audited_at, c.verified_at
 LIMIT :limit;
 
 -- name: job_copies
-SELECT c.job_id, c.target, c.path, c.size, c.sha256, j.name, j.archive_name, j.config
+SELECT c.job_id, c.target, c.path, c.size, c.sha256, c.audit_result, j.name, j.archive_name,
+       j.config
 FROM copies c JOIN jobs j ON j.id = c.job_id WHERE c.job_id = :job_id AND c.deleted_at IS NULL
 ORDER BY c.target;
 
 -- name: record_audit
 INSERT INTO audits (job_id, target, at, result, detail)
 VALUES (:job_id, :target, :now, :result, :detail);
+
+-- name: last_audit_finding
+SELECT result, detail FROM audits
+WHERE job_id = :job_id AND target = :target AND result IN ('missing', 'damaged')
+ORDER BY seq DESC LIMIT 1;
+
+-- name: count_audit
+INSERT INTO audit_totals (result, count) VALUES (:result, 1)
+ON CONFLICT (result) DO UPDATE SET count = count + 1;
+
+-- name: audit_totals
+SELECT result, count FROM audit_totals;
+
+-- name: last_audited
+SELECT max(audited_at) AS at FROM copies;
+
+-- name: copies_by_audit
+-- Live copies of completed jobs by what their last audit found.
+SELECT CASE WHEN c.audit_result IS NULL THEN 'unaudited'
+            WHEN c.audit_result IN ('ok', 'repaired') THEN 'ok'
+            WHEN c.audit_result = 'unrepaired' THEN 'damaged'
+            ELSE c.audit_result END AS audit,
+       count(*) AS n
+FROM copies c JOIN jobs j ON j.id = c.job_id
+WHERE j.state = 'completed' AND c.deleted_at IS NULL GROUP BY audit;
+
+-- name: damaged_jobs
+SELECT count(DISTINCT c.job_id) AS n FROM copies c JOIN jobs j ON j.id = c.job_id
+WHERE j.state = 'completed' AND c.deleted_at IS NULL AND c.audit_result = 'unrepaired';
 
 -- name: mark_audited
 UPDATE copies SET audited_at = :now, audit_result = :result
@@ -148,7 +186,11 @@ WHERE state = 'completed' AND expires_at IS NOT NULL AND expires_at <= :now AND 
 ORDER BY expires_at;
 
 -- name: live_copies
-SELECT target, path, size, sha256 FROM copies WHERE job_id = :job_id AND deleted_at IS NULL;
+SELECT target, path, size, sha256 FROM copies WHERE job_id = :job_id AND deleted_at IS NULL
+ORDER BY target;
+
+-- name: legal_hold
+SELECT legal_hold FROM jobs WHERE id = :id;
 
 -- name: mark_copy_deleted
 UPDATE copies SET deleted_at = :now WHERE job_id = :job_id AND target = :target;
@@ -176,3 +218,31 @@ ORDER BY r.slot DESC LIMIT 1;
 -- name: schedule_runs
 SELECT schedule, slot, result, job_id, detail, at FROM schedule_runs
 WHERE :schedule IS NULL OR schedule = :schedule ORDER BY slot DESC LIMIT :limit;
+
+-- name: upsert_orphan
+INSERT INTO orphans (job_id, target, key, reason, recorded_at)
+VALUES (:job_id, :target, :key, :reason, :now)
+ON CONFLICT (job_id, target, key) DO UPDATE
+SET reason = excluded.reason, removed_at = NULL;
+
+-- name: orphans_due
+-- Orphans of final jobs: a job that runs again (an operator's retry) cleans up itself.
+SELECT o.job_id, o.target, o.key, j.config, j.state
+FROM orphans o JOIN jobs j ON j.id = o.job_id
+WHERE o.removed_at IS NULL AND j.state IN ('completed', 'failed', 'deleted')
+ORDER BY o.recorded_at;
+
+-- name: mark_orphan_removed
+UPDATE orphans SET removed_at = :now WHERE job_id = :job_id AND target = :target AND key = :key;
+
+-- name: drop_orphans_of_key
+DELETE FROM orphans WHERE job_id = :job_id AND key = :key AND removed_at IS NULL;
+
+-- name: job_orphans
+SELECT target, key, reason, recorded_at, removed_at FROM orphans
+WHERE job_id = :job_id ORDER BY target, key;
+
+-- name: reset_storage_tasks_without_copy
+UPDATE tasks SET state = 'created', error = NULL, result = NULL, updated_at = :now
+WHERE job_id = :job_id AND kind = 'storage'
+AND name NOT IN (SELECT target FROM copies WHERE job_id = :job_id AND deleted_at IS NULL);
