@@ -574,6 +574,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from . import install
+
+    targets = {}
+    for spec in args.target:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CommandError(
+                f"--target {spec!r}: NAME=PATH, e.g. primary=/srv/archive", EXIT_USAGE
+            )
+        targets[name] = Path(path)
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    layout = install.layout(
+        folder=path(args.dir),
+        config=configmod.config_path(args.config),
+        state_dir=path(args.state_dir),
+        spool_dir=path(args.spool_dir),
+        key=path(args.key),
+        sources=[Path(s) for s in args.source],
+        targets=targets,
+    )
+    config = install.plan(layout)
+    for line in anyio.run(install.create, layout, config):
+        print(line)
+    print(f"ok: {layout.config}\n{install.next_steps(layout)}", end="")
+    return EXIT_OK
+
+
 # -- wiring --------------------------------------------------------------------------
 
 
@@ -650,6 +681,32 @@ def parser() -> argparse.ArgumentParser:
         "mark a target's directory as the target (an empty mount point is not)",
     )
     sp.add_argument("target", metavar="NAME")
+    sp = add(
+        "init",
+        cmd_init,
+        "set up an installation: a commented config, its directories, key pair and target "
+        "markers; never overwrites",
+    )
+    sp.add_argument(
+        "--dir", metavar="DIR", help="everything in this folder (default: /etc, /var, /srv)"
+    )
+    sp.add_argument(
+        "--target",
+        metavar="NAME=PATH",
+        action="append",
+        default=[],
+        help="a localdir storage target (default: primary=DIR/archive or /srv/archive)",
+    )
+    sp.add_argument(
+        "--source",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="a source root jobs may archive from (default: DIR/sources or /srv/exports)",
+    )
+    sp.add_argument("--state-dir", metavar="PATH")
+    sp.add_argument("--spool-dir", metavar="PATH")
+    sp.add_argument("--key", metavar="PATH", help="the signing key to make (or keep)")
     return p
 
 

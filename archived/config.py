@@ -273,7 +273,12 @@ def load(path: Path | None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return _build(raw, base=path.absolute().parent, source=path, embedded=False)
+    return build(raw, source=path)
+
+
+def build(raw: Mapping[str, Any], *, source: Path) -> Config:
+    """The config a file at `source` holding `raw` (its parsed TOML) stands for."""
+    return _build(raw, base=source.absolute().parent, source=source, embedded=False)
 
 
 def _build(raw: Mapping[str, Any], *, base: Path, source: Path | None, embedded: bool) -> Config:
