@@ -450,12 +450,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
+    """The hold in the database first (retention obeys it), then on the copies of
+    targets that keep their own (S3 Object Lock legal holds)."""
+    from .retention import hold_copies
     from .store import now_iso
 
     config = _load_config(args)
     hold = args.command == "hold"
 
-    async def set_hold(store: Any) -> None:
+    async def set_hold(store: Any) -> tuple[list[str], str]:
         job = await _require_job(store, args.job)
         if job["state"] == State.DELETED:
             raise CommandError(f"job {args.job} is deleted: its copies are gone")
@@ -468,9 +471,20 @@ def cmd_hold(args: argparse.Namespace) -> int:
                 kind="legal_hold",
                 detail=json.dumps({"hold": hold}),
             )
+        try:
+            return await hold_copies(store, config, job, hold), ""
+        except ArchivedError as exc:
+            return [], str(exc)
 
-    anyio.run(_read, config, set_hold)
+    said, problem = anyio.run(_read, config, set_hold)
     print(f"{args.job}: legal hold {'on: retention will not delete it' if hold else 'released'}")
+    for line in said:
+        print(f"  {line}")
+    if problem:
+        raise CommandError(
+            f"{problem}; the hold is {'on' if hold else 'off'} in the database: "
+            f"run `archived {args.command} {args.job}` again once the target answers"
+        )
     return EXIT_OK
 
 
@@ -579,12 +593,12 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     targets = {}
     for spec in args.target:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
+        name, sep, where = spec.partition("=")
+        if not sep or not name or not where:
             raise CommandError(
                 f"--target {spec!r}: NAME=PATH, e.g. primary=/srv/archive", EXIT_USAGE
             )
-        targets[name] = Path(path)
+        targets[name] = Path(where)
 
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None

@@ -33,6 +33,7 @@ from .drivers.base import (
     ActivityDriver,
     ArtifactWriter,
     Digest,
+    Lock,
     StorageDriver,
     file_sha256,
     parts_size,
@@ -42,6 +43,7 @@ from .errors import IntegrityError, Kind, StorageError, classify, describe
 from .jobfile import JobSpec, check_against
 from .keys import KeyRing
 from .metrics import Metrics
+from .retention import expiry, hold_copies
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
 from .store import Row, StaleState, Store, Tx, now_iso
 from .timestamp import request_token
@@ -608,14 +610,20 @@ class JobRunner:
                     bag.write_head, self.bag_dir, self.bag_name, self.head
                 )
         digest: Digest = Future()
+        # locked (where a target can) until the job's retention passes, never later
+        lock = Lock(
+            until=expiry(self.spec.retention_days, datetime.now(UTC)),
+            legal_hold=bool(self.job["legal_hold"]),
+        )
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._hash_archive, parts, digest)
             await self._run_tasks(
                 "storage",
                 self.svc.storage_slots,
-                lambda target: self._store_one(target, parts, digest),
+                lambda target: self._store_one(target, parts, digest, lock),
                 self._record_copy,
             )
+        await self._hold_if_changed_meanwhile(lock)
         return Outcome(
             Event.DONE,
             f"stored on {', '.join(self.spec.targets(self.config))}"
@@ -680,9 +688,19 @@ class JobRunner:
         digest.set_result(packed.sha256)
         log.info("archive hashed", size=packed.size, sha256=packed.sha256)
 
-    async def _store_one(self, target: str, parts: list[Path], digest: Digest) -> dict[str, Any]:
+    async def _hold_if_changed_meanwhile(self, lock: Lock) -> None:
+        """A legal hold placed (or released) while the copies were written: `archived
+        hold` sets the copies recorded when it ran, this the ones recorded since. Each
+        reads what the other committed first, so no copy slips through."""
+        job = await self.svc.store.job(self.id)
+        if job is not None and bool(job["legal_hold"]) != lock.legal_hold:
+            await hold_copies(self.svc.store, self.config, job, bool(job["legal_hold"]))
+
+    async def _store_one(
+        self, target: str, parts: list[Path], digest: Digest, lock: Lock
+    ) -> dict[str, Any]:
         driver = self._storage(target)
-        copy = await driver.put(parts, self._key(), digest, self.job["archive_size"])
+        copy = await driver.put(parts, self._key(), digest, self.job["archive_size"], lock)
         log.info("stored", target=target, path=copy.path)
         return {"path": copy.path, "size": copy.size, "sha256": copy.sha256}
 
@@ -818,9 +836,8 @@ class JobRunner:
             if kept:
                 reason += f"; verified copies kept on {', '.join(sorted(kept))}"
             return Outcome(Event.CLEANED_AFTER_FAILURE, reason, done)
-        if days := self.spec.retention_days:
-            expires = datetime.now(UTC) + timedelta(days=days)
-            done["expires_at"] = expires.isoformat(timespec="seconds").replace("+00:00", "Z")
+        if expires := expiry(self.spec.retention_days, datetime.now(UTC)):
+            done["expires_at"] = expires.isoformat().replace("+00:00", "Z")
         return Outcome(Event.CLEANED, "staging removed; every target holds a verified copy", done)
 
     async def _remove_failed_copies(self, last: bool) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -479,6 +480,18 @@ class ActivityDriver(ABC):
 
 
 @dataclass(frozen=True)
+class Lock:
+    """What keeps a copy from being deleted, where the target can enforce it (S3 Object
+    Lock): a retention date (none: the job has no retention) and a legal hold."""
+
+    until: datetime | None = None
+    legal_hold: bool = False
+
+
+NO_LOCK = Lock()
+
+
+@dataclass(frozen=True)
 class StoredCopy:
     path: str  # where an operator finds it: a file path or a URL
     size: int
@@ -510,13 +523,21 @@ class StorageDriver(ABC):
         return None
 
     @abstractmethod
-    async def put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:
+    async def put(
+        self, archive: Parts, key: str, digest: Digest, size: int, lock: Lock = NO_LOCK
+    ) -> StoredCopy:
         """Store the concatenation of `archive` under `key` atomically; the verified copy.
 
-        It must match `digest` (the archive's sha256) and `size` as it reads back.
+        It must match `digest` (the archive's sha256) and `size` as it reads back, and
+        carry `lock` where the target enforces locks (others ignore it).
 
         A copy already at `key` with the same digest is adopted, not written again.
         """
+
+    async def set_legal_hold(self, key: str, on: bool) -> str | None:
+        """Put (or lift) the target's own legal hold on the copy at `key`, where it has
+        one (S3 Object Lock); what was done, or None: the target has none."""
+        return None
 
     @abstractmethod
     async def check(self, key: str, sha256: str, size: int) -> str | None:

@@ -126,7 +126,7 @@ UPDATE tasks SET progress = :progress WHERE job_id = :job_id AND kind = :kind AN
 -- Oldest-audited first (never audited before all), copies of completed jobs only;
 -- :known_bad 1: only those the last audit could not repair or reach, 0: only the others.
 SELECT c.job_id, c.target, c.path, c.size, c.sha256, c.audit_result, j.name, j.archive_name,
-       j.config
+       j.config, j.expires_at, j.legal_hold
 FROM copies c JOIN jobs j ON j.id = c.job_id
 WHERE j.state = 'completed' AND c.deleted_at IS NULL AND (:job_id IS NULL OR c.job_id = :job_id)
   AND (:known_bad IS NULL
@@ -136,7 +136,7 @@ LIMIT :limit;
 
 -- name: job_copies
 SELECT c.job_id, c.target, c.path, c.size, c.sha256, c.audit_result, j.name, j.archive_name,
-       j.config
+       j.config, j.expires_at, j.legal_hold
 FROM copies c JOIN jobs j ON j.id = c.job_id WHERE c.job_id = :job_id AND c.deleted_at IS NULL
 ORDER BY c.target;
 
