@@ -33,6 +33,7 @@ from .drivers.base import (
     ActivityDriver,
     ArtifactWriter,
     Digest,
+    Estimate,
     Lock,
     StorageDriver,
     file_sha256,
@@ -43,6 +44,7 @@ from .errors import IntegrityError, Kind, StorageError, classify, describe
 from .jobfile import JobSpec, check_against
 from .keys import KeyRing
 from .metrics import Metrics
+from .progress import Report
 from .retention import expiry, hold_copies
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
 from .store import Row, StaleState, Store, Tx, now_iso
@@ -106,6 +108,7 @@ class JobRunner:
         self.canceled = False
         self.attempt_begun = False
         self.step_events: list[tuple[str, dict[str, Any]]] = []
+        self.estimates: dict[str, Estimate] = {}  # by activity, from the space check
         self.handlers: dict[State, Callable[[], Awaitable[Outcome | None]]] = {
             State.ACTIVITY_ARCHIVING: self.activity_archiving,
             State.POST_PROCESSING: self.post_processing,
@@ -353,7 +356,8 @@ class JobRunner:
 
     async def _check_staging_space(self) -> None:
         """NoSpace (recoverable) before anything is staged, when the staging file system
-        has less room than the unfinished activities' sources will take there."""
+        has less room than the unfinished activities' sources will take there. What the
+        drivers know of their sources is kept: their progress is shown against it."""
         pending = [t["name"] for t in await self._tasks("activity") if t["state"] != "completed"]
         needed = 0
         for name in pending:
@@ -363,7 +367,9 @@ class JobRunner:
                 f"{self.bag_name}/data/{name}/",
                 limiter=self.svc.hash_threads,
             )
-            needed += estimate or 0
+            if estimate is not None:
+                self.estimates[name] = estimate
+                needed += estimate.staged
         if needed:
             await anyio.to_thread.run_sync(self._require_staging_space, needed)
 
@@ -397,14 +403,23 @@ class JobRunner:
         return {**result, "boot": boot_id()}
 
     async def _report_progress(self, name: str, writer: ArtifactWriter) -> None:
-        """Every second, how far the copy has come, for `archived show`."""
+        """At once and then every second, how far the task has come against what its
+        driver knew of the source, for `archived show` and `archived submit --wait`."""
+        since = now_iso()
+        estimate = self.estimates.get(name, Estimate(0))
         while True:
-            await anyio.sleep(1)
-            progress = f"{writer.files} files, {writer.total_bytes} bytes"
+            report = Report(
+                writer.files, writer.moved, estimate.files, estimate.bytes, since, now_iso()
+            )
             async with self.svc.store.transaction() as tx:
                 await tx.run(
-                    "task_progress", job_id=self.id, kind="activity", name=name, progress=progress
+                    "task_progress",
+                    job_id=self.id,
+                    kind="activity",
+                    name=name,
+                    progress=report.dumps(),
                 )
+            await anyio.sleep(1)
 
     @staticmethod
     def _clear_activity(writer: ArtifactWriter) -> None:

@@ -62,6 +62,24 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def peek_job(db: sqlite3.Connection, job_id: str) -> Row | None:
+    """A job's row with its `tasks`, read with the standard library's sqlite3, for a
+    `submit --wait` that polls without an event loop; None while it is not there."""
+    try:
+        job = db.execute(Q["get_job"], {"id": job_id})
+        job.row_factory = sqlite3.Row
+        row = job.fetchone()
+        if row is None:
+            return None
+        tasks = db.execute(Q["tasks"], {"job_id": job_id})
+        tasks.row_factory = sqlite3.Row
+        return {**dict(row), "tasks": [dict(t) for t in tasks.fetchall()]}
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # the daemon is creating the database
+            return None
+        raise
+
+
 class StaleState(Exception):
     """The job was not in the state the caller thought: someone else moved it."""
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,9 +284,45 @@ def test_unit_file_verifies_and_is_hardened(tmp_path: Path) -> None:
         assert line in text
 
 
+class OnTerminal:
+    """`archived submit --wait` with its stderr on a terminal (a pty), read as it goes."""
+
+    def __init__(self, root: Root, job_file: Path) -> None:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+        argv = ["submit", "--wait", "--config", str(root.config), str(job_file)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "archived", *argv], stdout=subprocess.PIPE, stderr=slave
+        )
+        os.close(slave)
+        assert self.proc.stdout is not None
+        self.job_id = self.proc.stdout.readline().decode().strip()
+        self.master, self.seen = master, b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # EIO: the other side is closed
+                return
+            if not data:
+                return
+            self.seen += data
+
+    def finish(self) -> tuple[int, str, str]:
+        code = self.proc.wait(60)
+        self.reader.join(10)
+        os.close(self.master)
+        assert self.proc.stdout is not None
+        return code, self.proc.stdout.read().decode(), self.seen.decode()
+
+
 def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
     root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:4,store=delay:3"})
-    (job_id,) = root.submit(root.job_file("watched"))
+    waiting = OnTerminal(root, root.job_file("watched"))
+    job_id = waiting.job_id
     root.wait_state(job_id, "activity_archiving")
 
     def running_view() -> str | None:
@@ -291,6 +332,8 @@ def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
     out = wait_until(running_view, 10, "progress of the running task")
     assert "state    activity_archiving for" in out
     assert "activity  a" in out
+    assert "  0 of 2 files, 0 B of 293.0 KiB (0%) so far" in out  # totals known at once
+    assert "  progress activity_archiving  0 of 2 files, 0 B of 293.0 KiB (0%), 0 B/s, 0:0" in out
     listing = root.cli("jobs").stdout.splitlines()
     assert listing[0].split() == ["ID", "STATE", "AGE", "UPDATED", "NAME"]
     assert listing[1].split()[:2] == [job_id, "activity_archiving"]
@@ -301,6 +344,20 @@ def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
     done = root.cli("show", job_id).stdout
     assert "2 files, 300006 bytes" in done
     assert "copies" in done and "primary" in done
+    assert "progress" not in done
+
+    code, stdout, screen = waiting.finish()
+    assert (code, stdout) == (0, "")
+    # one line for the job, redrawn in place (up, clear, the line again) as it moves on
+    frames = screen.split("\x1b[1A\r\x1b[J")
+    assert all(frame.endswith("\r\n") and frame.count("\n") == 1 for frame in frames)
+    assert any(
+        frame.startswith(f"{job_id}  activity_archiving  0 of 2 files, 0 B of 293.0 KiB (0%)")
+        for frame in frames
+    )
+    stored = f"{job_id}  store  2 files, 293.0 KiB, stored on 0 of 2 targets, 0:"
+    assert any(frame.startswith(stored) for frame in frames)
+    assert frames[-1].startswith(f"{job_id}  completed  2 files, 293.0 KiB, 0:")
 
 
 def test_a_second_signal_exits_at_once_and_the_next_start_resumes(root: Root) -> None:

@@ -255,6 +255,9 @@ class ArtifactWriter:
     files: int = 0
     total_bytes: int = 0
     tar_bytes: int = 0
+    # payload bytes taken in so far, the file under way included: what progress shows
+    # (read from another thread; an int, so a read sees one value or the next)
+    moved: int = 0
     _fd: int = field(default=-1, repr=False)
     _pending: bytearray = field(default_factory=bytearray, repr=False)
     _buffers: tuple[memoryview, ...] = field(default=(), repr=False)
@@ -282,6 +285,7 @@ class ArtifactWriter:
     def add(self, relpath: str, data: bytes, mtime: float) -> None:
         """A whole small file at once. (Runs once a file: kept lean.)"""
         size, pending = len(data), self._pending
+        self.moved += size
         pending += tar_header(self._member(relpath), size, int(mtime))
         pending += data
         pending += padding(size)
@@ -309,6 +313,7 @@ class ArtifactWriter:
                 block = buffer[:n]
                 hashed = hasher.submit(digest.update, block)
                 write_all(self._fd, block)
+                self.moved += n
                 if hashing is not None:
                     hashing.result()  # the other buffer is free again
                 hashing, turn, left = hashed, turn ^ 1, left - n
@@ -323,7 +328,7 @@ class ArtifactWriter:
         fd = os.open(self.spool, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb", buffering=0, closefd=False) as raw:
-                sink = HashingSink(raw)
+                sink = HashingSink(raw, self)
                 yield sink
             self._begin_member(relpath, sink.size, os.fstat(fd).st_mtime)
             copy_parts([self.spool], self._fd)
@@ -426,8 +431,9 @@ def _known(sha256: str | Future[str]) -> bool:
 class HashingSink:
     """A write-only file that keeps the sha256 and size of what went through it."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], writer: ArtifactWriter) -> None:
         self._raw = raw
+        self._writer = writer  # whose progress counts these bytes
         self._hash = hashlib.sha256()
         self.size = 0
 
@@ -439,10 +445,23 @@ class HashingSink:
             assert written is not None
             view = view[written:]
         self.size += len(data)
+        self._writer.moved += len(data)
         return len(data)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What an activity will stage, known before it runs: `staged` bytes in staging (its
+    tar members with their records, see member_bytes), checked against the free space;
+    and the payload, `files` and `bytes`, which its progress is shown against (None
+    where not known: a snapshot's file count is, its size only about)."""
+
+    staged: int
+    files: int | None = None
+    bytes: int | None = None
 
 
 @dataclass
@@ -468,10 +487,10 @@ class ActivityDriver(ABC):
     def check(cls, options: DriverOptions, config: Config) -> None:
         """Raise JobFileError if the options are not allowed under `config`."""
 
-    def estimate(self, member_prefix: str) -> int | None:
-        """About how many bytes the artifacts will take in staging, members named
-        `member_prefix + relpath` (see member_bytes); None if it cannot be known before
-        (a program's output). Runs in a worker thread, before `run`."""
+    def estimate(self, member_prefix: str) -> Estimate | None:
+        """What the artifacts will be, as far as it can be known before (a program's
+        output cannot): members named `member_prefix + relpath`. Runs in a worker
+        thread, before `run`."""
         return None
 
     @abstractmethod
