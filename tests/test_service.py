@@ -194,7 +194,16 @@ def test_a_reload_to_an_unusable_target_is_rejected(root: Root, notify: NotifySo
 
 def test_metrics_textfile_parses(root: Root) -> None:
     prom = root.path / "archived.prom"
-    root.write_config(metrics={"textfile": str(prom), "interval": "200ms"})
+    yearly = {  # appears now, fires next New Year: no job in this test
+        "cron": "0 0 1 1 *",
+        "job": {
+            "name": "y",
+            "activities": [{"name": "a", "driver": "files", "path": str(root.sources)}],
+        },
+    }
+    root.write_config(
+        metrics={"textfile": str(prom), "interval": "200ms"}, schedules__yearly=yearly
+    )
     root.start(env={"ARCHIVED_FAILPOINTS": "store=transient:1"})
     (job_id,) = root.submit(root.job_file("measured"))
     root.wait_state(job_id, "completed")
@@ -217,6 +226,15 @@ def test_metrics_textfile_parses(root: Root) -> None:
     assert sample("archived_bytes_archived_total") == 300_006
     assert (sample("archived_phase_duration_seconds_count", state="store") or 0) >= 2
     assert not list(root.path.glob(".archived.prom*"))  # written by rename, no leftovers
+    # what the alert rules in contrib/prometheus need
+    assert sample("archived_queue_depth") == 0
+    assert sample("archived_queue_oldest_seconds") == 0
+    assert sample("archived_schedule_period_seconds", schedule="yearly") == 366 * 86400
+    first_seen = sample("archived_schedule_first_seen_timestamp_seconds", schedule="yearly")
+    assert first_seen is not None and abs(time.time() - first_seen) < 120
+    assert sample("archived_schedule_last_success_timestamp_seconds", schedule="yearly") is None
+    written = sample("archived_metrics_written_timestamp_seconds")
+    assert written is not None and abs(time.time() - written) < 60
 
 
 def test_a_group_readable_signing_key_is_refused(root: Root) -> None:

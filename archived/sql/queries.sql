@@ -246,3 +246,20 @@ WHERE job_id = :job_id ORDER BY target, key;
 UPDATE tasks SET state = 'created', error = NULL, result = NULL, updated_at = :now
 WHERE job_id = :job_id AND kind = 'storage'
 AND name NOT IN (SELECT target FROM copies WHERE job_id = :job_id AND deleted_at IS NULL);
+
+-- name: queue_depth
+-- Queued jobs that are due (not waiting for a not_before still to come), and since when
+-- the one waiting longest has been due.
+SELECT count(*) AS n, min(coalesce(not_before, created_at)) AS oldest
+FROM jobs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= :now);
+
+-- name: last_success_by_schedule
+-- When each schedule last did its work: its latest job that completed (the history keeps
+-- the time, also once retention deleted the job), or a slot skipped as unchanged since.
+SELECT r.schedule, max(coalesce(h.at, r.at)) AS at
+FROM schedule_runs r LEFT JOIN history h ON h.job_id = r.job_id AND h.state = 'completed'
+WHERE h.at IS NOT NULL OR r.result = 'skipped'
+GROUP BY r.schedule;
+
+-- name: schedules_first_seen
+SELECT schedule, first_seen FROM schedules_seen;
