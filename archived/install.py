@@ -12,6 +12,7 @@ init asks for it to exist, as `archived init-target` does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -227,12 +228,16 @@ def _mkdir(path: Path, mode: int, lay: Layout) -> None:
 
 def _write_new(path: Path, text: str, mode: int) -> None:
     """`text` at `path`, which must not exist: written aside, fsynced, then linked into
-    place, which fails if something appeared there meanwhile. Never overwrites."""
+    place, which fails if something appeared there meanwhile. Never overwrites. The file
+    takes the group of its directory: root writes the config into /etc/archived, which
+    systemd-tmpfiles gave to group archived, and the service must read it."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         try:
             os.write(fd, text.encode())
+            with contextlib.suppress(PermissionError):  # not ours to give: keep our own
+                os.fchown(fd, -1, path.parent.stat().st_gid)
             os.fchmod(fd, mode)
             os.fsync(fd)
         finally:

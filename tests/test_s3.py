@@ -364,6 +364,23 @@ def test_credentials_and_bucket_problems_are_config_errors(
     result = root.cli("check-config")
     assert result.returncode == 78
     assert "storage.cloud.part_size" in result.stderr
+    # TLS that fails (here: a plain HTTP server) is configuration too, not weather
+    tls = server.endpoint.replace("http://", "https://")
+    use_s3(root, tls, bucket, credentials_file=str(creds_file), profile="archived")
+    result = root.cli("check-config")
+    assert result.returncode == 78
+    assert "SSL validation failed" in result.stderr
+    # An endpoint that does not answer is weather: a warning, and the daemon starts
+    gone = S3Server()
+    gone.stop()
+    use_s3(root, gone.endpoint, bucket, credentials_file=str(creds_file), profile="archived")
+    result = root.cli("check-config")
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"archived: warning: storage.cloud: bucket '{bucket}' at {gone.endpoint}: "
+        "Could not connect to the endpoint URL"
+    ) in result.stderr
+    assert "jobs that store there wait for it" in result.stderr
 
 
 async def test_the_driver_leaves_no_partial_object_and_deletes_idempotently(

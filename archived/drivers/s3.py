@@ -349,6 +349,8 @@ class S3Driver(StorageDriver):
             if code.startswith("5") or code in RECOVERABLE_CODES:
                 raise TargetUnavailable(message) from None
             raise ConfigError(message) from None
+        except SSLError as exc:  # a certificate problem: configuration, not weather
+            raise ConfigError(f"{where}: {_describe(exc)}") from None
         except (ConnectionError, HTTPClientError) as exc:  # off the network: wait for it
             raise TargetUnavailable(f"{where}: {_describe(exc)}") from None
         except BotoCoreError as exc:
