@@ -217,6 +217,9 @@ def _label(name: str, value: str) -> str:
 
 
 def write_textfile(path: Path, text: str) -> None:
+    """Replace the file at `path` with `text`, readable by all: node_exporter runs as a
+    user of its own, and the service's umask (0027) would keep it out."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)

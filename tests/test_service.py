@@ -204,7 +204,7 @@ def test_metrics_textfile_parses(root: Root) -> None:
     root.write_config(
         metrics={"textfile": str(prom), "interval": "200ms"}, schedules__yearly=yearly
     )
-    root.start(env={"ARCHIVED_FAILPOINTS": "store=transient:1"})
+    root.start(env={"ARCHIVED_FAILPOINTS": "store=transient:1"}, umask=0o027)  # as the unit
     (job_id,) = root.submit(root.job_file("measured"))
     root.wait_state(job_id, "completed")
 
@@ -226,6 +226,7 @@ def test_metrics_textfile_parses(root: Root) -> None:
     assert sample("archived_bytes_archived_total") == 300_006
     assert (sample("archived_phase_duration_seconds_count", state="store") or 0) >= 2
     assert not list(root.path.glob(".archived.prom*"))  # written by rename, no leftovers
+    assert prom.stat().st_mode & 0o777 == 0o644  # node_exporter runs as another user
     # what the alert rules in contrib/prometheus need
     assert sample("archived_queue_depth") == 0
     assert sample("archived_queue_oldest_seconds") == 0
