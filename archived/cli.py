@@ -657,7 +657,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     layout = install.layout(
         folder=path(args.dir),
-        config=configmod.config_path(args.config),
+        config=configmod.config_path(args.config, system=None),  # the one to write
         state_dir=path(args.state_dir),
         spool_dir=path(args.spool_dir),
         key=path(args.key),

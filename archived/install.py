@@ -34,7 +34,7 @@ DIR_MODE = 0o750  # state, sources and targets of an own folder; the config's di
 CONFIG_MODE = 0o640
 
 FHS = {
-    "config": Path("/etc/archived/archived.toml"),
+    "config": configmod.SYSTEM_CONFIG,
     "state_dir": Path("/var/lib/archived"),
     "spool_dir": Path("/var/spool/archived"),
     "key": Path("/etc/archived/signing.key"),

@@ -117,6 +117,11 @@ def size(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
+def count(n: int, thing: str) -> str:
+    """`1 file`, `20,000 files`."""
+    return f"{n:,} {thing}" if n == 1 else f"{n:,} {thing}s"
+
+
 def clock(seconds: float) -> str:
     """Elapsed time as 0:07, 12:34 or 2:03:04."""
     whole = int(seconds)
@@ -133,11 +138,11 @@ def line(f: Figures) -> str:
         if f.state == "activity_archiving":
             parts.append(amounts(f.files, f.files_total, f.bytes, f.bytes_total))
         else:
-            parts.append(f"{f.files:,} files, {size(f.bytes)}")
+            parts.append(f"{count(f.files, 'file')}, {size(f.bytes)}")
     if f.rate is not None:
         parts.append(f"{size(f.rate)}/s")
     if f.stored is not None:
-        parts.append(f"stored on {f.stored[0]} of {f.stored[1]} targets")
+        parts.append(f"stored on {f.stored[0]} of {count(f.stored[1], 'target')}")
     parts.append(clock(f.elapsed))
     state = f"{f.state} (not before {f.not_before})" if f.not_before else f.state
     return f"{state}  " + ", ".join(parts)
@@ -145,7 +150,10 @@ def line(f: Figures) -> str:
 
 def amounts(files: int, files_total: int | None, done: int, total: int | None) -> str:
     """`1,204 of 20,000 files, 3.2 GiB of 10.0 GiB (32%)`; without the totals not known."""
-    text = f"{files:,} of {files_total:,} files" if files_total is not None else f"{files:,} files"
+    if files_total is None:
+        text = count(files, "file")
+    else:
+        text = f"{files:,} of {count(files_total, 'file')}"
     text += f", {size(done)}" + (f" of {size(total)}" if total is not None else "")
     if total:
         text += f" ({min(100, 100 * done // total)}%)"

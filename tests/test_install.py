@@ -6,7 +6,10 @@ import stat
 import tomllib
 from pathlib import Path
 
+import pytest
 from conftest import Root, run_cli
+
+from archived.config import config_path
 
 
 def tree(folder: Path) -> dict[str, tuple[int, bytes]]:
@@ -105,3 +108,17 @@ def test_init_refuses_before_writing_anything_and_keeps_an_existing_key(tmp_path
         "primary": True,
         "offsite": True,
     }
+
+
+def test_commands_use_the_installations_config_when_none_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ARCHIVED_CONFIG", raising=False)
+    system = tmp_path / "etc" / "archived.toml"
+    assert config_path(None, system) is None  # no installation: the embedded default
+    system.parent.mkdir()
+    system.write_text("")
+    assert config_path(None, system) == system
+    assert config_path("named.toml", system) == Path("named.toml")
+    monkeypatch.setenv("ARCHIVED_CONFIG", "from-env.toml")
+    assert config_path(None, system) == Path("from-env.toml")

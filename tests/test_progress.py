@@ -65,6 +65,8 @@ def test_the_line_of_a_job_in_each_phase() -> None:
         line(Figures("completed", 3 * 3600 + 62, 3, None, 5, None))
         == "completed  3 files, 5 B, 3:01:02"
     )
+    one = Figures("store", 5, 1, None, 13, None, stored=(0, 1))
+    assert line(one) == "store  1 file, 13 B, stored on 0 of 1 target, 0:05"
     assert (size(1023), size(1024), size(5 * 1024**5)) == ("1023 B", "1.0 KiB", "5.0 PiB")
     assert clock(59.9) == "0:59"
 
