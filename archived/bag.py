@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -33,11 +34,20 @@ TIMESTAMP = TAGMANIFEST + ".tsr"
 # Tag files in the order they go into the tar; the tag manifest covers the first four.
 TAG_FILES = ("bagit.txt", "bag-info.txt", MANIFEST, EVENTS)
 SEALED_TAG_FILES = (*TAG_FILES, TAGMANIFEST, SIGNATURE, TIMESTAMP)
+# In bag-info.txt, "rfc3161" when a time-stamp token was asked for: the token is not
+# under the signature (it is made over the signed tag manifest), this label is.
+TIMESTAMP_LABEL = "Archived-Timestamp"
+
+
+_PERCENT = re.compile(r"%(0[AaDd]|25)")
+_DECODED = {"0a": "\n", "0d": "\r", "25": "%"}
 
 
 def decode_path(path: str) -> str:
-    """The inverse of BagIt's percent-encoding of CR, LF and %."""
-    return path.replace("%0A", "\n").replace("%0D", "\r").replace("%25", "%")
+    """The inverse of BagIt's percent-encoding of CR, LF and % (hex digits in either case)."""
+    if "%" not in path:
+        return path
+    return _PERCENT.sub(lambda m: _DECODED[m.group(1).lower()], path)
 
 
 def record_fields(paths: Iterable[Path]) -> Iterator[list[str]]:
@@ -47,6 +57,12 @@ def record_fields(paths: Iterable[Path]) -> Iterator[list[str]]:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 yield line.split(" ", 2)
+
+
+def payload_paths(records: Iterable[Path]) -> Iterator[str]:
+    """Each payload file's bag-relative path, from the activities' records."""
+    for _, _, path in record_fields(records):
+        yield decode_path(path.rstrip("\n"))
 
 
 @dataclass(frozen=True)
@@ -82,12 +98,20 @@ def write_payload_manifest(bag_dir: Path, records: Iterable[Path]) -> Oxum:
     return Oxum(total, count)
 
 
-def bag_info(*, job_id: str, bagging_date: str, oxum: Oxum, metadata: dict[str, str]) -> str:
+def bag_info(
+    *,
+    job_id: str,
+    bagging_date: str,
+    oxum: Oxum,
+    metadata: dict[str, str],
+    timestamped: bool = False,
+) -> str:
     lines = [
         f"Bagging-Date: {bagging_date}",
         f"Bag-Software-Agent: archived {__version__}",
         f"External-Identifier: {job_id}",
         f"Payload-Oxum: {oxum}",
+        *([f"{TIMESTAMP_LABEL}: rfc3161"] if timestamped else []),
         *(f"{label}: {value}" for label, value in metadata.items()),
     ]
     return "\n".join(lines) + "\n"

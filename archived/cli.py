@@ -375,6 +375,13 @@ def cmd_show(args: argparse.Namespace) -> int:
                 f", audited {c['audited_at'][:19]}: {c['audit_result']}" if c["audited_at"] else ""
             )
             print(f"  {c['target']:12}  {c['path']}  verified {c['verified_at'][:19]}{audited}")
+    warnings = [e for e in details["events"] if e["kind"] == "warning"]
+    if warnings:
+        print("warnings")
+        for e in warnings:
+            print(f"  {e['at'][:19]}  {e['detail']['message']}")
+            for names in e["detail"].get("names", []):
+                print(f"    {', '.join(map(repr, names))}")
     left = [o for o in details["orphans"] if not o["removed_at"]]
     if left:
         print("orphans  (left on a target by cleanup; removed once it answers)")
@@ -605,11 +612,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         for problem in report.problems:
             print(f"{problem.path or path}: {problem.message}")
+        bag = report.bag
+        if report.version not in (None, "1.0"):
+            bag += f" (BagIt {report.version})"
         if report.ok:
             signed = f", signed by {report.signed_by}" if report.signed_by else ""
             if report.timestamp:
                 signed += f", time-stamped {report.timestamp}"
-            print(f"ok: {report.bag}: {report.files} payload files, {report.bytes} bytes{signed}")
+            print(f"ok: {bag}: {report.files} payload files, {report.bytes} bytes{signed}")
+        elif report.verdict == "unverifiable":
+            print(f"unverifiable: {bag}: {'; '.join(report.unverifiable)}")
+        else:
+            print(f"invalid: {bag}: {len(report.problems)} problems")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -731,7 +745,7 @@ def parser() -> argparse.ArgumentParser:
     sp = add("audit", cmd_audit, "re-read stored copies now and repair damaged ones")
     sp.add_argument("job", metavar="JOB", nargs="?", help="every copy of this job")
     sp.add_argument("--all", action="store_true", help="every copy of every completed job")
-    sp = add("verify", cmd_verify, "verify an archive (a tar or a bag directory)")
+    sp = add("verify", cmd_verify, "verify an archive or any bag (a tar, a zip or a directory)")
     sp.add_argument("--key", metavar="PUB", help="minisign public key to check the signature")
     sp.add_argument("--bag-only", action="store_true", help="check BagIt validity alone")
     sp.add_argument("--tsa-ca", metavar="PEM", help="CA bundle to check a time-stamp token")

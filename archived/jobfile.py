@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
 )
 
+from .bag import TIMESTAMP_LABEL
 from .config import Config, first_error
 from .drivers import activity_driver
 from .errors import JobFileError, Kind, classify
@@ -46,6 +47,7 @@ RESERVED_LABELS = frozenset(
         "Bag-Size",
         "Bag-Group-Identifier",
         "Bag-Count",
+        TIMESTAMP_LABEL,
     )
 )
 

@@ -44,6 +44,7 @@ from .errors import IntegrityError, Kind, StorageError, classify, describe
 from .jobfile import JobSpec, check_against
 from .keys import KeyRing
 from .metrics import Metrics
+from .names import Collisions
 from .progress import Report
 from .retention import expiry, hold_copies
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
@@ -79,6 +80,7 @@ class AttemptsExhausted(Exception):
 
 
 POST_STEPS = ("check_integrity", "calculate_checksums", "sign")
+COLLISIONS_SHOWN = 100  # sets of colliding names a job's warning event lists
 
 
 def boot_id() -> str:
@@ -528,7 +530,7 @@ class JobRunner:
         return files, total
 
     async def calculate_checksums(self) -> dict[str, Any]:
-        def write() -> bag.Oxum:
+        def write() -> tuple[bag.Oxum, list[list[str]]]:
             self.bag_dir.mkdir(parents=True, exist_ok=True)
             oxum = bag.write_payload_manifest(self.bag_dir, self._records())
             info = bag.bag_info(
@@ -536,12 +538,23 @@ class JobRunner:
                 bagging_date=datetime.now(UTC).date().isoformat(),
                 oxum=oxum,
                 metadata=self.spec.metadata,
+                timestamped=bool(self.config.signing.tsa_url),
             )
             bag.write_tag_files(self.bag_dir, info=info)
-            return oxum
+            with Collisions(path=self.staging / "names.db") as names:
+                names.add(bag.payload_paths(self._records()))
+                return oxum, list(names.groups())
 
-        oxum = await anyio.to_thread.run_sync(write, limiter=self.svc.hash_threads)
+        oxum, collisions = await anyio.to_thread.run_sync(write, limiter=self.svc.hash_threads)
         self._step_event("calculate_checksums", algorithm="sha256", payload_oxum=str(oxum))
+        if collisions:
+            message = (
+                f"{len(collisions)} sets of payload names differ only in case or Unicode "
+                "normalization: bsdtar, and case-insensitive or normalizing file systems, "
+                "keep one file of each set when they extract the archive"
+            )
+            log.warning(message, names=collisions[:10])
+            self._step_event("warning", message=message, names=collisions[:COLLISIONS_SHOWN])
         return {"payload_files": oxum.files, "payload_bytes": oxum.bytes}
 
     async def sign(self) -> dict[str, Any]:

@@ -1,58 +1,80 @@
 """Checking an archive, or any BagIt bag, without trusting whoever made it.
 
-`verify_path()` reads a tar as a stream (never extracting it) or walks a bag
-directory (never following a symlink), hashing every file once, and returns a
-`Report` that names each file that is wrong. Bad input is never an exception:
-it is a `Problem`, with path "" when it concerns the archive as a whole.
+`verify_path()` reads a directory, a tar or a zip without extracting it (`bagread`),
+hashing every payload file once per algorithm a manifest lists, and returns a `Report`
+with a verdict: `valid`; `invalid`, each problem named (the file, or "" for the bag as
+a whole); or `unverifiable`: nothing was found wrong, but nothing proves it right either
+(no payload manifest in an algorithm this machine computes). Bad input is never an
+exception.
 
-Tag files are kept in memory (they are small; each is capped), payload files
-only as digests. A tar read as a stream cannot be rewound, so a payload file that
-comes before the manifests is hashed with every supported algorithm; our own
-packer writes the tag files first, so the payload is hashed once with sha256.
-
-With `bag_only`, any BagIt bag is checked, not only ours: a holey bag's fetch.txt
-files may be absent, and what other tools and file systems leave (a file listed
-twice in another case or Unicode normalization, an operating system's special
-files) is a warning. Our own archives keep the strict rules.
+The rules are RFC 8493's for BagIt 1.0 and the drafts' for 0.93 to 0.97 (section numbers
+below are the RFC's): a MUST broken is a problem, a SHOULD broken a warning. A `Policy`
+says what a bag must be beyond that: `ARCHIVE`, one of ours (signed, time-stamped when
+its bag-info says so, with its event log, complete without fetching), or `ANY_BAG` for
+`--bag-only`, where what other tools and file systems leave (a name listed twice in
+another case or Unicode form, an operating system's special files) is a warning.
 """
 
 from __future__ import annotations
 
 import codecs
-import hashlib
+import io
 import json
-import lzma
-import os
 import re
-import stat
-import tarfile
 import unicodedata
-import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from .bag import EVENTS, MANIFEST, SIGNATURE, TAG_FILES, TAGMANIFEST, TIMESTAMP, decode_path
+from .bag import (
+    EVENTS,
+    MANIFEST,
+    SIGNATURE,
+    TAG_FILES,
+    TAGMANIFEST,
+    TIMESTAMP,
+    TIMESTAMP_LABEL,
+    decode_path,
+)
+from .bagread import (
+    MANIFEST_NAME,
+    READ_ERRORS,
+    Algorithm,
+    Contents,
+    algorithm,
+    hash_stream,
+    is_payload,
+    open_bag,
+    read_error,
+)
 from .minisign import MinisignError, PublicKey
 from .minisign import verify as minisign_verify
+from .names import collision_warning
 from .timestamp import TimestampRefused, check_token
 
-CHUNK = 1024 * 1024
+# Tag files parsed whole (bagit.txt, bag-info.txt, the event log); manifests and
+# fetch.txt are read line by line, however long.
 TAG_FILE_LIMIT = 16 * 1024 * 1024
-# A payload manifest grows with the payload (about 100 bytes a file).
-MANIFEST_LIMIT = 512 * 1024 * 1024
-ALGORITHMS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
 
-_MANIFEST_NAME = re.compile(r"(tag)?manifest-([A-Za-z0-9_]+)\.txt")
-_BAGIT_LINE = re.compile(r"(BagIt-Version|Tag-File-Character-Encoding): (\S.*)")
 _VERSION = re.compile(r"(\d{1,9})\.(\d{1,9})")
+_KNOWN_VERSIONS = {(0, 93), (0, 94), (0, 95), (0, 96), (0, 97), (1, 0)}
+_BAGIT_LINE = re.compile(
+    r"[ \t]*(BagIt-Version|Tag-File-Character-Encoding)[ \t]*:[ \t]*(.*?)[ \t]*"
+)
 _OXUM = re.compile(r"(\d{1,30})\.(\d{1,30})")
 _HEX = re.compile(r"[0-9A-Fa-f]+")
 _MANIFEST_LINE = re.compile(r"[ \t]*(\S+)[ \t]+(.+)")
 _FETCH_LINE = re.compile(r"[ \t]*(\S+)[ \t]+(\d{1,30}|-)[ \t]+(.+)")
+# bag-info labels that must not (Payload-Oxum), or should not, appear twice (2.2.2).
+_ONCE = {"payload-oxum": "Payload-Oxum"}
+_SHOULD_BE_ONCE = {
+    label.lower(): label
+    for label in ("Bagging-Date", "Bag-Size", "Bag-Group-Identifier", "Bag-Count")
+}
 # Files an operating system leaves behind (Finder, Explorer, Spotlight), and the
 # directories it keeps them in; compared casefolded, as those systems do.
 _SPECIAL_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "icon\r"})
@@ -70,385 +92,214 @@ class Report:
     bag: str
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    unverifiable: list[str] = field(default_factory=list)  # why it is not proven valid
     files: int = 0
     bytes: int = 0
+    version: str | None = None  # BagIt-Version, as bagit.txt declares it
     signed_by: str | None = None
     timestamp: str | None = None  # the time-stamp token's genTime, ISO 8601 UTC
 
     @property
+    def verdict(self) -> str:
+        if self.problems:
+            return "invalid"
+        return "unverifiable" if self.unverifiable else "valid"
+
+    @property
     def ok(self) -> bool:
-        return not self.problems
+        return self.verdict == "valid"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "bag": self.bag,
+            "verdict": self.verdict,
             "ok": self.ok,
+            "bagit_version": self.version,
             "files": self.files,
             "bytes": self.bytes,
             "signed_by": self.signed_by,
             "timestamp": self.timestamp,
             "problems": [asdict(p) for p in self.problems],
             "warnings": list(self.warnings),
+            "unverifiable": list(self.unverifiable),
         }
 
     def add_problem(self, path: str, message: str) -> None:
         self.problems.append(Problem(path, message))
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What a bag must be beyond BagIt."""
+
+    archive: bool  # one of ours: manifest-sha256, bag-info with Payload-Oxum, signature,
+    # event log, the time-stamp token bag-info announces; no fetch.txt
+    forgive_os: bool  # names another file system merged or an OS left: warnings
+
+
+ARCHIVE = Policy(archive=True, forgive_os=False)
+ANY_BAG = Policy(archive=False, forgive_os=True)
+
+
 def verify_path(
-    path: Path,
+    path: Path | str,
     *,
     keys: list[PublicKey],
     bag_only: bool = False,
     tsa_ca: list[x509.Certificate] | None = None,
 ) -> Report:
-    """Check the tar or bag directory at `path`; see the module docstring."""
+    """Check the bag directory, tar or zip at `path`; see the module docstring."""
     path = Path(path)
     report = Report(bag=path.name or path.resolve().name)
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        report.add_problem("", f"{path}: {exc.strerror or exc}")
-        return report
-    contents: _Contents | None
-    if stat.S_ISDIR(mode):
-        contents = _read_directory(path, report)
-    elif stat.S_ISREG(mode):
-        contents = _read_tar(path, report)
-    else:
-        report.add_problem("", f"{path}: neither a tar file nor a bag directory")
-        return report
-    if contents is not None:
-        _Checker(contents, report, keys=keys, bag_only=bag_only, tsa_ca=tsa_ca).run()
-    return report
-
-
-# -- reading ---------------------------------------------------------------------------
-
-
-@dataclass
-class _File:
-    size: int
-    digests: dict[str, str]
-    content: bytes | None = None  # tag files no larger than their limit
-
-    def digest(self, algorithm: str) -> str | None:
-        if algorithm not in self.digests and self.content is not None:
-            self.digests[algorithm] = hashlib.new(algorithm, self.content).hexdigest()
-        return self.digests.get(algorithm)
-
-
-@dataclass
-class _Contents:
-    files: dict[str, _File] = field(default_factory=dict)  # regular files, bag-relative
-    rejected: set[str] = field(default_factory=set)  # present, but not as a regular file
-    payload_algorithms: set[str] = field(default_factory=set)  # of the manifests read so far
-    data_dir: bool = False
-
-    def payload(self) -> dict[str, _File]:
-        return {p: f for p, f in self.files.items() if _is_payload(p)}
-
-
-def _is_payload(path: str) -> bool:
-    return path.startswith("data/")
-
-
-def _tag_limit(path: str) -> int:
-    return MANIFEST_LIMIT if _MANIFEST_NAME.fullmatch(path) else TAG_FILE_LIMIT
-
-
-def _hash_stream(stream: IO[bytes], algorithms: Iterable[str]) -> _File:
-    hashers = [(alg, hashlib.new(alg)) for alg in algorithms]
-    size = 0
-    while chunk := stream.read(CHUNK):
-        size += len(chunk)
-        for _, h in hashers:
-            h.update(chunk)
-    return _File(size, {alg: h.hexdigest() for alg, h in hashers})
-
-
-def _read_tag_file(stream: IO[bytes], limit: int) -> _File:
-    """A tag file's bytes, hashed on demand; past `limit` only its digests, in every
-    algorithm, as any tag manifest may list it."""
-    kept = bytearray()
-    while chunk := stream.read(CHUNK):
-        kept += chunk
-        if len(kept) > limit:
-            hashers = [(alg, hashlib.new(alg, kept)) for alg in ALGORITHMS]
-            size = len(kept)
-            del kept
-            while chunk := stream.read(CHUNK):
-                size += len(chunk)
-                for _, h in hashers:
-                    h.update(chunk)
-            return _File(size, {alg: h.hexdigest() for alg, h in hashers})
-    return _File(len(kept), {}, bytes(kept))
-
-
-def _read_file(stream: IO[bytes], rel: str, contents: _Contents) -> None:
-    if _is_payload(rel):
-        algorithms = contents.payload_algorithms or set(ALGORITHMS)
-        contents.files[rel] = _hash_stream(stream, algorithms | {"sha256"})
-        return
-    contents.files[rel] = _read_tag_file(stream, _tag_limit(rel))
-    match = _MANIFEST_NAME.fullmatch(rel)
-    if match and not match.group(1) and match.group(2) in ALGORITHMS:
-        contents.payload_algorithms.add(match.group(2))
-
-
-def _read_tar(path: Path, report: Report) -> _Contents | None:
-    contents = _Contents()
-    top: str | None = None
-    seen: set[str] = set()
-    try:
-        with tarfile.open(path, "r|*", encoding="utf-8", errors="surrogateescape") as tar:
-            last = ""
-            for member in tar:
-                name = last = member.name
-                parts = [p for p in name.split("/") if p not in ("", ".")]
-                if name.startswith("/"):
-                    report.add_problem(name, "unsafe member name: absolute path")
-                    continue
-                if ".." in parts:
-                    report.add_problem(name, "unsafe member name: contains '..'")
-                    continue
-                if not parts:
-                    if not member.isdir():
-                        report.add_problem(name, "member without a name")
-                    continue
-                if top is None and (len(parts) > 1 or member.isdir()):
-                    top = parts[0]
-                    report.bag = top
-                if parts[0] != top:
-                    where = f"the bag directory {top}/" if top else "a bag directory"
-                    report.add_problem(
-                        name, f"outside {where}: every member must be under one top directory"
-                    )
-                    continue
-                rel = "/".join(parts[1:])
-                shown = rel or name
-                if rel in seen:
-                    report.add_problem(shown, "duplicate member in the tar")
-                    continue
-                seen.add(rel)
-                if member.isdir():
-                    contents.data_dir |= rel == "data"
-                    continue
-                if not member.isreg():
-                    report.add_problem(
-                        shown,
-                        _member_kind(member) + ": only regular files and directories are allowed",
-                    )
-                    contents.rejected.add(rel)
-                    continue
-                if not rel:
-                    report.add_problem(name, "a file where the bag directory should be")
-                    continue
-                contents.data_dir |= _is_payload(rel)
-                stream = tar.extractfile(member)
-                if stream is None:  # not reachable for a regular file
-                    report.add_problem(shown, "cannot read member")
-                    continue
-                _read_file(stream, rel, contents)
-            # tarfile takes a damaged header for the end of the archive; what follows it
-            # is not the zero padding a real end has.
-            if _rest_is_not_zeros(tar):
-                after = f"after {last!r}" if last else "at the start"
-                report.add_problem(
-                    "",
-                    f"unreadable data {after}: a damaged tar header, or data appended to the tar",
-                )
-    except (
-        tarfile.TarError,
-        EOFError,
-        OSError,
-        zlib.error,
-        lzma.LZMAError,
-        ValueError,
-        RecursionError,
-    ) as exc:
-        report.add_problem("", f"cannot read the tar: {exc or type(exc).__name__}")
-    if top is None:
+    contents = open_bag(path, report.add_problem)
+    if contents is None:
         if not report.problems:
-            report.add_problem("", "empty archive: no bag directory in the tar")
-        return None
-    contents.data_dir |= any(r.startswith("data/") for r in contents.rejected)
-    return contents
-
-
-def _rest_is_not_zeros(tar: tarfile.TarFile) -> bool:
-    stream = tar.fileobj
-    if stream is None:
-        return False
-    while chunk := stream.read(CHUNK):
-        if chunk.count(0) != len(chunk):
-            return True
-    return False
-
-
-def _member_kind(member: tarfile.TarInfo) -> str:
-    if member.issym():
-        return f"symbolic link to {member.linkname!r}"
-    if member.islnk():
-        return f"hard link to {member.linkname!r}"
-    if member.ischr() or member.isblk():
-        return "device file"
-    if member.isfifo():
-        return "FIFO"
-    return f"unsupported member type {member.type!r}"
-
-
-def _read_directory(root: Path, report: Report) -> _Contents:
-    contents = _Contents()
-    payload: list[str] = []
-
-    def onerror(exc: OSError) -> None:
-        where = os.path.relpath(exc.filename, root) if exc.filename else ""
-        report.add_problem(where.replace(os.sep, "/"), f"cannot read: {exc.strerror or exc}")
-
-    # os.walk lists a symlink to a directory among dirnames, but never enters it.
-    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
-        dirnames.sort()
-        base = os.path.relpath(dirpath, root)
-        for name in sorted([*dirnames, *filenames]):
-            rel = name if base == "." else f"{base.replace(os.sep, '/')}/{name}"
-            full = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(full)
-            except OSError as exc:
-                report.add_problem(rel, f"cannot read: {exc.strerror or exc}")
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                contents.data_dir |= rel == "data"
-            elif stat.S_ISREG(st.st_mode):
-                if _is_payload(rel):
-                    payload.append(rel)
-                else:
-                    _read_path(full, rel, contents, report)
-            else:
-                report.add_problem(
-                    rel,
-                    _file_kind(full, st.st_mode) + ": only regular "
-                    "files and directories are allowed",
-                )
-                contents.rejected.add(rel)
-    # The manifests are read by now, so each payload file is hashed once, with their algorithms.
-    for rel in payload:
-        _read_path(os.path.join(root, rel), rel, contents, report)
-    return contents
-
-
-def _read_path(full: str, rel: str, contents: _Contents, report: Report) -> None:
+            report.add_problem("", "empty archive: no bag directory in it")
+        return report
     try:
-        # Not following a symlink, nor blocking on a FIFO, that replaced the file since.
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb", buffering=0) as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(f"{rel} is no longer a regular file")
-            _read_file(f, rel, contents)
-    except OSError as exc:
-        report.add_problem(rel, f"cannot read: {exc.strerror or exc}")
-        contents.rejected.add(rel)
-
-
-def _file_kind(full: str, mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        try:
-            return f"symbolic link to {os.readlink(full)!r}"
-        except OSError:
-            return "symbolic link"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device file"
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "special file"
-
-
-# -- checking --------------------------------------------------------------------------
+        report.bag = contents.name
+        policy = ANY_BAG if bag_only else ARCHIVE
+        _Checker(contents, report, policy, keys=keys, tsa_ca=tsa_ca).run()
+    finally:
+        contents.close()
+    return report
 
 
 @dataclass
 class _Manifest:
     name: str
-    algorithm: str
-    entries: dict[str, str]  # bag-relative path -> lowercase hex digest
+    spelled: str  # the algorithm as its file name spells it
+    algorithm: Algorithm | None  # None: not one hashlib computes here
+    tag: bool
+    id: int
+    tag_entries: dict[str, bytes] = field(default_factory=dict)  # tag manifests: tag files
 
 
 class _Checker:
     def __init__(
         self,
-        contents: _Contents,
+        contents: Contents,
         report: Report,
+        policy: Policy,
         *,
         keys: list[PublicKey],
-        bag_only: bool,
-        tsa_ca: list[x509.Certificate] | None = None,
+        tsa_ca: list[x509.Certificate] | None,
     ) -> None:
-        self.tsa_ca = tsa_ca
-        self.contents = contents
-        self.files = contents.files
-        self.report = report
-        self.keys = keys
-        self.bag_only = bag_only
+        self.contents, self.tags, self.index = contents, contents.tags, contents.index
+        self.report, self.policy, self.keys, self.tsa_ca = report, policy, keys, tsa_ca
         self.encoding = "utf-8"
         self.version: tuple[int, int] = (1, 0)
         self.missing: set[str] = set()  # required files already reported missing
         self.reported: set[tuple[str, str]] = set()
-        self.oxum: tuple[str, int, int] | None = None  # as declared, to check after the payload
-        self.fetch: dict[str, int | None] = {}  # fetch.txt: path -> length, None for "-"
-        self.holes: dict[str, int | None] = {}  # ... those not present in the payload
+        self.info: dict[str, list[str]] = {}  # bag-info labels (lower case) and values
+        self.oxum: tuple[str, int, int] | None = None  # as declared
+        self.holes: list[tuple[str, int | None]] = []  # fetch.txt's files not present
         self.absent_special: set[str] = set()  # special system files listed, not present
+        self.tag_digests: dict[tuple[str, str], bytes] = {}
+        self.info_name = "bag-info.txt"  # package-info.txt in 0.93 to 0.95
+
+    @property
+    def strict(self) -> bool:
+        """BagIt 1.0 made MUSTs of what earlier versions let pass."""
+        return self.version >= (1, 0)
 
     def problem(self, path: str, message: str) -> None:
         if (path, message) not in self.reported:
             self.reported.add((path, message))
             self.report.add_problem(path, message)
 
+    def warn(self, message: str) -> None:
+        self.report.warnings.append(message)
+
+    def breach(self, path: str, message: str) -> None:
+        """A rule that BagIt 1.0 makes a MUST and earlier versions did not."""
+        if self.strict:
+            self.problem(path, message)
+        else:
+            self.warn(f"{path}: {message}")
+
     def run(self) -> None:
-        payload = self.contents.payload()
-        self.report.files = len(payload)
-        self.report.bytes = sum(f.size for f in payload.values())
+        self.report.files, self.report.bytes = self.index.totals()
+        for path in self.index.duplicates():
+            self.problem(path, f"duplicate member in the {self.contents.container}")
         self.check_bagit_txt()
         self.check_layout()
         self.check_bag_info()
-        if self.bag_only:
-            self.check_fetch(payload)
-        manifests, tagmanifests = self.load_manifests()
-        self.check_payload(payload, manifests)
+        self.check_fetch()
+        manifests = self.load_manifests()
+        self.index.resolve()
+        self.contents.complete(self.problem)
+        payload = [m for m in manifests if not m.tag]
+        tag = [m for m in manifests if m.tag]
+        self.check_payload(payload)
+        for manifest in manifests:
+            self.check_entries(manifest)
         self.check_oxum()
-        for manifest in tagmanifests:
-            self.check_tag_manifest(manifest)
-        if not self.bag_only:
-            self.check_archived(tagmanifests)
+        for manifest in tag:
+            self.check_tag_manifest(manifest, payload)
+        self.check_names()
+        if self.policy.archive:
+            self.check_archived(tag)
+        elif self.announced_timestamp() and TIMESTAMP not in self.tags:
+            self.warn(f"{TIMESTAMP}: missing, though bag-info.txt says {TIMESTAMP_LABEL}: rfc3161")
 
-    # The tag files as text ----------------------------------------------------------
+    # -- tag files as bytes and text ---------------------------------------------------
+
+    def present(self, name: str, *, required: bool) -> bool:
+        if name in self.tags:
+            return True
+        if required and name not in self.contents.rejected | self.missing:
+            self.problem(name, "missing")
+            self.missing.add(name)
+        return False
 
     def content(self, name: str, *, required: bool) -> bytes | None:
-        file = self.files.get(name)
-        if file is None:
-            if required and name not in self.contents.rejected | self.missing:
-                self.problem(name, "missing")
-                self.missing.add(name)
+        """A small tag file's bytes."""
+        if not self.present(name, required=required):
             return None
-        if file.content is None:
-            self.problem(name, f"larger than {_tag_limit(name)} bytes; not read")
-        return file.content
-
-    def text(self, name: str, *, required: bool) -> str | None:
-        data = self.content(name, required=required)
-        if data is None:
+        file = self.tags[name]
+        if file.size > TAG_FILE_LIMIT:
+            self.problem(name, f"larger than {TAG_FILE_LIMIT} bytes; not read")
             return None
         try:
-            text = data.decode(self.encoding)
-        except (UnicodeDecodeError, LookupError) as exc:
-            self.problem(name, f"not valid {self.encoding}: {exc}")
+            with file.open() as f:
+                return f.read()
+        except READ_ERRORS as exc:
+            self.problem(name, f"cannot read: {read_error(exc)}")
             return None
-        if text.startswith("\ufeff"):
-            self.report.warnings.append(f"{name}: starts with a byte-order mark")
-            text = text[1:]
-        return text
+
+    def lines(self, name: str, *, limit: int | None = None) -> Iterator[tuple[int, str]]:
+        """A tag file's lines, decoded, split at LF, CR or CRLF (2.3), numbered from 1."""
+        file = self.tags[name]
+        if limit is not None and file.size > limit:
+            self.problem(name, f"larger than {limit} bytes; not read")
+            return
+        number = 0
+        try:
+            with file.open() as raw, io.TextIOWrapper(raw, self.encoding, newline=None) as text:
+                for number, line in enumerate(text, 1):
+                    line = line.removesuffix("\n")
+                    if number == 1 and line.startswith("\ufeff"):
+                        self.warn(f"{name}: starts with a byte-order mark")
+                        line = line[1:]
+                    yield number, line
+        except UnicodeDecodeError as exc:
+            self.problem(name, f"line {number + 1}: not valid {self.encoding}: {exc.reason}")
+        except READ_ERRORS as exc:
+            self.problem(name, f"cannot read: {read_error(exc)}")
+
+    def tag_digest(self, name: str, algo: Algorithm) -> bytes | None:
+        key = (name, algo.key)
+        if key not in self.tag_digests:
+            try:
+                with self.tags[name].open() as f:
+                    self.tag_digests[key] = hash_stream(f, [algo])[1][algo.key]
+            except READ_ERRORS as exc:
+                self.problem(name, f"cannot read: {read_error(exc)}")
+                return None
+        return self.tag_digests[key]
+
+    # -- 2.1.1 the bag declaration, 2.1.2 the payload directory --------------------------
 
     def check_bagit_txt(self) -> None:
         data = self.content("bagit.txt", required=True)
@@ -458,32 +309,44 @@ class _Checker:
             self.problem("bagit.txt", "starts with a byte-order mark")
             data = data[len(codecs.BOM_UTF8) :]
         try:
-            lines = data.decode("utf-8").splitlines()
+            lines = re.split(r"\r\n|\r|\n", data.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            self.problem("bagit.txt", f"not valid UTF-8: {exc}")
+            self.problem("bagit.txt", f"not valid UTF-8: {exc.reason}")
             return
+        if lines[-1] == "":
+            lines.pop()
         tags: dict[str, str] = {}
+        loose: list[tuple[int, str]] = []  # more blanks than "Label: value"
+        other: list[tuple[int, str]] = []
         for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
             match = _BAGIT_LINE.fullmatch(line)
+            if not line.strip(" \t"):
+                self.warn(f"bagit.txt: line {number} is blank")
+                continue
             if match is None:
-                self.problem(
-                    "bagit.txt",
-                    f"line {number}: {line!r} is not "
-                    "'BagIt-Version: M.N' or 'Tag-File-Character-Encoding: ENCODING'",
-                )
-            else:
-                tags[match.group(1)] = match.group(2).strip()
-        version = tags.get("BagIt-Version")
-        if version is None:
-            self.problem("bagit.txt", "does not declare BagIt-Version")
-        elif (found := _VERSION.fullmatch(version)) is None:
-            self.problem("bagit.txt", f"BagIt-Version {version!r} is not a M.N number")
-        else:
-            self.version = (int(found.group(1)), int(found.group(2)))
-            if not (0, 96) <= self.version < (2, 0):
-                self.problem("bagit.txt", f"unsupported BagIt-Version {version}")
+                other.append((number, line))
+                continue
+            label, value = match.groups()
+            if label in tags:
+                self.problem("bagit.txt", f"line {number}: {label} declared twice")
+            tags[label] = value
+            if not re.fullmatch(rf"{label}: \S+", line):
+                loose.append((number, line))
+        self.read_version(tags.get("BagIt-Version"))
+        for number, line in loose:
+            self.breach(
+                "bagit.txt",
+                f"line {number}: {line!r} is not exactly '<label>: <value>' (one space after "
+                "the colon, no other blanks)",
+            )
+        for number, line in other:
+            self.breach(
+                "bagit.txt",
+                f"line {number}: {line!r} is not 'BagIt-Version: M.N' or "
+                "'Tag-File-Character-Encoding: ENCODING'",
+            )
+        if list(tags) == ["Tag-File-Character-Encoding", "BagIt-Version"]:
+            self.breach("bagit.txt", "BagIt-Version must be the first line")
         encoding = tags.get("Tag-File-Character-Encoding")
         if encoding is None:
             self.problem("bagit.txt", "does not declare Tag-File-Character-Encoding")
@@ -495,276 +358,342 @@ class _Checker:
             return
         self.encoding = encoding
 
+    def read_version(self, version: str | None) -> None:
+        if version is None:
+            self.problem("bagit.txt", "does not declare BagIt-Version")
+            return
+        self.report.version = version
+        found = _VERSION.fullmatch(version)
+        if found is None:
+            self.problem("bagit.txt", f"BagIt-Version {version!r} is not a M.N number")
+            return
+        number = (int(found.group(1)), int(found.group(2)))
+        if not (0, 93) <= number < (2, 0):
+            self.problem("bagit.txt", f"unsupported BagIt-Version {version}: I read 0.93 to 1.0")
+            return
+        self.version = number
+        if number not in _KNOWN_VERSIONS:
+            rules = "1.0" if number > (1, 0) else "0.97"
+            self.warn(f"bagit.txt: BagIt-Version {version} is not one I know; read as {rules}")
+
     def check_layout(self) -> None:
-        if "data" in self.files:
+        if "data" in self.tags:
             self.problem("data", "is a file; the payload directory must be a directory")
-        elif (
-            not self.contents.data_dir
-            and not self.contents.payload()
-            and "data" not in self.contents.rejected
-        ):
+        elif not self.contents.data_dir and "data" not in self.contents.rejected:
             self.problem("data", "payload directory missing")
-        if "fetch.txt" in self.files and not self.bag_only:
+        if "fetch.txt" in self.tags and self.policy.archive:
             self.problem(
                 "fetch.txt", "the bag lists files to fetch; only complete bags can be verified"
             )
 
+    # -- 2.2.2 bag-info.txt --------------------------------------------------------------
+
     def check_bag_info(self) -> None:
-        text = self.text("bag-info.txt", required=not self.bag_only)
-        if text is None:
+        # bagit-python and bagit-java read 0.93 to 0.95 bags' metadata from package-info.txt.
+        older = self.version < (0, 96)
+        name, other = ("package-info.txt", "bag-info.txt")[:: 1 if older else -1]
+        if name not in self.tags and other in self.tags:
+            self.warn(f"{other}: read as the metadata of a BagIt {self.report.version} bag")
+            name = other
+        self.info_name = name
+        if not self.present(name, required=self.policy.archive):
             return
-        info = _parse_tags(text, lambda m: self.problem("bag-info.txt", m))
-        oxums = info.get("Payload-Oxum", [])
+        for label, value in self.metadata(name):
+            self.info.setdefault(label.lower(), []).append(value)
+        for key, label in (_ONCE | _SHOULD_BE_ONCE).items():
+            values = self.info.get(key, [])
+            if len(values) < 2:
+                continue
+            if key in _SHOULD_BE_ONCE:
+                if self.strict:
+                    self.warn(f"{name}: {label} appears more than once; it should not be repeated")
+            elif self.strict or len(set(values)) > 1:
+                self.problem(name, f"declares Payload-Oxum {len(values)} times: {values}")
+        oxums = self.info.get("payload-oxum", [])
         if not oxums:
-            if not self.bag_only:
-                self.problem("bag-info.txt", "has no Payload-Oxum")
-            return
-        if len(set(oxums)) > 1:
-            self.problem("bag-info.txt", f"declares several Payload-Oxum values: {oxums}")
+            if self.policy.archive:
+                self.problem(name, "has no Payload-Oxum")
             return
         match = _OXUM.fullmatch(oxums[0])
         if match is None:
-            self.problem("bag-info.txt", f"malformed Payload-Oxum {oxums[0]!r}")
+            self.problem(name, f"malformed Payload-Oxum {oxums[0]!r}: not <octets>.<files>")
             return
         self.oxum = (oxums[0], int(match.group(1)), int(match.group(2)))
 
-    def check_fetch(self, payload: dict[str, _File]) -> None:
-        """A holey bag (bag_only): what fetch.txt lists may be absent from the payload,
-        but each line must name a file in the payload directory."""
-        text = self.text("fetch.txt", required=False)
-        if text is None:
+    def metadata(self, name: str) -> Iterator[tuple[str, str]]:
+        """(label, value) of each element: `Label: value` with one space or
+        tab after the colon in 1.0 (more blanks either side before 1.0), a value folded
+        onto lines that start with a space or tab."""
+        element: list[str] | None = None  # [label, value]
+        for number, line in self.lines(name, limit=TAG_FILE_LIMIT):
+            if not line.strip(" \t"):
+                continue
+            if line[0] in " \t":
+                if element is not None:
+                    element[1] += " " + line.strip(" \t")
+                    continue
+                self.breach(name, f"line {number}: starts with a blank, but continues nothing")
+                if self.strict:
+                    continue
+                line = line.lstrip(" \t")
+            if element is not None:
+                yield element[0], element[1]
+                element = None
+            label, colon, value = line.partition(":")
+            if not colon:
+                self.problem(name, f"line {number}: {line!r} is not 'Label: value'")
+            elif not label.strip(" \t"):
+                self.problem(name, f"line {number}: no label before the colon")
+            elif self.strict and label != label.rstrip(" \t"):
+                self.problem(name, f"line {number}: the label {label!r} ends with whitespace")
+            elif self.strict and not value.startswith((" ", "\t")):
+                self.problem(name, f"line {number}: no space or tab after the colon")
+            else:
+                element = [label.strip(" \t"), value.strip(" \t")]
+        if element is not None:
+            yield element[0], element[1]
+
+    def announced_timestamp(self) -> bool:
+        return "rfc3161" in self.info.get(TIMESTAMP_LABEL.lower(), [])
+
+    # -- 2.2.3 fetch.txt -------------------------------------------------------------------
+
+    def check_fetch(self) -> None:
+        if "fetch.txt" not in self.tags or self.policy.archive:
             return
-        for number, line in enumerate(_lines(text), 1):
+        self.index.add_fetch(self.fetch_lines())
+        for path in self.index.fetch_repeated():
+            self.warn(f"{path}: listed twice in fetch.txt")
+        self.holes = self.index.holes()
+        if self.holes:
+            shown = ", ".join(p for p, _ in self.holes[:3]) + (
+                ", ..." if len(self.holes) > 3 else ""
+            )
+            self.problem(
+                "fetch.txt",
+                f"holey bag: {len(self.holes)} files listed here are not present, to be "
+                f"fetched ({shown}): the bag is incomplete",
+            )
+
+    def fetch_lines(self) -> Iterator[tuple[str, int | None]]:
+        for number, line in self.lines("fetch.txt"):
             if not line.strip():
                 continue
             match = _FETCH_LINE.fullmatch(line)
             if match is None:
                 self.problem("fetch.txt", f"line {number}: not '<url> <length> <path>'")
                 continue
-            _, length, raw_path = match.groups()
-            if self.version < (1, 0):
-                raw_path = raw_path.strip()
-            path = _normalize(decode_path(raw_path))
-            if path is None:
-                self.problem("fetch.txt", f"line {number}: path {raw_path!r} is outside the bag")
+            url, length, raw_path = match.groups()
+            if not _absolute_url(url):
+                self.problem("fetch.txt", f"line {number}: {url!r} is not an absolute URL")
                 continue
-            if not _is_payload(path):
+            path = self.listed_path("fetch.txt", number, raw_path)
+            if path is None:
+                continue
+            if not is_payload(path):
                 self.problem(
                     "fetch.txt", f"line {number}: {path} is not in the payload directory data/"
                 )
                 continue
-            if path in self.fetch:
-                self.report.warnings.append(f"{path}: listed twice in fetch.txt")
-            self.fetch[path] = None if length == "-" else int(length)
-        self.holes = {
-            p: n
-            for p, n in self.fetch.items()
-            if p not in payload and p not in self.contents.rejected
-        }
-        if self.holes:
-            self.report.warnings.append(
-                f"holey bag: {len(self.holes)} files listed in fetch.txt are not present "
-                "(their checksums are not checked)"
-            )
+            yield path, None if length == "-" else int(length)
 
-    def check_oxum(self) -> None:
-        if self.oxum is None:
-            return
-        text, *declared = self.oxum
-        unknown = sum(n is None for n in self.holes.values())
-        if unknown:
-            self.report.warnings.append(
-                f"bag-info.txt: Payload-Oxum {text} not checked: fetch.txt gives no "
-                f"length for {unknown} files not present"
-            )
-            return
-        actual = [
-            self.report.bytes + sum(n or 0 for n in self.holes.values()),
-            self.report.files + len(self.holes),
-        ]
-        if declared == actual:
-            return
-        special = len(self.absent_special)
-        if special and declared == [actual[0], actual[1] + special]:
-            # Their sizes are unknown; the byte count must match without them.
-            self.report.warnings.append(
-                f"bag-info.txt: Payload-Oxum {text} counts {special} special system "
-                "files that are not present"
-            )
-            return
-        where = " and fetch.txt" if self.holes else ""
-        self.problem(
-            "bag-info.txt",
-            f"Payload-Oxum {text} does not match the "
-            f"payload{where}: {actual[0]} bytes in {actual[1]} files",
-        )
+    def listed_path(self, name: str, number: int, raw: str) -> str | None:
+        """A path as a manifest or fetch.txt writes it, as a bag-relative path."""
+        if self.version < (1, 0):
+            raw = raw.strip()  # trailing blanks were not significant
+        path = _bag_path(decode_path(raw))
+        if path is None:
+            self.problem(name, f"line {number}: path {raw!r} is outside the bag")
+        return path
 
-    # Manifests ----------------------------------------------------------------------
+    # -- 2.1.3 payload manifests, 2.2.1 tag manifests --------------------------------------
 
-    def load_manifests(self) -> tuple[list[_Manifest], list[_Manifest]]:
+    def load_manifests(self) -> list[_Manifest]:
         manifests: list[_Manifest] = []
-        tagmanifests: list[_Manifest] = []
-        for name in sorted(self.files):
-            match = _MANIFEST_NAME.fullmatch(name)
+        for name in sorted(self.tags):
+            match = MANIFEST_NAME.fullmatch(name)
             if match is None:
                 continue
-            algorithm = match.group(2)
-            if algorithm not in ALGORITHMS:
-                self.report.warnings.append(
-                    f"{name}: algorithm {algorithm} not supported; not checked"
+            tag, spelled = bool(match.group(1)), match.group(2)
+            algo = algorithm(spelled)
+            if algo is None:
+                self.warn(
+                    f"{name}: algorithm {spelled} not supported; its checksums are not checked"
                 )
-                continue
-            text = self.text(name, required=True)
-            if text is None:
-                continue
-            manifest = self.parse_manifest(name, algorithm, text, tag=bool(match.group(1)))
-            (tagmanifests if match.group(1) else manifests).append(manifest)
-        if not self.bag_only:
-            if MANIFEST not in self.files:
-                self.content(MANIFEST, required=True)
-        elif not any(n.startswith("manifest-") for n in [*self.files, *self.contents.rejected]):
+            manifest = _Manifest(
+                name,
+                spelled,
+                algo,
+                tag,
+                self.index.add_manifest(name, algo.key if algo else None, tag=tag),
+            )
+            self.index.add_entries(manifest.id, self.manifest_lines(manifest))
+            manifests.append(manifest)
+        if self.policy.archive:
+            self.present(MANIFEST, required=True)
+        elif not any(not m.tag for m in manifests) and not any(
+            MANIFEST_NAME.fullmatch(n) for n in self.contents.rejected
+        ):
             self.problem("", "no payload manifest (manifest-<algorithm>.txt)")
-        return manifests, tagmanifests
+        return manifests
 
-    def parse_manifest(self, name: str, algorithm: str, text: str, *, tag: bool) -> _Manifest:
-        size = hashlib.new(algorithm).digest_size * 2
-        entries: dict[str, str] = {}
-        starred = 0
-        reworded: list[tuple[str, str]] = []  # (as written, as read) for paths not in plain form
-        for number, line in enumerate(_lines(text), 1):
+    def manifest_lines(self, manifest: _Manifest) -> Iterator[tuple[str, str, bytes]]:
+        """A manifest's lines for payload files, as (path, path as written, digest); a tag
+        manifest's lines for tag files go to its `tag_entries`."""
+        name = manifest.name
+        length = manifest.algorithm.hex_length if manifest.algorithm else None
+        starred = reworded = 0
+        example = ("", "")  # the first path not written plainly, as written and as read
+        for number, line in self.lines(name):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             match = _MANIFEST_LINE.fullmatch(line)
             if match is None:
                 self.problem(name, f"line {number}: not '<checksum>  <path>'")
                 continue
-            checksum, raw_path = match.groups()
+            checksum, raw = match.groups()
             if self.version < (1, 0):
-                # Older bags came from md5sum-like tools: "*" marks binary mode, and
-                # trailing blanks were not significant. In 1.0 the path is exact.
-                raw_path = raw_path.strip()
-                if raw_path.startswith("*"):
-                    starred += 1
-                    raw_path = raw_path[1:]
-            decoded = decode_path(raw_path)
-            digest, path = checksum.lower(), _normalize(decoded)
-            if len(digest) != size or not _HEX.fullmatch(digest):
-                self.problem(name, f"line {number}: {checksum!r} is not a {algorithm} checksum")
+                raw = raw.strip()  # trailing blanks were not significant
+                if raw.startswith("*"):
+                    starred += 1  # md5sum's mark of binary mode
+                    raw = raw[1:]
+            if (
+                not _HEX.fullmatch(checksum)
+                or len(checksum) % 2
+                or length not in (None, len(checksum))
+            ):
+                self.problem(
+                    name, f"line {number}: {checksum!r} is not a {manifest.spelled} checksum"
+                )
                 continue
+            path = self.listed_path(name, number, raw)
             if path is None:
-                self.problem(name, f"line {number}: path {raw_path!r} is outside the bag")
                 continue
-            if not tag and not _is_payload(path):
+            if path != decode_path(raw):
+                reworded += 1
+                example = example if reworded > 1 else (raw, path)
+            written = _bag_path(raw) or path  # a "%" another tool did not encode
+            digest = bytes.fromhex(checksum)
+            if manifest.tag and not is_payload(path):
+                self.tag_entry(manifest, number, path, digest)
+                continue
+            if manifest.tag:
+                self.breach(
+                    name, f"line {number}: lists {path}, a payload file; a tag manifest must not"
+                )
+                if self.strict:
+                    continue
+            elif not is_payload(path):
                 self.problem(name, f"line {number}: {path} is not in the payload directory data/")
                 continue
-            if path != decoded:
-                reworded.append((raw_path, path))
-            if path in entries:
-                if entries[path] != digest:
-                    self.problem(path, f"listed twice in {name} with different checksums")
-                elif self.version >= (1, 0):
-                    self.problem(path, f"listed twice in {name}")
-                else:
-                    self.report.warnings.append(f"{path}: listed twice in {name}")
-                continue
-            entries[path] = digest
+            yield path, written, digest
         if starred:
-            self.report.warnings.append(
+            self.warn(
                 f"{name}: {starred} lines mark the path with '*', as md5sum does for "
                 "binary mode; read without it"
             )
         if reworded:
-            written, read = reworded[0]
-            self.report.warnings.append(
-                f"{name}: {len(reworded)} paths not written as plain bag-relative paths "
-                f"(e.g. {written!r}, read as {read!r})"
+            self.warn(
+                f"{name}: {reworded} paths not written as plain bag-relative paths "
+                f"(e.g. {example[0]!r}, read as {example[1]!r})"
             )
-        return _Manifest(name, algorithm, entries)
 
-    def check_payload(self, payload: dict[str, _File], manifests: list[_Manifest]) -> None:
-        by_form = {unicodedata.normalize("NFC", p): p for p in payload}
-        by_fold: dict[str, list[str]] = {}
-        for p in payload:
-            by_fold.setdefault(_fold(p), []).append(p)
-        missing: dict[str, list[str]] = {}
-        unlisted: dict[str, list[str]] = {}
-        not_fetched: dict[str, list[str]] = {}  # holes a manifest does not list
-        excused: dict[tuple[str, str], list[str]] = {}  # (path, why) -> manifest names
-        mismatches: list[Problem] = []
-        for manifest in manifests:
-            listed: set[str] = set()
-            unhashed = 0
-            for path, expected in manifest.entries.items():
-                actual_path = path
-                if path not in payload:
-                    other = by_form.get(unicodedata.normalize("NFC", path))
-                    if other is None or other in manifest.entries:
-                        if path in self.contents.rejected or path in self.holes:
-                            continue
-                        why = self.excuse_absent(path, expected, manifest, payload, by_fold)
-                        if why is None:
-                            missing.setdefault(path, []).append(manifest.name)
-                        else:
-                            excused.setdefault((path, why), []).append(manifest.name)
-                        continue
-                    self.report.warnings.append(
-                        f"{other}: listed in {manifest.name} under another Unicode normalization"
-                    )
-                    actual_path = other
-                listed.add(actual_path)
-                got = payload[actual_path].digest(manifest.algorithm)
-                if got is None:
-                    unhashed += 1
-                elif got != expected:
-                    mismatches.append(
-                        Problem(
-                            actual_path,
-                            f"{manifest.algorithm} mismatch: expected {expected}, got {got}",
-                        )
-                    )
-            for path in payload:
-                if path not in listed:
-                    unlisted.setdefault(path, []).append(manifest.name)
-            for path in self.holes:
-                if path not in manifest.entries:
-                    not_fetched.setdefault(path, []).append(manifest.name)
-            if unhashed:
-                # Only a tar that holds payload before this manifest gets here.
-                self.problem(
-                    manifest.name,
-                    f"{unhashed} payload files come before it in the "
-                    f"tar and were not hashed with {manifest.algorithm}, so they are "
-                    "not checked against it",
+    def tag_entry(self, manifest: _Manifest, number: int, path: str, digest: bytes) -> None:
+        entries = manifest.tag_entries
+        if (found := MANIFEST_NAME.fullmatch(path)) and found.group(1):
+            self.breach(
+                manifest.name,
+                f"line {number}: lists {path}; a tag manifest must not list tag manifests",
+            )
+            if self.strict:
+                return
+        if path in entries:
+            if entries[path] != digest:
+                self.problem(path, f"listed twice in {manifest.name} with different checksums")
+            else:
+                self.breach(path, f"listed twice in {manifest.name}")
+            return
+        entries[path] = digest
+
+    def check_payload(self, manifests: list[_Manifest]) -> None:
+        """Section 3: every payload file in every payload manifest (before 1.0: in one),
+        and, holey bags, every file fetch.txt lists."""
+        supported = [m.id for m in manifests if m.algorithm]
+        if manifests and not supported:
+            names = ", ".join(m.name for m in manifests)
+            self.report.unverifiable.append(
+                f"no manifest in a supported algorithm ({names}): no checksum could be checked"
+            )
+        elif len(supported) < len(manifests) and not self.strict:
+            # Before 1.0 a file may be in one manifest only: it may be one we cannot check.
+            unchecked = sum(1 for _ in self.index.unlisted(supported))
+            if unchecked:
+                self.report.unverifiable.append(
+                    f"{unchecked} payload files are listed only in manifests in algorithms "
+                    "not supported: their checksums could not be checked"
                 )
-        for (path, why), names in excused.items():
-            self.report.warnings.append(f"{path}: {why} (listed in {', '.join(names)})")
-        if self.bag_only:
-            self.warn_special_names(payload, by_fold)
-        for path, names in missing.items():
-            self.problem(path, f"missing from payload (listed in {', '.join(names)})")
-        for path, names in unlisted.items():
-            self.problem(path, f"not in {', '.join(names)}")
-        for path, names in not_fetched.items():
-            self.problem(path, f"listed in fetch.txt but not in {', '.join(names)}")
-        for mismatch in mismatches:
-            self.problem(mismatch.path, mismatch.message)
+        unlisted: dict[str, list[str]] = {}
+        if self.strict:
+            for manifest in manifests:
+                for path in self.index.unlisted([manifest.id]):
+                    unlisted.setdefault(path, []).append(manifest.name)
+            for path, manifest_names in unlisted.items():
+                self.problem(path, f"not in {', '.join(manifest_names)}")
+        elif manifests:
+            for path in self.index.unlisted([m.id for m in manifests]):
+                self.problem(path, "not in any payload manifest")
+        for manifest in manifests:
+            for path in self.index.fetched_not_listed(manifest.id):
+                self.problem(path, f"listed in fetch.txt but not in {manifest.name}")
 
-    def excuse_absent(
-        self,
-        path: str,
-        expected: str,
-        manifest: _Manifest,
-        payload: dict[str, _File],
-        by_fold: dict[str, list[str]],
-    ) -> str | None:
-        """Why a listed file may be absent from any BagIt bag (bag_only), or None: it is
+    def check_entries(self, manifest: _Manifest) -> None:
+        """A manifest's payload lines against the payload: present, and the same digest."""
+        holes = {p for p, _ in self.holes}
+        for path, conflict in self.index.repeated(manifest.id):
+            if conflict:
+                self.problem(path, f"listed twice in {manifest.name} with different checksums")
+            else:
+                self.breach(path, f"listed twice in {manifest.name}")
+        for how, written, actual in self.index.renamed(manifest.id):
+            if how == "form":
+                self.warn(
+                    f"{actual}: listed in {manifest.name} under another Unicode normalization"
+                )
+            else:
+                self.warn(
+                    f"{actual}: listed in {manifest.name} as {written!r}, with '%' not "
+                    "percent-encoded; read as written"
+                )
+        for path, digest in self.index.unresolved(manifest.id):
+            if path in holes or path in self.contents.rejected:
+                continue
+            why = self.excuse_absent(path, digest, manifest)
+            if why is None:
+                self.problem(path, f"missing from payload (listed in {manifest.name})")
+            else:
+                self.warn(f"{path}: {why} (listed in {manifest.name})")
+        if manifest.algorithm is None:
+            return
+        for path, expected, got in self.index.compared(manifest.id, manifest.algorithm.key):
+            if got is None:
+                self.problem(path, f"not checked against {manifest.name}: it could not be read")
+            else:
+                self.problem(
+                    path, f"{manifest.spelled} mismatch: expected {expected.hex()}, got {got.hex()}"
+                )
+
+    def excuse_absent(self, path: str, expected: bytes, manifest: _Manifest) -> str | None:
+        """Why a listed file may be absent from another tool's bag, or None: it is
         missing. The manifest names it twice, and a file system that folds case or
         normalizes names kept one; or it is an operating system's file, dropped in a copy."""
-        if not self.bag_only:
+        if not self.policy.forgive_os:
             return None
         form = unicodedata.normalize("NFC", path)
-        for other in by_fold.get(_fold(path), []):
-            if other == path or payload[other].digest(manifest.algorithm) != expected:
+        for other in self.index.names.alike(path):
+            found = self.index.lookup(other)
+            if found is None or manifest.algorithm is None:
+                continue
+            if self.index.digest(found[0], manifest.algorithm.key) != expected:
                 continue
             if unicodedata.normalize("NFC", other) == form:
                 return (
@@ -781,72 +710,128 @@ class _Checker:
             return "special system file listed but not present"
         return None
 
-    def warn_special_names(self, payload: dict[str, _File], by_fold: dict[str, list[str]]) -> None:
-        for path in payload:
-            if _is_special(path):
-                self.report.warnings.append(
-                    f"{path}: special system file in the payload (left by an operating "
-                    "system, not usually content)"
-                )
-        for paths in by_fold.values():
-            if len(paths) > 1:
-                self.report.warnings.append(
-                    f"{', '.join(map(repr, paths))}: names differ only in case or Unicode "
-                    "normalization; would collide on a case-insensitive file system"
-                )
+    def check_oxum(self) -> None:
+        if self.oxum is None:
+            return
+        text, *declared = self.oxum
+        unknown = sum(n is None for _, n in self.holes)
+        if unknown:
+            self.warn(
+                f"{self.info_name}: Payload-Oxum {text} not checked: fetch.txt gives no "
+                f"length for {unknown} files not present"
+            )
+            return
+        actual = [
+            self.report.bytes + sum(n or 0 for _, n in self.holes),
+            self.report.files + len(self.holes),
+        ]
+        if declared == actual:
+            return
+        special = len(self.absent_special)
+        if special and declared == [actual[0], actual[1] + special]:
+            # Their sizes are unknown; the byte count must match without them.
+            self.warn(
+                f"{self.info_name}: Payload-Oxum {text} counts {special} special system "
+                "files that are not present"
+            )
+            return
+        where = " and fetch.txt" if self.holes else ""
+        self.problem(
+            self.info_name,
+            f"Payload-Oxum {text} does not match the "
+            f"payload{where}: {actual[0]} bytes in {actual[1]} files",
+        )
 
-    def check_tag_manifest(self, manifest: _Manifest) -> None:
-        for path, expected in manifest.entries.items():
-            file = self.files.get(path)
-            if file is None:
+    def check_tag_manifest(self, manifest: _Manifest, payload: list[_Manifest]) -> None:
+        """2.2.1: every payload manifest listed, every listed tag file present and as
+        listed; the other tag files should be listed too (1.0)."""
+        entries = manifest.tag_entries
+        for listed in payload:
+            if listed.name not in entries:
+                self.breach(
+                    manifest.name,
+                    f"does not list {listed.name}; a tag manifest must list every payload manifest",
+                )
+        for path, expected in entries.items():
+            if path not in self.tags:
                 if path not in self.contents.rejected | self.missing:
                     self.problem(path, f"missing (listed in {manifest.name})")
                 continue
-            got = file.digest(manifest.algorithm)
-            if got is None:
+            if manifest.algorithm is None:
+                continue
+            got = self.tag_digest(path, manifest.algorithm)
+            if got is not None and got != expected:
                 self.problem(
                     path,
-                    f"cannot check against {manifest.name}: not hashed with {manifest.algorithm}",
+                    f"{manifest.spelled} mismatch: expected {expected.hex()}, "
+                    f"got {got.hex()} (per {manifest.name})",
                 )
-            elif got != expected:
-                self.problem(
-                    path,
-                    f"{manifest.algorithm} mismatch: expected {expected}, "
-                    f"got {got} (per {manifest.name})",
+        if self.strict:
+            left_out = [
+                n
+                for n in sorted(self.tags)
+                if n not in entries
+                and not (MANIFEST_NAME.fullmatch(n) and n.startswith("tag"))
+                and n not in (SIGNATURE, TIMESTAMP)  # made after it, over it
+            ]
+            if left_out:
+                self.warn(
+                    f"{manifest.name} does not list {', '.join(left_out)}; a tag manifest "
+                    "should list every tag file"
                 )
 
-    # What makes it an archived archive -------------------------------------------------
+    def check_names(self) -> None:
+        """Names that would collide on extraction; in another tool's bag, the files an
+        operating system leaves in a folder."""
+        for group in self.index.names.groups():
+            self.warn(collision_warning(group))
+        if self.policy.forgive_os:
+            for path in self.index.paths():
+                if _is_special(path):
+                    self.warn(
+                        f"{path}: special system file in the payload (left by an operating "
+                        "system, not usually content)"
+                    )
+
+    # -- what makes it an archived archive -------------------------------------------------
 
     def check_archived(self, tagmanifests: list[_Manifest]) -> None:
         signed = next((m for m in tagmanifests if m.name == TAGMANIFEST), None)
         if signed is None:
-            self.content(TAGMANIFEST, required=True)
+            self.present(TAGMANIFEST, required=True)
         else:
             for name in TAG_FILES:
-                if name not in signed.entries:
+                if name not in signed.tag_entries:
                     self.problem(
                         name, f"not covered by {TAGMANIFEST}, so not protected by the signature"
                     )
-            for name in sorted(self.files):
-                if (
-                    not _is_payload(name)
-                    and name not in signed.entries
-                    and name not in (*TAG_FILES, TAGMANIFEST, SIGNATURE, TIMESTAMP)
+            for name in sorted(self.tags):
+                if name not in signed.tag_entries and name not in (
+                    *TAG_FILES,
+                    TAGMANIFEST,
+                    SIGNATURE,
+                    TIMESTAMP,
                 ):
-                    self.report.warnings.append(
+                    self.warn(
                         f"{name}: not covered by {TAGMANIFEST}, so not protected by the signature"
                     )
         self.check_events()
         message = self.content(TAGMANIFEST, required=False) if signed else None
         self.check_signature(message)
-        if message is not None and TIMESTAMP in self.files:
-            self.check_timestamp(message)
+        if TIMESTAMP in self.tags:
+            if message is not None:
+                self.check_timestamp(message)
+        elif self.announced_timestamp() and TIMESTAMP not in self.contents.rejected:
+            self.problem(
+                TIMESTAMP,
+                f"missing, though bag-info.txt says the archive was time-stamped "
+                f"({TIMESTAMP_LABEL}: rfc3161)",
+            )
 
     def check_events(self) -> None:
-        text = self.text(EVENTS, required=True)
-        if text is None:
+        if not self.present(EVENTS, required=True):
             return
-        for number, line in enumerate(_lines(text), 1):
+        for number, line in self.lines(EVENTS, limit=TAG_FILE_LIMIT):
             if not line.strip():
                 continue
             try:
@@ -859,7 +844,7 @@ class _Checker:
     def check_signature(self, message: bytes | None) -> None:
         data = self.content(SIGNATURE, required=False)
         if data is None:
-            if SIGNATURE not in self.files and SIGNATURE not in self.contents.rejected:
+            if SIGNATURE not in self.tags and SIGNATURE not in self.contents.rejected:
                 self.problem(SIGNATURE, "missing: the archive is not signed")
             return
         if not self.keys:
@@ -897,30 +882,46 @@ class _Checker:
             return
         self.report.timestamp = token.gen_time.isoformat().replace("+00:00", "Z")
         if self.tsa_ca is None:
-            self.report.warnings.append(
+            self.warn(
                 f"{TIMESTAMP}: covers {TAGMANIFEST}, but no time-stamping CA was given "
                 "(--tsa-ca or signing.tsa_ca), so the authority's signature is not checked"
             )
 
 
-def _lines(text: str) -> list[str]:
-    """Lines split at LF (and CRLF) only: a file name may hold any other separator."""
-    return [line.removesuffix("\r") for line in text.split("\n")]
+def _absolute_url(url: str) -> bool:
+    """An absolute URI (RFC 3986 section 4.3): a scheme (one letter would be a Windows
+    drive), and a host where it says "//" (but for file:///path)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    if len(parts.scheme) < 2 or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", parts.scheme):
+        return False
+    hierarchical = url[len(parts.scheme) + 1 :].startswith("//")
+    return bool(parts.netloc) or not hierarchical or parts.scheme.lower() == "file"
 
 
-def _normalize(path: str) -> str | None:
-    """A manifest path as a bag-relative path, or None if it points outside the bag."""
+def _bag_path(path: str) -> str | None:
+    """A listed path as a bag-relative path, or None if it points outside the bag."""
+    if not (
+        "//" in path
+        or "/." in path
+        or path.startswith((".", "/", "~"))
+        or path.endswith("/")
+        or path[1:2] == ":"
+    ):
+        return path  # already one: most are
     if path.startswith(("/", "~")) or re.match(r"[A-Za-z]:[\\/]", path):
         return None
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
-        return None
-    return "/".join(parts)
-
-
-def _fold(path: str) -> str:
-    """A path as a case-insensitive, normalizing file system would see it."""
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", path).casefold())
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return "/".join(parts) or None
 
 
 def _is_special(path: str) -> bool:
@@ -934,32 +935,3 @@ def _is_special(path: str) -> bool:
         or (base.startswith("._") and len(base) > 2)
         or any(part in _SPECIAL_DIRS for part in parts)
     )
-
-
-def _parse_tags(text: str, problem: Callable[[str], None]) -> dict[str, list[str]]:
-    """`Label: value` lines, with folded continuation lines (RFC 8493 section 2.2.2)."""
-    tags: dict[str, list[str]] = {}
-    for label, value in _tag_lines(text, problem):
-        tags.setdefault(label, []).append(value)
-    return tags
-
-
-def _tag_lines(text: str, problem: Callable[[str], None]) -> Iterator[tuple[str, str]]:
-    label: str | None = None
-    value = ""
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if line[0].isspace() and label is not None:
-            value += " " + line.strip()
-            continue
-        if label is not None:
-            yield label, value.strip()
-            label = None
-        name, colon, rest = line.partition(":")
-        if not colon or not name.strip():
-            problem(f"line {number}: {line.strip()!r} is not 'Label: value'")
-            continue
-        label, value = name.strip(), rest
-    if label is not None:
-        yield label, value.strip()

@@ -191,3 +191,33 @@ def test_max_concurrent_jobs_bounds_processing(root: Root, limit: int) -> None:
     spans.sort()
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end
+
+
+def test_names_that_one_file_system_cannot_tell_apart_are_warned_about(root: Root) -> None:
+    """bsdtar, and case-insensitive or normalizing file systems, keep one of each pair."""
+    source = root.sources / "names"
+    source.mkdir()
+    for name in ("Report.txt", "report.TXT", "caf\u00e9.txt", "cafe\u0301.txt", "other.txt"):
+        (source / name).write_text(name)
+    root.start()
+    job = root.job_file("names", activities=[{"name": "n", "driver": "files", "path": str(source)}])
+    (job_id,) = root.submit(job)
+    done = root.wait_state(job_id, "completed", "failed")
+    assert done["state"] == "completed", done.get("error")
+    warnings = [e["detail"] for e in done["events"] if e["kind"] == "warning"]
+    assert len(warnings) == 1, done["events"]
+    assert sorted(map(sorted, warnings[0]["names"])) == [
+        ["data/n/Report.txt", "data/n/report.TXT"],
+        ["data/n/cafe\u0301.txt", "data/n/caf\u00e9.txt"],
+    ]
+    shown = root.cli("show", job_id, check=True).stdout
+    assert "warning" in shown and "Report.txt" in shown
+    archive = root.archives("primary")[0]
+    verified = root.cli("verify", str(archive))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "would collide" in verified.stderr and "Report.txt" in verified.stderr
+    with tarfile.open(archive) as tar:  # the archive's own event log has it too
+        events = tar.extractfile(f"{archive.stem}/archived-events.jsonl")
+        assert events is not None
+        logged = [json.loads(line) for line in events.read().splitlines()]
+    assert [e["names"] for e in logged if e["type"] == "warning"] == [warnings[0]["names"]]

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import Root
 
+# a sleep no other process on the machine runs: the orphan check below looks for exactly it
+HANG = f"60.{os.getpid()}"
+
 
 def command_job(root: Root, name: str, command: str, **extra: object) -> Path:
     return root.job_file(
@@ -52,7 +55,7 @@ def commands(root: Root) -> Root:
             ],
             "transient_exit_codes": [75],
         },
-        commands__hang={"argv": ["/bin/sh", "-c", "sleep 60"], "timeout": "1s"},
+        commands__hang={"argv": ["/bin/sh", "-c", f"sleep {HANG}"], "timeout": "1s"},
         commands__silent={"argv": ["/bin/true"]},
         commands__big={"argv": ["/bin/sh", "-c", "head -c 50000000 /dev/urandom"]},
         commands__env={
@@ -119,7 +122,7 @@ def test_a_hanging_command_is_killed_at_its_timeout(commands: Root) -> None:
     assert job["state"] == "failed"
     assert "timed out after 1s" in job["error"]
     assert [h["state"] for h in job["history"]].count("recoverable_error") == 1
-    orphans = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True)
+    orphans = subprocess.run(["pgrep", "-fx", f"sleep {HANG}"], capture_output=True, text=True)
     assert orphans.stdout.strip() == ""
 
 

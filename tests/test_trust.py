@@ -58,6 +58,28 @@ def test_a_time_stamped_archive_verifies_with_openssl_and_archived(
     assert any(e["kind"] == "timestamp" and e["detail"]["tsa"] == tsa.url for e in events)
 
 
+def test_stripping_the_token_from_a_time_stamped_archive_fails_verify(
+    root: Root, tsa: Tsa, tmp_path: Path
+) -> None:
+    """The token is not under the signature, but bag-info.txt saying it exists is."""
+    with_tsa(root, tsa)
+    root.start()
+    (job_id,) = root.submit(root.job_file("stripped"))
+    assert root.wait_state(job_id, "completed", "failed")["state"] == "completed"
+    archive = root.archives("primary")[0]
+    bag = extract(archive, tmp_path / "x")
+    assert "Archived-Timestamp: rfc3161\n" in (bag / "bag-info.txt").read_text()
+    stripped = tmp_path / archive.name
+    with tarfile.open(archive) as src, tarfile.open(stripped, "w") as out:
+        for member in src:
+            if not member.name.endswith(TSR):
+                out.addfile(member, src.extractfile(member) if member.isreg() else None)
+    result = root.cli("verify", str(stripped))
+    assert result.returncode == 1, result.stdout
+    assert f"{TSR}: missing" in result.stdout and "Archived-Timestamp" in result.stdout
+    assert root.cli("verify", str(archive)).returncode == 0
+
+
 def test_a_tsa_that_is_down_makes_the_job_wait_then_complete(root: Root, tsa: Tsa) -> None:
     with_tsa(root, tsa)
     tsa.stop()

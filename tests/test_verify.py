@@ -50,6 +50,7 @@ def make_bag(
     payload: dict[str, bytes] | None = None,
     oxum: str | None = None,
     sign_with: SecretKey | None = None,
+    info_extra: str = "",
 ) -> Path:
     """A bag directory as the packer lays it out, written here without the packer."""
     payload = PAYLOAD if payload is None else payload
@@ -63,7 +64,7 @@ def make_bag(
     (bag / "bag-info.txt").write_text(
         "Bagging-Date: 2024-01-01\n"
         "External-Identifier: job-1\n"
-        f"Payload-Oxum: {oxum or f'{total}.{len(payload)}'}\n",
+        f"Payload-Oxum: {oxum or f'{total}.{len(payload)}'}\n" + info_extra,
         encoding="utf-8",
     )
     (bag / MANIFEST).write_text(
@@ -435,6 +436,26 @@ def test_tag_file_not_covered_by_the_tag_manifest(tmp_path: Path, key: SecretKey
     assert "not covered by" in problem.message
 
 
+def test_names_lost_on_extraction_are_a_warning_in_archives(tmp_path: Path, key: SecretKey) -> None:
+    """Equal after Unicode normalization, or but for case: two files in the tar, one on
+    a case-insensitive or normalizing file system, and bsdtar keeps one of them."""
+    payload = {
+        **PAYLOAD,
+        "data/docs/Read.me": b"1",
+        "data/docs/read.ME": b"2",
+        "data/docs/caf\u00e9": b"3",
+        "data/docs/cafe\u0301": b"4",
+    }
+    report = verify_path(
+        make_tar(make_bag(tmp_path, key, payload=payload), tmp_path / "a.tar"),
+        keys=[key.public_key()],
+    )
+    assert report.ok, report.problems
+    collisions = [w for w in report.warnings if "would collide" in w]
+    assert len(collisions) == 2, report.warnings
+    assert any("Read.me" in w and "read.ME" in w for w in collisions)
+
+
 # -- tar safety --------------------------------------------------------------------------
 
 
@@ -719,11 +740,14 @@ def holey_bag(root: Path, key: SecretKey, length: str = "15") -> Path:
     return bag
 
 
-def test_holey_bag_is_accepted_as_a_bag(tmp_path: Path, key: SecretKey) -> None:
+def test_holey_bag_is_incomplete_as_a_bag(tmp_path: Path, key: SecretKey) -> None:
     report = verify_path(holey_bag(tmp_path, key), keys=[], bag_only=True)
-    assert report.ok, report.problems
-    assert any(w.startswith("holey bag: 1 files listed in fetch.txt") for w in report.warnings)
-    assert report.files == 2  # present; Payload-Oxum counts the 15 bytes fetch.txt announces
+    # only the file to fetch is wrong: Payload-Oxum counts the 15 bytes fetch.txt announces
+    assert paths(report) == {
+        "fetch.txt": "holey bag: 1 files listed here are not present, to be fetched "
+        "(data/docs/a.txt): the bag is incomplete"
+    }
+    assert report.files == 2
 
 
 def test_holey_bag_is_rejected_as_an_archive(tmp_path: Path, key: SecretKey) -> None:
@@ -736,12 +760,13 @@ def test_holey_bag_is_rejected_as_an_archive(tmp_path: Path, key: SecretKey) -> 
 
 def test_holey_bag_payload_oxum(tmp_path: Path, key: SecretKey) -> None:
     wrong = verify_path(holey_bag(tmp_path / "a", key, length="16"), keys=[], bag_only=True)
-    assert paths(wrong) == {
-        "bag-info.txt": f"Payload-Oxum {sum(len(d) for d in PAYLOAD.values())}.3 does not match "
+    assert set(paths(wrong)) == {"fetch.txt", "bag-info.txt"}
+    assert paths(wrong)["bag-info.txt"] == (
+        f"Payload-Oxum {sum(len(d) for d in PAYLOAD.values())}.3 does not match "
         f"the payload and fetch.txt: {sum(len(d) for d in PAYLOAD.values()) + 1} bytes in 3 files"
-    }
+    )
     unknown = verify_path(holey_bag(tmp_path / "b", key, length="-"), keys=[], bag_only=True)
-    assert unknown.ok, unknown.problems
+    assert set(paths(unknown)) == {"fetch.txt"}
     assert any("Payload-Oxum" in w and "not checked" in w for w in unknown.warnings)
 
 
@@ -850,6 +875,7 @@ def test_tag_files_past_the_size_limit(
     (bag / "metadata" / "big.txt").write_bytes(b"m" * 5000)
     (bag / "tagmanifest-sha512.txt").write_text(
         f"{hashlib.sha512(b'm' * 5000).hexdigest()}  metadata/big.txt\n"
+        f"{hashlib.sha512((bag / MANIFEST).read_bytes()).hexdigest()}  {MANIFEST}\n"
     )
     monkeypatch.setattr(archived.verify, "TAG_FILE_LIMIT", 1000)
     report = verify_path(make_tar(bag, tmp_path / "a.tar"), keys=[key.public_key()], bag_only=True)
@@ -860,6 +886,17 @@ def test_tag_files_past_the_size_limit(
 
 
 # -- the time-stamp token ----------------------------------------------------------------
+
+
+def test_a_stripped_time_stamp_token_is_noticed(tmp_path: Path, key: SecretKey) -> None:
+    """bag-info.txt, under the signature, says a token was made; it must be there."""
+    bag = make_bag(tmp_path, key, info_extra="Archived-Timestamp: rfc3161\n")
+    problem = only_problem(verify_path(make_tar(bag, tmp_path / "a.tar"), keys=[key.public_key()]))
+    assert problem.path == TIMESTAMP
+    assert "missing" in problem.message and "Archived-Timestamp" in problem.message
+    # without the label, an archive without a token is what an unstamped job makes
+    plain = make_bag(tmp_path / "plain", key)
+    assert verify_path(plain, keys=[key.public_key()]).ok
 
 
 def test_a_timestamp_token_that_is_not_one_is_a_problem(tmp_path: Path, key: SecretKey) -> None:
