@@ -460,7 +460,8 @@ class S3Driver(StorageDriver):
         status: Literal["ON", "OFF"] = "ON" if on else "OFF"
         try:
             async with self._client() as s3:
-                versions = [v for v, _ in await self._versions(s3, name) if v is not None]
+                found = await self._versions(s3, name)
+                versions = [v for v, marker in found if v is not None and not marker]
                 for version in versions:
                     await s3.put_object_legal_hold(
                         Bucket=self.opts.bucket,
