@@ -16,13 +16,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
 
-from . import __version__
+from . import __version__, progress
 from . import config as configmod
 from .config import Config, parse_duration
 from .errors import ArchivedError, ConfigError, JobFileError
@@ -92,9 +93,10 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
 
     Never silent: on stderr it says at once when no daemon holds the state directory's
     lock (and when one does again; with SQLite, where that daemon is the only one), and
-    each job's state as it changes. `timeout` bounds it all, a locked database too.
-    The store's synchronous reader: a waiting `submit` starts and ends quickly, without
-    an event loop.
+    how each job is doing: on a terminal, one line a job redrawn in place with its
+    figures (see progress.py); otherwise one plain line each time a job's state changes.
+    `timeout` bounds it all, a locked database too. The store's synchronous reader: a
+    waiting `submit` starts and ends quickly, without an event loop.
     """
     from .lock import daemon_running
     from .store import StoreUnavailable, open_state_reader
@@ -108,6 +110,9 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
     daemon_seen: bool | None = None
     look_at_lock = 0.0
     unreadable = ""
+    screen = Screen(sys.stderr) if sys.stderr.isatty() else None
+    lines = dict.fromkeys(ids, "waiting to be picked up")
+    say = screen.say if screen else _say
 
     def settled(state: str | None) -> bool:
         return state in FINAL or str(state).startswith("rejected")
@@ -118,26 +123,37 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
                 look_at_lock = time.monotonic() + 0.5
                 running = daemon_running(state_dir)
                 if running != daemon_seen and not running:
-                    _say(f"no daemon is running on {state_dir}: the jobs wait until one starts")
+                    say(f"no daemon is running on {state_dir}: the jobs wait until one starts")
                 elif running != daemon_seen and daemon_seen is not None:
-                    _say("a daemon is running now")
+                    say("a daemon is running now")
                 daemon_seen = running
             try:
-                known = reader.states(i for i in ids if not settled(states.get(i)))
+                known = reader.peek(i for i in ids if not settled(states.get(i)))
                 for job_id in ids:
                     if settled(states.get(job_id)):
                         continue
-                    state = _job_state(*known[job_id]) if job_id in known else None
-                    if state is None and any(corrupt.glob(f"{job_id}.*.reason")):
-                        state = "rejected (see spool corrupt/)"
-                    if state is not None and state != states.get(job_id):
-                        states[job_id] = state
-                        print(f"{job_id}: {state}", file=sys.stderr, flush=True)
+                    peeked = known.get(job_id)
+                    if peeked is None:
+                        if any(corrupt.glob(f"{job_id}.*.reason")):
+                            states[job_id] = lines[job_id] = "rejected (see spool corrupt/)"
+                            if not screen:
+                                print(f"{job_id}: {lines[job_id]}", file=sys.stderr, flush=True)
+                        continue
+                    job, tasks = peeked
+                    figures = progress.figures(
+                        job.to_json(), [t.to_json() for t in tasks], datetime.now(UTC)
+                    )
+                    lines[job_id] = progress.line(figures)
+                    if job.state != states.get(job_id) and not screen:
+                        print(f"{job_id}: {lines[job_id]}", file=sys.stderr, flush=True)
+                    states[job_id] = job.state
                 unreadable = ""
             except StoreUnavailable as exc:  # locked, busy, unreachable: say so, and go on
                 if str(exc) != unreadable:
                     unreadable = str(exc)
-                    _say(f"cannot read the jobs' states now: {exc}")
+                    say(f"cannot read the jobs' states now: {exc}")
+            if screen:
+                screen.show([f"{job_id}  {lines[job_id]}" for job_id in ids])
             if all(settled(states.get(i)) for i in ids):
                 return states
             left = math.inf if deadline is None else deadline - time.monotonic()
@@ -154,20 +170,38 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
         reader.close()
 
 
+class Screen:
+    """`submit --wait` on a terminal: one line a job, redrawn in place; what is said
+    meanwhile goes above them."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.lines: list[str] = []
+        self.drawn = 0
+
+    def show(self, lines: list[str]) -> None:
+        if lines != self.lines:
+            self.lines = lines
+            self._redraw()
+
+    def say(self, message: str) -> None:
+        self._redraw(f"archived: {message}\n")
+
+    def _redraw(self, above: str = "") -> None:
+        # back to the first line drawn, clear to the end of the screen, draw again
+        up = f"\x1b[{self.drawn}A\r\x1b[J" if self.drawn else ""
+        try:  # a line that wraps would take two: cut it at the terminal's width
+            width = os.get_terminal_size(self.stream.fileno()).columns - 1
+        except (OSError, ValueError):
+            width = -1
+        body = "".join(f"{line[:width] if width > 0 else line}\n" for line in self.lines)
+        self.stream.write(up + above + body)
+        self.stream.flush()
+        self.drawn = len(self.lines)
+
+
 def _say(message: str) -> None:
     print(f"archived: {message}", file=sys.stderr, flush=True)
-
-
-def _job_state(state: str, not_before: datetime | None) -> str:
-    if state == State.QUEUED and not_before:
-        return f"{state} (not before {_iso(not_before)})"
-    return state
-
-
-def _iso(moment: datetime) -> str:
-    from .store import iso
-
-    return iso(moment)
 
 
 async def _read(config: Config, fn: Callable[[Any], Any]) -> Any:
@@ -235,6 +269,7 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
     if job is None:
         return None
     row = job.to_json()
+    tasks = [t.to_json() for t in await store.tasks(job_id)]
     return {
         **{k: row[k] for k in ("id", "name", "state", "created_at", "updated_at", "error")},
         **{k: row[k] for k in ("not_before", "expires_at", "legal_hold", "phase", "attempts")},
@@ -246,12 +281,21 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
             else None
         ),
         "history": [h.to_json() for h in await store.history(job_id)],
-        "tasks": [t.to_json() for t in await store.tasks(job_id)],
+        "tasks": [t | {"progress": _report(t)} for t in tasks],
+        "progress": (
+            None if job.state in FINAL else asdict(progress.figures(row, tasks, datetime.now(UTC)))
+        ),
         "copies": [c.to_json() for c in await store.copies(job_id)],
         "orphans": [_orphan_json(o) for o in await store.orphans(job_id)],
         "audits": [a.to_json() for a in await store.audits(job_id)],
         "events": [e.to_json() for e in await store.events(job_id)],
     }
+
+
+def _report(task: dict[str, Any]) -> dict[str, Any] | None:
+    """What a running task last said of its progress."""
+    report = progress.Report.loads(task["progress"]) if task["state"] == "executing" else None
+    return asdict(report) if report else None
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -267,6 +311,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  state    {details['state']} for {age(details['updated_at'])}"
         f" (created {age(details['created_at'])} ago)"
     )
+    if details["progress"]:
+        print(f"  progress {progress.line(progress.Figures(**details['progress']))}")
     if details["state"] == "recoverable_error" or details["attempts"] > 1:
         print(f"  attempt  {details['attempts']} of {details['phase']}")
     if details["retry_at"]:
@@ -288,8 +334,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("tasks")
     for t in details["tasks"]:
         line = f"  {t['kind']:8}  {t['name']:20}  {t['state']:10}  attempts {t['attempts']}"
-        if t["state"] == "executing" and t["progress"]:
-            line += f"  {t['progress']} so far"
+        if report := t["progress"]:
+            figures = (
+                report["files"],
+                report["files_total"],
+                report["bytes"],
+                report["bytes_total"],
+            )
+            line += f"  {progress.amounts(*figures)} so far"
         elif t["state"] == "completed" and t["result"] and "files" in t["result"]:
             line += f"  {t['result']['files']} files, {t['result']['bytes']} bytes"
         print(line + (f"  error: {t['error']}" if t["error"] else ""))
@@ -419,17 +471,32 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
+    """The hold in the database first (retention obeys it), then on the copies of
+    targets that keep their own (S3 Object Lock legal holds)."""
+    from .retention import hold_copies
+
     config = _load_config(args)
     hold = args.command == "hold"
 
-    async def set_hold(store: Any) -> None:
+    async def set_hold(store: Any) -> tuple[list[str], str]:
         job = await _require_job(store, args.job)
         if job.state == State.DELETED:
             raise CommandError(f"job {args.job} is deleted: its copies are gone")
         await store.set_hold(args.job, hold)
+        try:
+            return await hold_copies(store, config, job, hold), ""
+        except ArchivedError as exc:
+            return [], str(exc)
 
-    anyio.run(_read, config, set_hold)
+    said, problem = anyio.run(_read, config, set_hold)
     print(f"{args.job}: legal hold {'on: retention will not delete it' if hold else 'released'}")
+    for line in said:
+        print(f"  {line}")
+    if problem:
+        raise CommandError(
+            f"{problem}; the hold is {'on' if hold else 'off'} in the database: "
+            f"run `archived {args.command} {args.job}` again once the target answers"
+        )
     return EXIT_OK
 
 
@@ -563,6 +630,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from . import install
+
+    targets = {}
+    for spec in args.target:
+        name, sep, where = spec.partition("=")
+        if not sep or not name or not where:
+            raise CommandError(
+                f"--target {spec!r}: NAME=PATH, e.g. primary=/srv/archive", EXIT_USAGE
+            )
+        targets[name] = Path(where)
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    layout = install.layout(
+        folder=path(args.dir),
+        config=configmod.config_path(args.config, system=None),  # the one to write
+        state_dir=path(args.state_dir),
+        spool_dir=path(args.spool_dir),
+        key=path(args.key),
+        sources=[Path(s) for s in args.source],
+        targets=targets,
+    )
+    config = install.plan(layout)
+    for line in anyio.run(install.create, layout, config):
+        print(line)
+    print(f"ok: {layout.config}\n{install.next_steps(layout)}", end="")
+    return EXIT_OK
+
+
 # -- wiring --------------------------------------------------------------------------
 
 
@@ -644,6 +742,32 @@ def parser() -> argparse.ArgumentParser:
         "mark a target's directory as the target (an empty mount point is not)",
     )
     sp.add_argument("target", metavar="NAME")
+    sp = add(
+        "init",
+        cmd_init,
+        "set up an installation: a commented config, its directories, key pair and target "
+        "markers; never overwrites",
+    )
+    sp.add_argument(
+        "--dir", metavar="DIR", help="everything in this folder (default: /etc, /var, /srv)"
+    )
+    sp.add_argument(
+        "--target",
+        metavar="NAME=PATH",
+        action="append",
+        default=[],
+        help="a localdir storage target (default: primary=DIR/archive or /srv/archive)",
+    )
+    sp.add_argument(
+        "--source",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="a source root jobs may archive from (default: DIR/sources or /srv/exports)",
+    )
+    sp.add_argument("--state-dir", metavar="PATH")
+    sp.add_argument("--spool-dir", metavar="PATH")
+    sp.add_argument("--key", metavar="PATH", help="the signing key to make (or keep)")
     return p
 
 

@@ -35,7 +35,7 @@ from .errors import (
 from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
 from .lock import lock_state_dir
-from .metrics import write_textfile
+from .metrics import Stored, write_textfile
 from .notify import Notifier
 from .orphans import remove_orphans
 from .retention import expire_due
@@ -381,7 +381,7 @@ class Daemon:
         while True:
             textfile = self.config.metrics.textfile
             if textfile is not None:
-                text = self.svc.metrics.render(await self.svc.store.stats())
+                text = self.svc.metrics.render(await Stored.read(self.svc.store, self.config))
                 try:
                     await anyio.to_thread.run_sync(write_textfile, textfile, text)
                 except OSError as exc:

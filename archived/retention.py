@@ -12,14 +12,62 @@ out when the hold comes in still completes, and is recorded.)
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from typing import Protocol
+
 import structlog
 
 from .config import Config
 from .drivers import open_storage
-from .errors import describe
+from .drivers.base import Lock
+from .errors import StorageError, describe
 from .store import Job, StaleState, Store
 
 log = structlog.get_logger("archived.retention")
+
+
+def expiry(days: int | None, at: datetime) -> datetime | None:
+    """`days` after `at`, to the second: when copies of a job kept that long may go.
+
+    Taken twice: when the job is stored, as its copies' Object Lock date, and when it
+    completes, later, as its `expires_at`. So no copy is locked past the day retention
+    deletes it.
+    """
+    return None if days is None else (at + timedelta(days=days)).replace(microsecond=0)
+
+
+class Locked(Protocol):
+    """A job, or a copy with its job's: what a copy's lock comes from."""
+
+    @property
+    def expires_at(self) -> datetime | None: ...
+    @property
+    def legal_hold(self) -> bool: ...
+
+
+def copy_lock(job: Locked) -> Lock:
+    """The lock a copy of a stored job is written with (an audit's repair): until the
+    job expires, and its legal hold."""
+    return Lock(until=job.expires_at, legal_hold=job.legal_hold)
+
+
+async def hold_copies(store: Store, config: Config, job: Job, on: bool) -> list[str]:
+    """Put (or lift) the targets' own legal hold on the job's live copies, where they
+    have one (S3 Object Lock). What was done, one line each; the first error raises,
+    after the other copies had their turn (StorageError naming every one)."""
+    snapshot = Config.from_snapshot(job.config)
+    said, problems = [], []
+    for copy in await store.copies(job.id, live=True):
+        target = copy.target
+        try:
+            driver = open_storage(config if target in config.storage else snapshot, target)
+            if line := await driver.set_legal_hold(job.key, on):
+                said.append(line)
+        except Exception as exc:
+            problems.append(describe(exc))
+    if problems:
+        raise StorageError("; ".join(problems), recoverable=True)
+    return said
 
 
 async def expire_due(store: Store, config: Config) -> list[str]:

@@ -37,6 +37,8 @@ from .drivers.base import (
     ActivityDriver,
     ArtifactWriter,
     Digest,
+    Estimate,
+    Lock,
     StorageDriver,
     file_sha256,
     parts_size,
@@ -47,8 +49,22 @@ from .jobfile import JobSpec, check_against
 from .keys import KeyRing
 from .metrics import Metrics
 from .names import Collisions
+from .progress import Report
+from .retention import expiry, hold_copies
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
-from .store import Copy, Job, LeaseLost, NewCopy, StaleState, Store, Task, iso, lease_lost, utcnow
+from .store import (
+    Copy,
+    Job,
+    LeaseLost,
+    NewCopy,
+    StaleState,
+    Store,
+    Task,
+    iso,
+    lease_lost,
+    now_iso,
+    utcnow,
+)
 from .timestamp import request_token
 
 log = structlog.get_logger("archived.runner")
@@ -112,6 +128,7 @@ class JobRunner:
         self.lost = False  # another daemon took the job over: touch nothing of it
         self.attempt_begun = False
         self.step_events: list[tuple[str, dict[str, Any]]] = []
+        self.estimates: dict[str, Estimate] = {}  # by activity, from the space check
         self.handlers: dict[State, Callable[[], Awaitable[Outcome | None]]] = {
             State.ACTIVITY_ARCHIVING: self.activity_archiving,
             State.POST_PROCESSING: self.post_processing,
@@ -334,7 +351,8 @@ class JobRunner:
 
     async def _check_staging_space(self) -> None:
         """NoSpace (recoverable) before anything is staged, when the staging file system
-        has less room than the unfinished activities' sources will take there."""
+        has less room than the unfinished activities' sources will take there. What the
+        drivers know of their sources is kept: their progress is shown against it."""
         pending = [t.name for t in await self._tasks("activity") if t.state != "completed"]
         needed = 0
         for name in pending:
@@ -344,7 +362,9 @@ class JobRunner:
                 f"{self.bag_name}/data/{name}/",
                 limiter=self.svc.hash_threads,
             )
-            needed += estimate or 0
+            if estimate is not None:
+                self.estimates[name] = estimate
+                needed += estimate.staged
         if needed:
             await anyio.to_thread.run_sync(self._require_staging_space, needed)
 
@@ -378,11 +398,16 @@ class JobRunner:
         return {**result, "boot": boot_id()}
 
     async def _report_progress(self, name: str, writer: ArtifactWriter) -> None:
-        """Every second, how far the copy has come, for `archived show`."""
+        """At once and then every second, how far the task has come against what its
+        driver knew of the source, for `archived show` and `archived submit --wait`."""
+        since = now_iso()
+        estimate = self.estimates.get(name, Estimate(0))
         while True:
+            report = Report(
+                writer.files, writer.moved, estimate.files, estimate.bytes, since, now_iso()
+            )
+            await self.svc.store.task_progress(self.id, "activity", name, report.dumps())
             await anyio.sleep(1)
-            progress = f"{writer.files} files, {writer.total_bytes} bytes"
-            await self.svc.store.task_progress(self.id, "activity", name, progress)
 
     @staticmethod
     def _clear_activity(writer: ArtifactWriter) -> None:
@@ -599,14 +624,20 @@ class JobRunner:
                     bag.write_head, self.bag_dir, self.bag_name, self.head
                 )
         digest: Digest = Future()
+        # locked (where a target can) until the job's retention passes, never later
+        lock = Lock(
+            until=expiry(self.spec.retention_days, datetime.now(UTC)),
+            legal_hold=self.job.legal_hold,
+        )
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._hash_archive, parts, digest)
             await self._run_tasks(
                 "storage",
                 self.svc.storage_slots,
-                lambda target: self._store_one(target, parts, digest),
+                lambda target: self._store_one(target, parts, digest, lock),
                 lambda stored: NewCopy(**stored),
             )
+        await self._hold_if_changed_meanwhile(lock)
         return Outcome(
             Event.DONE,
             f"stored on {', '.join(self.spec.targets(self.config))}"
@@ -671,10 +702,20 @@ class JobRunner:
         digest.set_result(packed.sha256)
         log.info("archive hashed", size=packed.size, sha256=packed.sha256)
 
-    async def _store_one(self, target: str, parts: list[Path], digest: Digest) -> dict[str, Any]:
+    async def _hold_if_changed_meanwhile(self, lock: Lock) -> None:
+        """A legal hold placed (or released) while the copies were written: `archived
+        hold` sets the copies recorded when it ran, this the ones recorded since. Each
+        reads what the other committed first, so no copy slips through."""
+        job = await self.svc.store.job(self.id)
+        if job is not None and job.legal_hold != lock.legal_hold:
+            await hold_copies(self.svc.store, self.config, job, job.legal_hold)
+
+    async def _store_one(
+        self, target: str, parts: list[Path], digest: Digest, lock: Lock
+    ) -> dict[str, Any]:
         driver = self._storage(target)
         self.svc.store.check_lease(self.id)  # a daemon that lost the job writes nothing
-        copy = await driver.put(parts, self._key(), digest, self.job.archive_size or 0)
+        copy = await driver.put(parts, self._key(), digest, self.job.archive_size or 0, lock)
         log.info("stored", target=target, path=copy.path)
         return {"path": copy.path, "size": copy.size, "sha256": copy.sha256}
 
@@ -786,8 +827,7 @@ class JobRunner:
             if kept:
                 reason += f"; verified copies kept on {', '.join(sorted(kept))}"
             return Outcome(Event.CLEANED_AFTER_FAILURE, reason, done)
-        if days := self.spec.retention_days:
-            expires = utcnow().replace(microsecond=0) + timedelta(days=days)
+        if expires := expiry(self.spec.retention_days, utcnow()):
             done["expires_at"] = expires
         return Outcome(Event.CLEANED, "staging removed; every target holds a verified copy", done)
 

@@ -258,6 +258,15 @@ class AuditCopy(_Row):
     name: str
     archive_name: str
     config: str
+    expires_at: datetime | None = None  # the job's: a repaired copy is locked as the others
+    legal_hold: bool = False
+
+    _TIMES = frozenset({"expires_at"})
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> AuditCopy:
+        copy: AuditCopy = super().from_row(row)
+        return cls(**{**copy.__dict__, "legal_hold": bool(copy.legal_hold)})
 
     @property
     def key(self) -> str:
@@ -490,6 +499,18 @@ class Store(Protocol):
 
     async def last_audited(self) -> datetime | None: ...
     async def stats(self) -> QueueStats: ...
+    async def queue_depth(self, now: datetime) -> tuple[int, datetime | None]:
+        """How many queued jobs are due at `now`, and since when the one waiting longest
+        has been due (None: the queue is empty)."""
+        ...
+
+    async def last_success_by_schedule(self) -> dict[str, datetime]:
+        """When each schedule last completed a job, or skipped a slot as unchanged since."""
+        ...
+
+    async def schedules_first_seen(self) -> dict[str, datetime]:
+        """When each schedule first appeared in a config a daemon ran on."""
+        ...
 
     # -- schedules
     async def schedule_first_seen(self, schedule: str) -> datetime: ...
@@ -503,14 +524,23 @@ class Store(Protocol):
 
 
 class StateReader(Protocol):
-    """Quick synchronous reads of job states, for `submit --wait` (no event loop)."""
+    """Quick synchronous reads of jobs, for `submit --wait` (no event loop)."""
 
-    def states(self, ids: Iterable[str]) -> dict[str, tuple[str, datetime | None]]:
-        """State and not_before of each job that exists; StoreUnavailable if it cannot
-        tell now."""
+    def peek(self, ids: Iterable[str]) -> dict[str, tuple[Job, list[Task]]]:
+        """Each job that exists, with its tasks; StoreUnavailable if it cannot tell now."""
         ...
 
     def close(self) -> None: ...
+
+
+def peeked(
+    jobs: list[dict[str, Any]], tasks: list[dict[str, Any]]
+) -> dict[str, tuple[Job, list[Task]]]:
+    """A StateReader's rows (tasks with their job_id) as typed rows, by job."""
+    found: dict[str, tuple[Job, list[Task]]] = {r["id"]: (Job.from_row(r), []) for r in jobs}
+    for row in tasks:
+        found[row["job_id"]][1].append(Task.from_row(row))
+    return found
 
 
 # Every table, parents first, and the order of its rows (for moving a queue).

@@ -22,7 +22,6 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -32,7 +31,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from .errors import ConfigError
-from .store import TABLES, LeaseLost, StoreUnavailable, as_datetime
+from .store import TABLES, Job, LeaseLost, StoreUnavailable, Task, as_datetime, peeked
 from .store_sql import PROCESSING_STATES, SqlStore, Tx, load_queries, migrations
 
 if TYPE_CHECKING:
@@ -284,13 +283,17 @@ class PgStateReader:
 
     def __init__(self, url: str) -> None:
         self._url = url
-        self._conn: psycopg.Connection[Any] | None = None
+        self._conn: psycopg.Connection[dict[str, Any]] | None = None
 
-    def states(self, ids: Iterable[str]) -> dict[str, tuple[str, datetime | None]]:
+    def peek(self, ids: Iterable[str]) -> dict[str, tuple[Job, list[Task]]]:
+        wanted = {"ids": list(ids)}
         try:
             if self._conn is None:
-                self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
-            rows = self._conn.execute(Q["job_states"], {"ids": list(ids)}).fetchall()
+                self._conn = psycopg.connect(
+                    self._url, autocommit=True, connect_timeout=5, row_factory=dict_row
+                )
+            jobs = self._conn.execute(Q["jobs_by_id"], wanted).fetchall()
+            tasks = self._conn.execute(Q["tasks_of_jobs"], wanted).fetchall()
         except psycopg.errors.UndefinedTable:
             return {}  # no daemon made the schema yet
         except psycopg.OperationalError as exc:
@@ -298,7 +301,7 @@ class PgStateReader:
                 self._conn.close()
                 self._conn = None
             raise StoreUnavailable(str(exc).strip()) from None
-        return {job_id: (state, not_before) for job_id, state, not_before in rows}
+        return peeked(jobs, tasks)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -529,6 +529,20 @@ class SqlStore:
             damaged_jobs=damaged[0]["n"] if damaged else 0,
         )
 
+    async def queue_depth(self, now: datetime) -> tuple[int, datetime | None]:
+        rows = await self.db.fetch("queue_depth", now=now)
+        if not rows or not rows[0]["n"]:
+            return 0, None
+        return int(rows[0]["n"]), as_datetime(rows[0]["oldest"])
+
+    async def last_success_by_schedule(self) -> dict[str, datetime]:
+        rows = await self.db.fetch("last_success_by_schedule")
+        return {r["schedule"]: t for r in rows if (t := as_datetime(r["at"])) is not None}
+
+    async def schedules_first_seen(self) -> dict[str, datetime]:
+        rows = await self.db.fetch("schedules_first_seen")
+        return {r["schedule"]: t for r in rows if (t := as_datetime(r["first_seen"])) is not None}
+
     # -- schedules ---------------------------------------------------------------------
 
     async def schedule_first_seen(self, schedule: str) -> datetime:

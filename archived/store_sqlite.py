@@ -19,7 +19,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from .store import TABLES, StoreUnavailable, as_datetime, iso
+from .store import TABLES, Job, StoreUnavailable, Task, iso, peeked
 from .store_sql import SqlStore, load_queries, migrations
 
 Q = load_queries("sqlite")
@@ -164,18 +164,21 @@ class SqliteStateReader:
         self._path = path
         self._db: sqlite3.Connection | None = None
 
-    def states(self, ids: Iterable[str]) -> dict[str, tuple[str, datetime | None]]:
+    def peek(self, ids: Iterable[str]) -> dict[str, tuple[Job, list[Task]]]:
+        wanted = {"ids": json.dumps(list(ids))}
         try:
             if self._db is None:
                 if not self._path.exists():
                     return {}
                 self._db = sqlite3.connect(f"{self._path.as_uri()}?mode=ro", uri=True, timeout=0.1)
-            rows = self._db.execute(Q["job_states"], {"ids": json.dumps(list(ids))}).fetchall()
+                self._db.row_factory = sqlite3.Row
+            jobs = self._db.execute(Q["jobs_by_id"], wanted).fetchall()
+            tasks = self._db.execute(Q["tasks_of_jobs"], wanted).fetchall()
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):  # the daemon is creating the database
                 return {}
             raise StoreUnavailable(str(exc)) from None
-        return {job_id: (state, as_datetime(not_before)) for job_id, state, not_before in rows}
+        return peeked([dict(r) for r in jobs], [dict(r) for r in tasks])
 
     def close(self) -> None:
         if self._db is not None:
