@@ -164,7 +164,10 @@ def test_sigterm_exits_zero_and_restart_keeps_history(root: Root) -> None:
 
 @both_backends
 def test_submit_wait_exits_zero_when_completed(root: Root) -> None:
-    root.start()
+    # a second in activity_archiving: the waiter sees the job before it is done, however
+    # fast the queue (with PostgreSQL, a daemon may take it from the spool to `completed`
+    # before the waiter first looks)
+    root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:1"})
     result = root.cli("submit", "--wait", str(root.job_file("waited")), timeout=120)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()
