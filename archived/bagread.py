@@ -690,6 +690,8 @@ class _Zip:
     def read(self, problem: Problem) -> Contents | None:
         contents = Contents(self.path.name, PayloadIndex(), self, "zip")
         members = _Members(contents, problem)
+        entries = 0
+        readable = True
         try:
             self.zip = _ZipFile(self.path)  # closed by close()
             # The central directory names every member first: the manifests, and whether
@@ -700,12 +702,14 @@ class _Zip:
                 members.algorithms = payload_algorithms(tops)
                 members.place(at_top[0], False)
             for info in self.zip.entries():
+                entries += 1
                 self._member(info, members)
         except READ_ERRORS as exc:
             problem("", f"cannot read the zip: {read_error(exc)}")
+            readable = False
         contents.index.finish()
         if members.top is None:
-            if self.zip is not None and not any(True for _ in self.zip.entries()):
+            if readable and not entries:
                 problem("", "empty archive: no bag directory in the zip")
             contents.close()
             return None

@@ -352,9 +352,13 @@ class _Checker:
             self.problem("bagit.txt", "does not declare Tag-File-Character-Encoding")
             return
         try:
-            codecs.lookup(encoding)
-        except LookupError:
-            self.problem("bagit.txt", f"unknown Tag-File-Character-Encoding {encoding!r}")
+            # A text encoding: Python also names binary transforms (hex, rot13, zlib).
+            "".encode(encoding)
+            b"".decode(encoding)
+        except (LookupError, ValueError):
+            self.problem(
+                "bagit.txt", f"Tag-File-Character-Encoding {encoding!r} is not a character encoding"
+            )
             return
         self.encoding = encoding
 

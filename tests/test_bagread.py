@@ -166,6 +166,17 @@ def test_a_damaged_zip_member_is_named(tmp_path: Path) -> None:
     assert "data/sub/b.bin" in messages(report), report.problems
 
 
+def test_a_damaged_central_directory_is_a_problem_not_an_exception(tmp_path: Path) -> None:
+    bag = bagit_python_bag(tmp_path / "src" / "bag")
+    out = pack(bag, "zip", tmp_path)
+    data = bytearray(out.read_bytes())
+    data[data.find(b"PK\x01\x02")] ^= 0xFF  # the first entry's signature
+    out.write_bytes(bytes(data))
+    report = check(out)
+    assert report.verdict == "invalid"
+    assert messages(report)[""].startswith("cannot read the zip: bad central directory")
+
+
 @pytest.mark.parametrize(
     ("name", "content"),
     [

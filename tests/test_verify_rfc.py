@@ -217,6 +217,20 @@ def test_verify_json_and_exit_status_by_verdict(tmp_path: Path) -> None:
     assert (code, out["verdict"]) == (1, "invalid")
 
 
+# -- 2.1.1: the bag declaration ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["rot13", "hex", "zlib", "undefined", "utf-8\0"])
+def test_an_encoding_that_is_not_a_character_encoding_is_a_problem_not_an_exception(
+    tmp_path: Path, encoding: str
+) -> None:
+    # Python's codec registry also names binary transforms; a bag declaring one is invalid
+    # (2.1.1: ENCODING is a character set), and verify must still give a verdict.
+    directory = bag(tmp_path)
+    write(directory / "bagit.txt", f"BagIt-Version: 1.0\nTag-File-Character-Encoding: {encoding}\n")
+    assert_invalid(check(directory), "bagit.txt", "Tag-File-Character-Encoding")
+
+
 # -- 2.3: line endings -------------------------------------------------------------------
 
 
