@@ -16,7 +16,9 @@ path "" for the bag as a whole.
 
 from __future__ import annotations
 
+import bz2
 import functools
+import gzip
 import hashlib
 import io
 import lzma
@@ -427,7 +429,7 @@ def _spool(stream: IO[bytes], size: int) -> Callable[[], IO[bytes]]:
 
 class _Tar:
     def __init__(self, path: Path, compression: str) -> None:
-        self.path = path
+        self.path, self.compression = path, compression
         self.plain = compression == "tar"
 
     def close(self) -> None:
@@ -439,7 +441,7 @@ class _Tar:
             return tarfile.open(
                 fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape"
             )
-        return _stream(fileobj)
+        return _stream(fileobj, self.compression)
 
     def read(self, problem: Problem) -> Contents | None:
         contents = Contents(self.path.name, PayloadIndex(), self, "tar")
@@ -542,12 +544,7 @@ class _Tar:
         wanted = iter(items)
         item = next(wanted, None)
         try:
-            with (
-                open(self.path, "rb") as raw,
-                tarfile.open(
-                    fileobj=raw, mode="r|*", encoding="utf-8", errors="surrogateescape"
-                ) as tar,
-            ):
+            with open(self.path, "rb") as raw, _stream(raw, self.compression) as tar:
                 while item is not None and (member := tar.next()) is not None:
                     tar.members.clear()  # type: ignore[attr-defined]
                     if member.offset_data == item.loc and member.isreg():
@@ -560,9 +557,24 @@ class _Tar:
             item = next(wanted, None)
 
 
-def _stream(fileobj: IO[bytes]) -> tarfile.TarFile:
-    """A tar read as a stream, compressed or not."""
-    return tarfile.open(fileobj=fileobj, mode="r|*", encoding="utf-8", errors="surrogateescape")
+_DECOMPRESSORS: dict[str, Callable[[IO[bytes]], IO[bytes]]] = {
+    "tar": lambda raw: raw,
+    "gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    "bz2": lambda raw: bz2.BZ2File(raw, "rb"),
+    "xz": lambda raw: lzma.LZMAFile(raw, "rb"),  # noqa: SIM115  # over raw, which the caller closes
+}
+
+
+def _stream(raw: IO[bytes], compression: str) -> tarfile.TarFile:
+    """A tar read as a stream, through its compression's own reader: gzip's checks the
+    CRC-32 and length that end each gzip member, which tarfile's never reads, once the
+    stream is read to its end (`_check_end` does)."""
+    return tarfile.open(
+        fileobj=_DECOMPRESSORS[compression](raw),
+        mode="r|",
+        encoding="utf-8",
+        errors="surrogateescape",
+    )
 
 
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:

@@ -133,6 +133,21 @@ def test_serializations_are_read_without_extracting(tmp_path: Path, kind: str) -
     assert sorted(os.listdir(tmp_path)) == sorted(["src", packed.name])  # nothing extracted
 
 
+@pytest.mark.parametrize("kind", ["tar.gz", "tar.bz2", "tar.xz"])
+def test_damage_to_the_compressed_stream_s_own_checks_is_found(tmp_path: Path, kind: str) -> None:
+    # The last bytes of each stream check the whole (gzip: CRC-32 and length; bzip2: the
+    # stream CRC; xz: the index and footer), past the tar's last block: a byte flipped
+    # there is damage to the archive although all it holds still decompresses.
+    bag = bagit_python_bag(tmp_path / "src" / "bag")
+    whole = pack(bag, kind, tmp_path).read_bytes()
+    damaged = tmp_path / f"damaged.{kind}"
+    for back in range(1, 9):
+        data = bytearray(whole)
+        data[-back] ^= 0x80  # bzip2 pads its last byte with low bits
+        damaged.write_bytes(bytes(data))
+        assert check(damaged).verdict == "invalid", back
+
+
 def test_a_bag_zipped_from_inside_its_directory_is_one_problem(tmp_path: Path) -> None:
     bag = bagit_python_bag(tmp_path / "bag")
     out = tmp_path / "inside.zip"
