@@ -188,6 +188,7 @@ class Contents:
     tags: dict[str, TagFile] = field(default_factory=dict)
     rejected: set[str] = field(default_factory=set)  # tag paths that are not regular files
     data_dir: bool = False
+    warnings: list[str] = field(default_factory=list)  # about how it is stored
 
     def close(self) -> None:
         self.source.close()
@@ -317,6 +318,19 @@ def _is_tar_header(block: bytes) -> bool:
 # -- members of a serialized bag ---------------------------------------------------------
 
 
+ONLY_REGULAR = ": only regular files and directories are allowed"
+
+
+def _reject(contents: Contents, problem: Problem, rel: str, shown: str, why: str) -> None:
+    """A file of the bag that is there but is not read as one (`why`): a payload file is
+    present but irregular, a tag file neither present nor missing."""
+    problem(rel or shown, why)
+    if is_payload(rel):
+        contents.index.add(rel, regular=False)
+    else:
+        contents.rejected.add(rel)
+
+
 class _Members:
     """Where each member of a tar or zip goes in the bag: under one top directory, by
     safe names only; what is kept of it."""
@@ -361,12 +375,8 @@ class _Members:
             self.contents.data_dir = True
         return rel
 
-    def reject(self, rel: str, shown: str, kind: str) -> None:
-        self.problem(rel or shown, kind + ": only regular files and directories are allowed")
-        if is_payload(rel):
-            self.contents.index.add(rel, regular=False)
-        else:
-            self.contents.rejected.add(rel)
+    def reject(self, rel: str, shown: str, why: str) -> None:
+        _reject(self.contents, self.problem, rel, shown, why)
 
     def tag(self, rel: str, name: str, file: TagFile) -> None:
         if not rel:
@@ -474,7 +484,7 @@ class _Tar:
         if rel is None or member.isdir():
             return
         if not member.isreg():
-            members.reject(rel, member.name, _member_kind(member))
+            members.reject(rel, member.name, _member_kind(member) + ONLY_REGULAR)
             return
         sparse = member.issparse()
         if is_payload(rel):
@@ -559,7 +569,7 @@ class _Tar:
 
 _DECOMPRESSORS: dict[str, Callable[[IO[bytes]], IO[bytes]]] = {
     "tar": lambda raw: raw,
-    "gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    "gz": lambda raw: cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")),
     "bz2": lambda raw: bz2.BZ2File(raw, "rb"),
     "xz": lambda raw: lzma.LZMAFile(raw, "rb"),  # noqa: SIM115  # over raw, which the caller closes
 }
@@ -610,9 +620,9 @@ class _ZipFile(zipfile.ZipFile):
 
     def _RealGetContents(self) -> None:  # what ZipFile.__init__ calls to read the directory
         assert self.fp is not None
-        self.cd_start, self.cd_size, self.concat = _central_directory(self.fp)
+        self.cd_start, self.cd_size, self.concat, self.count = _central_directory(self.fp)
 
-    def entries(self) -> Iterator[zipfile.ZipInfo]:
+    def entries(self) -> Iterator[_Entry]:
         assert isinstance(self.filename, str)
         with open(self.filename, "rb", buffering=CHUNK) as f:
             f.seek(self.cd_start)
@@ -621,16 +631,24 @@ class _ZipFile(zipfile.ZipFile):
                 record = f.read(46)
                 if len(record) != 46 or record[:4] != b"PK\x01\x02":
                     raise zipfile.BadZipFile("bad central directory entry")
-                (made, needed, flags, method, time, date, crc, csize, usize, nlen, xlen, clen) = (
-                    struct.unpack("<4x2B2xHHHHLLLHHH", record[:34])
+                (made, system, needed, flags, method, time, date, crc, csize, usize) = (
+                    struct.unpack("<4x2BHHHHHLLL", record[:28])
                 )
-                attributes, offset = struct.unpack("<LL", record[38:46])
+                nlen, xlen, clen, disk, _, attributes, offset = struct.unpack(
+                    "<HHHHHLL", record[28:46]
+                )
                 raw_name, extra = f.read(nlen), f.read(xlen)
                 f.seek(clen, io.SEEK_CUR)
                 read += 46 + nlen + xlen + clen
-                name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
-                info = zipfile.ZipInfo(name)
-                info.create_version, info.create_system, info.extract_version = made, needed, 0
+                if disk or needed > _ZIP_VERSION:
+                    raise zipfile.BadZipFile(
+                        f"bad central directory entry: on disk {disk}, needs zip version "
+                        f"{needed / 10:.1f}"
+                    )
+                # zipfile's name for it, which open() compares with the local header's
+                info = _Entry(raw_name.decode("utf-8" if flags & 0x800 else "cp437", "replace"))
+                info.raw_name, info.filename = raw_name, _zip_name(raw_name, flags, system, extra)
+                info.create_version, info.create_system, info.extract_version = made, system, needed
                 info.flag_bits, info.compress_type, info.CRC = flags, method, crc
                 info.external_attr, info.extra = attributes, extra
                 info.date_time = (
@@ -640,12 +658,114 @@ class _ZipFile(zipfile.ZipFile):
                 usize, csize, offset = _zip64(extra, usize, csize, offset)
                 info.file_size, info.compress_size = usize, csize
                 info.header_offset = offset + self.concat
+                if not _fields_fit(extra):
+                    raise zipfile.BadZipFile(f"bad extra field of {info.filename!r}")
                 yield info
+            if read != self.cd_size:
+                raise zipfile.BadZipFile("the central directory's entries overrun its size")
+
+    def local_header_differs(self, info: _Entry) -> str | None:
+        """How the member's local header disagrees with its central directory entry (a
+        reader that streams the zip, as unzip partly and bsdtar wholly do, goes by the
+        local header), or None."""
+        assert self.fp is not None
+        self.fp.seek(info.header_offset)
+        header = self.fp.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            return "no local header where the central directory places it"
+        needed, flags, method, _, _, crc, csize, usize, nlen, xlen = struct.unpack(
+            "<4xHHHHHLLLHH", header
+        )
+        name, extra = self.fp.read(nlen), self.fp.read(xlen)
+        if name != info.raw_name:
+            return f"its local header names it {name.decode('utf-8', 'replace')!r}"
+        if not _fields_fit(extra) or self.fp.tell() + info.compress_size > self.cd_start:
+            return "its local header's extra field or size runs past where it can end"
+        if needed > _ZIP_VERSION:
+            return f"its local header needs zip version {needed / 10:.1f}"
+        if method != info.compress_type or (flags ^ info.flag_bits) & ~_ZIP_FREE_FLAGS:
+            return "its local header gives another compression method or flags"
+        usize, csize, _ = _zip64(extra, usize, csize, 0)
+        # With a data descriptor (flag bit 3) they follow the data, and may be 0 here.
+        central = (info.CRC, info.compress_size, info.file_size)
+        for here, there in zip((crc, csize, usize), central, strict=True):
+            if here != there and not (flags & 0x8 and here == 0):
+                return "its local header gives another CRC-32 or size"
+        return None
 
 
-def _central_directory(fp: IO[bytes]) -> tuple[int, int, int]:
-    """Where the central directory starts, its size, and how many bytes come before the
-    zip proper (a self-extracting stub)."""
+def _fields_fit(extra: bytes) -> bool:
+    """Whether an extra field is a run of (id, length, data) records that fits in it
+    (APPNOTE 4.5.1), but for fewer than 4 zero bytes of padding."""
+    at = 0
+    while at + 4 <= len(extra):
+        at += 4 + struct.unpack("<H", extra[at + 2 : at + 4])[0]
+    return at == len(extra) or (at < len(extra) and not any(extra[at:]))
+
+
+def _read_to_its_end(stream: IO[bytes]) -> bool:
+    """Whether a zip member read to its end used up its compressed bytes and its
+    compressed stream ended there. zipfile stops at the size the entry gives and does not
+    tell: a damaged end of a deflate stream, or a stored entry's two sizes disagreeing,
+    would pass where unzip fails. (zipfile's private state, checked where it is there.)"""
+    decompressor = getattr(stream, "_decompressor", None)
+    return getattr(stream, "_compress_left", 0) <= 0 and getattr(decompressor, "eof", True)
+
+
+class _Entry(zipfile.ZipInfo):
+    """A central directory entry; `filename` as the bag names it, `raw_name` as stored."""
+
+    __slots__ = ("raw_name",)
+    raw_name: bytes
+
+
+# The highest zip version zipfile reads (6.3), and the flag bits a local header may set
+# otherwise than its central entry: 1-2 (how hard deflate tried), 3 (a data descriptor).
+_ZIP_VERSION = 63
+_ZIP_FREE_FLAGS = 0x000E
+# "Version made by" of MS-DOS (FAT), OS/2 HPFS, Windows NTFS and VFAT: names there cannot
+# hold "\\", and some Windows zippers wrote it as the separator (against APPNOTE 4.4.17).
+_ZIP_WINDOWS = {0, 6, 10, 14}
+
+
+def _zip_name(raw: bytes, flags: int, system: int, extra: bytes) -> str:
+    """A member's name: UTF-8 if flagged so (APPNOTE 4.4.4 bit 11); else from an Info-ZIP
+    Unicode Path extra field (4.6.9) if it still matches the name; else UTF-8 if the name
+    is that (Info-ZIP's zip, macOS and most Unix zippers write it unflagged), else IBM
+    code page 437 as APPNOTE says. Backslashes of Windows zippers read as "/"."""
+    if flags & 0x800:
+        name = raw.decode("utf-8", "surrogateescape")
+    else:
+        name = _unicode_path(extra, raw) or ""
+        if not name:
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                name = raw.decode("cp437")
+    if system in _ZIP_WINDOWS:
+        name = name.replace("\\", "/")
+    return name
+
+
+def _unicode_path(extra: bytes, raw: bytes) -> str | None:
+    at = 0
+    while at + 4 <= len(extra):
+        tag, length = struct.unpack("<HH", extra[at : at + 4])
+        field = extra[at + 4 : at + 4 + length]
+        # version 1, the CRC-32 of the name it stands for (else the name was changed since)
+        crc = struct.pack("<L", zlib.crc32(raw))
+        if tag == 0x7075 and field[:1] == b"\x01" and field[1:5] == crc:
+            try:
+                return field[5:].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        at += 4 + length
+    return None
+
+
+def _central_directory(fp: IO[bytes]) -> tuple[int, int, int, int]:
+    """Where the central directory starts, its size, how many bytes come before the
+    zip proper (a self-extracting stub), and how many entries the end record counts."""
     end = fp.seek(0, io.SEEK_END)
     tail_start = max(0, end - 22 - 0xFFFF)  # the end record, and a comment of at most 64 KiB
     fp.seek(tail_start)
@@ -653,7 +773,11 @@ def _central_directory(fp: IO[bytes]) -> tuple[int, int, int]:
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) - at < 22:
         raise zipfile.BadZipFile("no end of central directory record")
-    size, offset = struct.unpack("<LL", tail[at + 12 : at + 20])
+    disk, cd_disk, here, count, size, offset, comment = struct.unpack(
+        "<HHHHLLH", tail[at + 4 : at + 22]
+    )
+    if at + 22 + comment != len(tail):
+        raise zipfile.BadZipFile("the end of central directory record does not end the file")
     record_at = tail_start + at
     locator = tail[at - 20 : at] if at >= 20 else b""
     if locator[:4] == b"PK\x06\x07":  # zip64: the sizes are in the zip64 end record
@@ -662,12 +786,14 @@ def _central_directory(fp: IO[bytes]) -> tuple[int, int, int]:
         zip64 = fp.read(56)
         if zip64[:4] != b"PK\x06\x06":
             raise zipfile.BadZipFile("bad zip64 end of central directory record")
-        size, offset = struct.unpack("<QQ", zip64[40:56])
+        disk, cd_disk, here, count, size, offset = struct.unpack("<LLQQQQ", zip64[16:56])
         record_at -= 56 + 20
+    if disk or cd_disk or here != count:
+        raise zipfile.BadZipFile("a zip of several disks (or a damaged end record)")
     concat = record_at - size - offset
     if offset + concat < 0:
         raise zipfile.BadZipFile("bad offset of the central directory")
-    return offset + concat, size, concat
+    return offset + concat, size, concat, count
 
 
 def _zip64(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
@@ -694,6 +820,7 @@ class _Zip:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.zip: _ZipFile | None = None
+        self.backslashed = 0  # names with "\\" for "/"
 
     def close(self) -> None:
         if self.zip is not None:
@@ -716,9 +843,20 @@ class _Zip:
             for info in self.zip.entries():
                 entries += 1
                 self._member(info, members)
+            if entries != self.zip.count:
+                problem(
+                    "",
+                    f"the zip's end record counts {self.zip.count} entries, its central "
+                    f"directory holds {entries}",
+                )
         except READ_ERRORS as exc:
             problem("", f"cannot read the zip: {read_error(exc)}")
             readable = False
+        if self.backslashed:
+            contents.warnings.append(
+                f"{self.backslashed} member names of the zip use '\\' as the path separator, "
+                "as old Windows zippers wrote them (APPNOTE 4.4.17 says '/'); read as '/'"
+            )
         contents.index.finish()
         if members.top is None:
             if readable and not entries:
@@ -727,27 +865,37 @@ class _Zip:
             return None
         return contents
 
-    def _member(self, info: zipfile.ZipInfo, members: _Members) -> None:
+    def _member(self, info: _Entry, members: _Members) -> None:
         assert self.zip is not None
         mode = info.external_attr >> 16 if info.create_system == 3 else 0  # from Unix
-        is_dir = info.is_dir() or stat.S_ISDIR(mode)
+        windows = info.create_system in _ZIP_WINDOWS
+        self.backslashed += windows and b"\\" in info.raw_name
+        # MS-DOS attributes: 0x10 a directory
+        is_dir = info.is_dir() or stat.S_ISDIR(mode) or bool(windows and info.external_attr & 0x10)
         rel = members.place(info.filename, is_dir)
-        if rel is None or is_dir:
+        if rel is None:
+            return
+        if differs := self.zip.local_header_differs(info):
+            members.reject(rel, info.filename, f"damaged zip entry: {differs}")
+            return
+        if is_dir:
             return
         if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
-            members.reject(rel, info.filename, self._kind(info, mode))
+            members.reject(rel, info.filename, self._kind(info, mode) + ONLY_REGULAR)
             return
         if info.flag_bits & 0x1:
-            members.reject(rel, info.filename, "encrypted member")
+            members.reject(rel, info.filename, "encrypted member: cannot be read")
             return
-        if is_payload(rel):
-            try:
-                with self.zip.open(info) as stream:
-                    _, digests = hash_stream(stream, members.algorithms)
-            except READ_ERRORS as exc:
-                members.problem(rel, f"cannot read: {read_error(exc)}")
-                members.contents.index.add(rel, regular=False)
-                return
+        payload = is_payload(rel)
+        try:  # a tag file too is read through once, so that zipfile checks its CRC-32
+            with self.zip.open(info) as stream:
+                _, digests = hash_stream(stream, members.algorithms if payload else ())
+                if not _read_to_its_end(stream):
+                    raise zipfile.BadZipFile("its compressed data ends elsewhere than it says")
+        except READ_ERRORS as exc:
+            members.reject(rel, info.filename, f"cannot read: {read_error(exc)}")
+            return
+        if payload:
             members.contents.index.add(
                 rel, size=info.file_size, loc=info.header_offset, digests=digests
             )
@@ -831,23 +979,15 @@ class _Directory:
                     contents.data_dir |= rel == "data" or is_payload(rel)
                     directories.append(rel)
                 elif not stat.S_ISREG(st.st_mode):
-                    problem(
-                        rel,
-                        _file_kind(entry.path, st.st_mode) + ": only regular "
-                        "files and directories are allowed",
-                    )
-                    if is_payload(rel):
-                        contents.index.add(rel, regular=False)
-                    else:
-                        contents.rejected.add(rel)
+                    why = _file_kind(entry.path, st.st_mode) + ONLY_REGULAR
+                    _reject(contents, problem, rel, rel, why)
                 elif is_payload(rel):
                     contents.data_dir = True
                     try:
                         with _open_regular(entry.path) as f:
                             size, digests = hash_stream(f, algorithms)
                     except OSError as exc:
-                        problem(rel, f"cannot read: {read_error(exc)}")
-                        contents.index.add(rel, regular=False)
+                        _reject(contents, problem, rel, rel, f"cannot read: {read_error(exc)}")
                         continue
                     contents.index.add(rel, size=size, digests=digests)
                 else:

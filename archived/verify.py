@@ -220,6 +220,7 @@ class _Checker:
 
     def run(self) -> None:
         self.report.files, self.report.bytes = self.index.totals()
+        self.report.warnings += self.contents.warnings
         for path in self.index.duplicates():
             self.problem(path, f"duplicate member in the {self.contents.container}")
         self.check_bagit_txt()

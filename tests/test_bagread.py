@@ -12,11 +12,13 @@ import hashlib
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -190,6 +192,151 @@ def test_a_damaged_central_directory_is_a_problem_not_an_exception(tmp_path: Pat
     report = check(out)
     assert report.verdict == "invalid"
     assert messages(report)[""].startswith("cannot read the zip: bad central directory")
+
+
+# A zip written here byte by byte (stored, APPNOTE 6.3 sections 4.3.7, 4.3.12, 4.3.16), for
+# what zipfile will not write: names in other encodings, flags, systems, extra fields.
+ZipMember = tuple[bytes, bytes, int, int, bytes]  # name as stored, data, flags, system, extra
+
+
+def write_zip(path: Path, members: list[ZipMember]) -> Path:
+    local, central = bytearray(), bytearray()
+    for name, data, flags, system, extra in members:
+        crc = zlib.crc32(data)
+        fields = (20, flags, 0, 0, 0x21, crc, len(data), len(data), len(name), len(extra))
+        central += struct.pack("<4sBB", b"PK\x01\x02", 20, system)
+        central += struct.pack("<HHHHHLLLHHHHHLL", *fields, 0, 0, 0, 0, len(local))
+        central += name + extra
+        local += struct.pack("<4sHHHHHLLLHH", b"PK\x03\x04", *fields) + name + extra + data
+    end = struct.pack(
+        "<4sHHHHLLH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), len(local), 0
+    )
+    path.write_bytes(bytes(local + central + end))
+    return path
+
+
+def zip_members(
+    bag: Path, name: Callable[[str], bytes], flags: int = 0, system: int = 3
+) -> list[ZipMember]:
+    """The files of `bag`, each named `name(path under the bag's parent)`."""
+    return [
+        (name(f"{bag.name}/{p.relative_to(bag).as_posix()}"), p.read_bytes(), flags, system, b"")
+        for p in sorted(bag.rglob("*"))
+        if p.is_file()
+    ]
+
+
+UNICODE_FILES = {"café.txt": b"caf\xc3\xa9\n", "naïve/Ünïcode.bin": b"\x00\x01"}
+
+
+def unicode_bag(tmp_path: Path, files: dict[str, bytes] = UNICODE_FILES) -> Path:
+    bag = tmp_path / "src" / "bag"
+    for name, data in files.items():
+        (bag / name).parent.mkdir(parents=True, exist_ok=True)
+        (bag / name).write_bytes(data)
+    bagit.make_bag(str(bag), checksums=["sha256"])
+    return bag
+
+
+def test_zip_names_in_utf8_without_the_utf8_flag(tmp_path: Path) -> None:
+    # Info-ZIP's zip (in a C locale), macOS and most Unix zippers store UTF-8 names
+    # without flag bit 11; read as code page 437 they would not match the manifest.
+    bag = unicode_bag(tmp_path)
+    out = write_zip(tmp_path / "bag.zip", zip_members(bag, str.encode))
+    assert zipfile.ZipFile(out).namelist()[-1] != "bag/naïve/Ünïcode.bin"  # zipfile's cp437
+    report = check(out)
+    assert report.ok, report.problems
+    assert report.files == 2
+
+
+def test_zip_names_in_a_code_page_with_a_unicode_path_extra_field(tmp_path: Path) -> None:
+    # Info-ZIP on a Russian Windows: the name in its OEM code page (866, not the 437 that
+    # APPNOTE assumes), its UTF-8 in extra field 0x7075 (APPNOTE 4.6.9) with the CRC-32
+    # of the name it stands for.
+    bag = unicode_bag(tmp_path, {"данные.txt": b"1", "опись/лист.bin": b"2"})
+    members = []
+    for name, data, flags, system, _ in zip_members(bag, lambda n: n.encode("cp866"), system=0):
+        utf8 = name.decode("cp866").encode()
+        field = b"\x01" + struct.pack("<L", zlib.crc32(name)) + utf8
+        members.append((name, data, flags, system, struct.pack("<HH", 0x7075, len(field)) + field))
+    report = check(write_zip(tmp_path / "bag.zip", members))
+    assert report.ok, report.problems
+    # a name changed after the field was written: the field is stale, the name is read
+    (at,) = [i for i, m in enumerate(members) if m[0].endswith(b".bin")]
+    name, data, flags, system, extra = members[at]
+    members[at] = (name.replace(b".bin", b".BIN"), data, flags, system, extra)
+    stale = check(write_zip(tmp_path / "stale.zip", members))
+    assert "data/" + "опись/лист.BIN".encode("cp866").decode("cp437") in messages(stale)
+
+
+def test_zip_names_with_backslashes_from_windows(tmp_path: Path) -> None:
+    # .NET Framework 4.5's ZipFile wrote "\" between the parts of a name, though APPNOTE
+    # 4.4.17 says "/"; a name made on Windows (FAT, NTFS, VFAT) cannot hold a "\".
+    bag = unicode_bag(tmp_path)
+    members = zip_members(bag, lambda n: n.replace("/", "\\").encode(), flags=0x800, system=0)
+    report = check(write_zip(tmp_path / "bag.zip", members))
+    assert report.ok, report.problems
+    assert any("'\\'" in w for w in report.warnings), report.warnings
+    # from a Unix zipper a "\" is part of a name
+    unix = [(n, d, f, 3, x) for n, d, f, _, x in members]
+    assert not check(write_zip(tmp_path / "unix.zip", unix)).ok
+
+
+def test_a_zip_whose_local_header_disagrees_with_its_central_directory(tmp_path: Path) -> None:
+    # bsdtar reads the local headers, zipfile the central directory: where they differ
+    # the bag is not what every reader sees. Here the tag manifest's local header names
+    # another file: left unchecked, the bag would pass without its tag manifest.
+    bag = bagit_python_bag(tmp_path / "src" / "bag")
+    out = pack(bag, "zip", tmp_path)
+    data = bytearray(out.read_bytes())
+    name = b"bag/tagmanifest-sha256.txt"
+    central = data.index(b"PK\x01\x02")
+    at = data.index(name, central)
+    data[at + 4] ^= 0x20  # "tagmanifest" in the central directory becomes "Tagmanifest"
+    out.write_bytes(bytes(data))
+    report = check(out)
+    assert report.verdict == "invalid"
+    assert (
+        "its local header names it 'bag/tagmanifest-sha256.txt'"
+        in messages(report)["Tagmanifest-sha256.txt"]
+    )
+
+
+def test_a_zip_whose_end_record_miscounts_its_entries(tmp_path: Path) -> None:
+    bag = bagit_python_bag(tmp_path / "src" / "bag")
+    out = pack(bag, "zip", tmp_path)
+    data = bytearray(out.read_bytes())
+    end = data.rindex(b"PK\x05\x06")
+    data[end + 10] -= 1  # total entries (and entries on this disk)
+    data[end + 8] -= 1
+    out.write_bytes(bytes(data))
+    assert "end record counts" in messages(check(out))[""]
+
+
+@pytest.mark.skipif(shutil.which("unzip") is None, reason="needs Info-ZIP's unzip")
+def test_any_byte_of_a_zip_damaged_is_found_or_harmless(tmp_path: Path) -> None:
+    # What verify calls valid, unzip must extract whole and the same: a damaged byte
+    # that changes what unzip sees (a local header, the central directory, the end
+    # record, the end of a deflate stream, a CRC-32) must make the bag invalid.
+    bag = tmp_path / "src" / "bag"
+    (bag / "sub").mkdir(parents=True)
+    (bag / "a.txt").write_bytes(b"alpha\n" * 20)
+    (bag / "sub" / "empty").write_bytes(b"")
+    bagit.make_bag(str(bag), checksums=["sha256"])
+    whole = pack(bag, "zip", tmp_path).read_bytes()
+    expected = {p.relative_to(bag): p.read_bytes() for p in bag.rglob("*") if p.is_file()}
+    damaged, out = tmp_path / "damaged.zip", tmp_path / "out"
+    for offset in range(len(whole)):
+        data = bytearray(whole)
+        data[offset] ^= 0x5A
+        damaged.write_bytes(bytes(data))
+        if not check(damaged).ok:
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        done = subprocess.run(["unzip", "-qq", str(damaged)], cwd=out, capture_output=True)
+        got = {p.relative_to(out / "bag"): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert (done.returncode, got) == (0, expected), offset
 
 
 @pytest.mark.parametrize(
