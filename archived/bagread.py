@@ -189,6 +189,8 @@ class Contents:
     rejected: set[str] = field(default_factory=set)  # tag paths that are not regular files
     data_dir: bool = False
     warnings: list[str] = field(default_factory=list)  # about how it is stored
+    # (member name, what is wrong) where a serialization is not one directory, the bag
+    shape: list[tuple[str, str]] = field(default_factory=list)
 
     def close(self) -> None:
         self.source.close()
@@ -319,6 +321,8 @@ def _is_tar_header(block: bytes) -> bool:
 
 
 ONLY_REGULAR = ": only regular files and directories are allowed"
+# Where macOS's Archive Utility puts the resource forks of what it zips, beside the bag.
+MACOS_ZIP_DIR = "__MACOSX"
 
 
 def _reject(contents: Contents, problem: Problem, rel: str, shown: str, why: str) -> None:
@@ -338,11 +342,12 @@ class _Members:
     def __init__(self, contents: Contents, problem: Problem) -> None:
         self.contents, self.problem = contents, problem
         self.top: str | None = None
+        self.dot = False  # the first member was "./"
         self.algorithms: list[Algorithm] = []  # of the payload manifests met so far
 
     def place(self, name: str, is_dir: bool) -> str | None:
         """The bag-relative path of member `name` ("" for the bag directory), or None
-        when it is reported and skipped."""
+        when it is skipped (reported as a problem, or in `Contents.shape`)."""
         parts = [p for p in name.split("/") if p not in ("", ".")]
         if name.startswith("/"):
             self.problem(name, "unsafe member name: absolute path")
@@ -353,23 +358,28 @@ class _Members:
         if not parts:
             if not is_dir:
                 self.problem(name, "member without a name")
+            elif self.top is None:
+                self.dot = True  # "./" first: `tar -C dir -cf x.tar .`
             return None
-        if self.top is None and len(parts) == 1 and not is_dir and _is_bag_file(parts[0]):
-            self.top = ""
-            self.problem(
-                "",
-                f"{parts[0]} at the top of the {self.contents.container}: a serialized bag "
-                "must unpack to one directory, the bag (RFC 8493 section 4); read as if it did",
-            )
-        elif self.top is None and (len(parts) > 1 or is_dir):
-            self.top = self.contents.name = parts[0]
+        if self.top is None and parts[0] != MACOS_ZIP_DIR:
+            # The bag's own files at the top: it was serialized from inside its directory
+            # (after "./", "data" too: a bag named data is less likely).
+            if (len(parts) == 1 and not is_dir and _is_bag_file(parts[0])) or (
+                self.dot and parts[0] == "data"
+            ):
+                self.top = ""
+                self.contents.shape.append(
+                    ("", f"the bag's files are at the top of the {self.contents.container}")
+                )
+            elif len(parts) > 1 or is_dir:
+                self.top = self.contents.name = parts[0]
         if self.top == "":
             rel = "/".join(parts)
         elif parts[0] == self.top:
             rel = "/".join(parts[1:])
         else:
             where = f"the bag directory {self.top}/" if self.top else "a bag directory"
-            self.problem(name, f"outside {where}: every member must be under one top directory")
+            self.contents.shape.append((name, f"outside {where}"))
             return None
         if rel == "data" or is_payload(rel):
             self.contents.data_dir = True

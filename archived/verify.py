@@ -41,6 +41,7 @@ from .bag import (
     decode_path,
 )
 from .bagread import (
+    MACOS_ZIP_DIR,
     MANIFEST_NAME,
     READ_ERRORS,
     Algorithm,
@@ -224,6 +225,7 @@ class _Checker:
         for path in self.index.duplicates():
             self.problem(path, f"duplicate member in the {self.contents.container}")
         self.check_bagit_txt()
+        self.check_serialization()
         self.check_layout()
         self.check_bag_info()
         self.check_fetch()
@@ -380,6 +382,38 @@ class _Checker:
         if number not in _KNOWN_VERSIONS:
             rules = "1.0" if number > (1, 0) else "0.97"
             self.warn(f"bagit.txt: BagIt-Version {version} is not one I know; read as {rules}")
+
+    def check_serialization(self) -> None:
+        """A tar or zip unpacks to one directory, the bag, and nothing beside it: a MUST of
+        the BagIt drafts to 0.97 (section 4, "Serialization"), which RFC 8493 dropped (a
+        bag is what validates), so a warning for a 1.0 bag of another tool; our archives
+        keep it. What macOS's Archive Utility adds beside the bag (__MACOSX/) is an
+        operating system's leftover."""
+        outside: dict[str, list[tuple[str, str]]] = {}  # by the top directory they are in
+        for name, message in self.contents.shape:
+            if not name:
+                message += " (serialized from inside the bag directory); read as the bag"
+                self.draft_rule("", message, "one directory, the bag")
+            else:
+                outside.setdefault(name.strip("/").split("/")[0], []).append((name, message))
+        for top, found in outside.items():
+            path, message = found[0] if len(found) == 1 else (f"{top}/", f"{len(found)} members")
+            message = f"{message} {found[0][1]}"
+            if top == MACOS_ZIP_DIR and self.policy.forgive_os:
+                self.warn(f"{path}: {message}, left by macOS's Archive Utility; not read")
+            else:
+                self.draft_rule(path, message, "nothing but the bag directory")
+
+    def draft_rule(self, path: str, message: str, rule: str) -> None:
+        """A serialization rule of the drafts (0.97 section 4) that RFC 8493 dropped."""
+        if self.policy.archive or self.version < (1, 0):
+            must = f"a serialized bag must hold {rule} (BagIt 0.97 section 4)"
+            self.problem(path, f"{message}: {must}")
+        else:
+            self.warn(
+                f"{path or self.report.bag}: {message} (a serialized bag held {rule} until "
+                "BagIt 0.97; RFC 8493 has no such rule)"
+            )
 
     def check_layout(self) -> None:
         if "data" in self.tags:

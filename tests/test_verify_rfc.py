@@ -12,6 +12,8 @@ import hashlib
 import json
 import subprocess
 import sys
+import tarfile
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -421,6 +423,83 @@ def test_every_fetched_file_in_every_payload_manifest(tmp_path: Path) -> None:
         manifest_text({"data/sub/b.bin": PAYLOAD["data/sub/b.bin"]}, "sha1"),
     )
     assert_invalid(check(directory), "data/a.txt", "fetch.txt", "manifest-sha1.txt")
+
+
+# -- serializations: BagIt 0.97 section 4, which RFC 8493 dropped ------------------------
+
+
+def pack(
+    directory: Path, out: Path, names: Callable[[str], str], first: Sequence[str] = ()
+) -> Path:
+    """A tar or zip of `directory`'s files and directories, each member named
+    `names(path in the bag)`; the members in `first` first."""
+
+    def order(path: Path) -> tuple[bool, str]:
+        rel = path.relative_to(directory).as_posix()
+        return not any(rel == f or rel.startswith(f + "/") for f in first), rel
+
+    paths = sorted(directory.rglob("*"), key=order)
+    if out.suffix == ".zip":
+        with zipfile.ZipFile(out, "w") as z:
+            for path in paths:
+                z.write(path, names(path.relative_to(directory).as_posix()))
+    else:
+        with tarfile.open(out, "w") as t:
+            t.add(directory, names("."), recursive=False)
+            for path in paths:
+                t.add(path, names(path.relative_to(directory).as_posix()), recursive=False)
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".zip"])
+@pytest.mark.parametrize("first", [(), ("data",)], ids=["bag-files-first", "data-first"])
+def test_a_bag_serialized_from_inside_its_directory(
+    tmp_path: Path, suffix: str, first: tuple[str, ...]
+) -> None:
+    # `tar -C bag -cf bag.tar .`: "./", then the bag's files in the order the directory
+    # lists them, data/ first as likely as not. The 0.97 draft (section 4) says a bag
+    # MUST NOT be serialized from within its base directory; RFC 8493 has no rule on
+    # serializations, and what such a tar unpacks to is a valid bag.
+    v1 = bag(tmp_path / "v1", algorithms=["sha256", "sha512"], tag_algorithms=["sha256"])
+    report = check(pack(v1, tmp_path / f"v1{suffix}", lambda p: f"./{p}", first))
+    assert_valid(report)
+    assert warned(report, "from inside the bag directory", "RFC 8493 has no such rule")
+    assert report.files == len(PAYLOAD)
+    older = bag(tmp_path / "v097", version="0.97", tag_algorithms=["sha256"])
+    report = check(pack(older, tmp_path / f"v097{suffix}", lambda p: f"./{p}", first))
+    assert_invalid(report, "", "from inside the bag directory", "0.97 section 4")
+    assert report.files == len(PAYLOAD)  # and the bag in it was checked
+
+
+def test_members_beside_the_bag_directory(tmp_path: Path) -> None:
+    directory = bag(tmp_path / "v1")
+    write(tmp_path / "v1" / "README.txt", "about the bag\n")
+    out = tmp_path / "v1.tar"
+    with tarfile.open(out, "w") as t:
+        t.add(directory, "bag")
+        t.add(tmp_path / "v1" / "README.txt", "README.txt")
+    report = check(out)
+    assert_valid(report)
+    assert warned(report, "README.txt", "outside the bag directory bag/")
+    older = bag(tmp_path / "v097", version="0.97")
+    with tarfile.open(out, "w") as t:
+        t.add(older, "bag")
+        t.add(tmp_path / "v1" / "README.txt", "README.txt")
+    assert_invalid(check(out), "README.txt", "outside the bag directory bag/", "0.97 section 4")
+
+
+@pytest.mark.parametrize("version", ["1.0", "0.97"])
+def test_what_macos_archive_utility_puts_beside_the_bag(tmp_path: Path, version: str) -> None:
+    # Finder's "Compress" adds __MACOSX/<bag>/._<name> (resource forks) beside the bag.
+    directory = bag(tmp_path, version=version)
+    out = tmp_path / "bag.zip"
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("__MACOSX/bag/data/._a.txt", b"\x00\x05\x16\x07")  # first, even
+        for path in sorted(directory.rglob("*")):
+            z.write(path, "bag/" + path.relative_to(directory).as_posix())
+    report = check(out)
+    assert_valid(report)
+    assert warned(report, "__MACOSX/", "macOS")
 
 
 # -- 3 and older versions ----------------------------------------------------------------
