@@ -213,6 +213,7 @@ class Contents:
         except READ_ERRORS as exc:
             problem("", f"cannot read the bag again: {read_error(exc)}")
         self.index.add_digests(digests)
+        self.index.share_linked()
 
 
 def _by_key(key: str) -> Algorithm:
@@ -373,17 +374,23 @@ class _Members:
                 )
             elif len(parts) > 1 or is_dir:
                 self.top = self.contents.name = parts[0]
-        if self.top == "":
-            rel = "/".join(parts)
-        elif parts[0] == self.top:
-            rel = "/".join(parts[1:])
-        else:
+        if (rel := self.rel(name)) is None:
             where = f"the bag directory {self.top}/" if self.top else "a bag directory"
             self.contents.shape.append((name, f"outside {where}"))
             return None
         if rel == "data" or is_payload(rel):
             self.contents.data_dir = True
         return rel
+
+    def rel(self, name: str) -> str | None:
+        """Member `name`'s path in the bag, once the bag's directory is known; None if
+        it is not in it."""
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if self.top == "" and ".." not in parts and not name.startswith("/"):
+            return "/".join(parts)
+        if self.top and parts[:1] == [self.top] and ".." not in parts:
+            return "/".join(parts[1:])
+        return None
 
     def reject(self, rel: str, shown: str, why: str) -> None:
         _reject(self.contents, self.problem, rel, shown, why)
@@ -493,6 +500,8 @@ class _Tar:
         rel = members.place(member.name, member.isdir())
         if rel is None or member.isdir():
             return
+        if member.islnk() and self._hard_link(member, rel, members):
+            return
         if not member.isreg():
             members.reject(rel, member.name, _member_kind(member) + ONLY_REGULAR)
             return
@@ -510,6 +519,24 @@ class _Tar:
         else:
             spooled = _spool(_extract(tar, member), member.size)
             members.tag(rel, member.name, TagFile(member.size, spooled))
+
+    def _hard_link(self, member: tarfile.TarInfo, rel: str, members: _Members) -> bool:
+        """A hard link to a file of the bag met before (GNU tar and bsdtar store a file
+        linked twice so, its data once) unpacks to that file: read as a copy of it.
+        False if it links to anything else."""
+        target = members.rel(member.linkname)
+        if target is None or is_payload(target) != is_payload(rel):
+            return False
+        if is_payload(rel):
+            found = members.contents.index.linkable(target)
+            if found is None:
+                return False
+            members.contents.index.add(rel, size=found[1], link=found[0])
+        elif (file := members.contents.tags.get(target)) is not None:
+            members.tag(rel, member.name, file)
+        else:
+            return False
+        return True
 
     def _check_end(self, tar: tarfile.TarFile, raw: IO[bytes], last: str, problem: Problem) -> None:
         """tarfile takes a damaged header for the end of the archive: what follows the last

@@ -96,6 +96,49 @@ def test_a_second_manifest_after_the_payload(tmp_path: Path, flags: tuple[str, .
     assert sorted(found) == ["sha256 mismatch", "sha512 mismatch"]
 
 
+@pytest.mark.parametrize("flags", [(), ("-z",)], ids=["tar", "tar.gz"])
+@pytest.mark.parametrize("late", [False, True], ids=["manifests-first", "a-manifest-last"])
+def test_a_hard_link_in_a_tar_is_the_file_it_links_to(
+    tmp_path: Path, flags: tuple[str, ...], late: bool
+) -> None:
+    # GNU tar stores a file linked twice in the bag once, and the other name as a hard
+    # link to it; extracted, both are the same regular file, so the bag is valid.
+    bag = tmp_path / "bag"
+    (bag / "copies").mkdir(parents=True)
+    (bag / "a.txt").write_bytes(b"alpha\n")
+    (bag / "copies" / "a.txt").write_bytes(b"alpha\n")
+    bagit.make_bag(str(bag), checksums=["sha256", "sha512"])
+    os.unlink(bag / "data/copies/a.txt")
+    os.link(bag / "data/a.txt", bag / "data/copies/a.txt")
+    order = late_manifest_order(bag) if late else members_of(bag)
+    tar = gnu_tar(bag, tmp_path / "bag.tar", order, *flags)
+    with tarfile.open(tar) as t:
+        assert t.getmember("bag/data/copies/a.txt").islnk()
+    report = check(tar)
+    assert report.ok, report.problems
+    assert (report.files, report.bytes) == (2, 12)
+    # the data it links to, changed, is wrong under both names
+    os.unlink(bag / "data/copies/a.txt")
+    (bag / "data/a.txt").write_bytes(b"ALPHA\n")
+    os.link(bag / "data/a.txt", bag / "data/copies/a.txt")
+    bad = check(gnu_tar(bag, tmp_path / "bad.tar", order, *flags))
+    assert {p.path for p in bad.problems} == {"data/a.txt", "data/copies/a.txt"}
+
+
+def test_a_hard_link_to_what_is_not_a_file_of_the_bag_is_refused(tmp_path: Path) -> None:
+    bag = bagit_python_bag(tmp_path / "bag")
+    out = tmp_path / "bag.tar"
+    with tarfile.open(out, "w") as t:
+        t.add(bag, "bag")
+        for name, target in [("bag/data/x", "/etc/passwd"), ("bag/data/y", "bag/data/later")]:
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.LNKTYPE, target
+            t.addfile(link)
+    found = messages(check(out))
+    assert found["data/x"].startswith("hard link to '/etc/passwd': only regular files")
+    assert found["data/y"].startswith("hard link to 'bag/data/later': only regular files")
+
+
 def test_payload_first_as_gnu_tar_sorts_it(tmp_path: Path) -> None:
     bagit_python_bag(tmp_path / "bag", ("md5", "sha1", "sha512"))
     tar = tmp_path / "bag.tar"
