@@ -283,7 +283,9 @@ class _Checker:
                 for number, line in enumerate(text, 1):
                     line = line.removesuffix("\n")
                     if number == 1 and line.startswith("\ufeff"):
-                        self.warn(f"{name}: starts with a byte-order mark")
+                        # 2.3: only where the encoding needs one (UTF-16 does: its codec
+                        # reads it), never in UTF-8
+                        self.breach(name, f"starts with a byte-order mark ({self.encoding})")
                         line = line[1:]
                     yield number, line
         except UnicodeDecodeError as exc:

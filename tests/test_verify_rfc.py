@@ -261,6 +261,43 @@ def test_line_endings_lf_cr_and_crlf_in_every_tag_file(tmp_path: Path, newline: 
     assert set(problems(check(bad))) == {"data/sub/b.bin", "bag-info.txt"}  # and the oxum
 
 
+# -- 2.3: a byte-order mark only where the encoding needs one -----------------------------
+
+
+@pytest.mark.parametrize("name", ["manifest-sha256.txt", "bag-info.txt", "tagmanifest-sha256.txt"])
+def test_a_byte_order_mark_in_a_utf8_tag_file(tmp_path: Path, name: str) -> None:
+    # RFC 8493 2.3: "when bagit.txt specifies UTF-8 the tag files MUST NOT begin with a
+    # byte-order mark"; the 0.97 draft says nothing of it (bagit-python warns).
+    for version in ("1.0", "0.97"):
+        directory = bag(tmp_path / version, version=version, tag_algorithms=["sha256"])
+        path = directory / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        if name != "tagmanifest-sha256.txt":
+            retag(directory)
+        report = check(directory)
+        if version == "1.0":
+            assert_invalid(report, name, "byte-order mark")
+        else:
+            assert_valid(report)
+            assert warned(report, name, "byte-order mark")
+
+
+def test_utf16_tag_files_begin_with_the_byte_order_mark_their_encoding_needs(
+    tmp_path: Path,
+) -> None:
+    directory = bag(tmp_path, tag_algorithms=["sha256"])
+    write(directory / "bagit.txt", "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-16\n")
+    for name in ("manifest-sha256.txt", "bag-info.txt"):
+        path = directory / name
+        path.write_bytes(path.read_text().encode("utf-16"))  # with its byte-order mark
+    retag(directory)
+    tagmanifest = directory / "tagmanifest-sha256.txt"
+    tagmanifest.write_bytes(tagmanifest.read_text().encode("utf-16"))
+    report = check(directory)
+    assert_valid(report)
+    assert report.warnings == []
+
+
 # -- 2.1.3: percent-encoding of CR, LF and % ---------------------------------------------
 
 
