@@ -250,9 +250,12 @@ READ_ERRORS = (
 )
 
 
-def open_bag(path: Path, problem: Problem) -> Contents | None:
+def open_bag(
+    path: Path, problem: Problem, unread: Callable[[str], None] | None = None
+) -> Contents | None:
     """Read the bag at `path` (see the module docstring); None if nothing of a bag was
-    found, which has been reported."""
+    found, which has been reported: to `unread`, if given, where it is an archive in a
+    format this module does not read (7-Zip, RAR, zstd), which may well hold a bag."""
     try:
         mode = path.stat().st_mode
     except OSError as exc:
@@ -272,11 +275,14 @@ def open_bag(path: Path, problem: Problem) -> Contents | None:
         return _Zip(path).read(problem)
     if kind in ("tar", "gz", "bz2", "xz"):
         return _Tar(path, kind).read(problem)
-    problem(
-        "",
+    message = (
         f"not a bag serialization I read ({kind}): a bag is read from a directory, a tar "
-        "(plain, gzip, bzip2 or xz), or a zip",
+        "(plain, gzip, bzip2 or xz), or a zip"
     )
+    if unread is not None and kind in _UNREAD:
+        unread(message)
+    else:
+        problem("", message)
     return None
 
 
@@ -290,6 +296,7 @@ _MAGIC = [
     (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
     (b"Rar!", "a RAR archive"),
 ]
+_UNREAD = {"zstd-compressed", "a 7-Zip archive", "a RAR archive"}  # Archivematica: 7-Zip
 
 
 def _serialization(path: Path) -> str:
