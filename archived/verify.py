@@ -69,6 +69,7 @@ _BAGIT_LINE = re.compile(
 _OXUM = re.compile(r"(\d{1,30})\.(\d{1,30})")
 _HEX = re.compile(r"[0-9A-Fa-f]+")
 _MANIFEST_LINE = re.compile(r"[ \t]*(\S+)[ \t]+(.+)")
+_BARE_PERCENT = re.compile(r"%(?!25|0[AaDd])")  # what BagIt 1.0 encodes: %, CR, LF
 _FETCH_LINE = re.compile(r"[ \t]*(\S+)[ \t]+(\d{1,30}|-)[ \t]+(.+)")
 # bag-info labels that must not (Payload-Oxum), or should not, appear twice (2.2.2).
 _ONCE = {"payload-oxum": "Payload-Oxum"}
@@ -203,6 +204,7 @@ class _Checker:
         self.absent_special: set[str] = set()  # special system files listed, not present
         self.tag_digests: dict[tuple[str, str], bytes] = {}
         self.info_name = "bag-info.txt"  # package-info.txt in 0.93 to 0.95
+        self.unencoded: dict[str, list[tuple[int, str]]] = {}  # paths with a bare "%"
 
     @property
     def strict(self) -> bool:
@@ -542,15 +544,28 @@ class _Checker:
                 )
                 continue
             yield path, None if length == "-" else int(length)
+        self.check_unencoded("fetch.txt")
 
     def listed_path(self, name: str, number: int, raw: str) -> str | None:
         """A path as a manifest or fetch.txt writes it, as a bag-relative path."""
         if self.version < (1, 0):
             raw = raw.strip()  # trailing blanks were not significant
+        if _BARE_PERCENT.search(raw):
+            self.unencoded.setdefault(name, []).append((number, raw))
         path = _bag_path(decode_path(raw))
         if path is None:
             self.problem(name, f"line {number}: path {raw!r} is outside the bag")
         return path
+
+    def check_unencoded(self, name: str) -> None:
+        """2.1.3, 2.2.3: a "%" in a path MUST be written %25 (since 1.0)."""
+        if found := self.unencoded.pop(name, []):
+            number, raw = found[0]
+            self.breach(
+                name,
+                f"{len(found)} paths with a '%' not percent-encoded as %25 (line {number}: "
+                f"{raw!r}); read as written",
+            )
 
     # -- 2.1.3 payload manifests, 2.2.1 tag manifests --------------------------------------
 
@@ -633,6 +648,7 @@ class _Checker:
                 self.problem(name, f"line {number}: {path} is not in the payload directory data/")
                 continue
             yield path, written, digest
+        self.check_unencoded(name)
         if starred:
             self.warn(
                 f"{name}: {starred} lines mark the path with '*', as md5sum does for "
@@ -705,10 +721,11 @@ class _Checker:
                 self.warn(
                     f"{actual}: listed in {manifest.name} under another Unicode normalization"
                 )
-            else:
-                self.warn(
-                    f"{actual}: listed in {manifest.name} as {written!r}, with '%' not "
-                    "percent-encoded; read as written"
+            else:  # its '%25' is no encoding: "100%25" is the file's name (2.1.3)
+                self.breach(
+                    actual,
+                    f"listed in {manifest.name} as {written!r}, with '%' not percent-encoded; "
+                    "read as written",
                 )
         for path, digest in self.index.unresolved(manifest.id):
             if path in holes or path in self.contents.rejected:

@@ -316,13 +316,28 @@ def test_percent_encoded_names_with_either_hex_case(
     assert_valid(check(directory))
 
 
-def test_a_percent_sign_left_unencoded_is_read_as_written(tmp_path: Path) -> None:
-    # bagit-python (1.9) does not encode "%": "100%25" there is a file named "100%25".
-    directory = bag(tmp_path, {"data/100%25": b"x"})
-    write(directory / "manifest-sha256.txt", f"{HASHES['sha256'](b'x')}  data/100%25\n")
-    report = check(directory)
-    assert_valid(report)
-    assert warned(report, "data/100%25")
+@pytest.mark.parametrize("name", ["data/100%25", "data/100% done", "data/%41"])
+def test_a_percent_sign_left_unencoded(tmp_path: Path, name: str) -> None:
+    # RFC 8493 2.1.3: a "%" in a path MUST be written %25, so in a 1.0 bag "100%25" names
+    # "100%" and a lone "%" is malformed. bagit-python (1.9) writes 0.97 bags and does not
+    # encode "%": there "100%25" is a file named "100%25", read as written.
+    manifest = f"{HASHES['sha256'](b'x')}  {name}\n"
+    for version in ("0.97", "1.0"):
+        directory = bag(tmp_path / version, {name: b"x"}, version=version)
+        write(directory / "manifest-sha256.txt", manifest)
+        report = check(directory)
+        if version == "1.0":
+            assert report.verdict == "invalid"
+            assert any("not percent-encoded" in p.message for p in report.problems)
+        else:
+            assert_valid(report)
+            assert warned(report, "not percent-encoded")
+
+
+def test_a_percent_sign_left_unencoded_in_fetch_txt(tmp_path: Path) -> None:
+    fetch = "https://example.org/a 1 data/100%\n"
+    directory = bag(tmp_path, {"data/100%": b"x"}, fetch=fetch)
+    assert_invalid(check(directory), "fetch.txt", "not percent-encoded")
 
 
 # -- 2.2.1: tag manifests ----------------------------------------------------------------
