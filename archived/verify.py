@@ -351,11 +351,11 @@ class _Checker:
                 f"line {number}: {line!r} is not exactly '<label>: <value>' (one space after "
                 "the colon, no other blanks)",
             )
-        for number, line in other:
-            self.breach(
+        for number, line in other:  # "exactly two lines", in the drafts too (bagit-python)
+            self.problem(
                 "bagit.txt",
                 f"line {number}: {line!r} is not 'BagIt-Version: M.N' or "
-                "'Tag-File-Character-Encoding: ENCODING'",
+                "'Tag-File-Character-Encoding: ENCODING'; bagit.txt is exactly those two lines",
             )
         if list(tags) == ["Tag-File-Character-Encoding", "BagIt-Version"]:
             self.breach("bagit.txt", "BagIt-Version must be the first line")

@@ -233,6 +233,22 @@ def test_an_encoding_that_is_not_a_character_encoding_is_a_problem_not_an_except
     assert_invalid(check(directory), "bagit.txt", "Tag-File-Character-Encoding")
 
 
+@pytest.mark.parametrize("version", ["1.0", "0.97", "0.96"])
+def test_bagit_txt_is_exactly_its_two_lines(tmp_path: Path, version: str) -> None:
+    # "The bagit.txt tag file MUST consist of exactly two lines" (RFC 8493 2.1.1, and the
+    # drafts before it): a third line, even a "Label: value" one, makes the bag invalid;
+    # only blank lines are let pass, with a warning.
+    directory = bag(tmp_path / "extra", version=version, algorithms=["md5"])
+    declaration = f"BagIt-Version: {version}\nTag-File-Character-Encoding: UTF-8\n"
+    for third in ("==================================", "Bag-Software-Agent: x"):
+        write(directory / "bagit.txt", declaration + third + "\n")
+        assert_invalid(check(directory), "bagit.txt", "line 3", "exactly those two lines")
+    write(directory / "bagit.txt", declaration + "\n")
+    report = check(directory)
+    assert_valid(report)
+    assert warned(report, "bagit.txt", "line 3 is blank")
+
+
 # -- 2.3: line endings -------------------------------------------------------------------
 
 
