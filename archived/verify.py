@@ -235,7 +235,8 @@ class _Checker:
         self.check_serialization()
         self.check_layout()
         self.check_bag_info()
-        self.check_fetch()
+        if not self.policy.archive:  # an archive of ours must be complete as it is
+            self.check_fetch()
         manifests = self.load_manifests()
         self.index.resolve()
         self.contents.complete(self.problem)
@@ -429,10 +430,6 @@ class _Checker:
             self.problem("data", "is a file; the payload directory must be a directory")
         elif not self.contents.data_dir and "data" not in self.contents.rejected:
             self.problem("data", "payload directory missing")
-        if "fetch.txt" in self.tags and self.policy.archive:
-            self.problem(
-                "fetch.txt", "the bag lists files to fetch; only complete bags can be verified"
-            )
 
     # -- 2.2.2 bag-info.txt --------------------------------------------------------------
 
@@ -444,7 +441,7 @@ class _Checker:
             self.warn(f"{other}: read as the metadata of a BagIt {self.report.version} bag")
             name = other
         self.info_name = name
-        if not self.present(name, required=self.policy.archive):
+        if not self.present(name, required=False):
             return
         for label, value in self.metadata(name):
             self.info.setdefault(label.lower(), []).append(value)
@@ -459,8 +456,6 @@ class _Checker:
                 self.problem(name, f"declares Payload-Oxum {len(values)} times: {values}")
         oxums = self.info.get("payload-oxum", [])
         if not oxums:
-            if self.policy.archive:
-                self.problem(name, "has no Payload-Oxum")
             return
         match = _OXUM.fullmatch(oxums[0])
         if match is None:
@@ -507,7 +502,7 @@ class _Checker:
     # -- 2.2.3 fetch.txt -------------------------------------------------------------------
 
     def check_fetch(self) -> None:
-        if "fetch.txt" not in self.tags or self.policy.archive:
+        if "fetch.txt" not in self.tags:
             return
         self.index.add_fetch(self.fetch_lines())
         for path in self.index.fetch_repeated():
@@ -590,9 +585,7 @@ class _Checker:
             )
             self.index.add_entries(manifest.id, self.manifest_lines(manifest))
             manifests.append(manifest)
-        if self.policy.archive:
-            self.present(MANIFEST, required=True)
-        elif not any(not m.tag for m in manifests) and not any(
+        if not any(not m.tag for m in manifests) and not any(
             MANIFEST_NAME.fullmatch(n) for n in self.contents.rejected
         ):
             self.problem("", "no payload manifest (manifest-<algorithm>.txt)")
@@ -859,6 +852,16 @@ class _Checker:
     # -- what makes it an archived archive -------------------------------------------------
 
     def check_archived(self, tagmanifests: list[_Manifest]) -> None:
+        """What an archive of ours has beyond BagIt: its payload manifest, bag-info with
+        Payload-Oxum, nothing to fetch, a tag manifest over its tag files and event log,
+        signed, and the time-stamp token bag-info announces."""
+        self.present(MANIFEST, required=True)
+        if self.present(self.info_name, required=True) and "payload-oxum" not in self.info:
+            self.problem(self.info_name, "has no Payload-Oxum")
+        if "fetch.txt" in self.tags:
+            self.problem(
+                "fetch.txt", "the bag lists files to fetch; only complete bags can be verified"
+            )
         signed = next((m for m in tagmanifests if m.name == TAGMANIFEST), None)
         if signed is None:
             self.present(TAGMANIFEST, required=True)
