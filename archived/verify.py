@@ -205,6 +205,7 @@ class _Checker:
         self.tag_digests: dict[tuple[str, str], bytes] = {}
         self.info_name = "bag-info.txt"  # package-info.txt in 0.93 to 0.95
         self.unencoded: dict[str, list[tuple[int, str]]] = {}  # paths with a bare "%"
+        self.tag_forms: dict[str, str] | None = None  # tag files by NFC name, where one
 
     @property
     def strict(self) -> bool:
@@ -808,11 +809,16 @@ class _Checker:
                     manifest.name,
                     f"does not list {listed.name}; a tag manifest must list every payload manifest",
                 )
-        for path, expected in entries.items():
-            if path not in self.tags:
-                if path not in self.contents.rejected | self.missing:
-                    self.problem(path, f"missing (listed in {manifest.name})")
+        found: set[str] = set()
+        for listed_as, expected in entries.items():
+            path = self.tag_file(listed_as)
+            if path is None:
+                if listed_as not in self.contents.rejected | self.missing:
+                    self.problem(listed_as, f"missing (listed in {manifest.name})")
                 continue
+            found.add(path)
+            if path != listed_as:
+                self.warn(f"{path}: listed in {manifest.name} under another Unicode normalization")
             if manifest.algorithm is None:
                 continue
             got = self.tag_digest(path, manifest.algorithm)
@@ -826,7 +832,7 @@ class _Checker:
             left_out = [
                 n
                 for n in sorted(self.tags)
-                if n not in entries
+                if n not in found
                 and not (MANIFEST_NAME.fullmatch(n) and n.startswith("tag"))
                 and n not in (SIGNATURE, TIMESTAMP)  # made after it, over it
             ]
@@ -835,6 +841,19 @@ class _Checker:
                     f"{manifest.name} does not list {', '.join(left_out)}; a tag manifest "
                     "should list every tag file"
                 )
+
+    def tag_file(self, listed: str) -> str | None:
+        """The tag file a tag manifest's line names: by its name, else by Unicode
+        normalization (macOS stores names decomposed; RFC 8493 section 6.1.1 asks for
+        this tolerance) where that names one file."""
+        if listed in self.tags:
+            return listed
+        if self.tag_forms is None:
+            forms: dict[str, list[str]] = {}
+            for name in self.tags:
+                forms.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+            self.tag_forms = {form: names[0] for form, names in forms.items() if len(names) == 1}
+        return self.tag_forms.get(unicodedata.normalize("NFC", listed))
 
     def check_names(self) -> None:
         """Names that would collide on extraction; in another tool's bag, the files an

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import unicodedata
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -384,6 +385,23 @@ def test_a_tag_file_a_tag_manifest_leaves_out_is_a_warning(tmp_path: Path) -> No
     report = check(directory)
     assert_valid(report)
     assert warned(report, "extra-info.txt", "tagmanifest-sha256.txt")
+
+
+def test_a_tag_file_listed_under_another_unicode_normalization(tmp_path: Path) -> None:
+    # RFC 8493 6.1.1: tolerate names that changed normalization on the way (macOS stores
+    # them decomposed), as for payload files: a tag directory "métadonnées" in NFD on
+    # disk, in NFC in the tag manifest.
+    nfc = unicodedata.normalize("NFC", "métadonnées/notes.txt")
+    directory = bag(tmp_path)
+    write(directory / unicodedata.normalize("NFD", nfc), "about the bag\n")
+    lines = [f"{HASHES['sha256'](p.read_bytes())}  {p.name}" for p in directory.glob("*.txt")]
+    lines.append(f"{HASHES['sha256'](b'about the bag' + bytes([10]))}  {nfc}")
+    write(directory / "tagmanifest-sha256.txt", "\n".join(lines) + "\n")
+    report = check(directory)
+    assert_valid(report)
+    assert warned(report, "another Unicode normalization")
+    write(directory / unicodedata.normalize("NFD", nfc), "changed\n")
+    assert_invalid(check(directory), unicodedata.normalize("NFD", nfc), "sha256 mismatch")
 
 
 def test_tag_manifest_rules_are_warnings_before_1_0(tmp_path: Path) -> None:
