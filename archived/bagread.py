@@ -352,6 +352,22 @@ class _Members:
         self.top: str | None = None
         self.dot = False  # the first member was "./"
         self.algorithms: list[Algorithm] = []  # of the payload manifests met so far
+        # Files at the top met before the bag's directory is known (`tar -cf x.tar *` in
+        # the bag puts README before bagit.txt): tag files if the bag turns out to be there.
+        self.waiting: list[tuple[str, TagFile]] = []
+
+    def undecided(self, name: str) -> bool:
+        """Whether member `name` is a file at the top that only the members after it
+        tell the place of: beside the bag's directory, or a tag file of a bag that is
+        there, serialized from inside its directory."""
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        return (
+            self.top is None
+            and not name.startswith("/")
+            and len(parts) == 1
+            and parts[0] not in ("..", MACOS_ZIP_DIR)
+            and not _is_bag_file(parts[0])
+        )
 
     def place(self, name: str, is_dir: bool) -> str | None:
         """The bag-relative path of member `name` ("" for the bag directory), or None
@@ -381,6 +397,11 @@ class _Members:
                 )
             elif len(parts) > 1 or is_dir:
                 self.top = self.contents.name = parts[0]
+            if self.top is not None:
+                for waited, file in self.waiting:
+                    if (rel := self.place(waited, False)) is not None:
+                        self.tag(rel, waited, file)
+                self.waiting.clear()
         if (rel := self.rel(name)) is None:
             where = f"the bag directory {self.top}/" if self.top else "a bag directory"
             self.contents.shape.append((name, f"outside {where}"))
@@ -504,6 +525,9 @@ class _Tar:
         return contents
 
     def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo, members: _Members) -> None:
+        if members.undecided(member.name) and member.isreg() and not member.issparse():
+            members.waiting.append((member.name, self._tag_file(tar, member)))
+            return
         rel = members.place(member.name, member.isdir())
         if rel is None or member.isdir():
             return
@@ -520,12 +544,14 @@ class _Tar:
             members.contents.index.add(
                 rel, size=member.size, loc=member.offset_data, sparse=sparse, digests=digests
             )
-        elif self.plain and not sparse:
-            opener = functools.partial(_buffered_slice, self.path, member.offset_data, member.size)
-            members.tag(rel, member.name, TagFile(member.size, opener))
         else:
-            spooled = _spool(_extract(tar, member), member.size)
-            members.tag(rel, member.name, TagFile(member.size, spooled))
+            members.tag(rel, member.name, self._tag_file(tar, member))
+
+    def _tag_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> TagFile:
+        if self.plain and not member.issparse():
+            opener = functools.partial(_buffered_slice, self.path, member.offset_data, member.size)
+            return TagFile(member.size, opener)
+        return TagFile(member.size, _spool(_extract(tar, member), member.size))
 
     def _hard_link(self, member: tarfile.TarInfo, rel: str, members: _Members) -> bool:
         """A hard link to a file of the bag met before (GNU tar and bsdtar store a file

@@ -557,6 +557,30 @@ def test_a_bag_serialized_from_inside_its_directory(
     assert report.files == len(PAYLOAD)  # and the bag in it was checked
 
 
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_a_bag_tarred_from_inside_with_a_tag_file_first(tmp_path: Path, suffix: str) -> None:
+    # `cd bag && tar -cf ../bag.tar *`: the shell sorts README.txt before bag-info.txt,
+    # so a file at the top comes before anything tells where the bag is.
+    directory = bag(tmp_path / "v1", tag_algorithms=["sha256"])
+    write(directory / "README.txt", "about the bag\n")
+    retag(directory)
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*"))
+    assert names[0] == "README.txt"
+    out = tmp_path / f"bag{suffix}"
+    with tarfile.open(out, "w:gz" if suffix == ".tar.gz" else "w") as t:
+        for name in names:
+            t.add(directory / name, name, recursive=False)
+    report = check(out)
+    assert_valid(report)
+    assert warned(report, "from inside the bag directory")
+    write(directory / "README.txt", "changed\n")  # and it is checked as a tag file
+    out.unlink()
+    with tarfile.open(out, "w:gz" if suffix == ".tar.gz" else "w") as t:
+        for name in names:
+            t.add(directory / name, name, recursive=False)
+    assert_invalid(check(out), "README.txt", "sha256 mismatch")
+
+
 def test_members_beside_the_bag_directory(tmp_path: Path) -> None:
     directory = bag(tmp_path / "v1")
     write(tmp_path / "v1" / "README.txt", "about the bag\n")
