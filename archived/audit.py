@@ -26,6 +26,7 @@ import structlog
 from .config import Config
 from .drivers import open_storage
 from .drivers.base import StorageDriver, known_digest
+from .retention import copy_lock
 from .store import Row, Store, Tx, now_iso
 
 log = structlog.get_logger("archived.audit")
@@ -144,7 +145,8 @@ class Auditor:
         try:
             await self._driver(copies[source], source).fetch(key, temp)
             digest = known_digest(row["sha256"])
-            await self._driver(row, target).put([temp], key, digest, row["size"])
+            lock = copy_lock(row)
+            await self._driver(row, target).put([temp], key, digest, row["size"], lock)
         except Exception as exc:
             return AuditResult(row["job_id"], target, "unrepaired", f"repair failed: {exc}")
         finally:

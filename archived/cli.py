@@ -16,13 +16,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
 
-from . import __version__
+from . import __version__, progress
 from . import config as configmod
 from .config import Config, parse_duration
 from .errors import ArchivedError, ConfigError, JobFileError
@@ -95,13 +96,16 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
     """Poll the database until every job is final (or rejected into corrupt/).
 
     Never silent: on stderr it says at once when no daemon holds the state directory's
-    lock (and when one does again), and each job's state as it changes. `timeout`
-    bounds it all, a locked database too. Read-only, with the standard library's
-    sqlite3: a waiting `submit` starts and ends quickly, without an event loop.
+    lock (and when one does again), and how each job is doing: on a terminal, one line
+    a job redrawn in place with its figures (see progress.py); otherwise one plain line
+    each time a job's state changes. `timeout` bounds it all, a locked database too.
+    Read-only, with the standard library's sqlite3: a waiting `submit` starts and ends
+    quickly, without an event loop.
     """
     import sqlite3
 
     from .lock import daemon_running
+    from .store import peek_job
 
     deadline = None if timeout is None else time.monotonic() + timeout
     states: dict[str, str] = {}
@@ -112,6 +116,9 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
     daemon_seen: bool | None = None
     look_at_lock = 0.0
     unreadable = ""
+    screen = Screen(sys.stderr) if sys.stderr.isatty() else None
+    lines = dict.fromkeys(ids, "waiting to be picked up")
+    say = screen.say if screen else _say
 
     def settled(state: str | None) -> bool:
         return state in FINAL or str(state).startswith("rejected")
@@ -122,9 +129,9 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
                 look_at_lock = time.monotonic() + 0.5
                 running = daemon_running(state_dir)
                 if running != daemon_seen and not running:
-                    _say(f"no daemon is running on {state_dir}: the jobs wait until one starts")
+                    say(f"no daemon is running on {state_dir}: the jobs wait until one starts")
                 elif running != daemon_seen and daemon_seen is not None:
-                    _say("a daemon is running now")
+                    say("a daemon is running now")
                 daemon_seen = running
             try:
                 if db is None and _db_path(config).exists():
@@ -135,17 +142,25 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
                 for job_id in ids:
                     if settled(states.get(job_id)):
                         continue
-                    state = _job_state(db, job_id) if db else None
-                    if state is None and any(corrupt.glob(f"{job_id}.*.reason")):
-                        state = "rejected (see spool corrupt/)"
-                    if state is not None and state != states.get(job_id):
-                        states[job_id] = state
-                        print(f"{job_id}: {state}", file=sys.stderr, flush=True)
+                    job = peek_job(db, job_id) if db else None
+                    if job is None:
+                        if any(corrupt.glob(f"{job_id}.*.reason")):
+                            states[job_id] = lines[job_id] = "rejected (see spool corrupt/)"
+                            if not screen:
+                                print(f"{job_id}: {lines[job_id]}", file=sys.stderr, flush=True)
+                        continue
+                    now = datetime.now(UTC)
+                    lines[job_id] = progress.line(progress.figures(job, job["tasks"], now))
+                    if job["state"] != states.get(job_id) and not screen:
+                        print(f"{job_id}: {lines[job_id]}", file=sys.stderr, flush=True)
+                    states[job_id] = job["state"]
                 unreadable = ""
             except sqlite3.OperationalError as exc:  # locked or busy: say so, and go on
                 if str(exc) != unreadable:
                     unreadable = str(exc)
-                    _say(f"cannot read the jobs' states now: {exc}")
+                    say(f"cannot read the jobs' states now: {exc}")
+            if screen:
+                screen.show([f"{job_id}  {lines[job_id]}" for job_id in ids])
             if all(settled(states.get(i)) for i in ids):
                 return states
             left = math.inf if deadline is None else deadline - time.monotonic()
@@ -163,23 +178,38 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
             db.close()
 
 
+class Screen:
+    """`submit --wait` on a terminal: one line a job, redrawn in place; what is said
+    meanwhile goes above them."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.lines: list[str] = []
+        self.drawn = 0
+
+    def show(self, lines: list[str]) -> None:
+        if lines != self.lines:
+            self.lines = lines
+            self._redraw()
+
+    def say(self, message: str) -> None:
+        self._redraw(f"archived: {message}\n")
+
+    def _redraw(self, above: str = "") -> None:
+        # back to the first line drawn, clear to the end of the screen, draw again
+        up = f"\x1b[{self.drawn}A\r\x1b[J" if self.drawn else ""
+        try:  # a line that wraps would take two: cut it at the terminal's width
+            width = os.get_terminal_size(self.stream.fileno()).columns - 1
+        except (OSError, ValueError):
+            width = -1
+        body = "".join(f"{line[:width] if width > 0 else line}\n" for line in self.lines)
+        self.stream.write(up + above + body)
+        self.stream.flush()
+        self.drawn = len(self.lines)
+
+
 def _say(message: str) -> None:
     print(f"archived: {message}", file=sys.stderr, flush=True)
-
-
-def _job_state(db: Any, job_id: str) -> str | None:
-    import sqlite3
-
-    try:
-        row = db.execute("SELECT state, not_before FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):  # the daemon is creating the database
-            return None
-        raise
-    if row is None:
-        return None
-    state, not_before = row
-    return f"{state} (not before {not_before})" if state == State.QUEUED and not_before else state
 
 
 async def _read(config: Config, fn: Callable[[Any], Any]) -> Any:
@@ -264,10 +294,18 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
         ),
         "history": await store.fetchall("history", job_id=job_id),
         "tasks": [
-            {k: t[k] for k in ("kind", "name", "state", "attempts", "error", "progress")}
-            | {"result": json.loads(t["result"]) if t["result"] else None}
+            {k: t[k] for k in ("kind", "name", "state", "attempts", "error")}
+            | {
+                "result": json.loads(t["result"]) if t["result"] else None,
+                "progress": _report(t),
+            }
             for t in tasks
         ],
+        "progress": (
+            None
+            if job["state"] in FINAL
+            else asdict(progress.figures(job, tasks, datetime.now(UTC)))
+        ),
         "copies": await store.fetchall("copies", job_id=job_id),
         "orphans": await store.fetchall("job_orphans", job_id=job_id),
         "audits": await store.fetchall("audits", job_id=job_id),
@@ -276,6 +314,12 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
             for e in await store.fetchall("events", job_id=job_id)
         ],
     }
+
+
+def _report(task: dict[str, Any]) -> dict[str, Any] | None:
+    """What a running task last said of its progress."""
+    report = progress.Report.loads(task["progress"]) if task["state"] == "executing" else None
+    return asdict(report) if report else None
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -291,6 +335,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  state    {details['state']} for {age(details['updated_at'])}"
         f" (created {age(details['created_at'])} ago)"
     )
+    if details["progress"]:
+        print(f"  progress {progress.line(progress.Figures(**details['progress']))}")
     if details["state"] == "recoverable_error" or details["attempts"] > 1:
         print(f"  attempt  {details['attempts']} of {details['phase']}")
     if details["legal_hold"]:
@@ -308,8 +354,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("tasks")
     for t in details["tasks"]:
         line = f"  {t['kind']:8}  {t['name']:20}  {t['state']:10}  attempts {t['attempts']}"
-        if t["state"] == "executing" and t["progress"]:
-            line += f"  {t['progress']} so far"
+        if report := t["progress"]:
+            figures = (
+                report["files"],
+                report["files_total"],
+                report["bytes"],
+                report["bytes_total"],
+            )
+            line += f"  {progress.amounts(*figures)} so far"
         elif t["state"] == "completed" and t["result"] and "files" in t["result"]:
             line += f"  {t['result']['files']} files, {t['result']['bytes']} bytes"
         print(line + (f"  error: {t['error']}" if t["error"] else ""))
@@ -457,12 +509,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
+    """The hold in the database first (retention obeys it), then on the copies of
+    targets that keep their own (S3 Object Lock legal holds)."""
+    from .retention import hold_copies
     from .store import now_iso
 
     config = _load_config(args)
     hold = args.command == "hold"
 
-    async def set_hold(store: Any) -> None:
+    async def set_hold(store: Any) -> tuple[list[str], str]:
         job = await _require_job(store, args.job)
         if job["state"] == State.DELETED:
             raise CommandError(f"job {args.job} is deleted: its copies are gone")
@@ -475,9 +530,20 @@ def cmd_hold(args: argparse.Namespace) -> int:
                 kind="legal_hold",
                 detail=json.dumps({"hold": hold}),
             )
+        try:
+            return await hold_copies(store, config, job, hold), ""
+        except ArchivedError as exc:
+            return [], str(exc)
 
-    anyio.run(_read, config, set_hold)
+    said, problem = anyio.run(_read, config, set_hold)
     print(f"{args.job}: legal hold {'on: retention will not delete it' if hold else 'released'}")
+    for line in said:
+        print(f"  {line}")
+    if problem:
+        raise CommandError(
+            f"{problem}; the hold is {'on' if hold else 'off'} in the database: "
+            f"run `archived {args.command} {args.job}` again once the target answers"
+        )
     return EXIT_OK
 
 
@@ -588,6 +654,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from . import install
+
+    targets = {}
+    for spec in args.target:
+        name, sep, where = spec.partition("=")
+        if not sep or not name or not where:
+            raise CommandError(
+                f"--target {spec!r}: NAME=PATH, e.g. primary=/srv/archive", EXIT_USAGE
+            )
+        targets[name] = Path(where)
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    layout = install.layout(
+        folder=path(args.dir),
+        config=configmod.config_path(args.config, system=None),  # the one to write
+        state_dir=path(args.state_dir),
+        spool_dir=path(args.spool_dir),
+        key=path(args.key),
+        sources=[Path(s) for s in args.source],
+        targets=targets,
+    )
+    config = install.plan(layout)
+    for line in anyio.run(install.create, layout, config):
+        print(line)
+    print(f"ok: {layout.config}\n{install.next_steps(layout)}", end="")
+    return EXIT_OK
+
+
 # -- wiring --------------------------------------------------------------------------
 
 
@@ -664,6 +761,32 @@ def parser() -> argparse.ArgumentParser:
         "mark a target's directory as the target (an empty mount point is not)",
     )
     sp.add_argument("target", metavar="NAME")
+    sp = add(
+        "init",
+        cmd_init,
+        "set up an installation: a commented config, its directories, key pair and target "
+        "markers; never overwrites",
+    )
+    sp.add_argument(
+        "--dir", metavar="DIR", help="everything in this folder (default: /etc, /var, /srv)"
+    )
+    sp.add_argument(
+        "--target",
+        metavar="NAME=PATH",
+        action="append",
+        default=[],
+        help="a localdir storage target (default: primary=DIR/archive or /srv/archive)",
+    )
+    sp.add_argument(
+        "--source",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="a source root jobs may archive from (default: DIR/sources or /srv/exports)",
+    )
+    sp.add_argument("--state-dir", metavar="PATH")
+    sp.add_argument("--spool-dir", metavar="PATH")
+    sp.add_argument("--key", metavar="PATH", help="the signing key to make (or keep)")
     return p
 
 

@@ -256,9 +256,18 @@ def embedded_default() -> Config:
     return _build(raw, base=home, source=None, embedded=True)
 
 
-def config_path(cli_path: str | None) -> Path | None:
+# Where an installation keeps its config (`archived init`, the systemd unit).
+SYSTEM_CONFIG = Path("/etc/archived/archived.toml")
+
+
+def config_path(cli_path: str | None, system: Path | None = SYSTEM_CONFIG) -> Path | None:
+    """The config to use: `--config`, else $ARCHIVED_CONFIG, else the installation's at
+    `system` if there is one (so the commands an operator runs on the host see what the
+    service sees), else None: the embedded default."""
     explicit = cli_path or os.environ.get("ARCHIVED_CONFIG")
-    return Path(explicit) if explicit else None
+    if explicit:
+        return Path(explicit)
+    return system if system is not None and system.exists() else None
 
 
 def load(path: Path | None) -> Config:
@@ -273,7 +282,12 @@ def load(path: Path | None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return _build(raw, base=path.absolute().parent, source=path, embedded=False)
+    return build(raw, source=path)
+
+
+def build(raw: Mapping[str, Any], *, source: Path) -> Config:
+    """The config a file at `source` holding `raw` (its parsed TOML) stands for."""
+    return _build(raw, base=source.absolute().parent, source=source, embedded=False)
 
 
 def _build(raw: Mapping[str, Any], *, base: Path, source: Path | None, embedded: bool) -> Config:

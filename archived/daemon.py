@@ -299,7 +299,7 @@ class Daemon:
         while True:
             textfile = self.config.metrics.textfile
             if textfile is not None:
-                text = self.svc.metrics.render(await Stored.read(self.svc.store))
+                text = self.svc.metrics.render(await Stored.read(self.svc.store, self.config))
                 try:
                     await anyio.to_thread.run_sync(write_textfile, textfile, text)
                 except OSError as exc:

@@ -12,15 +12,58 @@ out when the hold comes in still completes, and is recorded.)
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import structlog
 
 from .config import Config
 from .drivers import open_storage
-from .errors import describe
+from .drivers.base import Lock
+from .errors import StorageError, describe
 from .states import Event, State
 from .store import Row, StaleState, Store, now_iso
 
 log = structlog.get_logger("archived.retention")
+
+
+def expiry(days: int | None, at: datetime) -> datetime | None:
+    """`days` after `at`, to the second: when copies of a job kept that long may go.
+
+    Taken twice: when the job is stored, as its copies' Object Lock date, and when it
+    completes, later, as its `expires_at`. So no copy is locked past the day retention
+    deletes it.
+    """
+    return None if days is None else (at + timedelta(days=days)).replace(microsecond=0)
+
+
+def copy_lock(job: Row) -> Lock:
+    """The lock a copy of a stored job is written with (an audit's repair): until the
+    job expires, and its legal hold."""
+    expires = job["expires_at"]
+    return Lock(
+        until=datetime.fromisoformat(expires) if expires else None,
+        legal_hold=bool(job["legal_hold"]),
+    )
+
+
+async def hold_copies(store: Store, config: Config, job: Row, on: bool) -> list[str]:
+    """Put (or lift) the targets' own legal hold on the job's live copies, where they
+    have one (S3 Object Lock). What was done, one line each; the first error raises,
+    after the other copies had their turn (StorageError naming every one)."""
+    snapshot = Config.from_snapshot(job["config"])
+    key = f"{job['name']}/{job['archive_name']}"
+    said, problems = [], []
+    for copy in await store.fetchall("live_copies", job_id=job["id"]):
+        target = copy["target"]
+        try:
+            driver = open_storage(config if target in config.storage else snapshot, target)
+            if line := await driver.set_legal_hold(key, on):
+                said.append(line)
+        except Exception as exc:
+            problems.append(describe(exc))
+    if problems:
+        raise StorageError("; ".join(problems), recoverable=True)
+    return said
 
 
 async def expire_due(store: Store, config: Config) -> list[str]:

@@ -33,6 +33,8 @@ from .drivers.base import (
     ActivityDriver,
     ArtifactWriter,
     Digest,
+    Estimate,
+    Lock,
     StorageDriver,
     file_sha256,
     parts_size,
@@ -43,6 +45,8 @@ from .jobfile import JobSpec, check_against
 from .keys import KeyRing
 from .metrics import Metrics
 from .names import Collisions
+from .progress import Report
+from .retention import expiry, hold_copies
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
 from .store import Row, StaleState, Store, Tx, now_iso
 from .timestamp import request_token
@@ -106,6 +110,7 @@ class JobRunner:
         self.canceled = False
         self.attempt_begun = False
         self.step_events: list[tuple[str, dict[str, Any]]] = []
+        self.estimates: dict[str, Estimate] = {}  # by activity, from the space check
         self.handlers: dict[State, Callable[[], Awaitable[Outcome | None]]] = {
             State.ACTIVITY_ARCHIVING: self.activity_archiving,
             State.POST_PROCESSING: self.post_processing,
@@ -353,7 +358,8 @@ class JobRunner:
 
     async def _check_staging_space(self) -> None:
         """NoSpace (recoverable) before anything is staged, when the staging file system
-        has less room than the unfinished activities' sources will take there."""
+        has less room than the unfinished activities' sources will take there. What the
+        drivers know of their sources is kept: their progress is shown against it."""
         pending = [t["name"] for t in await self._tasks("activity") if t["state"] != "completed"]
         needed = 0
         for name in pending:
@@ -363,7 +369,9 @@ class JobRunner:
                 f"{self.bag_name}/data/{name}/",
                 limiter=self.svc.hash_threads,
             )
-            needed += estimate or 0
+            if estimate is not None:
+                self.estimates[name] = estimate
+                needed += estimate.staged
         if needed:
             await anyio.to_thread.run_sync(self._require_staging_space, needed)
 
@@ -397,14 +405,23 @@ class JobRunner:
         return {**result, "boot": boot_id()}
 
     async def _report_progress(self, name: str, writer: ArtifactWriter) -> None:
-        """Every second, how far the copy has come, for `archived show`."""
+        """At once and then every second, how far the task has come against what its
+        driver knew of the source, for `archived show` and `archived submit --wait`."""
+        since = now_iso()
+        estimate = self.estimates.get(name, Estimate(0))
         while True:
-            await anyio.sleep(1)
-            progress = f"{writer.files} files, {writer.total_bytes} bytes"
+            report = Report(
+                writer.files, writer.moved, estimate.files, estimate.bytes, since, now_iso()
+            )
             async with self.svc.store.transaction() as tx:
                 await tx.run(
-                    "task_progress", job_id=self.id, kind="activity", name=name, progress=progress
+                    "task_progress",
+                    job_id=self.id,
+                    kind="activity",
+                    name=name,
+                    progress=report.dumps(),
                 )
+            await anyio.sleep(1)
 
     @staticmethod
     def _clear_activity(writer: ArtifactWriter) -> None:
@@ -621,14 +638,20 @@ class JobRunner:
                     bag.write_head, self.bag_dir, self.bag_name, self.head
                 )
         digest: Digest = Future()
+        # locked (where a target can) until the job's retention passes, never later
+        lock = Lock(
+            until=expiry(self.spec.retention_days, datetime.now(UTC)),
+            legal_hold=bool(self.job["legal_hold"]),
+        )
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._hash_archive, parts, digest)
             await self._run_tasks(
                 "storage",
                 self.svc.storage_slots,
-                lambda target: self._store_one(target, parts, digest),
+                lambda target: self._store_one(target, parts, digest, lock),
                 self._record_copy,
             )
+        await self._hold_if_changed_meanwhile(lock)
         return Outcome(
             Event.DONE,
             f"stored on {', '.join(self.spec.targets(self.config))}"
@@ -693,9 +716,19 @@ class JobRunner:
         digest.set_result(packed.sha256)
         log.info("archive hashed", size=packed.size, sha256=packed.sha256)
 
-    async def _store_one(self, target: str, parts: list[Path], digest: Digest) -> dict[str, Any]:
+    async def _hold_if_changed_meanwhile(self, lock: Lock) -> None:
+        """A legal hold placed (or released) while the copies were written: `archived
+        hold` sets the copies recorded when it ran, this the ones recorded since. Each
+        reads what the other committed first, so no copy slips through."""
+        job = await self.svc.store.job(self.id)
+        if job is not None and bool(job["legal_hold"]) != lock.legal_hold:
+            await hold_copies(self.svc.store, self.config, job, bool(job["legal_hold"]))
+
+    async def _store_one(
+        self, target: str, parts: list[Path], digest: Digest, lock: Lock
+    ) -> dict[str, Any]:
         driver = self._storage(target)
-        copy = await driver.put(parts, self._key(), digest, self.job["archive_size"])
+        copy = await driver.put(parts, self._key(), digest, self.job["archive_size"], lock)
         log.info("stored", target=target, path=copy.path)
         return {"path": copy.path, "size": copy.size, "sha256": copy.sha256}
 
@@ -831,9 +864,8 @@ class JobRunner:
             if kept:
                 reason += f"; verified copies kept on {', '.join(sorted(kept))}"
             return Outcome(Event.CLEANED_AFTER_FAILURE, reason, done)
-        if days := self.spec.retention_days:
-            expires = datetime.now(UTC) + timedelta(days=days)
-            done["expires_at"] = expires.isoformat(timespec="seconds").replace("+00:00", "Z")
+        if expires := expiry(self.spec.retention_days, datetime.now(UTC)):
+            done["expires_at"] = expires.isoformat().replace("+00:00", "Z")
         return Outcome(Event.CLEANED, "staging removed; every target holds a verified copy", done)
 
     async def _remove_failed_copies(self, last: bool) -> None:

@@ -14,6 +14,7 @@ fingerprint (names, sizes, mtimes) as the last completed job's is recorded as
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,15 @@ def next_slot(schedule: ScheduleConfig, now: datetime) -> datetime:
     """The first slot after `now`, in UTC."""
     slot: datetime = _slots(schedule, now).get_next(datetime)
     return slot.astimezone(UTC)
+
+
+def period(schedule: ScheduleConfig, now: datetime, slots: int = 64) -> float:
+    """The longest gap, in seconds, between two of the next `slots` slots: how long a
+    schedule may go without a job (a weekday cron's weekend, a DST change included),
+    for the alert on a schedule that stopped doing its work."""
+    cron = _slots(schedule, now)
+    times = [cron.get_next(datetime).astimezone(UTC) for _ in range(slots)]
+    return max((b - a).total_seconds() for a, b in itertools.pairwise(times))
 
 
 def fingerprint(spec: JobSpec) -> str | None:

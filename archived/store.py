@@ -59,7 +59,30 @@ Q = _load_queries()
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return _iso(datetime.now(UTC))
+
+
+def _iso(moment: datetime) -> str:
+    """A time as the database keeps it: UTC, microseconds, `Z` (they sort as text)."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def peek_job(db: sqlite3.Connection, job_id: str) -> Row | None:
+    """A job's row with its `tasks`, read with the standard library's sqlite3, for a
+    `submit --wait` that polls without an event loop; None while it is not there."""
+    try:
+        job = db.execute(Q["get_job"], {"id": job_id})
+        job.row_factory = sqlite3.Row
+        row = job.fetchone()
+        if row is None:
+            return None
+        tasks = db.execute(Q["tasks"], {"job_id": job_id})
+        tasks.row_factory = sqlite3.Row
+        return {**dict(row), "tasks": [dict(t) for t in tasks.fetchall()]}
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # the daemon is creating the database
+            return None
+        raise
 
 
 class StaleState(Exception):
@@ -230,6 +253,24 @@ class Store:
 
     async def jobs_in(self, states: Iterable[State]) -> list[Row]:
         return await self.fetchall("jobs_in_states", states=json.dumps(sorted(states)))
+
+    async def queue_depth(self, now: datetime) -> tuple[int, datetime | None]:
+        """How many queued jobs are due at `now`, and since when the one waiting longest
+        has been due (None: the queue is empty)."""
+        row = await self.fetchone("queue_depth", now=_iso(now))
+        if row is None or not row["n"]:
+            return 0, None
+        return int(row["n"]), datetime.fromisoformat(row["oldest"])
+
+    async def last_success_by_schedule(self) -> dict[str, datetime]:
+        """When each schedule last completed a job, or skipped a slot as unchanged since."""
+        rows = await self.fetchall("last_success_by_schedule")
+        return {r["schedule"]: datetime.fromisoformat(r["at"]) for r in rows}
+
+    async def schedules_first_seen(self) -> dict[str, datetime]:
+        """When each schedule first appeared in a config the daemon ran on."""
+        rows = await self.fetchall("schedules_first_seen")
+        return {r["schedule"]: datetime.fromisoformat(r["first_seen"]) for r in rows}
 
 
 class Tx:

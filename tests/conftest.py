@@ -120,8 +120,11 @@ class Root:
     def cli(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, config=self.config, **kw)
 
-    def start(self, env: dict[str, str] | None = None, wait_ready: bool = True) -> Daemon:
-        daemon = Daemon(self, env or {})
+    def start(
+        self, env: dict[str, str] | None = None, wait_ready: bool = True, umask: int = -1
+    ) -> Daemon:
+        """The daemon; `umask` as a unit's UMask= (-1: this process's)."""
+        daemon = Daemon(self, env or {}, umask)
         daemon.start(wait_ready)
         self.daemons.append(daemon)
         return daemon
@@ -169,9 +172,10 @@ class Root:
 
 
 class Daemon:
-    def __init__(self, root: Root, env: dict[str, str]) -> None:
+    def __init__(self, root: Root, env: dict[str, str], umask: int = -1) -> None:
         self.root = root
         self.env = env
+        self.umask = umask
         self.log_path = root.path / f"daemon-{len(root.daemons)}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -184,6 +188,7 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            umask=self.umask,
         )
         if wait_ready:
             wait_until(

@@ -167,6 +167,12 @@ def test_submit_wait_exits_zero_when_completed(root: Root) -> None:
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()
     assert root.show(job_id)["state"] == "completed"
+    # not a terminal: one plain line per state change, the last with the job's figures
+    said = result.stderr.splitlines()
+    assert len(said) == len(set(said)) >= 2, said
+    assert all(line.startswith(f"{job_id}: ") for line in said)
+    assert said[-1].startswith(f"{job_id}: completed  2 files, 293.0 KiB, 0:")
+    assert "\x1b" not in result.stderr
 
 
 @pytest.mark.parametrize("limit", [1])

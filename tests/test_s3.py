@@ -16,6 +16,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -363,6 +364,23 @@ def test_credentials_and_bucket_problems_are_config_errors(
     result = root.cli("check-config")
     assert result.returncode == 78
     assert "storage.cloud.part_size" in result.stderr
+    # TLS that fails (here: a plain HTTP server) is configuration too, not weather
+    tls = server.endpoint.replace("http://", "https://")
+    use_s3(root, tls, bucket, credentials_file=str(creds_file), profile="archived")
+    result = root.cli("check-config")
+    assert result.returncode == 78
+    assert "SSL validation failed" in result.stderr
+    # An endpoint that does not answer is weather: a warning, and the daemon starts
+    gone = S3Server()
+    gone.stop()
+    use_s3(root, gone.endpoint, bucket, credentials_file=str(creds_file), profile="archived")
+    result = root.cli("check-config")
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"archived: warning: storage.cloud: bucket '{bucket}' at {gone.endpoint}: "
+        "Could not connect to the endpoint URL"
+    ) in result.stderr
+    assert "jobs that store there wait for it" in result.stderr
 
 
 async def test_the_driver_leaves_no_partial_object_and_deletes_idempotently(
@@ -524,3 +542,79 @@ def test_a_hold_placed_while_retention_waits_on_a_target_stops_the_rest_of_the_r
     finally:
         gate.opened.set()
         slow.stop()
+
+
+def test_object_lock_keeps_each_copy_until_its_retention_and_holds_reach_the_bucket(
+    root: Root, server: S3Server, bucket: str, creds_file: Path
+) -> None:
+    creds = {"credentials_file": str(creds_file), "profile": "archived"}
+    # a target that asks for locks on a bucket that cannot lock: a config error
+    use_s3(root, server.endpoint, bucket, object_lock="COMPLIANCE", **creds)
+    result = root.cli("check-config")
+    assert result.returncode == 78
+    assert "object_lock = 'COMPLIANCE', but the bucket has no Object Lock" in result.stderr
+
+    s3 = client(server.endpoint)
+    locked = f"locked-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=locked, ObjectLockEnabledForBucket=True)
+    use_s3(
+        root,
+        server.endpoint,
+        locked,
+        object_lock="GOVERNANCE",
+        part_size=5 * MiB,
+        retention={"check_interval": "100ms"},
+        **creds,
+    )
+    daemon = root.start()
+    big = root.sources / "big"
+    big.mkdir()
+    (big / "blob.bin").write_bytes(os.urandom(6 * MiB))
+    files = [{"name": "b", "driver": "files", "path": str(big)}]
+    jobs = [
+        completed(root, root.job_file("sealed", retention_days=1)),  # one PUT
+        completed(root, root.job_file("large", retention_days=2, activities=files)),  # parts
+    ]
+    for job, days in zip(jobs, (1, 2), strict=True):
+        head = s3.head_object(Bucket=locked, Key=object_key(job, locked))
+        assert head["ObjectLockMode"] == "GOVERNANCE"
+        until = head["ObjectLockRetainUntilDate"]
+        assert datetime.now(UTC) + timedelta(days=days, minutes=-5) < until
+        assert until <= datetime.fromisoformat(job["expires_at"])  # retention can delete it
+    job = jobs[0]
+    key = object_key(job, locked)
+    version = s3.head_object(Bucket=locked, Key=key)["VersionId"]
+    with pytest.raises(ClientError) as denied:  # not even the bucket's owner, early
+        s3.delete_object(Bucket=locked, Key=key, VersionId=version)
+    assert denied.value.response["Error"]["Code"] == "AccessDenied"
+
+    def legal_hold() -> str:
+        return str(s3.get_object_legal_hold(Bucket=locked, Key=key)["LegalHold"]["Status"])
+
+    result = root.cli("hold", job["id"])
+    assert result.returncode == 0, result.stderr
+    assert f"storage.cloud: S3 legal hold ON on s3://{locked}/{key}" in result.stdout
+    assert legal_hold() == "ON"
+    assert root.cli("release", job["id"]).returncode == 0
+    assert legal_hold() == "OFF"
+
+    # due in the database, still locked in the bucket: retention waits for the lock
+    expire_now(root, job["id"])
+    wait_until(
+        lambda: any("under Object Lock until" in e.get("error", "") for e in daemon.events()),
+        30,
+        "retention to meet the lock",
+    )
+    assert root.show(job["id"])["state"] == "completed"
+    assert cloud_copy(root.show(job["id"]))["deleted_at"] is None
+    # the lock date passes (here: an administrator allowed to bypass GOVERNANCE moves it)
+    s3.put_object_retention(
+        Bucket=locked,
+        Key=key,
+        VersionId=version,
+        Retention={"Mode": "GOVERNANCE", "RetainUntilDate": datetime.now(UTC)},
+        BypassGovernanceRetention=True,
+    )
+    root.wait_state(job["id"], "deleted")
+    versions = s3.list_object_versions(Bucket=locked, Prefix=key)
+    assert versions.get("Versions", []) == [] and versions.get("DeleteMarkers", []) == []

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,8 +194,17 @@ def test_a_reload_to_an_unusable_target_is_rejected(root: Root, notify: NotifySo
 
 def test_metrics_textfile_parses(root: Root) -> None:
     prom = root.path / "archived.prom"
-    root.write_config(metrics={"textfile": str(prom), "interval": "200ms"})
-    root.start(env={"ARCHIVED_FAILPOINTS": "store=transient:1"})
+    yearly = {  # appears now, fires next New Year: no job in this test
+        "cron": "0 0 1 1 *",
+        "job": {
+            "name": "y",
+            "activities": [{"name": "a", "driver": "files", "path": str(root.sources)}],
+        },
+    }
+    root.write_config(
+        metrics={"textfile": str(prom), "interval": "200ms"}, schedules__yearly=yearly
+    )
+    root.start(env={"ARCHIVED_FAILPOINTS": "store=transient:1"}, umask=0o027)  # as the unit
     (job_id,) = root.submit(root.job_file("measured"))
     root.wait_state(job_id, "completed")
 
@@ -212,6 +226,16 @@ def test_metrics_textfile_parses(root: Root) -> None:
     assert sample("archived_bytes_archived_total") == 300_006
     assert (sample("archived_phase_duration_seconds_count", state="store") or 0) >= 2
     assert not list(root.path.glob(".archived.prom*"))  # written by rename, no leftovers
+    assert prom.stat().st_mode & 0o777 == 0o644  # node_exporter runs as another user
+    # what the alert rules in contrib/prometheus need
+    assert sample("archived_queue_depth") == 0
+    assert sample("archived_queue_oldest_seconds") == 0
+    assert sample("archived_schedule_period_seconds", schedule="yearly") == 366 * 86400
+    first_seen = sample("archived_schedule_first_seen_timestamp_seconds", schedule="yearly")
+    assert first_seen is not None and abs(time.time() - first_seen) < 120
+    assert sample("archived_schedule_last_success_timestamp_seconds", schedule="yearly") is None
+    written = sample("archived_metrics_written_timestamp_seconds")
+    assert written is not None and abs(time.time() - written) < 60
 
 
 def test_a_group_readable_signing_key_is_refused(root: Root) -> None:
@@ -279,9 +303,45 @@ def test_unit_file_verifies_and_is_hardened(tmp_path: Path) -> None:
         assert line in text
 
 
+class OnTerminal:
+    """`archived submit --wait` with its stderr on a terminal (a pty), read as it goes."""
+
+    def __init__(self, root: Root, job_file: Path) -> None:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+        argv = ["submit", "--wait", "--config", str(root.config), str(job_file)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "archived", *argv], stdout=subprocess.PIPE, stderr=slave
+        )
+        os.close(slave)
+        assert self.proc.stdout is not None
+        self.job_id = self.proc.stdout.readline().decode().strip()
+        self.master, self.seen = master, b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # EIO: the other side is closed
+                return
+            if not data:
+                return
+            self.seen += data
+
+    def finish(self) -> tuple[int, str, str]:
+        code = self.proc.wait(60)
+        self.reader.join(10)
+        os.close(self.master)
+        assert self.proc.stdout is not None
+        return code, self.proc.stdout.read().decode(), self.seen.decode()
+
+
 def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
     root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:4,store=delay:3"})
-    (job_id,) = root.submit(root.job_file("watched"))
+    waiting = OnTerminal(root, root.job_file("watched"))
+    job_id = waiting.job_id
     root.wait_state(job_id, "activity_archiving")
 
     def running_view() -> str | None:
@@ -291,6 +351,8 @@ def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
     out = wait_until(running_view, 10, "progress of the running task")
     assert "state    activity_archiving for" in out
     assert "activity  a" in out
+    assert "  0 of 2 files, 0 B of 293.0 KiB (0%) so far" in out  # totals known at once
+    assert "  progress activity_archiving  0 of 2 files, 0 B of 293.0 KiB (0%), 0 B/s, 0:0" in out
     listing = root.cli("jobs").stdout.splitlines()
     assert listing[0].split() == ["ID", "STATE", "AGE", "UPDATED", "NAME"]
     assert listing[1].split()[:2] == [job_id, "activity_archiving"]
@@ -301,6 +363,20 @@ def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
     done = root.cli("show", job_id).stdout
     assert "2 files, 300006 bytes" in done
     assert "copies" in done and "primary" in done
+    assert "progress" not in done
+
+    code, stdout, screen = waiting.finish()
+    assert (code, stdout) == (0, "")
+    # one line for the job, redrawn in place (up, clear, the line again) as it moves on
+    frames = screen.split("\x1b[1A\r\x1b[J")
+    assert all(frame.endswith("\r\n") and frame.count("\n") == 1 for frame in frames)
+    assert any(
+        frame.startswith(f"{job_id}  activity_archiving  0 of 2 files, 0 B of 293.0 KiB (0%)")
+        for frame in frames
+    )
+    stored = f"{job_id}  store  2 files, 293.0 KiB, stored on 0 of 2 targets, 0:"
+    assert any(frame.startswith(stored) for frame in frames)
+    assert frames[-1].startswith(f"{job_id}  completed  2 files, 293.0 KiB, 0:")
 
 
 def test_a_second_signal_exits_at_once_and_the_next_start_resumes(root: Root) -> None:

@@ -219,7 +219,7 @@ def test_staging_space_is_checked_before_staging(root: Root, small_fs: Callable[
 async def test_the_staging_estimate_covers_what_is_staged(tmp_path: Path) -> None:
     """In-process: `estimate` against what the files driver then really writes, for short
     and long, ASCII and non-ASCII names, empty and large files, and a sparse file (which
-    becomes full-size payload)."""
+    becomes full-size payload); and its count of files and bytes."""
     import anyio
 
     from archived.config import Config
@@ -247,4 +247,10 @@ async def test_the_staging_estimate_covers_what_is_staged(tmp_path: Path) -> Non
     finally:
         writer.close()
     staged = (staging / "a.tar").stat().st_size + (staging / "a.records").stat().st_size
-    assert staged <= estimate <= staged + 5 * 600  # a little room a file, no more
+    assert staged <= estimate.staged <= staged + 5 * 600  # a little room a file, no more
+    # and the totals progress is shown against are exact
+    assert (
+        (estimate.files, estimate.bytes)
+        == (writer.files, writer.total_bytes)
+        == (5, 3 * 1024 * 1024 + 5706)
+    )

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
@@ -254,6 +255,9 @@ class ArtifactWriter:
     files: int = 0
     total_bytes: int = 0
     tar_bytes: int = 0
+    # payload bytes taken in so far, the file under way included: what progress shows
+    # (read from another thread; an int, so a read sees one value or the next)
+    moved: int = 0
     _fd: int = field(default=-1, repr=False)
     _pending: bytearray = field(default_factory=bytearray, repr=False)
     _buffers: tuple[memoryview, ...] = field(default=(), repr=False)
@@ -281,6 +285,7 @@ class ArtifactWriter:
     def add(self, relpath: str, data: bytes, mtime: float) -> None:
         """A whole small file at once. (Runs once a file: kept lean.)"""
         size, pending = len(data), self._pending
+        self.moved += size
         pending += tar_header(self._member(relpath), size, int(mtime))
         pending += data
         pending += padding(size)
@@ -308,6 +313,7 @@ class ArtifactWriter:
                 block = buffer[:n]
                 hashed = hasher.submit(digest.update, block)
                 write_all(self._fd, block)
+                self.moved += n
                 if hashing is not None:
                     hashing.result()  # the other buffer is free again
                 hashing, turn, left = hashed, turn ^ 1, left - n
@@ -322,7 +328,7 @@ class ArtifactWriter:
         fd = os.open(self.spool, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb", buffering=0, closefd=False) as raw:
-                sink = HashingSink(raw)
+                sink = HashingSink(raw, self)
                 yield sink
             self._begin_member(relpath, sink.size, os.fstat(fd).st_mtime)
             copy_parts([self.spool], self._fd)
@@ -425,8 +431,9 @@ def _known(sha256: str | Future[str]) -> bool:
 class HashingSink:
     """A write-only file that keeps the sha256 and size of what went through it."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], writer: ArtifactWriter) -> None:
         self._raw = raw
+        self._writer = writer  # whose progress counts these bytes
         self._hash = hashlib.sha256()
         self.size = 0
 
@@ -438,10 +445,23 @@ class HashingSink:
             assert written is not None
             view = view[written:]
         self.size += len(data)
+        self._writer.moved += len(data)
         return len(data)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What an activity will stage, known before it runs: `staged` bytes in staging (its
+    tar members with their records, see member_bytes), checked against the free space;
+    and the payload, `files` and `bytes`, which its progress is shown against (None
+    where not known: a snapshot's file count is, its size only about)."""
+
+    staged: int
+    files: int | None = None
+    bytes: int | None = None
 
 
 @dataclass
@@ -467,15 +487,27 @@ class ActivityDriver(ABC):
     def check(cls, options: DriverOptions, config: Config) -> None:
         """Raise JobFileError if the options are not allowed under `config`."""
 
-    def estimate(self, member_prefix: str) -> int | None:
-        """About how many bytes the artifacts will take in staging, members named
-        `member_prefix + relpath` (see member_bytes); None if it cannot be known before
-        (a program's output). Runs in a worker thread, before `run`."""
+    def estimate(self, member_prefix: str) -> Estimate | None:
+        """What the artifacts will be, as far as it can be known before (a program's
+        output cannot): members named `member_prefix + relpath`. Runs in a worker
+        thread, before `run`."""
         return None
 
     @abstractmethod
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         """Write the artifacts through `ctx.writer`; return a small JSON summary."""
+
+
+@dataclass(frozen=True)
+class Lock:
+    """What keeps a copy from being deleted, where the target can enforce it (S3 Object
+    Lock): a retention date (none: the job has no retention) and a legal hold."""
+
+    until: datetime | None = None
+    legal_hold: bool = False
+
+
+NO_LOCK = Lock()
 
 
 @dataclass(frozen=True)
@@ -510,13 +542,21 @@ class StorageDriver(ABC):
         return None
 
     @abstractmethod
-    async def put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:
+    async def put(
+        self, archive: Parts, key: str, digest: Digest, size: int, lock: Lock = NO_LOCK
+    ) -> StoredCopy:
         """Store the concatenation of `archive` under `key` atomically; the verified copy.
 
-        It must match `digest` (the archive's sha256) and `size` as it reads back.
+        It must match `digest` (the archive's sha256) and `size` as it reads back, and
+        carry `lock` where the target enforces locks (others ignore it).
 
         A copy already at `key` with the same digest is adopted, not written again.
         """
+
+    async def set_legal_hold(self, key: str, on: bool) -> str | None:
+        """Put (or lift) the target's own legal hold on the copy at `key`, where it has
+        one (S3 Object Lock); what was done, or None: the target has none."""
+        return None
 
     @abstractmethod
     async def check(self, key: str, sha256: str, size: int) -> str | None:

@@ -26,6 +26,7 @@ from .base import (
     ActivityDriver,
     ArtifactWriter,
     DriverOptions,
+    Estimate,
     SourceChanged,
     member_bytes,
 )
@@ -74,19 +75,20 @@ class FilesDriver(ActivityDriver):
             self._copy, ctx.writer, ctx.notes, limiter=ctx.limiter
         )
 
-    def estimate(self, member_prefix: str) -> int:
+    def estimate(self, member_prefix: str) -> Estimate:
         """The tree's regular files at their full size (a sparse file becomes all of it),
-        as tar members with their records. One stat a file: kept lean."""
+        as tar members with their records; and how many files of how many bytes, for
+        progress. One stat a file, before the copy: kept lean."""
         source = Path(os.path.realpath(self.opts.path))
         try:
             st = os.lstat(source)
         except OSError:
-            return 0  # `run` says what is wrong with it
+            return Estimate(0)  # `run` says what is wrong with it
         if stat.S_ISREG(st.st_mode):
-            return member_bytes(member_prefix + source.name, st.st_size)
+            return Estimate(member_bytes(member_prefix + source.name, st.st_size), 1, st.st_size)
         excluded = self._excluded if self.opts.exclude else None
         check_cancelled = anyio.from_thread.check_cancelled
-        total, pending = 0, [(str(source), "")]
+        total, files, payload, pending = 0, 0, 0, [(str(source), "")]
         while pending:
             directory, prefix = pending.pop()
             check_cancelled()
@@ -103,11 +105,13 @@ class FilesDriver(ActivityDriver):
                         if entry.is_file(follow_symlinks=False):
                             size = entry.stat(follow_symlinks=False).st_size
                             total += member_bytes(member_prefix + relpath, size)
+                            files += 1
+                            payload += size
                         elif entry.is_dir(follow_symlinks=False):
                             pending.append((entry.path, relpath + "/"))
                     except OSError:
                         continue  # gone meanwhile: `run` sees what is there
-        return total
+        return Estimate(total, files, payload)
 
     def _copy(self, writer: ArtifactWriter, notes: list[str]) -> dict[str, Any]:
         source = Path(os.path.realpath(self.opts.path))

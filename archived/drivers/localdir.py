@@ -27,8 +27,10 @@ import anyio
 from .. import failpoints
 from ..errors import ConfigError, StorageError, TargetUnavailable, classify
 from .base import (
+    NO_LOCK,
     Digest,
     DriverOptions,
+    Lock,
     NotRegularFile,
     Parts,
     StorageDriver,
@@ -141,7 +143,10 @@ class LocalDirDriver(StorageDriver):
         _fsync_dir(root)
         return f"storage.{self.target}: marked {root} ({MARKER})"
 
-    async def put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:
+    async def put(
+        self, archive: Parts, key: str, digest: Digest, size: int, lock: Lock = NO_LOCK
+    ) -> StoredCopy:
+        # `lock`: a local file system has no retention dates; copies are read-only files
         return await anyio.to_thread.run_sync(self._put, archive, key, digest, size)
 
     def _put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:

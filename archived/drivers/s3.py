@@ -7,6 +7,12 @@ which the server checks, and the archive's sha256 travels as `x-amz-meta-sha256`
 After the upload the whole object is read back and hashed before the copy counts;
 one that does not match is deleted again.
 
+With `object_lock` (a bucket with S3 Object Lock), each archive is uploaded with its
+retention date (mode GOVERNANCE or COMPLIANCE) and the job's legal hold; both are read
+back with the object and set again where a server did not keep them. The bucket keeps
+every version: `delete` removes all of them, never only hides the object behind a
+delete marker, and refuses (recoverable) while a version is locked or held.
+
 Credentials come from `credentials_file` when it is set (that file alone), otherwise
 from the standard AWS chain of the daemon's environment (`AWS_ACCESS_KEY_ID`, ...,
 `AWS_PROFILE`, the shared files, instance roles), never from a job file.
@@ -21,6 +27,7 @@ import hashlib
 import math
 import os
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -46,8 +53,10 @@ from .. import failpoints
 from ..errors import ConfigError, StorageError, TargetUnavailable, classify
 from .base import (
     BUFFER_SIZE,
+    NO_LOCK,
     Digest,
     DriverOptions,
+    Lock,
     Parts,
     StorageDriver,
     StoredCopy,
@@ -121,6 +130,8 @@ class S3Options(DriverOptions):
     profile: str | None = None  # section of credentials_file, or an AWS profile
     part_size: StrictInt = Field(default=64 * MiB, ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
     addressing_style: Literal["path", "virtual", "auto"] = "path"
+    # Object Lock: every archive gets its job's retention date in this mode; off: None
+    object_lock: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
 
     @field_validator("bucket")
     @classmethod
@@ -239,6 +250,13 @@ def _read_part(archive: Parts, offset: int, length: int, digest: Any) -> tuple[b
     return data, md5
 
 
+def _seconds(moment: datetime | None) -> datetime:
+    """A lock date to the second (servers keep no more), the earliest when there is none."""
+    if moment is None:
+        return datetime.min.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).replace(microsecond=0)
+
+
 def _write_all(fd: int, batch: list[bytes]) -> None:
     for chunk in batch:
         write_all(fd, chunk)
@@ -310,6 +328,12 @@ class S3Driver(StorageDriver):
         try:
             async with self._client() as s3:
                 await s3.head_bucket(Bucket=self.opts.bucket)
+                if self.opts.object_lock and not await self._lockable(s3):
+                    raise ConfigError(
+                        f"{where}: object_lock = {self.opts.object_lock!r}, but the bucket "
+                        "has no Object Lock: turn it on for the bucket (versioning, then "
+                        "put-object-lock-configuration), or leave object_lock out"
+                    )
         except CredentialsError as exc:
             raise ConfigError(f"storage.{self.target}: {exc}") from None
         except ClientError as exc:
@@ -325,29 +349,37 @@ class S3Driver(StorageDriver):
             if code.startswith("5") or code in RECOVERABLE_CODES:
                 raise TargetUnavailable(message) from None
             raise ConfigError(message) from None
+        except SSLError as exc:  # a certificate problem: configuration, not weather
+            raise ConfigError(f"{where}: {_describe(exc)}") from None
         except (ConnectionError, HTTPClientError) as exc:  # off the network: wait for it
             raise TargetUnavailable(f"{where}: {_describe(exc)}") from None
         except BotoCoreError as exc:
             raise ConfigError(f"{where}: {_describe(exc)}") from None
 
-    async def put(self, archive: Parts, key: str, digest: Digest, size: int) -> StoredCopy:
+    async def put(
+        self, archive: Parts, key: str, digest: Digest, size: int, lock: Lock = NO_LOCK
+    ) -> StoredCopy:
         name = self._name(key)
         sha256 = await wait_digest(digest)  # it travels as metadata, ahead of the bytes
         copy = StoredCopy(self._url(name), size, sha256)
+        headers = self._lock_headers(lock)
         try:
             async with self._client() as s3:
                 if await self._adoptable(s3, name, sha256, size):
+                    await self._keep_lock(s3, name, lock)
                     return copy  # in place from an earlier try
                 await self._abort_uploads(s3, name)
                 if size > self.opts.part_size:
-                    await self._put_multipart(s3, archive, name, sha256, size)
+                    await self._put_multipart(s3, archive, name, sha256, size, headers)
                 else:
-                    await self._put_single(s3, archive, name, sha256, size)
+                    await self._put_single(s3, archive, name, sha256, size, headers)
                 failpoints.hit("store.after_rename")
                 got = await self._digest(s3, name)
                 if got != (sha256, size):
                     with contextlib.suppress(ClientError, BotoCoreError):
                         await s3.delete_object(Bucket=self.opts.bucket, Key=name)
+                else:
+                    await self._keep_lock(s3, name, lock)
         except CredentialsError as exc:
             raise StorageError(f"storage.{self.target}: {exc}", recoverable=False) from None
         except (ClientError, BotoCoreError) as exc:
@@ -398,9 +430,12 @@ class S3Driver(StorageDriver):
         try:
             async with self._client() as s3:
                 await self._abort_uploads(s3, name)
-                existed = await self._exists(s3, name)
-                if existed:
-                    await s3.delete_object(Bucket=self.opts.bucket, Key=name)
+                if self.opts.object_lock:
+                    existed = await self._delete_versions(s3, name)
+                else:
+                    existed = await self._exists(s3, name)
+                    if existed:
+                        await s3.delete_object(Bucket=self.opts.bucket, Key=name)
         except CredentialsError as exc:
             raise StorageError(f"storage.{self.target}: {exc}", recoverable=False) from None
         except ClientError as exc:
@@ -417,6 +452,131 @@ class S3Driver(StorageDriver):
         except BotoCoreError as exc:
             raise self._error("delete", name, exc) from exc
         return existed
+
+    async def set_legal_hold(self, key: str, on: bool) -> str | None:
+        if not self.opts.object_lock:
+            return None
+        name = self._name(key)
+        status: Literal["ON", "OFF"] = "ON" if on else "OFF"
+        try:
+            async with self._client() as s3:
+                found = await self._versions(s3, name)
+                versions = [v for v, marker in found if v is not None and not marker]
+                for version in versions:
+                    await s3.put_object_legal_hold(
+                        Bucket=self.opts.bucket,
+                        Key=name,
+                        VersionId=version,
+                        LegalHold={"Status": status},
+                    )
+        except CredentialsError as exc:
+            raise StorageError(f"storage.{self.target}: {exc}", recoverable=False) from None
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("legal hold", name, exc) from exc
+        if not versions:
+            raise StorageError(
+                f"storage.{self.target}: legal hold: {self._url(name)} is not there",
+                recoverable=False,
+            )
+        return f"storage.{self.target}: S3 legal hold {status} on {self._url(name)}"
+
+    # -- Object Lock ---------------------------------------------------------------
+
+    async def _lockable(self, s3: S3Client) -> bool:
+        """Whether the bucket has Object Lock turned on."""
+        try:
+            answer = await s3.get_object_lock_configuration(Bucket=self.opts.bucket)
+        except ClientError as exc:
+            if error_code(exc) in ("ObjectLockConfigurationNotFoundError", "404"):
+                return False
+            raise
+        return answer.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+
+    def _lock_headers(self, lock: Lock) -> dict[str, Any]:
+        """The upload's Object Lock parameters; none on a target without object_lock."""
+        headers: dict[str, Any] = {}
+        if self.opts.object_lock and lock.until is not None:
+            headers |= {
+                "ObjectLockMode": self.opts.object_lock,
+                "ObjectLockRetainUntilDate": lock.until,
+            }
+        if self.opts.object_lock and lock.legal_hold:
+            headers["ObjectLockLegalHoldStatus"] = "ON"
+        return headers
+
+    async def _keep_lock(self, s3: S3Client, name: str, lock: Lock) -> None:
+        """Read the object's lock back and set what is missing: a server may ignore the
+        upload's Object Lock headers (on a multipart upload, say), and an object adopted
+        from an earlier try was locked for that try's date. A lock that does not stick
+        is an error: the copy would not be what the target promises."""
+        if not self._lock_headers(lock):
+            return
+        for attempt in (1, 2):
+            head = await s3.head_object(Bucket=self.opts.bucket, Key=name)
+            retain = lock.until is not None and not (
+                head.get("ObjectLockMode") == self.opts.object_lock
+                and _seconds(head.get("ObjectLockRetainUntilDate")) >= _seconds(lock.until)
+            )
+            hold = lock.legal_hold and head.get("ObjectLockLegalHoldStatus") != "ON"
+            if not (retain or hold):
+                return
+            if attempt == 2:
+                raise StorageError(
+                    f"storage.{self.target}: {self._url(name)} does not keep its Object Lock "
+                    f"({self.opts.object_lock} until {lock.until}"
+                    f"{', legal hold' if lock.legal_hold else ''})",
+                    recoverable=False,
+                )
+            version = head.get("VersionId")
+            where: dict[str, Any] = {"VersionId": version} if version else {}
+            if retain:
+                assert lock.until is not None and self.opts.object_lock is not None
+                await s3.put_object_retention(
+                    Bucket=self.opts.bucket,
+                    Key=name,
+                    Retention={"Mode": self.opts.object_lock, "RetainUntilDate": lock.until},
+                    **where,
+                )
+            if hold:
+                await s3.put_object_legal_hold(
+                    Bucket=self.opts.bucket, Key=name, LegalHold={"Status": "ON"}, **where
+                )
+
+    async def _versions(self, s3: S3Client, name: str) -> list[tuple[str | None, bool]]:
+        """Every version of `name` (version id, whether it is a delete marker)."""
+        found: list[tuple[str | None, bool]] = []
+        paginator = s3.get_paginator("list_object_versions")
+        async for page in paginator.paginate(Bucket=self.opts.bucket, Prefix=name):
+            for kind, marker in (("Versions", False), ("DeleteMarkers", True)):
+                for entry in page.get(kind, []):  # type: ignore[attr-defined]
+                    if entry.get("Key") == name:
+                        found.append((entry.get("VersionId"), marker))
+        return found
+
+    async def _delete_versions(self, s3: S3Client, name: str) -> bool:
+        """Remove every version of `name`, once none is locked or held any more: on a
+        versioned bucket a plain delete only hides the object behind a marker."""
+        versions = await self._versions(s3, name)
+        now = datetime.now(UTC)
+        for version, marker in versions:
+            if marker or version is None:
+                continue
+            head = await s3.head_object(Bucket=self.opts.bucket, Key=name, VersionId=version)
+            until = head.get("ObjectLockRetainUntilDate")
+            held = head.get("ObjectLockLegalHoldStatus") == "ON"
+            if held or (until is not None and until > now):
+                why = "under an S3 legal hold" if held else f"under Object Lock until {until}"
+                raise StorageError(
+                    f"storage.{self.target}: {self._url(name)} is {why}: it is deleted "
+                    "once that has passed",
+                    recoverable=True,
+                )
+        for version, _ in versions:
+            if version is None:  # a server that keeps no versions after all
+                await s3.delete_object(Bucket=self.opts.bucket, Key=name)
+            else:
+                await s3.delete_object(Bucket=self.opts.bucket, Key=name, VersionId=version)
+        return any(not marker for _, marker in versions)
 
     # -- the parts -----------------------------------------------------------------
 
@@ -479,7 +639,7 @@ class S3Driver(StorageDriver):
         return aborted
 
     async def _put_single(
-        self, s3: S3Client, archive: Parts, name: str, sha256: str, size: int
+        self, s3: S3Client, archive: Parts, name: str, sha256: str, size: int, headers: Any
     ) -> None:
         digest = hashlib.sha256()
         data, md5 = await anyio.to_thread.run_sync(_read_part, archive, 0, size, digest)
@@ -492,15 +652,20 @@ class S3Driver(StorageDriver):
             ContentMD5=md5,
             ContentType="application/x-tar",
             Metadata={"sha256": sha256},
+            **headers,
         )
 
     async def _put_multipart(
-        self, s3: S3Client, archive: Parts, name: str, sha256: str, size: int
+        self, s3: S3Client, archive: Parts, name: str, sha256: str, size: int, headers: Any
     ) -> None:
         part_size = max(self.opts.part_size, math.ceil(size / MAX_PARTS))
         bucket = self.opts.bucket
         upload = await s3.create_multipart_upload(
-            Bucket=bucket, Key=name, ContentType="application/x-tar", Metadata={"sha256": sha256}
+            Bucket=bucket,
+            Key=name,
+            ContentType="application/x-tar",
+            Metadata={"sha256": sha256},
+            **headers,
         )
         upload_id = upload["UploadId"]
         try:

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from ..config import Config
 from ..errors import IntegrityError, SourceError
-from .base import ActivityContext, ActivityDriver, DriverOptions, member_bytes
+from .base import ActivityContext, ActivityDriver, DriverOptions, Estimate, member_bytes
 from .files import check_under_roots
 
 
@@ -38,16 +38,17 @@ class SqliteDriver(ActivityDriver):
     def check(cls, options: Any, config: Config) -> None:
         check_under_roots(options.path, config)
 
-    def estimate(self, member_prefix: str) -> int:
+    def estimate(self, member_prefix: str) -> Estimate:
         """The snapshot is staged twice at the most (a spool file, then its member); it is
-        no bigger than the database and its write-ahead log."""
+        no bigger than the database and its write-ahead log, and about as big."""
         size = 0
         for path in (self.opts.path, Path(f"{self.opts.path}-wal")):
             try:
                 size += path.stat().st_size
             except OSError:
                 continue
-        return 2 * member_bytes(member_prefix + (self.opts.output or self.opts.path.name), size)
+        name = member_prefix + (self.opts.output or self.opts.path.name)
+        return Estimate(2 * member_bytes(name, size), 1, size)
 
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         self.check(self.opts, ctx.config)

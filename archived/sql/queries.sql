@@ -126,7 +126,7 @@ UPDATE tasks SET progress = :progress WHERE job_id = :job_id AND kind = :kind AN
 -- Oldest-audited first (never audited before all), copies of completed jobs only;
 -- :known_bad 1: only those the last audit could not repair or reach, 0: only the others.
 SELECT c.job_id, c.target, c.path, c.size, c.sha256, c.audit_result, j.name, j.archive_name,
-       j.config
+       j.config, j.expires_at, j.legal_hold
 FROM copies c JOIN jobs j ON j.id = c.job_id
 WHERE j.state = 'completed' AND c.deleted_at IS NULL AND (:job_id IS NULL OR c.job_id = :job_id)
   AND (:known_bad IS NULL
@@ -136,7 +136,7 @@ LIMIT :limit;
 
 -- name: job_copies
 SELECT c.job_id, c.target, c.path, c.size, c.sha256, c.audit_result, j.name, j.archive_name,
-       j.config
+       j.config, j.expires_at, j.legal_hold
 FROM copies c JOIN jobs j ON j.id = c.job_id WHERE c.job_id = :job_id AND c.deleted_at IS NULL
 ORDER BY c.target;
 
@@ -246,3 +246,20 @@ WHERE job_id = :job_id ORDER BY target, key;
 UPDATE tasks SET state = 'created', error = NULL, result = NULL, updated_at = :now
 WHERE job_id = :job_id AND kind = 'storage'
 AND name NOT IN (SELECT target FROM copies WHERE job_id = :job_id AND deleted_at IS NULL);
+
+-- name: queue_depth
+-- Queued jobs that are due (not waiting for a not_before still to come), and since when
+-- the one waiting longest has been due.
+SELECT count(*) AS n, min(coalesce(not_before, created_at)) AS oldest
+FROM jobs WHERE state = 'queued' AND (not_before IS NULL OR not_before <= :now);
+
+-- name: last_success_by_schedule
+-- When each schedule last did its work: its latest job that completed (the history keeps
+-- the time, also once retention deleted the job), or a slot skipped as unchanged since.
+SELECT r.schedule, max(coalesce(h.at, r.at)) AS at
+FROM schedule_runs r LEFT JOIN history h ON h.job_id = r.job_id AND h.state = 'completed'
+WHERE h.at IS NOT NULL OR r.result = 'skipped'
+GROUP BY r.schedule;
+
+-- name: schedules_first_seen
+SELECT schedule, first_seen FROM schedules_seen;
