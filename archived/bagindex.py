@@ -26,6 +26,7 @@ CREATE TABLE member (                 -- what data/ holds
     regular INTEGER NOT NULL,         -- 0: present, but not a regular file (reported)
     sparse INTEGER NOT NULL,
     hashed TEXT NOT NULL,             -- the algorithm keys its digests are known for
+    link INTEGER,                     -- a tar's hard link: the member whose data it has
     dup INTEGER NOT NULL DEFAULT 0    -- further members by that name (reported)
 );
 CREATE TABLE digest (
@@ -92,14 +93,20 @@ class PayloadIndex:
         regular: bool = True,
         sparse: bool = False,
         digests: Mapping[str, bytes] | None = None,
+        link: int | None = None,
     ) -> None:
+        """A member; a hard link (`link`: the member it links to) has that member's data,
+        size and digests."""
         self._next_id += 1
         digests = digests or {}
         keys = frozenset(digests)
-        if regular:
+        if regular and link is None:
             self.hashed_by_all = keys if self.hashed_by_all is None else self.hashed_by_all & keys
         self._members.append(
-            (self._next_id, path, _nfc(path), size, loc, regular, sparse, ",".join(sorted(keys)))
+            (
+                *(self._next_id, path, _nfc(path), size, loc, regular, sparse),
+                *(",".join(sorted(keys)), link),
+            )
         )
         self._digests += [(self._next_id, k, v) for k, v in digests.items()]
         if len(self._members) >= BATCH:
@@ -110,8 +117,8 @@ class PayloadIndex:
             return
         self.db.execute("BEGIN")
         self.db.executemany(
-            "INSERT INTO member (id, path, form, size, loc, regular, sparse, hashed)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO member (id, path, form, size, loc, regular, sparse, hashed, link)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (path) DO UPDATE SET dup = dup + 1",
             self._members,
         )
@@ -143,6 +150,24 @@ class PayloadIndex:
 
     def duplicates(self) -> list[str]:
         return [p for (p,) in self.db.execute("SELECT path FROM member WHERE dup ORDER BY path")]
+
+    def linkable(self, path: str) -> tuple[int, int] | None:
+        """(id, size) of the regular member at `path` a hard link has the data of (that of
+        the member it links to in turn), if there is one."""
+        self.flush()
+        row = self.db.execute(
+            "SELECT coalesce(link, id), size FROM member WHERE path = ? AND regular", (path,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def share_linked(self) -> None:
+        """Give each hard link the digests of the member whose data it has."""
+        self.db.execute("BEGIN")
+        self.db.execute(
+            "INSERT OR REPLACE INTO digest SELECT m.id, d.algorithm, d.value"
+            " FROM member AS m JOIN digest AS d ON d.member = m.link"
+        )
+        self.db.execute("COMMIT")
 
     def lookup(self, path: str) -> tuple[int, bool] | None:
         """(id, regular) of the member at `path`, if there is one."""
@@ -213,12 +238,14 @@ class PayloadIndex:
         }
         if self.hashed_by_all is not None and needed <= self.hashed_by_all:
             return
+        # A hard link's data is read where the member it links to is.
         self.db.execute(
             "CREATE TEMP TABLE rehash AS"
             " SELECT m.id, m.path, m.loc, m.size, m.sparse, m.hashed,"
             "        group_concat(DISTINCT f.algorithm) AS wanted"
             " FROM entry AS e JOIN manifest AS f ON f.id = e.manifest"
-            " JOIN member AS m ON m.id = e.member"
+            " JOIN member AS listed ON listed.id = e.member"
+            " JOIN member AS m ON m.id = coalesce(listed.link, listed.id)"
             " WHERE f.algorithm IS NOT NULL AND m.regular"
             " GROUP BY m.id ORDER BY m.loc, m.id"
         )

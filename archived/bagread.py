@@ -16,7 +16,9 @@ path "" for the bag as a whole.
 
 from __future__ import annotations
 
+import bz2
 import functools
+import gzip
 import hashlib
 import io
 import lzma
@@ -186,6 +188,9 @@ class Contents:
     tags: dict[str, TagFile] = field(default_factory=dict)
     rejected: set[str] = field(default_factory=set)  # tag paths that are not regular files
     data_dir: bool = False
+    warnings: list[str] = field(default_factory=list)  # about how it is stored
+    # (member name, what is wrong) where a serialization is not one directory, the bag
+    shape: list[tuple[str, str]] = field(default_factory=list)
 
     def close(self) -> None:
         self.source.close()
@@ -208,6 +213,7 @@ class Contents:
         except READ_ERRORS as exc:
             problem("", f"cannot read the bag again: {read_error(exc)}")
         self.index.add_digests(digests)
+        self.index.share_linked()
 
 
 def _by_key(key: str) -> Algorithm:
@@ -244,9 +250,12 @@ READ_ERRORS = (
 )
 
 
-def open_bag(path: Path, problem: Problem) -> Contents | None:
+def open_bag(
+    path: Path, problem: Problem, unread: Callable[[str], None] | None = None
+) -> Contents | None:
     """Read the bag at `path` (see the module docstring); None if nothing of a bag was
-    found, which has been reported."""
+    found, which has been reported: to `unread`, if given, where it is an archive in a
+    format this module does not read (7-Zip, RAR, zstd), which may well hold a bag."""
     try:
         mode = path.stat().st_mode
     except OSError as exc:
@@ -266,11 +275,14 @@ def open_bag(path: Path, problem: Problem) -> Contents | None:
         return _Zip(path).read(problem)
     if kind in ("tar", "gz", "bz2", "xz"):
         return _Tar(path, kind).read(problem)
-    problem(
-        "",
+    message = (
         f"not a bag serialization I read ({kind}): a bag is read from a directory, a tar "
-        "(plain, gzip, bzip2 or xz), or a zip",
+        "(plain, gzip, bzip2 or xz), or a zip"
     )
+    if unread is not None and kind in _UNREAD:
+        unread(message)
+    else:
+        problem("", message)
     return None
 
 
@@ -284,6 +296,7 @@ _MAGIC = [
     (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
     (b"Rar!", "a RAR archive"),
 ]
+_UNREAD = {"zstd-compressed", "a 7-Zip archive", "a RAR archive"}  # Archivematica: 7-Zip
 
 
 def _serialization(path: Path) -> str:
@@ -315,6 +328,21 @@ def _is_tar_header(block: bytes) -> bool:
 # -- members of a serialized bag ---------------------------------------------------------
 
 
+ONLY_REGULAR = ": only regular files and directories are allowed"
+# Where macOS's Archive Utility puts the resource forks of what it zips, beside the bag.
+MACOS_ZIP_DIR = "__MACOSX"
+
+
+def _reject(contents: Contents, problem: Problem, rel: str, shown: str, why: str) -> None:
+    """A file of the bag that is there but is not read as one (`why`): a payload file is
+    present but irregular, a tag file neither present nor missing."""
+    problem(rel or shown, why)
+    if is_payload(rel):
+        contents.index.add(rel, regular=False)
+    else:
+        contents.rejected.add(rel)
+
+
 class _Members:
     """Where each member of a tar or zip goes in the bag: under one top directory, by
     safe names only; what is kept of it."""
@@ -322,11 +350,28 @@ class _Members:
     def __init__(self, contents: Contents, problem: Problem) -> None:
         self.contents, self.problem = contents, problem
         self.top: str | None = None
+        self.dot = False  # the first member was "./"
         self.algorithms: list[Algorithm] = []  # of the payload manifests met so far
+        # Files at the top met before the bag's directory is known (`tar -cf x.tar *` in
+        # the bag puts README before bagit.txt): tag files if the bag turns out to be there.
+        self.waiting: list[tuple[str, TagFile]] = []
+
+    def undecided(self, name: str) -> bool:
+        """Whether member `name` is a file at the top that only the members after it
+        tell the place of: beside the bag's directory, or a tag file of a bag that is
+        there, serialized from inside its directory."""
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        return (
+            self.top is None
+            and not name.startswith("/")
+            and len(parts) == 1
+            and parts[0] not in ("..", MACOS_ZIP_DIR)
+            and not _is_bag_file(parts[0])
+        )
 
     def place(self, name: str, is_dir: bool) -> str | None:
         """The bag-relative path of member `name` ("" for the bag directory), or None
-        when it is reported and skipped."""
+        when it is skipped (reported as a problem, or in `Contents.shape`)."""
         parts = [p for p in name.split("/") if p not in ("", ".")]
         if name.startswith("/"):
             self.problem(name, "unsafe member name: absolute path")
@@ -337,34 +382,46 @@ class _Members:
         if not parts:
             if not is_dir:
                 self.problem(name, "member without a name")
+            elif self.top is None:
+                self.dot = True  # "./" first: `tar -C dir -cf x.tar .`
             return None
-        if self.top is None and len(parts) == 1 and not is_dir and _is_bag_file(parts[0]):
-            self.top = ""
-            self.problem(
-                "",
-                f"{parts[0]} at the top of the {self.contents.container}: a serialized bag "
-                "must unpack to one directory, the bag (RFC 8493 section 4); read as if it did",
-            )
-        elif self.top is None and (len(parts) > 1 or is_dir):
-            self.top = self.contents.name = parts[0]
-        if self.top == "":
-            rel = "/".join(parts)
-        elif parts[0] == self.top:
-            rel = "/".join(parts[1:])
-        else:
+        if self.top is None and parts[0] != MACOS_ZIP_DIR:
+            # The bag's own files at the top: it was serialized from inside its directory
+            # (after "./", "data" too: a bag named data is less likely).
+            if (len(parts) == 1 and not is_dir and _is_bag_file(parts[0])) or (
+                self.dot and parts[0] == "data"
+            ):
+                self.top = ""
+                self.contents.shape.append(
+                    ("", f"the bag's files are at the top of the {self.contents.container}")
+                )
+            elif len(parts) > 1 or is_dir:
+                self.top = self.contents.name = parts[0]
+            if self.top is not None:
+                for waited, file in self.waiting:
+                    if (rel := self.place(waited, False)) is not None:
+                        self.tag(rel, waited, file)
+                self.waiting.clear()
+        if (rel := self.rel(name)) is None:
             where = f"the bag directory {self.top}/" if self.top else "a bag directory"
-            self.problem(name, f"outside {where}: every member must be under one top directory")
+            self.contents.shape.append((name, f"outside {where}"))
             return None
         if rel == "data" or is_payload(rel):
             self.contents.data_dir = True
         return rel
 
-    def reject(self, rel: str, shown: str, kind: str) -> None:
-        self.problem(rel or shown, kind + ": only regular files and directories are allowed")
-        if is_payload(rel):
-            self.contents.index.add(rel, regular=False)
-        else:
-            self.contents.rejected.add(rel)
+    def rel(self, name: str) -> str | None:
+        """Member `name`'s path in the bag, once the bag's directory is known; None if
+        it is not in it."""
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if self.top == "" and ".." not in parts and not name.startswith("/"):
+            return "/".join(parts)
+        if self.top and parts[:1] == [self.top] and ".." not in parts:
+            return "/".join(parts[1:])
+        return None
+
+    def reject(self, rel: str, shown: str, why: str) -> None:
+        _reject(self.contents, self.problem, rel, shown, why)
 
     def tag(self, rel: str, name: str, file: TagFile) -> None:
         if not rel:
@@ -427,7 +484,7 @@ def _spool(stream: IO[bytes], size: int) -> Callable[[], IO[bytes]]:
 
 class _Tar:
     def __init__(self, path: Path, compression: str) -> None:
-        self.path = path
+        self.path, self.compression = path, compression
         self.plain = compression == "tar"
 
     def close(self) -> None:
@@ -439,7 +496,7 @@ class _Tar:
             return tarfile.open(
                 fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape"
             )
-        return _stream(fileobj)
+        return _stream(fileobj, self.compression)
 
     def read(self, problem: Problem) -> Contents | None:
         contents = Contents(self.path.name, PayloadIndex(), self, "tar")
@@ -468,11 +525,16 @@ class _Tar:
         return contents
 
     def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo, members: _Members) -> None:
+        if members.undecided(member.name) and member.isreg() and not member.issparse():
+            members.waiting.append((member.name, self._tag_file(tar, member)))
+            return
         rel = members.place(member.name, member.isdir())
         if rel is None or member.isdir():
             return
+        if member.islnk() and self._hard_link(member, rel, members):
+            return
         if not member.isreg():
-            members.reject(rel, member.name, _member_kind(member))
+            members.reject(rel, member.name, _member_kind(member) + ONLY_REGULAR)
             return
         sparse = member.issparse()
         if is_payload(rel):
@@ -482,12 +544,32 @@ class _Tar:
             members.contents.index.add(
                 rel, size=member.size, loc=member.offset_data, sparse=sparse, digests=digests
             )
-        elif self.plain and not sparse:
-            opener = functools.partial(_buffered_slice, self.path, member.offset_data, member.size)
-            members.tag(rel, member.name, TagFile(member.size, opener))
         else:
-            spooled = _spool(_extract(tar, member), member.size)
-            members.tag(rel, member.name, TagFile(member.size, spooled))
+            members.tag(rel, member.name, self._tag_file(tar, member))
+
+    def _tag_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> TagFile:
+        if self.plain and not member.issparse():
+            opener = functools.partial(_buffered_slice, self.path, member.offset_data, member.size)
+            return TagFile(member.size, opener)
+        return TagFile(member.size, _spool(_extract(tar, member), member.size))
+
+    def _hard_link(self, member: tarfile.TarInfo, rel: str, members: _Members) -> bool:
+        """A hard link to a file of the bag met before (GNU tar and bsdtar store a file
+        linked twice so, its data once) unpacks to that file: read as a copy of it.
+        False if it links to anything else."""
+        target = members.rel(member.linkname)
+        if target is None or is_payload(target) != is_payload(rel):
+            return False
+        if is_payload(rel):
+            found = members.contents.index.linkable(target)
+            if found is None:
+                return False
+            members.contents.index.add(rel, size=found[1], link=found[0])
+        elif (file := members.contents.tags.get(target)) is not None:
+            members.tag(rel, member.name, file)
+        else:
+            return False
+        return True
 
     def _check_end(self, tar: tarfile.TarFile, raw: IO[bytes], last: str, problem: Problem) -> None:
         """tarfile takes a damaged header for the end of the archive: what follows the last
@@ -542,12 +624,7 @@ class _Tar:
         wanted = iter(items)
         item = next(wanted, None)
         try:
-            with (
-                open(self.path, "rb") as raw,
-                tarfile.open(
-                    fileobj=raw, mode="r|*", encoding="utf-8", errors="surrogateescape"
-                ) as tar,
-            ):
+            with open(self.path, "rb") as raw, _stream(raw, self.compression) as tar:
                 while item is not None and (member := tar.next()) is not None:
                     tar.members.clear()  # type: ignore[attr-defined]
                     if member.offset_data == item.loc and member.isreg():
@@ -560,9 +637,24 @@ class _Tar:
             item = next(wanted, None)
 
 
-def _stream(fileobj: IO[bytes]) -> tarfile.TarFile:
-    """A tar read as a stream, compressed or not."""
-    return tarfile.open(fileobj=fileobj, mode="r|*", encoding="utf-8", errors="surrogateescape")
+_DECOMPRESSORS: dict[str, Callable[[IO[bytes]], IO[bytes]]] = {
+    "tar": lambda raw: raw,
+    "gz": lambda raw: cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")),
+    "bz2": lambda raw: bz2.BZ2File(raw, "rb"),
+    "xz": lambda raw: lzma.LZMAFile(raw, "rb"),  # noqa: SIM115  # over raw, which the caller closes
+}
+
+
+def _stream(raw: IO[bytes], compression: str) -> tarfile.TarFile:
+    """A tar read as a stream, through its compression's own reader: gzip's checks the
+    CRC-32 and length that end each gzip member, which tarfile's never reads, once the
+    stream is read to its end (`_check_end` does)."""
+    return tarfile.open(
+        fileobj=_DECOMPRESSORS[compression](raw),
+        mode="r|",
+        encoding="utf-8",
+        errors="surrogateescape",
+    )
 
 
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
@@ -598,9 +690,9 @@ class _ZipFile(zipfile.ZipFile):
 
     def _RealGetContents(self) -> None:  # what ZipFile.__init__ calls to read the directory
         assert self.fp is not None
-        self.cd_start, self.cd_size, self.concat = _central_directory(self.fp)
+        self.cd_start, self.cd_size, self.concat, self.count = _central_directory(self.fp)
 
-    def entries(self) -> Iterator[zipfile.ZipInfo]:
+    def entries(self) -> Iterator[_Entry]:
         assert isinstance(self.filename, str)
         with open(self.filename, "rb", buffering=CHUNK) as f:
             f.seek(self.cd_start)
@@ -609,16 +701,24 @@ class _ZipFile(zipfile.ZipFile):
                 record = f.read(46)
                 if len(record) != 46 or record[:4] != b"PK\x01\x02":
                     raise zipfile.BadZipFile("bad central directory entry")
-                (made, needed, flags, method, time, date, crc, csize, usize, nlen, xlen, clen) = (
-                    struct.unpack("<4x2B2xHHHHLLLHHH", record[:34])
+                (made, system, needed, flags, method, time, date, crc, csize, usize) = (
+                    struct.unpack("<4x2BHHHHHLLL", record[:28])
                 )
-                attributes, offset = struct.unpack("<LL", record[38:46])
+                nlen, xlen, clen, disk, _, attributes, offset = struct.unpack(
+                    "<HHHHHLL", record[28:46]
+                )
                 raw_name, extra = f.read(nlen), f.read(xlen)
                 f.seek(clen, io.SEEK_CUR)
                 read += 46 + nlen + xlen + clen
-                name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
-                info = zipfile.ZipInfo(name)
-                info.create_version, info.create_system, info.extract_version = made, needed, 0
+                if disk or needed > _ZIP_VERSION:
+                    raise zipfile.BadZipFile(
+                        f"bad central directory entry: on disk {disk}, needs zip version "
+                        f"{needed / 10:.1f}"
+                    )
+                # zipfile's name for it, which open() compares with the local header's
+                info = _Entry(raw_name.decode("utf-8" if flags & 0x800 else "cp437", "replace"))
+                info.raw_name, info.filename = raw_name, _zip_name(raw_name, flags, system, extra)
+                info.create_version, info.create_system, info.extract_version = made, system, needed
                 info.flag_bits, info.compress_type, info.CRC = flags, method, crc
                 info.external_attr, info.extra = attributes, extra
                 info.date_time = (
@@ -628,12 +728,114 @@ class _ZipFile(zipfile.ZipFile):
                 usize, csize, offset = _zip64(extra, usize, csize, offset)
                 info.file_size, info.compress_size = usize, csize
                 info.header_offset = offset + self.concat
+                if not _fields_fit(extra):
+                    raise zipfile.BadZipFile(f"bad extra field of {info.filename!r}")
                 yield info
+            if read != self.cd_size:
+                raise zipfile.BadZipFile("the central directory's entries overrun its size")
+
+    def local_header_differs(self, info: _Entry) -> str | None:
+        """How the member's local header disagrees with its central directory entry (a
+        reader that streams the zip, as unzip partly and bsdtar wholly do, goes by the
+        local header), or None."""
+        assert self.fp is not None
+        self.fp.seek(info.header_offset)
+        header = self.fp.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            return "no local header where the central directory places it"
+        needed, flags, method, _, _, crc, csize, usize, nlen, xlen = struct.unpack(
+            "<4xHHHHHLLLHH", header
+        )
+        name, extra = self.fp.read(nlen), self.fp.read(xlen)
+        if name != info.raw_name:
+            return f"its local header names it {name.decode('utf-8', 'replace')!r}"
+        if not _fields_fit(extra) or self.fp.tell() + info.compress_size > self.cd_start:
+            return "its local header's extra field or size runs past where it can end"
+        if needed > _ZIP_VERSION:
+            return f"its local header needs zip version {needed / 10:.1f}"
+        if method != info.compress_type or (flags ^ info.flag_bits) & ~_ZIP_FREE_FLAGS:
+            return "its local header gives another compression method or flags"
+        usize, csize, _ = _zip64(extra, usize, csize, 0)
+        # With a data descriptor (flag bit 3) they follow the data, and may be 0 here.
+        central = (info.CRC, info.compress_size, info.file_size)
+        for here, there in zip((crc, csize, usize), central, strict=True):
+            if here != there and not (flags & 0x8 and here == 0):
+                return "its local header gives another CRC-32 or size"
+        return None
 
 
-def _central_directory(fp: IO[bytes]) -> tuple[int, int, int]:
-    """Where the central directory starts, its size, and how many bytes come before the
-    zip proper (a self-extracting stub)."""
+def _fields_fit(extra: bytes) -> bool:
+    """Whether an extra field is a run of (id, length, data) records that fits in it
+    (APPNOTE 4.5.1), but for fewer than 4 zero bytes of padding."""
+    at = 0
+    while at + 4 <= len(extra):
+        at += 4 + struct.unpack("<H", extra[at + 2 : at + 4])[0]
+    return at == len(extra) or (at < len(extra) and not any(extra[at:]))
+
+
+def _read_to_its_end(stream: IO[bytes]) -> bool:
+    """Whether a zip member read to its end used up its compressed bytes and its
+    compressed stream ended there. zipfile stops at the size the entry gives and does not
+    tell: a damaged end of a deflate stream, or a stored entry's two sizes disagreeing,
+    would pass where unzip fails. (zipfile's private state, checked where it is there.)"""
+    decompressor = getattr(stream, "_decompressor", None)
+    return getattr(stream, "_compress_left", 0) <= 0 and getattr(decompressor, "eof", True)
+
+
+class _Entry(zipfile.ZipInfo):
+    """A central directory entry; `filename` as the bag names it, `raw_name` as stored."""
+
+    __slots__ = ("raw_name",)
+    raw_name: bytes
+
+
+# The highest zip version zipfile reads (6.3), and the flag bits a local header may set
+# otherwise than its central entry: 1-2 (how hard deflate tried), 3 (a data descriptor).
+_ZIP_VERSION = 63
+_ZIP_FREE_FLAGS = 0x000E
+# "Version made by" of MS-DOS (FAT), OS/2 HPFS, Windows NTFS and VFAT: names there cannot
+# hold "\\", and some Windows zippers wrote it as the separator (against APPNOTE 4.4.17).
+_ZIP_WINDOWS = {0, 6, 10, 14}
+
+
+def _zip_name(raw: bytes, flags: int, system: int, extra: bytes) -> str:
+    """A member's name: UTF-8 if flagged so (APPNOTE 4.4.4 bit 11); else from an Info-ZIP
+    Unicode Path extra field (4.6.9) if it still matches the name; else UTF-8 if the name
+    is that (Info-ZIP's zip, macOS and most Unix zippers write it unflagged), else IBM
+    code page 437 as APPNOTE says. Backslashes of Windows zippers read as "/"."""
+    if flags & 0x800:
+        name = raw.decode("utf-8", "surrogateescape")
+    else:
+        name = _unicode_path(extra, raw) or ""
+        if not name:
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                name = raw.decode("cp437")
+    if system in _ZIP_WINDOWS:
+        name = name.replace("\\", "/")
+    return name
+
+
+def _unicode_path(extra: bytes, raw: bytes) -> str | None:
+    at = 0
+    while at + 4 <= len(extra):
+        tag, length = struct.unpack("<HH", extra[at : at + 4])
+        field = extra[at + 4 : at + 4 + length]
+        # version 1, the CRC-32 of the name it stands for (else the name was changed since)
+        crc = struct.pack("<L", zlib.crc32(raw))
+        if tag == 0x7075 and field[:1] == b"\x01" and field[1:5] == crc:
+            try:
+                return field[5:].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        at += 4 + length
+    return None
+
+
+def _central_directory(fp: IO[bytes]) -> tuple[int, int, int, int]:
+    """Where the central directory starts, its size, how many bytes come before the
+    zip proper (a self-extracting stub), and how many entries the end record counts."""
     end = fp.seek(0, io.SEEK_END)
     tail_start = max(0, end - 22 - 0xFFFF)  # the end record, and a comment of at most 64 KiB
     fp.seek(tail_start)
@@ -641,7 +843,11 @@ def _central_directory(fp: IO[bytes]) -> tuple[int, int, int]:
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) - at < 22:
         raise zipfile.BadZipFile("no end of central directory record")
-    size, offset = struct.unpack("<LL", tail[at + 12 : at + 20])
+    disk, cd_disk, here, count, size, offset, comment = struct.unpack(
+        "<HHHHLLH", tail[at + 4 : at + 22]
+    )
+    if at + 22 + comment != len(tail):
+        raise zipfile.BadZipFile("the end of central directory record does not end the file")
     record_at = tail_start + at
     locator = tail[at - 20 : at] if at >= 20 else b""
     if locator[:4] == b"PK\x06\x07":  # zip64: the sizes are in the zip64 end record
@@ -650,12 +856,14 @@ def _central_directory(fp: IO[bytes]) -> tuple[int, int, int]:
         zip64 = fp.read(56)
         if zip64[:4] != b"PK\x06\x06":
             raise zipfile.BadZipFile("bad zip64 end of central directory record")
-        size, offset = struct.unpack("<QQ", zip64[40:56])
+        disk, cd_disk, here, count, size, offset = struct.unpack("<LLQQQQ", zip64[16:56])
         record_at -= 56 + 20
+    if disk or cd_disk or here != count:
+        raise zipfile.BadZipFile("a zip of several disks (or a damaged end record)")
     concat = record_at - size - offset
     if offset + concat < 0:
         raise zipfile.BadZipFile("bad offset of the central directory")
-    return offset + concat, size, concat
+    return offset + concat, size, concat, count
 
 
 def _zip64(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
@@ -682,6 +890,7 @@ class _Zip:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.zip: _ZipFile | None = None
+        self.backslashed = 0  # names with "\\" for "/"
 
     def close(self) -> None:
         if self.zip is not None:
@@ -690,6 +899,8 @@ class _Zip:
     def read(self, problem: Problem) -> Contents | None:
         contents = Contents(self.path.name, PayloadIndex(), self, "zip")
         members = _Members(contents, problem)
+        entries = 0
+        readable = True
         try:
             self.zip = _ZipFile(self.path)  # closed by close()
             # The central directory names every member first: the manifests, and whether
@@ -700,38 +911,61 @@ class _Zip:
                 members.algorithms = payload_algorithms(tops)
                 members.place(at_top[0], False)
             for info in self.zip.entries():
+                entries += 1
                 self._member(info, members)
+            if entries != self.zip.count:
+                problem(
+                    "",
+                    f"the zip's end record counts {self.zip.count} entries, its central "
+                    f"directory holds {entries}",
+                )
         except READ_ERRORS as exc:
             problem("", f"cannot read the zip: {read_error(exc)}")
+            readable = False
+        if self.backslashed:
+            contents.warnings.append(
+                f"{self.backslashed} member names of the zip use '\\' as the path separator, "
+                "as old Windows zippers wrote them (APPNOTE 4.4.17 says '/'); read as '/'"
+            )
         contents.index.finish()
         if members.top is None:
-            if self.zip is not None and not any(True for _ in self.zip.entries()):
+            if readable and not entries:
                 problem("", "empty archive: no bag directory in the zip")
             contents.close()
             return None
         return contents
 
-    def _member(self, info: zipfile.ZipInfo, members: _Members) -> None:
+    def _member(self, info: _Entry, members: _Members) -> None:
         assert self.zip is not None
         mode = info.external_attr >> 16 if info.create_system == 3 else 0  # from Unix
-        is_dir = info.is_dir() or stat.S_ISDIR(mode)
+        windows = info.create_system in _ZIP_WINDOWS
+        self.backslashed += windows and b"\\" in info.raw_name
+        # MS-DOS attributes: 0x10 a directory
+        is_dir = info.is_dir() or stat.S_ISDIR(mode) or bool(windows and info.external_attr & 0x10)
         rel = members.place(info.filename, is_dir)
-        if rel is None or is_dir:
+        if rel is None:
+            return
+        if differs := self.zip.local_header_differs(info):
+            members.reject(rel, info.filename, f"damaged zip entry: {differs}")
+            return
+        if is_dir:
             return
         if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
-            members.reject(rel, info.filename, self._kind(info, mode))
+            members.reject(rel, info.filename, self._kind(info, mode) + ONLY_REGULAR)
             return
         if info.flag_bits & 0x1:
-            members.reject(rel, info.filename, "encrypted member")
+            members.reject(rel, info.filename, "encrypted member: cannot be read")
             return
-        if is_payload(rel):
-            try:
-                with self.zip.open(info) as stream:
-                    _, digests = hash_stream(stream, members.algorithms)
-            except READ_ERRORS as exc:
-                members.problem(rel, f"cannot read: {read_error(exc)}")
-                members.contents.index.add(rel, regular=False)
-                return
+        payload = is_payload(rel)
+        try:  # a tag file too is read through once, so that zipfile checks its CRC-32
+            with self.zip.open(info) as stream:
+                _, digests = hash_stream(stream, members.algorithms if payload else ())
+                if not _read_to_its_end(stream):
+                    raise zipfile.BadZipFile("its compressed data ends elsewhere than it says")
+        except READ_ERRORS as exc:
+            members.reject(rel, info.filename, f"cannot read: {read_error(exc)}")
+            return
+        if payload:
             members.contents.index.add(
                 rel, size=info.file_size, loc=info.header_offset, digests=digests
             )
@@ -815,23 +1049,15 @@ class _Directory:
                     contents.data_dir |= rel == "data" or is_payload(rel)
                     directories.append(rel)
                 elif not stat.S_ISREG(st.st_mode):
-                    problem(
-                        rel,
-                        _file_kind(entry.path, st.st_mode) + ": only regular "
-                        "files and directories are allowed",
-                    )
-                    if is_payload(rel):
-                        contents.index.add(rel, regular=False)
-                    else:
-                        contents.rejected.add(rel)
+                    why = _file_kind(entry.path, st.st_mode) + ONLY_REGULAR
+                    _reject(contents, problem, rel, rel, why)
                 elif is_payload(rel):
                     contents.data_dir = True
                     try:
                         with _open_regular(entry.path) as f:
                             size, digests = hash_stream(f, algorithms)
                     except OSError as exc:
-                        problem(rel, f"cannot read: {read_error(exc)}")
-                        contents.index.add(rel, regular=False)
+                        _reject(contents, problem, rel, rel, f"cannot read: {read_error(exc)}")
                         continue
                     contents.index.add(rel, size=size, digests=digests)
                 else:

@@ -41,6 +41,7 @@ from .bag import (
     decode_path,
 )
 from .bagread import (
+    MACOS_ZIP_DIR,
     MANIFEST_NAME,
     READ_ERRORS,
     Algorithm,
@@ -68,6 +69,7 @@ _BAGIT_LINE = re.compile(
 _OXUM = re.compile(r"(\d{1,30})\.(\d{1,30})")
 _HEX = re.compile(r"[0-9A-Fa-f]+")
 _MANIFEST_LINE = re.compile(r"[ \t]*(\S+)[ \t]+(.+)")
+_BARE_PERCENT = re.compile(r"%(?!25|0[AaDd])")  # what BagIt 1.0 encodes: %, CR, LF
 _FETCH_LINE = re.compile(r"[ \t]*(\S+)[ \t]+(\d{1,30}|-)[ \t]+(.+)")
 # bag-info labels that must not (Payload-Oxum), or should not, appear twice (2.2.2).
 _ONCE = {"payload-oxum": "Payload-Oxum"}
@@ -151,8 +153,13 @@ def verify_path(
     """Check the bag directory, tar or zip at `path`; see the module docstring."""
     path = Path(path)
     report = Report(bag=path.name or path.resolve().name)
-    contents = open_bag(path, report.add_problem)
+    # Another tool's bag in an archive format not read here is not known to be wrong;
+    # an archive of ours in one was replaced.
+    unread = report.unverifiable.append if bag_only else None
+    contents = open_bag(path, report.add_problem, unread)
     if contents is None:
+        if report.unverifiable:
+            return report
         if not report.problems:
             report.add_problem("", "empty archive: no bag directory in it")
         return report
@@ -197,6 +204,8 @@ class _Checker:
         self.absent_special: set[str] = set()  # special system files listed, not present
         self.tag_digests: dict[tuple[str, str], bytes] = {}
         self.info_name = "bag-info.txt"  # package-info.txt in 0.93 to 0.95
+        self.unencoded: dict[str, list[tuple[int, str]]] = {}  # paths with a bare "%"
+        self.tag_forms: dict[str, str] | None = None  # tag files by NFC name, where one
 
     @property
     def strict(self) -> bool:
@@ -220,12 +229,15 @@ class _Checker:
 
     def run(self) -> None:
         self.report.files, self.report.bytes = self.index.totals()
+        self.report.warnings += self.contents.warnings
         for path in self.index.duplicates():
             self.problem(path, f"duplicate member in the {self.contents.container}")
         self.check_bagit_txt()
+        self.check_serialization()
         self.check_layout()
         self.check_bag_info()
-        self.check_fetch()
+        if not self.policy.archive:  # an archive of ours must be complete as it is
+            self.check_fetch()
         manifests = self.load_manifests()
         self.index.resolve()
         self.contents.complete(self.problem)
@@ -280,7 +292,9 @@ class _Checker:
                 for number, line in enumerate(text, 1):
                     line = line.removesuffix("\n")
                     if number == 1 and line.startswith("\ufeff"):
-                        self.warn(f"{name}: starts with a byte-order mark")
+                        # 2.3: only where the encoding needs one (UTF-16 does: its codec
+                        # reads it), never in UTF-8
+                        self.breach(name, f"starts with a byte-order mark ({self.encoding})")
                         line = line[1:]
                     yield number, line
         except UnicodeDecodeError as exc:
@@ -339,11 +353,11 @@ class _Checker:
                 f"line {number}: {line!r} is not exactly '<label>: <value>' (one space after "
                 "the colon, no other blanks)",
             )
-        for number, line in other:
-            self.breach(
+        for number, line in other:  # "exactly two lines", in the drafts too (bagit-python)
+            self.problem(
                 "bagit.txt",
                 f"line {number}: {line!r} is not 'BagIt-Version: M.N' or "
-                "'Tag-File-Character-Encoding: ENCODING'",
+                "'Tag-File-Character-Encoding: ENCODING'; bagit.txt is exactly those two lines",
             )
         if list(tags) == ["Tag-File-Character-Encoding", "BagIt-Version"]:
             self.breach("bagit.txt", "BagIt-Version must be the first line")
@@ -352,9 +366,13 @@ class _Checker:
             self.problem("bagit.txt", "does not declare Tag-File-Character-Encoding")
             return
         try:
-            codecs.lookup(encoding)
-        except LookupError:
-            self.problem("bagit.txt", f"unknown Tag-File-Character-Encoding {encoding!r}")
+            # A text encoding: Python also names binary transforms (hex, rot13, zlib).
+            "".encode(encoding)
+            b"".decode(encoding)
+        except (LookupError, ValueError):
+            self.problem(
+                "bagit.txt", f"Tag-File-Character-Encoding {encoding!r} is not a character encoding"
+            )
             return
         self.encoding = encoding
 
@@ -376,15 +394,43 @@ class _Checker:
             rules = "1.0" if number > (1, 0) else "0.97"
             self.warn(f"bagit.txt: BagIt-Version {version} is not one I know; read as {rules}")
 
+    def check_serialization(self) -> None:
+        """A tar or zip unpacks to one directory, the bag, and nothing beside it: a MUST of
+        the BagIt drafts to 0.97 (section 4, "Serialization"), which RFC 8493 dropped (a
+        bag is what validates), so a warning for a 1.0 bag of another tool; our archives
+        keep it. What macOS's Archive Utility adds beside the bag (__MACOSX/) is an
+        operating system's leftover."""
+        outside: dict[str, list[tuple[str, str]]] = {}  # by the top directory they are in
+        for name, message in self.contents.shape:
+            if not name:
+                message += " (serialized from inside the bag directory); read as the bag"
+                self.draft_rule("", message, "one directory, the bag")
+            else:
+                outside.setdefault(name.strip("/").split("/")[0], []).append((name, message))
+        for top, found in outside.items():
+            path, message = found[0] if len(found) == 1 else (f"{top}/", f"{len(found)} members")
+            message = f"{message} {found[0][1]}"
+            if top == MACOS_ZIP_DIR and self.policy.forgive_os:
+                self.warn(f"{path}: {message}, left by macOS's Archive Utility; not read")
+            else:
+                self.draft_rule(path, message, "nothing but the bag directory")
+
+    def draft_rule(self, path: str, message: str, rule: str) -> None:
+        """A serialization rule of the drafts (0.97 section 4) that RFC 8493 dropped."""
+        if self.policy.archive or self.version < (1, 0):
+            must = f"a serialized bag must hold {rule} (BagIt 0.97 section 4)"
+            self.problem(path, f"{message}: {must}")
+        else:
+            self.warn(
+                f"{path or self.report.bag}: {message} (a serialized bag held {rule} until "
+                "BagIt 0.97; RFC 8493 has no such rule)"
+            )
+
     def check_layout(self) -> None:
         if "data" in self.tags:
             self.problem("data", "is a file; the payload directory must be a directory")
         elif not self.contents.data_dir and "data" not in self.contents.rejected:
             self.problem("data", "payload directory missing")
-        if "fetch.txt" in self.tags and self.policy.archive:
-            self.problem(
-                "fetch.txt", "the bag lists files to fetch; only complete bags can be verified"
-            )
 
     # -- 2.2.2 bag-info.txt --------------------------------------------------------------
 
@@ -396,7 +442,7 @@ class _Checker:
             self.warn(f"{other}: read as the metadata of a BagIt {self.report.version} bag")
             name = other
         self.info_name = name
-        if not self.present(name, required=self.policy.archive):
+        if not self.present(name, required=False):
             return
         for label, value in self.metadata(name):
             self.info.setdefault(label.lower(), []).append(value)
@@ -411,8 +457,6 @@ class _Checker:
                 self.problem(name, f"declares Payload-Oxum {len(values)} times: {values}")
         oxums = self.info.get("payload-oxum", [])
         if not oxums:
-            if self.policy.archive:
-                self.problem(name, "has no Payload-Oxum")
             return
         match = _OXUM.fullmatch(oxums[0])
         if match is None:
@@ -459,7 +503,7 @@ class _Checker:
     # -- 2.2.3 fetch.txt -------------------------------------------------------------------
 
     def check_fetch(self) -> None:
-        if "fetch.txt" not in self.tags or self.policy.archive:
+        if "fetch.txt" not in self.tags:
             return
         self.index.add_fetch(self.fetch_lines())
         for path in self.index.fetch_repeated():
@@ -496,15 +540,28 @@ class _Checker:
                 )
                 continue
             yield path, None if length == "-" else int(length)
+        self.check_unencoded("fetch.txt")
 
     def listed_path(self, name: str, number: int, raw: str) -> str | None:
         """A path as a manifest or fetch.txt writes it, as a bag-relative path."""
         if self.version < (1, 0):
             raw = raw.strip()  # trailing blanks were not significant
+        if _BARE_PERCENT.search(raw):
+            self.unencoded.setdefault(name, []).append((number, raw))
         path = _bag_path(decode_path(raw))
         if path is None:
             self.problem(name, f"line {number}: path {raw!r} is outside the bag")
         return path
+
+    def check_unencoded(self, name: str) -> None:
+        """2.1.3, 2.2.3: a "%" in a path MUST be written %25 (since 1.0)."""
+        if found := self.unencoded.pop(name, []):
+            number, raw = found[0]
+            self.breach(
+                name,
+                f"{len(found)} paths with a '%' not percent-encoded as %25 (line {number}: "
+                f"{raw!r}); read as written",
+            )
 
     # -- 2.1.3 payload manifests, 2.2.1 tag manifests --------------------------------------
 
@@ -529,9 +586,7 @@ class _Checker:
             )
             self.index.add_entries(manifest.id, self.manifest_lines(manifest))
             manifests.append(manifest)
-        if self.policy.archive:
-            self.present(MANIFEST, required=True)
-        elif not any(not m.tag for m in manifests) and not any(
+        if not any(not m.tag for m in manifests) and not any(
             MANIFEST_NAME.fullmatch(n) for n in self.contents.rejected
         ):
             self.problem("", "no payload manifest (manifest-<algorithm>.txt)")
@@ -587,6 +642,7 @@ class _Checker:
                 self.problem(name, f"line {number}: {path} is not in the payload directory data/")
                 continue
             yield path, written, digest
+        self.check_unencoded(name)
         if starred:
             self.warn(
                 f"{name}: {starred} lines mark the path with '*', as md5sum does for "
@@ -659,10 +715,11 @@ class _Checker:
                 self.warn(
                     f"{actual}: listed in {manifest.name} under another Unicode normalization"
                 )
-            else:
-                self.warn(
-                    f"{actual}: listed in {manifest.name} as {written!r}, with '%' not "
-                    "percent-encoded; read as written"
+            else:  # its '%25' is no encoding: "100%25" is the file's name (2.1.3)
+                self.breach(
+                    actual,
+                    f"listed in {manifest.name} as {written!r}, with '%' not percent-encoded; "
+                    "read as written",
                 )
         for path, digest in self.index.unresolved(manifest.id):
             if path in holes or path in self.contents.rejected:
@@ -752,11 +809,16 @@ class _Checker:
                     manifest.name,
                     f"does not list {listed.name}; a tag manifest must list every payload manifest",
                 )
-        for path, expected in entries.items():
-            if path not in self.tags:
-                if path not in self.contents.rejected | self.missing:
-                    self.problem(path, f"missing (listed in {manifest.name})")
+        found: set[str] = set()
+        for listed_as, expected in entries.items():
+            path = self.tag_file(listed_as)
+            if path is None:
+                if listed_as not in self.contents.rejected | self.missing:
+                    self.problem(listed_as, f"missing (listed in {manifest.name})")
                 continue
+            found.add(path)
+            if path != listed_as:
+                self.warn(f"{path}: listed in {manifest.name} under another Unicode normalization")
             if manifest.algorithm is None:
                 continue
             got = self.tag_digest(path, manifest.algorithm)
@@ -770,7 +832,7 @@ class _Checker:
             left_out = [
                 n
                 for n in sorted(self.tags)
-                if n not in entries
+                if n not in found
                 and not (MANIFEST_NAME.fullmatch(n) and n.startswith("tag"))
                 and n not in (SIGNATURE, TIMESTAMP)  # made after it, over it
             ]
@@ -779,6 +841,19 @@ class _Checker:
                     f"{manifest.name} does not list {', '.join(left_out)}; a tag manifest "
                     "should list every tag file"
                 )
+
+    def tag_file(self, listed: str) -> str | None:
+        """The tag file a tag manifest's line names: by its name, else by Unicode
+        normalization (macOS stores names decomposed; RFC 8493 section 6.1.1 asks for
+        this tolerance) where that names one file."""
+        if listed in self.tags:
+            return listed
+        if self.tag_forms is None:
+            forms: dict[str, list[str]] = {}
+            for name in self.tags:
+                forms.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+            self.tag_forms = {form: names[0] for form, names in forms.items() if len(names) == 1}
+        return self.tag_forms.get(unicodedata.normalize("NFC", listed))
 
     def check_names(self) -> None:
         """Names that would collide on extraction; in another tool's bag, the files an
@@ -796,6 +871,16 @@ class _Checker:
     # -- what makes it an archived archive -------------------------------------------------
 
     def check_archived(self, tagmanifests: list[_Manifest]) -> None:
+        """What an archive of ours has beyond BagIt: its payload manifest, bag-info with
+        Payload-Oxum, nothing to fetch, a tag manifest over its tag files and event log,
+        signed, and the time-stamp token bag-info announces."""
+        self.present(MANIFEST, required=True)
+        if self.present(self.info_name, required=True) and "payload-oxum" not in self.info:
+            self.problem(self.info_name, "has no Payload-Oxum")
+        if "fetch.txt" in self.tags:
+            self.problem(
+                "fetch.txt", "the bag lists files to fetch; only complete bags can be verified"
+            )
         signed = next((m for m in tagmanifests if m.name == TAGMANIFEST), None)
         if signed is None:
             self.present(TAGMANIFEST, required=True)

@@ -12,6 +12,9 @@ import hashlib
 import json
 import subprocess
 import sys
+import tarfile
+import unicodedata
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -217,6 +220,36 @@ def test_verify_json_and_exit_status_by_verdict(tmp_path: Path) -> None:
     assert (code, out["verdict"]) == (1, "invalid")
 
 
+# -- 2.1.1: the bag declaration ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["rot13", "hex", "zlib", "undefined", "utf-8\0"])
+def test_an_encoding_that_is_not_a_character_encoding_is_a_problem_not_an_exception(
+    tmp_path: Path, encoding: str
+) -> None:
+    # Python's codec registry also names binary transforms; a bag declaring one is invalid
+    # (2.1.1: ENCODING is a character set), and verify must still give a verdict.
+    directory = bag(tmp_path)
+    write(directory / "bagit.txt", f"BagIt-Version: 1.0\nTag-File-Character-Encoding: {encoding}\n")
+    assert_invalid(check(directory), "bagit.txt", "Tag-File-Character-Encoding")
+
+
+@pytest.mark.parametrize("version", ["1.0", "0.97", "0.96"])
+def test_bagit_txt_is_exactly_its_two_lines(tmp_path: Path, version: str) -> None:
+    # "The bagit.txt tag file MUST consist of exactly two lines" (RFC 8493 2.1.1, and the
+    # drafts before it): a third line, even a "Label: value" one, makes the bag invalid;
+    # only blank lines are let pass, with a warning.
+    directory = bag(tmp_path / "extra", version=version, algorithms=["md5"])
+    declaration = f"BagIt-Version: {version}\nTag-File-Character-Encoding: UTF-8\n"
+    for third in ("==================================", "Bag-Software-Agent: x"):
+        write(directory / "bagit.txt", declaration + third + "\n")
+        assert_invalid(check(directory), "bagit.txt", "line 3", "exactly those two lines")
+    write(directory / "bagit.txt", declaration + "\n")
+    report = check(directory)
+    assert_valid(report)
+    assert warned(report, "bagit.txt", "line 3 is blank")
+
+
 # -- 2.3: line endings -------------------------------------------------------------------
 
 
@@ -245,6 +278,43 @@ def test_line_endings_lf_cr_and_crlf_in_every_tag_file(tmp_path: Path, newline: 
     assert set(problems(check(bad))) == {"data/sub/b.bin", "bag-info.txt"}  # and the oxum
 
 
+# -- 2.3: a byte-order mark only where the encoding needs one -----------------------------
+
+
+@pytest.mark.parametrize("name", ["manifest-sha256.txt", "bag-info.txt", "tagmanifest-sha256.txt"])
+def test_a_byte_order_mark_in_a_utf8_tag_file(tmp_path: Path, name: str) -> None:
+    # RFC 8493 2.3: "when bagit.txt specifies UTF-8 the tag files MUST NOT begin with a
+    # byte-order mark"; the 0.97 draft says nothing of it (bagit-python warns).
+    for version in ("1.0", "0.97"):
+        directory = bag(tmp_path / version, version=version, tag_algorithms=["sha256"])
+        path = directory / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        if name != "tagmanifest-sha256.txt":
+            retag(directory)
+        report = check(directory)
+        if version == "1.0":
+            assert_invalid(report, name, "byte-order mark")
+        else:
+            assert_valid(report)
+            assert warned(report, name, "byte-order mark")
+
+
+def test_utf16_tag_files_begin_with_the_byte_order_mark_their_encoding_needs(
+    tmp_path: Path,
+) -> None:
+    directory = bag(tmp_path, tag_algorithms=["sha256"])
+    write(directory / "bagit.txt", "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-16\n")
+    for name in ("manifest-sha256.txt", "bag-info.txt"):
+        path = directory / name
+        path.write_bytes(path.read_text().encode("utf-16"))  # with its byte-order mark
+    retag(directory)
+    tagmanifest = directory / "tagmanifest-sha256.txt"
+    tagmanifest.write_bytes(tagmanifest.read_text().encode("utf-16"))
+    report = check(directory)
+    assert_valid(report)
+    assert report.warnings == []
+
+
 # -- 2.1.3: percent-encoding of CR, LF and % ---------------------------------------------
 
 
@@ -263,13 +333,28 @@ def test_percent_encoded_names_with_either_hex_case(
     assert_valid(check(directory))
 
 
-def test_a_percent_sign_left_unencoded_is_read_as_written(tmp_path: Path) -> None:
-    # bagit-python (1.9) does not encode "%": "100%25" there is a file named "100%25".
-    directory = bag(tmp_path, {"data/100%25": b"x"})
-    write(directory / "manifest-sha256.txt", f"{HASHES['sha256'](b'x')}  data/100%25\n")
-    report = check(directory)
-    assert_valid(report)
-    assert warned(report, "data/100%25")
+@pytest.mark.parametrize("name", ["data/100%25", "data/100% done", "data/%41"])
+def test_a_percent_sign_left_unencoded(tmp_path: Path, name: str) -> None:
+    # RFC 8493 2.1.3: a "%" in a path MUST be written %25, so in a 1.0 bag "100%25" names
+    # "100%" and a lone "%" is malformed. bagit-python (1.9) writes 0.97 bags and does not
+    # encode "%": there "100%25" is a file named "100%25", read as written.
+    manifest = f"{HASHES['sha256'](b'x')}  {name}\n"
+    for version in ("0.97", "1.0"):
+        directory = bag(tmp_path / version, {name: b"x"}, version=version)
+        write(directory / "manifest-sha256.txt", manifest)
+        report = check(directory)
+        if version == "1.0":
+            assert report.verdict == "invalid"
+            assert any("not percent-encoded" in p.message for p in report.problems)
+        else:
+            assert_valid(report)
+            assert warned(report, "not percent-encoded")
+
+
+def test_a_percent_sign_left_unencoded_in_fetch_txt(tmp_path: Path) -> None:
+    fetch = "https://example.org/a 1 data/100%\n"
+    directory = bag(tmp_path, {"data/100%": b"x"}, fetch=fetch)
+    assert_invalid(check(directory), "fetch.txt", "not percent-encoded")
 
 
 # -- 2.2.1: tag manifests ----------------------------------------------------------------
@@ -300,6 +385,23 @@ def test_a_tag_file_a_tag_manifest_leaves_out_is_a_warning(tmp_path: Path) -> No
     report = check(directory)
     assert_valid(report)
     assert warned(report, "extra-info.txt", "tagmanifest-sha256.txt")
+
+
+def test_a_tag_file_listed_under_another_unicode_normalization(tmp_path: Path) -> None:
+    # RFC 8493 6.1.1: tolerate names that changed normalization on the way (macOS stores
+    # them decomposed), as for payload files: a tag directory "métadonnées" in NFD on
+    # disk, in NFC in the tag manifest.
+    nfc = unicodedata.normalize("NFC", "métadonnées/notes.txt")
+    directory = bag(tmp_path)
+    write(directory / unicodedata.normalize("NFD", nfc), "about the bag\n")
+    lines = [f"{HASHES['sha256'](p.read_bytes())}  {p.name}" for p in directory.glob("*.txt")]
+    lines.append(f"{HASHES['sha256'](b'about the bag' + bytes([10]))}  {nfc}")
+    write(directory / "tagmanifest-sha256.txt", "\n".join(lines) + "\n")
+    report = check(directory)
+    assert_valid(report)
+    assert warned(report, "another Unicode normalization")
+    write(directory / unicodedata.normalize("NFD", nfc), "changed\n")
+    assert_invalid(check(directory), unicodedata.normalize("NFD", nfc), "sha256 mismatch")
 
 
 def test_tag_manifest_rules_are_warnings_before_1_0(tmp_path: Path) -> None:
@@ -407,6 +509,107 @@ def test_every_fetched_file_in_every_payload_manifest(tmp_path: Path) -> None:
         manifest_text({"data/sub/b.bin": PAYLOAD["data/sub/b.bin"]}, "sha1"),
     )
     assert_invalid(check(directory), "data/a.txt", "fetch.txt", "manifest-sha1.txt")
+
+
+# -- serializations: BagIt 0.97 section 4, which RFC 8493 dropped ------------------------
+
+
+def pack(
+    directory: Path, out: Path, names: Callable[[str], str], first: Sequence[str] = ()
+) -> Path:
+    """A tar or zip of `directory`'s files and directories, each member named
+    `names(path in the bag)`; the members in `first` first."""
+
+    def order(path: Path) -> tuple[bool, str]:
+        rel = path.relative_to(directory).as_posix()
+        return not any(rel == f or rel.startswith(f + "/") for f in first), rel
+
+    paths = sorted(directory.rglob("*"), key=order)
+    if out.suffix == ".zip":
+        with zipfile.ZipFile(out, "w") as z:
+            for path in paths:
+                z.write(path, names(path.relative_to(directory).as_posix()))
+    else:
+        with tarfile.open(out, "w") as t:
+            t.add(directory, names("."), recursive=False)
+            for path in paths:
+                t.add(path, names(path.relative_to(directory).as_posix()), recursive=False)
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".zip"])
+@pytest.mark.parametrize("first", [(), ("data",)], ids=["bag-files-first", "data-first"])
+def test_a_bag_serialized_from_inside_its_directory(
+    tmp_path: Path, suffix: str, first: tuple[str, ...]
+) -> None:
+    # `tar -C bag -cf bag.tar .`: "./", then the bag's files in the order the directory
+    # lists them, data/ first as likely as not. The 0.97 draft (section 4) says a bag
+    # MUST NOT be serialized from within its base directory; RFC 8493 has no rule on
+    # serializations, and what such a tar unpacks to is a valid bag.
+    v1 = bag(tmp_path / "v1", algorithms=["sha256", "sha512"], tag_algorithms=["sha256"])
+    report = check(pack(v1, tmp_path / f"v1{suffix}", lambda p: f"./{p}", first))
+    assert_valid(report)
+    assert warned(report, "from inside the bag directory", "RFC 8493 has no such rule")
+    assert report.files == len(PAYLOAD)
+    older = bag(tmp_path / "v097", version="0.97", tag_algorithms=["sha256"])
+    report = check(pack(older, tmp_path / f"v097{suffix}", lambda p: f"./{p}", first))
+    assert_invalid(report, "", "from inside the bag directory", "0.97 section 4")
+    assert report.files == len(PAYLOAD)  # and the bag in it was checked
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_a_bag_tarred_from_inside_with_a_tag_file_first(tmp_path: Path, suffix: str) -> None:
+    # `cd bag && tar -cf ../bag.tar *`: the shell sorts README.txt before bag-info.txt,
+    # so a file at the top comes before anything tells where the bag is.
+    directory = bag(tmp_path / "v1", tag_algorithms=["sha256"])
+    write(directory / "README.txt", "about the bag\n")
+    retag(directory)
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*"))
+    assert names[0] == "README.txt"
+    out = tmp_path / f"bag{suffix}"
+    with tarfile.open(out, "w:gz" if suffix == ".tar.gz" else "w") as t:
+        for name in names:
+            t.add(directory / name, name, recursive=False)
+    report = check(out)
+    assert_valid(report)
+    assert warned(report, "from inside the bag directory")
+    write(directory / "README.txt", "changed\n")  # and it is checked as a tag file
+    out.unlink()
+    with tarfile.open(out, "w:gz" if suffix == ".tar.gz" else "w") as t:
+        for name in names:
+            t.add(directory / name, name, recursive=False)
+    assert_invalid(check(out), "README.txt", "sha256 mismatch")
+
+
+def test_members_beside_the_bag_directory(tmp_path: Path) -> None:
+    directory = bag(tmp_path / "v1")
+    write(tmp_path / "v1" / "README.txt", "about the bag\n")
+    out = tmp_path / "v1.tar"
+    with tarfile.open(out, "w") as t:
+        t.add(directory, "bag")
+        t.add(tmp_path / "v1" / "README.txt", "README.txt")
+    report = check(out)
+    assert_valid(report)
+    assert warned(report, "README.txt", "outside the bag directory bag/")
+    older = bag(tmp_path / "v097", version="0.97")
+    with tarfile.open(out, "w") as t:
+        t.add(older, "bag")
+        t.add(tmp_path / "v1" / "README.txt", "README.txt")
+    assert_invalid(check(out), "README.txt", "outside the bag directory bag/", "0.97 section 4")
+
+
+@pytest.mark.parametrize("version", ["1.0", "0.97"])
+def test_what_macos_archive_utility_puts_beside_the_bag(tmp_path: Path, version: str) -> None:
+    # Finder's "Compress" adds __MACOSX/<bag>/._<name> (resource forks) beside the bag.
+    directory = bag(tmp_path, version=version)
+    out = tmp_path / "bag.zip"
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("__MACOSX/bag/data/._a.txt", b"\x00\x05\x16\x07")  # first, even
+        for path in sorted(directory.rglob("*")):
+            z.write(path, "bag/" + path.relative_to(directory).as_posix())
+    report = check(out)
+    assert_valid(report)
+    assert warned(report, "__MACOSX/", "macOS")
 
 
 # -- 3 and older versions ----------------------------------------------------------------
