@@ -27,7 +27,7 @@ from . import __version__, progress
 from . import config as configmod
 from .config import Config, parse_duration
 from .errors import ArchivedError, ConfigError, JobFileError
-from .states import FINAL, STOPPABLE, Event, State
+from .states import FINAL, STOPPABLE, State
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -40,10 +40,6 @@ class CommandError(Exception):
 
 def _load_config(args: argparse.Namespace) -> Config:
     return configmod.load(configmod.config_path(args.config))
-
-
-def _db_path(config: Config) -> Path:
-    return config.daemon.state_dir / "archived.db"
 
 
 # -- commands ------------------------------------------------------------------------
@@ -93,25 +89,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str, str]:
-    """Poll the database until every job is final (or rejected into corrupt/).
+    """Poll the queue until every job is final (or rejected into corrupt/).
 
     Never silent: on stderr it says at once when no daemon holds the state directory's
-    lock (and when one does again), and how each job is doing: on a terminal, one line
-    a job redrawn in place with its figures (see progress.py); otherwise one plain line
-    each time a job's state changes. `timeout` bounds it all, a locked database too.
-    Read-only, with the standard library's sqlite3: a waiting `submit` starts and ends
-    quickly, without an event loop.
+    lock (and when one does again; with SQLite, where that daemon is the only one), and
+    how each job is doing: on a terminal, one line a job redrawn in place with its
+    figures (see progress.py); otherwise one plain line each time a job's state changes.
+    `timeout` bounds it all, a locked database too. The store's synchronous reader: a
+    waiting `submit` starts and ends quickly, without an event loop.
     """
-    import sqlite3
-
     from .lock import daemon_running
-    from .store import peek_job
+    from .store import StoreUnavailable, open_state_reader
 
     deadline = None if timeout is None else time.monotonic() + timeout
     states: dict[str, str] = {}
     corrupt = config.daemon.spool_dir / "corrupt"
     state_dir = config.daemon.state_dir
-    db: sqlite3.Connection | None = None
+    reader = open_state_reader(config)
     begun = time.monotonic()
     daemon_seen: bool | None = None
     look_at_lock = 0.0
@@ -125,7 +119,7 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
 
     try:
         while True:
-            if time.monotonic() >= look_at_lock:  # twice a second at most
+            if not config.queue.url and time.monotonic() >= look_at_lock:  # twice a second at most
                 look_at_lock = time.monotonic() + 0.5
                 running = daemon_running(state_dir)
                 if running != daemon_seen and not running:
@@ -134,28 +128,27 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
                     say("a daemon is running now")
                 daemon_seen = running
             try:
-                if db is None and _db_path(config).exists():
-                    # a short busy timeout: a locked database must not outlast `timeout`
-                    db = sqlite3.connect(
-                        f"{_db_path(config).as_uri()}?mode=ro", uri=True, timeout=0.1
-                    )
+                known = reader.peek(i for i in ids if not settled(states.get(i)))
                 for job_id in ids:
                     if settled(states.get(job_id)):
                         continue
-                    job = peek_job(db, job_id) if db else None
-                    if job is None:
+                    peeked = known.get(job_id)
+                    if peeked is None:
                         if any(corrupt.glob(f"{job_id}.*.reason")):
                             states[job_id] = lines[job_id] = "rejected (see spool corrupt/)"
                             if not screen:
                                 print(f"{job_id}: {lines[job_id]}", file=sys.stderr, flush=True)
                         continue
-                    now = datetime.now(UTC)
-                    lines[job_id] = progress.line(progress.figures(job, job["tasks"], now))
-                    if job["state"] != states.get(job_id) and not screen:
+                    job, tasks = peeked
+                    figures = progress.figures(
+                        job.to_json(), [t.to_json() for t in tasks], datetime.now(UTC)
+                    )
+                    lines[job_id] = progress.line(figures)
+                    if job.state != states.get(job_id) and not screen:
                         print(f"{job_id}: {lines[job_id]}", file=sys.stderr, flush=True)
-                    states[job_id] = job["state"]
+                    states[job_id] = job.state
                 unreadable = ""
-            except sqlite3.OperationalError as exc:  # locked or busy: say so, and go on
+            except StoreUnavailable as exc:  # locked, busy, unreachable: say so, and go on
                 if str(exc) != unreadable:
                     unreadable = str(exc)
                     say(f"cannot read the jobs' states now: {exc}")
@@ -174,8 +167,7 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
             # quick for a quick job, easing off for a long one: late by 2 % at the most
             time.sleep(min(max((time.monotonic() - begun) / 50, 0.01), 0.5, left))
     finally:
-        if db is not None:
-            db.close()
+        reader.close()
 
 
 class Screen:
@@ -213,11 +205,12 @@ def _say(message: str) -> None:
 
 
 async def _read(config: Config, fn: Callable[[Any], Any]) -> Any:
-    from .store import Store
+    """`fn(store)`, or `fn(None)` when there is no queue yet."""
+    from .store import open_store
 
-    if not _db_path(config).exists():
+    store = await open_store(config, create=False)
+    if store is None:
         return await fn(None)
-    store = await Store.open(_db_path(config))
     try:
         return await fn(store)
     finally:
@@ -230,7 +223,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         raise CommandError(f"unknown state {args.state!r}; one of: {', '.join(State)}", EXIT_USAGE)
 
     async def fetch(store: Any) -> list[dict[str, Any]]:
-        return await store.fetchall("list_jobs", state=args.state) if store else []
+        return [j.to_json() for j in await store.jobs(args.state)] if store else []
 
     rows = anyio.run(_read, config, fetch)
     if args.json:
@@ -258,6 +251,11 @@ def age(iso: str) -> str:
     return span((datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds())
 
 
+def _orphan_json(orphan: Any) -> dict[str, Any]:
+    keys = ("target", "key", "reason", "recorded_at", "removed_at")
+    return {k: v for k, v in orphan.to_json().items() if k in keys}
+
+
 def span(seconds: float) -> str:
     """A duration the way an operator reads it: 45s, 12m, 3h, 5d."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -270,49 +268,27 @@ async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
     job = await store.job(job_id) if store else None
     if job is None:
         return None
-    tasks = await store.fetchall("tasks", job_id=job_id)
+    row = job.to_json()
+    tasks = [t.to_json() for t in await store.tasks(job_id)]
     return {
-        "id": job["id"],
-        "name": job["name"],
-        "state": job["state"],
-        "created_at": job["created_at"],
-        "updated_at": job["updated_at"],
-        "error": job["error"],
-        "not_before": job["not_before"],
-        "expires_at": job["expires_at"],
-        "legal_hold": bool(job["legal_hold"]),
-        "phase": job["phase"],
-        "attempts": job["attempts"],
+        **{k: row[k] for k in ("id", "name", "state", "created_at", "updated_at", "error")},
+        **{k: row[k] for k in ("not_before", "expires_at", "legal_hold", "phase", "attempts")},
+        "retry_at": row["retry_at"] if job.waiting else None,
+        "owner": job.owner,
         "archive": (
-            {
-                "name": job["archive_name"],
-                "sha256": job["archive_sha256"],
-                "size": job["archive_size"],
-            }
-            if job["archive_name"]
+            {"name": job.archive_name, "sha256": job.archive_sha256, "size": job.archive_size}
+            if job.archive_name
             else None
         ),
-        "history": await store.fetchall("history", job_id=job_id),
-        "tasks": [
-            {k: t[k] for k in ("kind", "name", "state", "attempts", "error")}
-            | {
-                "result": json.loads(t["result"]) if t["result"] else None,
-                "progress": _report(t),
-            }
-            for t in tasks
-        ],
+        "history": [h.to_json() for h in await store.history(job_id)],
+        "tasks": [t | {"progress": _report(t)} for t in tasks],
         "progress": (
-            None
-            if job["state"] in FINAL
-            else asdict(progress.figures(job, tasks, datetime.now(UTC)))
+            None if job.state in FINAL else asdict(progress.figures(row, tasks, datetime.now(UTC)))
         ),
-        "copies": await store.fetchall("copies", job_id=job_id),
-        "orphans": await store.fetchall("job_orphans", job_id=job_id),
-        "audits": await store.fetchall("audits", job_id=job_id),
-        "events": [
-            {"at": e["at"], "kind": e["kind"], "detail": json.loads(e["detail"])}
-            for e in await store.fetchall("events", job_id=job_id)
-        ],
+        "copies": [c.to_json() for c in await store.copies(job_id)],
+        "orphans": [_orphan_json(o) for o in await store.orphans(job_id)],
+        "audits": [a.to_json() for a in await store.audits(job_id)],
+        "events": [e.to_json() for e in await store.events(job_id)],
     }
 
 
@@ -339,6 +315,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  progress {progress.line(progress.Figures(**details['progress']))}")
     if details["state"] == "recoverable_error" or details["attempts"] > 1:
         print(f"  attempt  {details['attempts']} of {details['phase']}")
+    if details["retry_at"]:
+        print(f"  retry    at {details['retry_at'][:19]}Z, holding no slot meanwhile")
+    if details["owner"]:
+        print(f"  owner    {details['owner']}")
     if details["legal_hold"]:
         print("  hold     legal hold: retention will not delete this job")
     for key in ("not_before", "expires_at", "error"):
@@ -395,25 +375,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _require_job(store: Any, job_id: str) -> dict[str, Any]:
+async def _require_job(store: Any, job_id: str) -> Any:
     job = await store.job(job_id) if store else None
     if job is None:
         raise CommandError(f"no job {job_id!r}")
-    return job  # type: ignore[no-any-return]
+    return job
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .store import now_iso
-
     config = _load_config(args)
 
     async def request(store: Any) -> str:
         job = await _require_job(store, args.job)
-        if job["state"] not in STOPPABLE:
-            raise CommandError(f"job {args.job} is {job['state']}: nothing to cancel")
-        async with store.transaction() as tx:
-            await tx.run("request_cancel", id=args.job, now=now_iso())
-        return str(job["state"])
+        if job.state not in STOPPABLE:
+            raise CommandError(f"job {args.job} is {job.state}: nothing to cancel")
+        await store.request_cancel(args.job)
+        return str(job.state)
 
     state = anyio.run(_read, config, request)
     print(f"{args.job}: cancel requested (was {state}); it fails at its next safe point")
@@ -421,38 +398,23 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from .store import now_iso
-
     config = _load_config(args)
 
     async def requeue(store: Any) -> str:
         job = await _require_job(store, args.job)
-        if job["state"] != State.FAILED:
-            raise CommandError(f"job {args.job} is {job['state']}: only failed jobs are retried")
-        phase = job["phase"] or "queued"
-        kept = sorted(c["target"] for c in await store.fetchall("live_copies", job_id=args.job))
-        fresh: dict[str, Any] = dict.fromkeys(("phase", "error", "retry_at", "started_at"))
-        fresh |= dict.fromkeys(("attempts", "cancel_requested", "cleanup_attempts"), 0)
-        async with store.transaction() as tx:
-            if kept:  # its archive is safe on those targets: store it on the others
-                await tx.run("reset_storage_tasks_without_copy", job_id=args.job, now=now_iso())
-                key = f"{job['name']}/{job['archive_name']}"
-                await tx.run("drop_orphans_of_key", job_id=args.job, key=key)
-                how = (
-                    f"stores its archive, kept on {', '.join(kept)}, on the targets that "
-                    "miss it; nothing is archived again"
-                )
-            else:
-                await tx.run("reset_tasks", job_id=args.job, now=now_iso())
-                fresh |= dict.fromkeys(("step", "archive_name", "archive_sha256", "archive_size"))
-                how = "staging was removed when it failed, so it runs again from activity_archiving"
-            await tx.transition(
-                args.job,
-                State.FAILED,
-                Event.REQUEUED,
-                f"requeued by operator (had failed in {phase}); {how}",
-                **fresh,
+        if job.state != State.FAILED:
+            raise CommandError(f"job {args.job} is {job.state}: only failed jobs are retried")
+        phase = job.phase or "queued"
+        kept = sorted(c.target for c in await store.copies(args.job, live=True))
+        if kept:
+            how = (
+                f"stores its archive, kept on {', '.join(kept)}, on the targets that "
+                "miss it; nothing is archived again"
             )
+        else:
+            how = "staging was removed when it failed, so it runs again from activity_archiving"
+        reason = f"requeued by operator (had failed in {phase}); {how}"
+        await store.requeue(job, reason, keep_copies=bool(kept))
         return f"had failed in {phase}" + (
             f"; its archive is kept on {', '.join(kept)}" if kept else ""
         )
@@ -512,24 +474,15 @@ def cmd_hold(args: argparse.Namespace) -> int:
     """The hold in the database first (retention obeys it), then on the copies of
     targets that keep their own (S3 Object Lock legal holds)."""
     from .retention import hold_copies
-    from .store import now_iso
 
     config = _load_config(args)
     hold = args.command == "hold"
 
     async def set_hold(store: Any) -> tuple[list[str], str]:
         job = await _require_job(store, args.job)
-        if job["state"] == State.DELETED:
+        if job.state == State.DELETED:
             raise CommandError(f"job {args.job} is deleted: its copies are gone")
-        async with store.transaction() as tx:
-            await tx.run("set_hold", id=args.job, hold=int(hold))
-            await tx.run(
-                "insert_event",
-                job_id=args.job,
-                now=now_iso(),
-                kind="legal_hold",
-                detail=json.dumps({"hold": hold}),
-            )
+        await store.set_hold(args.job, hold)
         try:
             return await hold_copies(store, config, job, hold), ""
         except ArchivedError as exc:
@@ -555,7 +508,8 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     async def fetch(store: Any) -> list[dict[str, Any]]:
         if store is None:
             return []
-        return await store.fetchall("schedule_runs", schedule=args.name, limit=args.limit)  # type: ignore[no-any-return]
+        runs = await store.schedule_runs(args.name, args.limit)
+        return [r.to_json() | {"slot": iso(r.slot)} for r in runs]  # slots are whole seconds
 
     runs = anyio.run(_read, config, fetch)
     if args.json:
@@ -575,6 +529,27 @@ def cmd_schedules(args: argparse.Namespace) -> int:
             f"  {r['slot']}  {r['schedule']:16}  {r['result']:8}  {r['job_id'] or ''}"
             f"  {r['detail']}"
         )
+    return EXIT_OK
+
+
+def cmd_migrate_queue(args: argparse.Namespace) -> int:
+    from .lock import daemon_running
+    from .store import SQLITE_FILE, StoreUnavailable, move_queue
+
+    config = _load_config(args)
+    if not config.queue.url:
+        raise CommandError("[queue] url is not set: there is no PostgreSQL queue to move to")
+    if daemon_running(config.daemon.state_dir):
+        raise CommandError(f"a daemon is running on {config.daemon.state_dir}: stop it first")
+    try:
+        counts = anyio.run(move_queue, config)
+    except StoreUnavailable as exc:
+        raise CommandError(str(exc)) from None
+    print(", ".join(f"{n} {table}" for table, n in counts.items() if n) or "nothing to move")
+    print(
+        f"moved into the PostgreSQL queue; {config.daemon.state_dir / SQLITE_FILE} is no "
+        "longer read (keep it until the daemon runs on the new queue, then remove it)"
+    )
     return EXIT_OK
 
 
@@ -643,12 +618,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .daemon import check_config
+    from .daemon import check_config, shared_storage_warnings
 
     config = _load_config(args)
     # `run` makes the embedded default's key
     key = not (config.embedded and not config.signing.key.exists())
-    for warning in anyio.run(lambda: check_config(config, key=key)):
+    warnings = anyio.run(lambda: check_config(config, key=key))
+    for warning in [*warnings, *shared_storage_warnings(config)]:
         print(f"archived: warning: {warning}", file=sys.stderr)
     print(f"ok: {config.source or 'embedded default'}")
     return EXIT_OK
@@ -755,6 +731,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--secret", metavar="PATH", help="default: the configured signing.key")
     sp.add_argument("--public", metavar="PATH", help="default: beside the secret key, .pub")
     add("check-config", cmd_check_config, "validate the config")
+    add(
+        "migrate-queue",
+        cmd_migrate_queue,
+        "move this host's SQLite queue into the (empty) PostgreSQL queue of [queue] url",
+    )
     sp = add(
         "init-target",
         cmd_init_target,

@@ -196,6 +196,22 @@ class ScheduleConfig(Section):
         return value
 
 
+class QueueConfig(Section):
+    # libpq URI of a PostgreSQL database that several daemons share; empty: SQLite in
+    # daemon.state_dir, for one daemon
+    url: str = ""
+    host_id: str = ""  # unique per daemon; empty: hostname + ":" + daemon.state_dir
+    # a daemon renews its jobs' leases every lease/3; one whose lease lapsed is taken over
+    lease: Annotated[Duration, within(300 * MS, HOUR)] = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URI (libpq), or empty for SQLite")
+        return value
+
+
 class StorageConfig(BaseModel):
     """`driver` plus the driver's own options, which the driver validates."""
 
@@ -215,6 +231,7 @@ class Config(Section):
     audit: AuditConfig = AuditConfig()
     retention: RetentionConfig = RetentionConfig()
     schedules: dict[str, ScheduleConfig] = {}
+    queue: QueueConfig = QueueConfig()
     storage: dict[str, StorageConfig] = {}
     # Not part of the file: where it came from, and whether it is the embedded default.
     source: Path | None = Field(None, exclude=True)
@@ -230,7 +247,9 @@ class Config(Section):
         return hashlib.sha256(self.snapshot().encode()).hexdigest()[:16]
 
     def snapshot(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """What a job runs on. Not the queue: it is this daemon's (its host_id, a
+        password in the URL), and a job runs alike on every daemon of the queue."""
+        return json.dumps(self.model_dump(mode="json", exclude={"queue"}), sort_keys=True)
 
     @classmethod
     def from_snapshot(cls, text: str) -> Config:

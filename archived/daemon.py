@@ -8,13 +8,11 @@ storage tasks are bounded across all jobs by the limiters in `Services`.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
 import signal
 from datetime import UTC, datetime
-from typing import Any
 
 import anyio
 import structlog
@@ -42,10 +40,20 @@ from .notify import Notifier
 from .orphans import remove_orphans
 from .retention import expire_due
 from .runner import JobRunner, Services
-from .schedules import Scheduler
+from .schedules import Scheduler, iso
 from .spool import Claimed, Spool, new_job_id, printable
-from .states import FINAL, PROCESSING, STOPPABLE, Event, State
-from .store import StaleState, Store, now_iso
+from .states import FINAL, PROCESSING, STOPPABLE, State
+from .store import (
+    Claim,
+    Job,
+    LeaseLost,
+    NewJob,
+    ScheduleRun,
+    StaleState,
+    as_datetime,
+    now_iso,
+    open_store,
+)
 from .timestamp import load_ca_bundle
 from .wakeup import SpoolWatch
 
@@ -98,6 +106,20 @@ def log_unavailable(warnings: list[str]) -> None:
         log.warning("storage target unavailable", reason=warning)
 
 
+def shared_storage_warnings(config: Config) -> list[str]:
+    """With a PostgreSQL queue, every daemon writes every target, and a daemon that
+    takes a job over removes what the dead one stored: a local directory is only right
+    if it is one network file system, mounted at the same path on every host."""
+    if not config.queue.url:
+        return []
+    return [
+        f"storage.{name}: a localdir target with a PostgreSQL queue: every host must mount "
+        f"the same shared file system at {config.storage_options(name).get('path')}"
+        for name, section in sorted(config.storage.items())
+        if section.driver == "localdir"
+    ]
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -119,7 +141,10 @@ class Daemon:
             # fail at start, not at the first job's sign step; an unreachable target is
             # no reason not to start (the others work): jobs wait for it
             log_unavailable(await check_config(config))
-            store = await Store.open(config.daemon.state_dir / "archived.db")
+            for warning in shared_storage_warnings(config):
+                log.warning("storage target not shared?", reason=warning)
+            store = await open_store(config)
+            assert store is not None
             try:
                 self.svc = Services(
                     store=store,
@@ -138,17 +163,24 @@ class Daemon:
         log.info("stopped")
 
     async def _serve(self) -> None:
+        store = self.svc.store
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
+            if store.shared:
+                tg.start_soon(self._heartbeat)
+                tg.start_soon(store.listen, lambda: self.wake.set())
             await self._ingest_leftovers()
+            resumed = await store.resumable()
             await self._remove_stale_staging()
-            for job in await self.svc.store.jobs_in(PROCESSING):
+            for job in resumed:
                 self._start(tg, job)  # resume what a previous run left in flight
             log.info(
                 "ready",
                 state_dir=str(self.config.daemon.state_dir),
                 spool_dir=str(self.config.daemon.spool_dir),
                 targets=sorted(self.config.storage),
+                host_id=store.host_id,
+                queue="postgresql" if store.shared else "sqlite",
             )
             self.notify.ready(await self._status())
             tg.start_soon(self._reloader)
@@ -166,11 +198,13 @@ class Daemon:
                 await self._handle_cancel_requests(tg)
                 while len(self.running) < self.config.daemon.max_concurrent_jobs:
                     config = self.config
-                    claimed = await self.svc.store.claim_next(config.snapshot(), config.digest)
-                    if claimed is None:
+                    claim = await store.claim_next(
+                        config.snapshot(), config.digest, busy=set(self.running)
+                    )
+                    if claim is None:
                         break
-                    self.svc.metrics.transition(State.ACTIVITY_ARCHIVING)
-                    self._start(tg, claimed)
+                    self._claimed(claim)
+                    self._start(tg, claim.job)
                 if (new_status := await self._status()) != status:
                     status = new_status
                     self.notify.status(status)
@@ -190,9 +224,49 @@ class Daemon:
             return
         await watch.run(lambda: self.wake.set())
 
+    def _claimed(self, claim: Claim) -> None:
+        job = claim.job
+        if claim.how == "taken_over":
+            log.warning(
+                "job taken over: its daemon's lease lapsed",
+                job_id=job.id,
+                state=job.state.value,
+                previous_owner=claim.previous_owner,
+            )
+        if claim.how != "resumed":
+            self.svc.metrics.transition(job.state)
+
+    async def _heartbeat(self) -> None:
+        """Several daemons on the queue: renew the leases on our jobs every lease/3, and
+        stop at once each job another daemon took over, or whose lease we could not
+        renew in time (the database out of reach: another daemon may take it over)."""
+        store = self.svc.store
+        while True:
+            await anyio.sleep(self.config.queue.lease / 3)
+            try:
+                mine: set[str] | None = await store.renew_leases()
+            except Exception as exc:
+                log.warning("cannot renew the leases on our jobs", error=describe(exc))
+                mine = None
+            for job_id, runner in list(self.running.items()):
+                if mine is not None and job_id in mine:
+                    continue
+                try:
+                    store.check_lease(job_id)
+                    if mine is None:
+                        continue
+                    job = await store.job(job_id)
+                    if job is not None and job.owner not in (None, store.host_id):
+                        raise LeaseLost(f"taken over by {job.owner}")
+                except LeaseLost as exc:
+                    log.warning("lease lost; stopping the job", job_id=job_id, reason=str(exc))
+                    runner.lose()
+                except Exception as exc:
+                    log.warning("cannot read a job's owner", job_id=job_id, error=describe(exc))
+
     async def _status(self) -> str:
-        counts = {r["state"]: r["n"] for r in await self.svc.store.fetchall("count_by_state")}
-        busy = sum(n for state, n in counts.items() if state in PROCESSING)
+        counts = await self.svc.store.job_counts()
+        busy = sum(n for state, n in counts.items() if State(state) in PROCESSING)
         return (
             f"{busy} processing, {counts.get('queued', 0)} queued, "
             f"{counts.get('completed', 0)} completed, {counts.get('failed', 0)} failed; "
@@ -222,6 +296,8 @@ class Daemon:
             for fixed in ("state_dir", "spool_dir"):
                 if getattr(new.daemon, fixed) != getattr(self.config.daemon, fixed):
                     raise ConfigError(f"daemon.{fixed} cannot change on reload; restart instead")
+            if new.queue != self.config.queue:
+                raise ConfigError("[queue] cannot change on reload; restart instead")
             warnings = await check_config(new)
         except ArchivedError as exc:
             self.last_reload = f"rejected at {stamp}: {exc}"
@@ -245,7 +321,7 @@ class Daemon:
         """WATCHDOG=1 only while the event loop turns and the database answers."""
         while True:
             with anyio.move_on_after(interval / 2):
-                await self.svc.store.fetchone("ping")
+                await self.svc.store.ping()
                 self.notify.watchdog()
             await anyio.sleep(interval / 2)
 
@@ -262,9 +338,8 @@ class Daemon:
             audit = self.config.audit
             wait = math.inf
             if audit.interval > 0:
-                row = await self.svc.store.fetchone("last_audited")
-                known = [datetime.fromisoformat(row["at"])] if row and row["at"] else []
-                last = max([*known, *([last_round] if last_round else [])], default=None)
+                known = await self.svc.store.last_audited()
+                last = max([t for t in (known, last_round) if t is not None], default=None)
                 now = datetime.now(UTC)
                 wait = 0 if last is None else (last - now).total_seconds() + audit.interval
                 if wait <= 0:
@@ -278,7 +353,11 @@ class Daemon:
         audit = self.config.audit
         auditor = Auditor(self.svc.store, self.config, self.config.daemon.state_dir / "audit")
         try:
-            await auditor.round(copies=audit.copies_per_round, max_bytes=audit.bytes_per_round)
+            async with self.svc.store.leading("audit") as leader:
+                if leader:  # else another daemon on the queue runs this round
+                    await auditor.round(
+                        copies=audit.copies_per_round, max_bytes=audit.bytes_per_round
+                    )
         except Exception:
             log.exception("audit round failed; the next one runs as planned")
 
@@ -286,8 +365,11 @@ class Daemon:
         while True:
             await anyio.sleep(self.config.retention.check_interval)
             try:
-                await remove_orphans(self.svc.store, self.config)
-                deleted = await expire_due(self.svc.store, self.config)
+                async with self.svc.store.leading("retention") as leader:
+                    deleted = []
+                    if leader:  # else another daemon on the queue runs this round
+                        await remove_orphans(self.svc.store, self.config)
+                        deleted = await expire_due(self.svc.store, self.config)
             except Exception:
                 log.exception("retention round failed; the next one tries again")
                 continue
@@ -306,11 +388,11 @@ class Daemon:
                     log.warning("cannot write metrics", path=str(textfile), error=str(exc))
             await anyio.sleep(self.config.metrics.interval)
 
-    def _start(self, tg: TaskGroup, job: dict[str, Any]) -> None:
-        job_id = str(job["id"])
+    def _start(self, tg: TaskGroup, job: Job) -> None:
+        job_id = job.id
         runner = JobRunner(self.svc, job)
         self.running[job_id] = runner
-        whole = self.whole_job[job_id] = anyio.CancelScope()
+        whole = self.whole_job[job_id] = runner.whole = anyio.CancelScope()
 
         async def run() -> None:
             try:
@@ -326,41 +408,40 @@ class Daemon:
                 self.running.pop(job_id, None)
                 self.whole_job.pop(job_id, None)
                 self.wake.set()
+            if runner.lost:  # our staging of it is of no use to the daemon that has it now
+                await self._remove_stale_staging(job_id)
 
         tg.start_soon(run)
 
     async def _handle_cancel_requests(self, tg: TaskGroup) -> None:
         """`archived cancel` sets a flag in the database; act on it here."""
         store = self.svc.store
-        requests = await store.fetchall("cancel_requests", states=json.dumps(sorted(STOPPABLE)))
-        for request in requests:
-            job_id = request["id"]
-            if job_id in self.running:
-                self.running[job_id].cancel()
-            elif request["state"] == State.QUEUED:
+        for job in await store.cancel_requests():
+            if job.id in self.running:
+                self.running[job.id].cancel()
+            elif job.state in (State.QUEUED, State.RECOVERABLE_ERROR):  # no daemon runs it
                 try:
-                    await store.transition(
-                        job_id,
-                        State.QUEUED,
-                        Event.CANCELED,
-                        "canceled",
-                        error="canceled while queued",
-                    )
+                    job = await store.cancel_waiting(job)
                 except StaleState:
                     continue
                 self.svc.metrics.transition(State.FAILURE)
-                job = await store.job(job_id)
-                assert job is not None
                 self._start(tg, job)  # failure -> error_handling -> cleanup -> failed
 
-    async def _remove_stale_staging(self) -> None:
-        """Staging of jobs that are final (or unknown) is left over from a crash."""
+    async def _remove_stale_staging(self, only: str | None = None) -> None:
+        """Staging of jobs that are final (or unknown) is left over from a crash; with
+        several daemons, so is the staging of jobs another daemon runs now."""
         staging = self.config.daemon.state_dir / "staging"
         if not staging.is_dir():
             return
-        states = {r["id"]: r["state"] for r in await self.svc.store.fetchall("job_ids")}
+        store = self.svc.store
         for entry in staging.iterdir():
-            if states.get(entry.name) in FINAL or entry.name not in states:
+            if only is not None and entry.name != only:
+                continue
+            job = await store.job(entry.name)
+            stale = job is None or job.state in FINAL
+            if store.shared and job is not None:
+                stale = stale or job.owner != store.host_id
+            if stale:
                 log.info("removing stale staging", job_id=entry.name)
                 await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
 
@@ -465,7 +546,7 @@ class Daemon:
         digest = hashlib.sha256(data).hexdigest()
         known = await store.job(claimed.job_id)
         if known is not None:
-            if known["spec_sha256"] == digest:
+            if known.spec_sha256 == digest:
                 await self.spool.done(claimed)  # inserted before a crash; the file is spent
             else:
                 await self._reject(claimed, f"job id {claimed.job_id} already exists")
@@ -493,37 +574,39 @@ class Daemon:
         digest: str,
         *,
         reason: str,
-        schedule_run: dict[str, Any] | None = None,
-    ) -> None:
+        schedule_run: ScheduleRun | None = None,
+    ) -> bool:
         config = self.config
         tasks = [("activity", a.name) for a in spec.activities]
         tasks += [("storage", t) for t in spec.targets(config)]
-        await self.svc.store.insert_job(
-            job_id=job_id,
+        job = NewJob(
+            id=job_id,
             name=spec.name,
             spec=spec.model_dump_json(),
             spec_sha256=digest,
             config=config.snapshot(),
             config_digest=config.digest,
-            not_before=spec.not_before_utc(),
-            tasks=tasks,
-            reason=reason,
-            schedule_run=schedule_run,
+            not_before=as_datetime(spec.not_before_utc()),
+            tasks=tuple(tasks),
         )
+        if not await self.svc.store.insert_job(job, reason=reason, schedule_run=schedule_run):
+            return False
         self.svc.metrics.transition(State.UNINITIALIZED)
         self.svc.metrics.transition(State.QUEUED)
+        return True
 
     async def _create_scheduled(
-        self, spec: JobSpec, job_id: str, digest: str, run: dict[str, Any]
-    ) -> None:
-        await self._insert(
+        self, spec: JobSpec, job_id: str, digest: str, run: ScheduleRun
+    ) -> bool:
+        made = await self._insert(
             spec,
             job_id,
             digest,
             schedule_run=run,
-            reason=f"created by schedule {run['schedule']} for {run['slot']}",
+            reason=f"created by schedule {run.schedule} for {iso(run.slot)}",
         )
         self.wake.set()
+        return made
 
     async def _reject(self, entry: Claimed, reason: str) -> None:
         target = await self.spool.reject(entry, reason)

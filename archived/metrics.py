@@ -22,20 +22,16 @@ from pathlib import Path
 from .config import Config
 from .schedules import period
 from .states import State
-from .store import Store
+from .store import QueueStats, Store
 
 AUDIT_RESULTS = ("ok", "missing", "damaged", "repaired", "unrepaired", "unreachable")
 COPY_AUDITS = ("ok", "damaged", "unreachable", "unaudited")
 
 
-@dataclass
-class Stored:
-    """The metrics the database holds."""
+@dataclass(frozen=True)
+class Stored(QueueStats):
+    """The metrics the database holds (copies by COPY_AUDITS)."""
 
-    jobs_by_state: dict[str, int]
-    audits: dict[str, int]  # audit results ever, daemon and command line alike
-    copies: dict[str, int]  # live copies of completed jobs by COPY_AUDITS
-    damaged_jobs: int  # completed jobs with a copy found bad and not repaired
     now: datetime = field(default_factory=lambda: datetime.now(UTC))  # when read
     queue_depth: int = 0  # queued jobs that are due
     queue_oldest: datetime | None = None  # since when the longest-waiting one is due
@@ -44,15 +40,12 @@ class Stored:
     @classmethod
     async def read(cls, store: Store, config: Config) -> Stored:
         now = datetime.now(UTC)
-        damaged = await store.fetchone("damaged_jobs")
+        stats = await store.stats()
         depth, oldest = await store.queue_depth(now)
         done = await store.last_success_by_schedule()
         seen = await store.schedules_first_seen()
         return cls(
-            jobs_by_state={r["state"]: r["n"] for r in await store.fetchall("count_by_state")},
-            audits={r["result"]: r["count"] for r in await store.fetchall("audit_totals")},
-            copies={r["audit"]: r["n"] for r in await store.fetchall("copies_by_audit")},
-            damaged_jobs=damaged["n"] if damaged else 0,
+            **stats.__dict__,
             now=now,
             queue_depth=depth,
             queue_oldest=oldest,

@@ -4,70 +4,54 @@ Cleanup must end (every job reaches a final state), but a copy or a partial file
 unmounted disk cannot be removed until the disk is back. Cleanup records it here; the
 daemon's retention round calls `remove_orphans()`, which removes it through the storage
 driver once the target answers, and marks it removed. Orphans of a job that runs again
-(an operator's `retry`) wait until it is final again: the new run cleans up after itself.
+(an operator's `retry`, or a takeover from a daemon that died: what its attempt stored is
+recorded here) are removed by that job's own cleanup, and by the round once it is final.
 """
 
 from __future__ import annotations
-
-import json
 
 import structlog
 
 from .config import Config
 from .drivers import open_storage
 from .errors import describe
-from .store import Store, Tx, now_iso
+from .store import Store
 
 log = structlog.get_logger("archived.orphans")
 
 
-async def record(tx: Tx, job_id: str, target: str, key: str, reason: str) -> None:
-    await tx.run(
-        "upsert_orphan", job_id=job_id, target=target, key=key, reason=reason, now=now_iso()
-    )
-
-
-async def remove_orphans(store: Store, config: Config) -> int:
-    """Remove every orphan whose target answers now; how many were removed."""
+async def remove_orphans(store: Store, config: Config, *, job_id: str | None = None) -> int:
+    """Remove every orphan of final jobs (or of `job_id`, whatever its state) whose
+    target answers now; how many were removed."""
     removed = 0
-    for orphan in await store.fetchall("orphans_due"):
-        job_id, target, key = orphan["job_id"], orphan["target"], orphan["key"]
-        live = {c["target"] for c in await store.fetchall("live_copies", job_id=job_id)}
-        job = await store.job(job_id)
+    for orphan in await store.orphans_due(job_id):
+        target, key = orphan.target, orphan.key
+        job = await store.job(orphan.job_id)
         assert job is not None
-        if target in live and key == f"{job['name']}/{job['archive_name']}":
+        live = {c.target for c in await store.copies(orphan.job_id, live=True)}
+        if target in live and key == job.key:
             existed = False  # stored there again since (a retry): that copy is no orphan
         else:
             try:
                 snapshot = (
-                    config if target in config.storage else Config.from_snapshot(orphan["config"])
+                    config if target in config.storage else Config.from_snapshot(orphan.config)
                 )
                 existed = await open_storage(snapshot, target).delete(key)
             except Exception as exc:
                 log.warning(
                     "orphan not removed yet; will retry",
-                    job_id=job_id,
-                    state=orphan["state"],
+                    job_id=orphan.job_id,
+                    state=orphan.state,
                     target=target,
                     key=key,
                     error=describe(exc),
                 )
                 continue
-        async with store.transaction() as tx:
-            await tx.run(
-                "mark_orphan_removed", job_id=job_id, target=target, key=key, now=now_iso()
-            )
-            await tx.run(
-                "insert_event",
-                job_id=job_id,
-                now=now_iso(),
-                kind="orphan_removed",
-                detail=json.dumps({"target": target, "key": key, "was_there": existed}),
-            )
+        await store.orphan_removed(orphan, existed=existed)
         log.info(
             "orphan removed",
-            job_id=job_id,
-            state=orphan["state"],
+            job_id=orphan.job_id,
+            state=orphan.state,
             target=target,
             key=key,
             was_there=existed,

@@ -13,6 +13,7 @@ out when the hold comes in still completes, and is recorded.)
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import structlog
 
@@ -20,8 +21,7 @@ from .config import Config
 from .drivers import open_storage
 from .drivers.base import Lock
 from .errors import StorageError, describe
-from .states import Event, State
-from .store import Row, StaleState, Store, now_iso
+from .store import Job, StaleState, Store
 
 log = structlog.get_logger("archived.retention")
 
@@ -36,28 +36,32 @@ def expiry(days: int | None, at: datetime) -> datetime | None:
     return None if days is None else (at + timedelta(days=days)).replace(microsecond=0)
 
 
-def copy_lock(job: Row) -> Lock:
+class Locked(Protocol):
+    """A job, or a copy with its job's: what a copy's lock comes from."""
+
+    @property
+    def expires_at(self) -> datetime | None: ...
+    @property
+    def legal_hold(self) -> bool: ...
+
+
+def copy_lock(job: Locked) -> Lock:
     """The lock a copy of a stored job is written with (an audit's repair): until the
     job expires, and its legal hold."""
-    expires = job["expires_at"]
-    return Lock(
-        until=datetime.fromisoformat(expires) if expires else None,
-        legal_hold=bool(job["legal_hold"]),
-    )
+    return Lock(until=job.expires_at, legal_hold=job.legal_hold)
 
 
-async def hold_copies(store: Store, config: Config, job: Row, on: bool) -> list[str]:
+async def hold_copies(store: Store, config: Config, job: Job, on: bool) -> list[str]:
     """Put (or lift) the targets' own legal hold on the job's live copies, where they
     have one (S3 Object Lock). What was done, one line each; the first error raises,
     after the other copies had their turn (StorageError naming every one)."""
-    snapshot = Config.from_snapshot(job["config"])
-    key = f"{job['name']}/{job['archive_name']}"
+    snapshot = Config.from_snapshot(job.config)
     said, problems = [], []
-    for copy in await store.fetchall("live_copies", job_id=job["id"]):
-        target = copy["target"]
+    for copy in await store.copies(job.id, live=True):
+        target = copy.target
         try:
             driver = open_storage(config if target in config.storage else snapshot, target)
-            if line := await driver.set_legal_hold(key, on):
+            if line := await driver.set_legal_hold(job.key, on):
                 said.append(line)
         except Exception as exc:
             problems.append(describe(exc))
@@ -69,71 +73,51 @@ async def hold_copies(store: Store, config: Config, job: Row, on: bool) -> list[
 async def expire_due(store: Store, config: Config) -> list[str]:
     """Delete what is due; the ids of jobs that reached `deleted`."""
     deleted = []
-    for job in await store.fetchall("expired_jobs", now=now_iso()):
+    for job in await store.expired_jobs():
         if await _expire(store, config, job):
-            deleted.append(job["id"])
+            deleted.append(job.id)
     return deleted
 
 
-async def _expire(store: Store, config: Config, job: Row) -> bool:
-    job_id = job["id"]
-    key = f"{job['name']}/{job['archive_name']}"
-    snapshot = Config.from_snapshot(job["config"])
+async def _expire(store: Store, config: Config, job: Job) -> bool:
+    snapshot = Config.from_snapshot(job.config)
     left = 0
-    for copy in await store.fetchall("live_copies", job_id=job_id):
+    for copy in await store.copies(job.id, live=True):
         # placed since the round began, or while it waited on another target?
-        if _held(await store.fetchall("legal_hold", id=job_id)):
-            return _stopped(job_id)
-        target = copy["target"]
+        if await store.legal_hold(job.id):
+            return _stopped(job.id)
+        target = copy.target
         try:
             driver = open_storage(config if target in config.storage else snapshot, target)
-            existed = await driver.delete(key)
+            existed = await driver.delete(job.key)
         except Exception as exc:
             left += 1
             log.error(
                 "retention: cannot delete a copy yet; will retry",
-                job_id=job_id,
+                job_id=job.id,
                 state="completed",
                 target=target,
                 error=describe(exc),
             )
             continue
-        async with store.transaction() as tx:
-            await tx.run("mark_copy_deleted", job_id=job_id, target=target, now=now_iso())
-            await tx.run(
-                "insert_event",
-                job_id=job_id,
-                now=now_iso(),
-                kind="retention",
-                detail=f'{{"target": "{target}", "deleted": {str(existed).lower()}}}',
-            )
+        await store.copy_deleted(job.id, target, existed=existed)
         log.info(
             "retention: copy deleted",
-            job_id=job_id,
+            job_id=job.id,
             state="completed",
             target=target,
-            path=copy["path"],
+            path=copy.path,
             was_there=existed,
         )
     if left:
         return False
+    expires = job.expires_at.isoformat().replace("+00:00", "Z") if job.expires_at else "?"
     try:
-        async with store.transaction() as tx:
-            if _held(await tx.all("legal_hold", id=job_id)):
-                return _stopped(job_id)
-            await tx.transition(
-                job_id,
-                State.COMPLETED,
-                Event.EXPIRED,
-                f"retention of {job['expires_at']} passed; every copy deleted",
-            )
+        if not await store.expire(job, f"retention of {expires} passed; every copy deleted"):
+            return _stopped(job.id)
     except StaleState:
         return False
     return True
-
-
-def _held(rows: list[Row]) -> bool:
-    return bool(rows and rows[0]["legal_hold"])
 
 
 def _stopped(job_id: str) -> bool:

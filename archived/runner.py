@@ -4,12 +4,16 @@
 transition the handler's event leads to (see states.py). Because every step starts
 from what the database says, a restarted daemon resumes a job by simply running it
 again: finished tasks are skipped, finished post-processing steps are skipped.
+
+A job that must wait to retry (`recoverable_error`, a cleanup backing off) ends its
+runner and holds no slot: the store's claim hands it back when its `retry_at` has come.
+With several daemons on one queue, a runner whose daemon lost the job's lease (another
+daemon took it over) stops at once, writing nothing more about it (see store_pg.py).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import shutil
@@ -48,7 +52,19 @@ from .names import Collisions
 from .progress import Report
 from .retention import expiry, hold_copies
 from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
-from .store import Row, StaleState, Store, Tx, now_iso
+from .store import (
+    Copy,
+    Job,
+    LeaseLost,
+    NewCopy,
+    StaleState,
+    Store,
+    Task,
+    iso,
+    lease_lost,
+    now_iso,
+    utcnow,
+)
 from .timestamp import request_token
 
 log = structlog.get_logger("archived.runner")
@@ -94,11 +110,11 @@ def boot_id() -> str:
 
 
 class JobRunner:
-    def __init__(self, svc: Services, job: Row) -> None:
+    def __init__(self, svc: Services, job: Job) -> None:
         self.svc, self.job = svc, job
-        self.id: str = job["id"]
-        self.config = Config.from_snapshot(job["config"])
-        self.spec = JobSpec.model_validate_json(job["spec"])
+        self.id = job.id
+        self.config = Config.from_snapshot(job.config)
+        self.spec = JobSpec.model_validate_json(job.spec)
         self.staging = svc.state_dir / "staging" / self.id
         self.bag_dir = self.staging / "bag"  # the tag files
         self.records_dir: Path = self.staging / "records"  # per activity: sha256 size path
@@ -107,7 +123,9 @@ class JobRunner:
         self.end = self.staging / "end.tar"
         self.last_error: BaseException | None = None
         self.scope: anyio.CancelScope | None = None
+        self.whole: anyio.CancelScope | None = None  # the daemon's scope around run()
         self.canceled = False
+        self.lost = False  # another daemon took the job over: touch nothing of it
         self.attempt_begun = False
         self.step_events: list[tuple[str, dict[str, Any]]] = []
         self.estimates: dict[str, Estimate] = {}  # by activity, from the space check
@@ -116,7 +134,6 @@ class JobRunner:
             State.POST_PROCESSING: self.post_processing,
             State.STORE: self.store,
             State.ERROR: self.classify_error,
-            State.RECOVERABLE_ERROR: self.wait_and_retry,
             State.FAILURE: self.failure,
             State.ERROR_HANDLING: self.error_handling,
             State.CLEANUP: self.cleanup,
@@ -124,16 +141,16 @@ class JobRunner:
 
     @property
     def state(self) -> State:
-        return State(self.job["state"])
+        return self.job.state
 
     @property
     def bag_name(self) -> str:
         """`<name>-<job id>-<UTC start>`: fixed when the job first starts, since the
         activities write it into their tar members (and kept when a retry stores the
         archive of an earlier start)."""
-        if self.job["archive_name"]:
-            return str(self.job["archive_name"]).removesuffix(".tar")
-        started = datetime.fromisoformat(self.job["started_at"]).astimezone(UTC)
+        if self.job.archive_name:
+            return self.job.archive_name.removesuffix(".tar")
+        started = self.job.started_at or utcnow()
         return f"{self.spec.name}-{self.id}-{started.strftime('%Y%m%dT%H%M%SZ')}"
 
     def _fragment(self, activity: str) -> Path:
@@ -149,33 +166,52 @@ class JobRunner:
 
     async def run(self) -> None:
         with structlog.contextvars.bound_contextvars(job_id=self.id, state=self.state.value):
-            while self.state not in FINAL and not self.svc.stopping.is_set():
-                state = self.state
-                began = time.monotonic()
-                outcome = await self._guarded_step(state)
-                self.svc.metrics.step(state, time.monotonic() - began)
-                if outcome is None:
-                    return  # shutting down: the next start resumes from this state
-                try:
-                    new = await self.svc.store.transition(
-                        self.id, state, outcome.event, outcome.reason, **outcome.fields
-                    )
-                except StaleState:
-                    log.warning("job moved under us; re-reading")
-                    new = state
-                structlog.contextvars.bind_contextvars(state=new.value)
-                self.svc.metrics.transition(new)
-                if new == State.COMPLETED:
-                    self.svc.metrics.bytes_archived += self.job["payload_bytes"] or 0
-                log.info(
-                    "transition",
-                    from_state=state.value,
-                    on=outcome.event.value,
-                    reason=outcome.reason,
+            try:
+                await self._run()
+            except* LeaseLost as group:
+                self.lost = True
+                log.warning(
+                    "lease lost: another daemon runs this job now; stopped, nothing of it touched",
+                    reason=str(group.exceptions[0]),
                 )
-                job = await self.svc.store.job(self.id)
-                assert job is not None
-                self.job = job
+
+    async def _run(self) -> None:
+        """Step by step until the job is final, or waits (to retry), or we stop."""
+        while self.state not in FINAL and not self.svc.stopping.is_set():
+            if self.job.waiting:
+                return  # it holds no slot while it waits: the claim takes it when due
+            state = self.state
+            began = time.monotonic()
+            outcome = await self._guarded_step(state)
+            self.svc.metrics.step(state, time.monotonic() - began)
+            if outcome is None:
+                return  # shutting down: the next start resumes from this state
+            try:
+                new = await self.svc.store.transition(
+                    self.id, state, outcome.event, outcome.reason, **outcome.fields
+                )
+            except StaleState:
+                log.warning("job moved under us; re-reading")
+                new = state
+            structlog.contextvars.bind_contextvars(state=new.value)
+            self.svc.metrics.transition(new)
+            if new == State.COMPLETED:
+                self.svc.metrics.bytes_archived += self.job.payload_bytes or 0
+            log.info(
+                "transition",
+                from_state=state.value,
+                on=outcome.event.value,
+                reason=outcome.reason,
+            )
+            job = await self.svc.store.job(self.id)
+            assert job is not None
+            self.job = job
+
+    def lose(self) -> None:
+        """Another daemon owns the job now: stop at once, write nothing more."""
+        self.lost = True
+        if self.whole is not None:
+            self.whole.cancel()
 
     def cancel(self) -> None:
         """Stop the running step at its next safe point; the job goes to failure."""
@@ -185,8 +221,8 @@ class JobRunner:
 
     def _deadline(self) -> float:
         """The whole-job deadline on anyio's clock."""
-        started = datetime.fromisoformat(self.job["started_at"] or now_iso())
-        left = (started - datetime.now(UTC)).total_seconds() + self.config.daemon.job_timeout
+        started = self.job.started_at or utcnow()
+        left = (started - utcnow()).total_seconds() + self.config.daemon.job_timeout
         return anyio.current_time() + left
 
     async def _guarded_step(self, state: State) -> Outcome | None:
@@ -212,19 +248,18 @@ class JobRunner:
                 {"error": f"timeout: job_timeout ({limit:g}s) passed during {state}"},
             )
         if self.attempt_begun:  # shutdown is not the step's fault: give the attempt back
-            await self.svc.store.update_job(self.id, attempts=self.job["attempts"] - 1)
+            await self.svc.store.update_job(self.id, attempts=self.job.attempts - 1)
         return None
 
     async def _abandon_executing_tasks(self) -> None:
-        async with self.svc.store.transaction() as tx:
-            await tx.run("abandon_tasks", job_id=self.id, now=now_iso())
+        await self.svc.store.abandon_tasks(self.id)
 
     async def _step(self, state: State) -> Outcome | None:
         handler = self.handlers[state]
         try:
             return await handler()
         except Exception as exc:
-            if state not in RETRY_EVENT:
+            if state not in RETRY_EVENT or lease_lost(exc):
                 raise  # errors outside the critical section are bugs: let the daemon log them
             self.last_error = exc
             log.warning("phase failed", error=describe(exc), error_type=type(exc).__name__)
@@ -236,83 +271,53 @@ class JobRunner:
 
     async def _begin_attempt(self, phase: State) -> None:
         """Count an attempt of `phase` before doing anything, so a crash counts too."""
-        attempts = self.job["attempts"] + 1 if self.job["phase"] == phase else 1
+        attempts = self.job.attempts + 1 if self.job.phase == phase else 1
         await self.svc.store.update_job(self.id, phase=phase.value, attempts=attempts)
-        self.job = {**self.job, "phase": phase.value, "attempts": attempts}
+        self.job = self.job.replace(phase=phase.value, attempts=attempts)
         self.attempt_begun = True
         if attempts > self.config.retry.max_attempts:
             raise AttemptsExhausted(f"{phase}: {attempts - 1} attempts used up")
 
     async def _event(self, kind: str, **detail: Any) -> None:
-        async with self.svc.store.transaction() as tx:
-            await self._insert_event(tx, kind, detail)
-
-    async def _insert_event(self, tx: Tx, kind: str, detail: dict[str, Any]) -> None:
-        await tx.run(
-            "insert_event",
-            job_id=self.id,
-            now=now_iso(),
-            kind=kind,
-            detail=json.dumps(detail, sort_keys=True),
-        )
+        await self.svc.store.add_event(self.id, kind, detail)
 
     def _step_event(self, kind: str, **detail: Any) -> None:
         """An event committed with the post-processing step that logs it (once, even if
         the daemon dies in between and the step runs again)."""
         self.step_events.append((kind, detail))
 
-    async def _tasks(self, kind: str) -> list[Row]:
-        rows = await self.svc.store.fetchall("tasks", job_id=self.id)
-        return [r for r in rows if r["kind"] == kind]
+    async def _tasks(self, kind: str) -> list[Task]:
+        return await self.svc.store.tasks(self.id, kind)
 
     async def _run_tasks(
         self,
         kind: str,
         slots: anyio.CapacityLimiter,
         work: Callable[[str], Awaitable[dict[str, Any]]],
-        record: Callable[[Tx, str, dict[str, Any]], Awaitable[None]] | None = None,
+        copy: Callable[[dict[str, Any]], NewCopy] | None = None,
     ) -> None:
         """Run every unfinished task of `kind` concurrently; raise the first failure.
 
-        `record` adds what a finished task found to the transaction that marks it done.
+        `copy` makes the copy a finished storage task wrote of its result, recorded in
+        the transaction that marks the task done.
         """
-        pending = [t["name"] for t in await self._tasks(kind) if t["state"] != "completed"]
+        pending = [t.name for t in await self._tasks(kind) if t.state != "completed"]
         failures: list[BaseException] = []
         store = self.svc.store
 
         async def one(name: str) -> None:
             async with slots:
-                async with store.transaction() as tx:
-                    await tx.run("start_task", job_id=self.id, kind=kind, name=name, now=now_iso())
+                await store.start_task(self.id, kind, name)
                 try:
                     result = await work(name)
                 except Exception as exc:
+                    if lease_lost(exc):
+                        raise
                     failures.append(exc)
-                    async with store.transaction() as tx:
-                        await tx.run(
-                            "finish_task",
-                            job_id=self.id,
-                            kind=kind,
-                            name=name,
-                            state="failed",
-                            error=describe(exc),
-                            result=None,
-                            now=now_iso(),
-                        )
+                    await store.finish_task(self.id, kind, name, error=describe(exc))
                     return
-                async with store.transaction() as tx:
-                    if record is not None:
-                        await record(tx, name, result)
-                    await tx.run(
-                        "finish_task",
-                        job_id=self.id,
-                        kind=kind,
-                        name=name,
-                        state="completed",
-                        error=None,
-                        result=json.dumps(result),
-                        now=now_iso(),
-                    )
+                made = copy(result) if copy is not None else None
+                await store.finish_task(self.id, kind, name, result=result, copy=made)
 
         async with anyio.create_task_group() as tg:
             for name in pending:
@@ -334,19 +339,7 @@ class JobRunner:
 
     async def _sync_storage_tasks(self) -> None:
         """One storage task per target the job stores to under the config it runs on."""
-        targets = self.spec.targets(self.config)
-        async with self.svc.store.transaction() as tx:
-            await tx.run(
-                "drop_unstarted_storage_tasks", job_id=self.id, targets=json.dumps(targets)
-            )
-            for target in targets:
-                await tx.run(
-                    "insert_task_if_missing",
-                    job_id=self.id,
-                    kind="storage",
-                    name=target,
-                    now=now_iso(),
-                )
+        await self.svc.store.sync_storage_tasks(self.id, self.spec.targets(self.config))
 
     def _driver(self, name: str) -> ActivityDriver:
         activity = next(a for a in self.spec.activities if a.name == name)
@@ -360,7 +353,7 @@ class JobRunner:
         """NoSpace (recoverable) before anything is staged, when the staging file system
         has less room than the unfinished activities' sources will take there. What the
         drivers know of their sources is kept: their progress is shown against it."""
-        pending = [t["name"] for t in await self._tasks("activity") if t["state"] != "completed"]
+        pending = [t.name for t in await self._tasks("activity") if t.state != "completed"]
         needed = 0
         for name in pending:
             await anyio.to_thread.run_sync(self._clear_activity, self._writer(name))
@@ -413,14 +406,7 @@ class JobRunner:
             report = Report(
                 writer.files, writer.moved, estimate.files, estimate.bytes, since, now_iso()
             )
-            async with self.svc.store.transaction() as tx:
-                await tx.run(
-                    "task_progress",
-                    job_id=self.id,
-                    kind="activity",
-                    name=name,
-                    progress=report.dumps(),
-                )
+            await self.svc.store.task_progress(self.id, "activity", name, report.dumps())
             await anyio.sleep(1)
 
     @staticmethod
@@ -437,17 +423,14 @@ class JobRunner:
 
     async def post_processing(self) -> Outcome:
         await self._begin_attempt(State.POST_PROCESSING)
-        done = self.job["step"]
+        done = self.job.step
         start = POST_STEPS.index(done) + 1 if done in POST_STEPS else 0
         for step in POST_STEPS[start:]:
             await failpoints.reach(step)
             self.step_events = []
             fields = await getattr(self, step)()
-            async with self.svc.store.transaction() as tx:
-                await tx.update_job(self.id, step=step, **fields)
-                for kind, detail in self.step_events:
-                    await self._insert_event(tx, kind, detail)
-            self.job = {**self.job, "step": step, **fields}
+            await self.svc.store.finish_step(self.id, step, fields, self.step_events)
+            self.job = self.job.replace(step=step, **fields)
             log.info("post-processing step done", step=step)
         return Outcome(Event.DONE, "integrity checked, checksums calculated, signed")
 
@@ -467,7 +450,7 @@ class JobRunner:
         return {}
 
     async def _activity_results(self) -> dict[str, dict[str, Any]]:
-        return {t["name"]: json.loads(t["result"]) for t in await self._tasks("activity")}
+        return {t.name: t.result or {} for t in await self._tasks("activity")}
 
     async def _reverify_after_restart(self, reported: dict[str, dict[str, Any]]) -> list[str]:
         """Re-read, against their records, the fragments written before the machine
@@ -608,11 +591,14 @@ class JobRunner:
         return {"archive_name": bag_name + ".tar", "archive_size": size}
 
     async def _event_log(self) -> list[dict[str, Any]]:
-        history = await self.svc.store.fetchall("history", job_id=self.id)
-        events = await self.svc.store.fetchall("events", job_id=self.id)
-        lines = [{"type": "transition", **h} for h in history]
-        lines += [{"type": e["kind"], "at": e["at"], **json.loads(e["detail"])} for e in events]
-        lines.append({"type": "sign", "at": now_iso(), "algorithm": "ed25519-minisign"})
+        history = await self.svc.store.history(self.id)
+        events = await self.svc.store.events(self.id)
+        lines: list[dict[str, Any]] = [
+            {"type": "transition", "state": h.state, "at": iso(h.at), "reason": h.reason}
+            for h in history
+        ]
+        lines += [{"type": e.kind, "at": iso(e.at), **e.detail} for e in events]
+        lines.append({"type": "sign", "at": iso(utcnow()), "algorithm": "ed25519-minisign"})
         return sorted(lines, key=lambda e: str(e["at"]))
 
     # -- store -------------------------------------------------------------------------
@@ -625,7 +611,7 @@ class JobRunner:
         """
         await self._begin_attempt(State.STORE)
         await failpoints.reach("store")
-        kept = await self.svc.store.fetchall("live_copies", job_id=self.id)
+        kept = await self.svc.store.copies(self.id, live=True)
         if kept and not self.head.exists():
             # an operator's retry of a job that failed with verified copies: the
             # archive comes from one of them, not from sources archived again
@@ -641,7 +627,7 @@ class JobRunner:
         # locked (where a target can) until the job's retention passes, never later
         lock = Lock(
             until=expiry(self.spec.retention_days, datetime.now(UTC)),
-            legal_hold=bool(self.job["legal_hold"]),
+            legal_hold=self.job.legal_hold,
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._hash_archive, parts, digest)
@@ -649,7 +635,7 @@ class JobRunner:
                 "storage",
                 self.svc.storage_slots,
                 lambda target: self._store_one(target, parts, digest, lock),
-                self._record_copy,
+                lambda stored: NewCopy(**stored),
             )
         await self._hold_if_changed_meanwhile(lock)
         return Outcome(
@@ -659,32 +645,32 @@ class JobRunner:
             {"archive_sha256": digest.result()},
         )
 
-    async def _restore_archive(self, kept: list[Row]) -> Path:
+    async def _restore_archive(self, kept: list[Copy]) -> Path:
         """The archive in staging again, fetched from a verified copy and checked
         against its digest; the next copy if one does not read back as recorded."""
         archive: Path = self.staging / "archive.tar"
         archive.unlink(missing_ok=True)
-        await anyio.to_thread.run_sync(self._require_staging_space, self.job["archive_size"])
+        await anyio.to_thread.run_sync(self._require_staging_space, self.job.archive_size or 0)
         problems = []
         for copy in kept:
             try:
-                await self._storage(copy["target"]).fetch(self._key(), archive)
+                await self._storage(copy.target).fetch(self._key(), archive)
                 got = await anyio.to_thread.run_sync(
                     file_sha256, archive, limiter=self.svc.hash_threads
                 )
             except Exception as exc:
-                problems.append(f"{copy['target']}: {describe(exc)}")
+                problems.append(f"{copy.target}: {describe(exc)}")
                 continue
-            if got == (copy["sha256"], copy["size"]):
-                log.info("archive fetched from a kept copy", target=copy["target"])
+            if got == (copy.sha256, copy.size):
+                log.info("archive fetched from a kept copy", target=copy.target)
                 return archive
-            problems.append(f"{copy['target']}: sha256 {got[0]} ({got[1]} bytes)")
+            problems.append(f"{copy.target}: sha256 {got[0]} ({got[1]} bytes)")
         raise StorageError(
             "no kept copy reads back as recorded: " + "; ".join(problems), recoverable=True
         )
 
     def _key(self) -> str:
-        return f"{self.spec.name}/{self.job['archive_name']}"
+        return f"{self.spec.name}/{self.job.archive_name}"
 
     async def _hash_archive(self, parts: list[Path], digest: Digest) -> None:
         """Resolve `digest`, whatever happens: storage threads may be waiting for it.
@@ -705,11 +691,11 @@ class JobRunner:
         except BaseException:
             digest.set_exception(StorageError("cancelled", recoverable=True))
             raise
-        if packed.size != self.job["archive_size"]:
+        if packed.size != self.job.archive_size:
             digest.set_exception(
                 IntegrityError(
                     f"the staged archive has {packed.size} bytes, "
-                    f"{self.job['archive_size']} when it was sealed"
+                    f"{self.job.archive_size} when it was sealed"
                 )
             )
             return
@@ -721,19 +707,17 @@ class JobRunner:
         hold` sets the copies recorded when it ran, this the ones recorded since. Each
         reads what the other committed first, so no copy slips through."""
         job = await self.svc.store.job(self.id)
-        if job is not None and bool(job["legal_hold"]) != lock.legal_hold:
-            await hold_copies(self.svc.store, self.config, job, bool(job["legal_hold"]))
+        if job is not None and job.legal_hold != lock.legal_hold:
+            await hold_copies(self.svc.store, self.config, job, job.legal_hold)
 
     async def _store_one(
         self, target: str, parts: list[Path], digest: Digest, lock: Lock
     ) -> dict[str, Any]:
         driver = self._storage(target)
-        copy = await driver.put(parts, self._key(), digest, self.job["archive_size"], lock)
+        self.svc.store.check_lease(self.id)  # a daemon that lost the job writes nothing
+        copy = await driver.put(parts, self._key(), digest, self.job.archive_size or 0, lock)
         log.info("stored", target=target, path=copy.path)
         return {"path": copy.path, "size": copy.size, "sha256": copy.sha256}
-
-    async def _record_copy(self, tx: Tx, target: str, copy: dict[str, Any]) -> None:
-        await tx.run("upsert_copy", job_id=self.id, target=target, now=now_iso(), **copy)
 
     def _storage(self, target: str) -> StorageDriver:
         return open_storage(self.config, target)
@@ -742,19 +726,19 @@ class JobRunner:
 
     async def classify_error(self) -> Outcome:
         error = self.last_error
-        attempts, limit = self.job["attempts"], self.config.retry.max_attempts
-        phase = self.job["phase"]
+        attempts, limit = self.job.attempts, self.config.retry.max_attempts
+        phase = self.job.phase
         if isinstance(error, AttemptsExhausted) or (
             error is not None and classify(error) == Kind.RECOVERABLE and attempts >= limit
         ):
             return Outcome(
                 Event.EXHAUSTED,
                 f"{phase}: gave up after {min(attempts, limit)} attempts",
-                {"error": f"{self.job['error']} (after {limit} attempts)"},
+                {"error": f"{self.job.error} (after {limit} attempts)"},
             )
         # Resumed after a crash in this state, the exception is gone: try again.
         if error is not None and classify(error) == Kind.FATAL:
-            return Outcome(Event.FATAL, f"not recoverable: {self.job['error']}")
+            return Outcome(Event.FATAL, f"not recoverable: {self.job.error}")
         delay, retry_at = self._backoff(attempts)
         return Outcome(
             Event.RECOVERABLE,
@@ -762,35 +746,15 @@ class JobRunner:
             {"retry_at": retry_at},
         )
 
-    def _backoff(self, attempts: int) -> tuple[float, str]:
-        """How long to wait after `attempts` failed attempts, and until when."""
+    def _backoff(self, attempts: int) -> tuple[float, datetime]:
+        """How long to wait after `attempts` failed attempts, and until when. The job
+        waits in the queue meanwhile, holding no slot: the claim takes it when due."""
         cap = min(self.config.retry.backoff_max, self.config.retry.backoff * 2 ** (attempts - 1))
         delay = random.uniform(0, cap)  # full jitter
-        return delay, (datetime.now(UTC) + timedelta(seconds=delay)).isoformat()
-
-    async def _backoff_over(self) -> bool:
-        """Wait until the job's retry_at; False if the daemon is stopping meanwhile."""
-        if not self.job["retry_at"]:
-            return True
-        retry_at = datetime.fromisoformat(self.job["retry_at"])
-        delay = (retry_at - datetime.now(UTC)).total_seconds()
-        if delay > 0:
-            with anyio.move_on_after(delay):
-                await self.svc.stopping.wait()
-        return not self.svc.stopping.is_set()
-
-    async def wait_and_retry(self) -> Outcome | None:
-        if not await self._backoff_over():
-            return None
-        phase = State(self.job["phase"])
-        return Outcome(
-            RETRY_EVENT[phase],
-            f"backoff over: re-entering {phase}",
-            {"retry_at": None, "error": None},
-        )
+        return delay, utcnow() + timedelta(seconds=delay)
 
     async def failure(self) -> Outcome:
-        return Outcome(Event.HANDLED, f"failure: {self.job['error']}")
+        return Outcome(Event.HANDLED, f"failure: {self.job.error}")
 
     async def error_handling(self) -> Outcome:
         """Run hooks.on_failure once, bounded; a failing hook is logged, never retried."""
@@ -801,8 +765,8 @@ class JobRunner:
             **os.environ,
             "ARCHIVED_JOB_ID": self.id,
             "ARCHIVED_JOB_NAME": self.spec.name,
-            "ARCHIVED_FAILED_STATE": self.job["phase"] or "queued",
-            "ARCHIVED_REASON": self.job["error"] or "",
+            "ARCHIVED_FAILED_STATE": self.job.phase or "queued",
+            "ARCHIVED_REASON": self.job.error or "",
         }
         try:
             code, stderr = await anyio.to_thread.run_sync(
@@ -832,13 +796,14 @@ class JobRunner:
         records it (orphans on targets are removed later), and the job reaches its
         final state all the same. A job whose copies were stored stays `completed`.
         """
-        if not await self._backoff_over():
-            return None
-        attempt = self.job["cleanup_attempts"] + 1  # counted before anything, as phases are
+        attempt = self.job.cleanup_attempts + 1  # counted before anything, as phases are
         await self.svc.store.update_job(self.id, cleanup_attempts=attempt)
-        self.job = {**self.job, "cleanup_attempts": attempt}
+        self.job = self.job.replace(cleanup_attempts=attempt)
         last = attempt >= self.config.retry.max_attempts
-        failed = bool(self.job["error"])
+        failed = bool(self.job.error)
+        # what an earlier attempt left on the targets (one taken over from a dead daemon)
+        self.svc.store.check_lease(self.id)
+        await orphans.remove_orphans(self.svc.store, self.config, job_id=self.id)
         try:
             await failpoints.reach("cleanup")
             if failed:
@@ -857,15 +822,13 @@ class JobRunner:
             await self._event("cleanup_gave_up", error=describe(exc), attempt=attempt)
         done: dict[str, Any] = {"retry_at": None, "cleanup_attempts": 0}
         if failed:
-            kept = [
-                c["target"] for c in await self.svc.store.fetchall("live_copies", job_id=self.id)
-            ]
+            kept = [c.target for c in await self.svc.store.copies(self.id, live=True)]
             reason = "staging and partial copies removed"
             if kept:
                 reason += f"; verified copies kept on {', '.join(sorted(kept))}"
             return Outcome(Event.CLEANED_AFTER_FAILURE, reason, done)
-        if expires := expiry(self.spec.retention_days, datetime.now(UTC)):
-            done["expires_at"] = expires.isoformat().replace("+00:00", "Z")
+        if expires := expiry(self.spec.retention_days, utcnow()):
+            done["expires_at"] = expires
         return Outcome(Event.CLEANED, "staging removed; every target holds a verified copy", done)
 
     async def _remove_failed_copies(self, last: bool) -> None:
@@ -873,23 +836,22 @@ class JobRunner:
         only when the operator canceled it (a copy is never thrown away because another
         target failed). What cannot be removed now raises, to be retried, or on the
         `last` attempt (or when no retry would help) is recorded as an orphan."""
-        name = self.job["archive_name"]
-        if not name:
+        if not self.job.archive_name:
             return  # never sealed, so never stored
         key = self._key()
-        copies = {c["target"] for c in await self.svc.store.fetchall("live_copies", job_id=self.id)}
-        keep = copies if not self.job["cancel_requested"] else set()
+        copies = {c.target for c in await self.svc.store.copies(self.id, live=True)}
+        keep = copies if not self.job.cancel_requested else set()
         problems: list[tuple[str, Exception]] = []
         for target in sorted(set(self.spec.targets(self.config)) | copies):
             if target in keep:
                 continue
+            self.svc.store.check_lease(self.id)
             try:
                 removed = await self._storage(target).delete(key)
             except Exception as exc:
                 problems.append((target, exc))
                 continue
-            async with self.svc.store.transaction() as tx:
-                await tx.run("delete_copy", job_id=self.id, target=target)
+            await self.svc.store.forget_copy(self.id, target)
             if removed:
                 log.info("removed the copy of a failed job", target=target, key=key)
                 await self._event("copy_removed", target=target, key=key)
@@ -899,8 +861,4 @@ class JobRunner:
         for target, error in problems:
             reason = describe(error)
             log.error("cannot remove from a target yet: orphan", target=target, key=key)
-            async with self.svc.store.transaction() as tx:
-                await orphans.record(tx, self.id, target, key, reason)
-                await self._insert_event(
-                    tx, "orphan", {"target": target, "key": key, "reason": reason}
-                )
+            await self.svc.store.record_orphan(self.id, target, key, reason)

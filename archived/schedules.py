@@ -20,7 +20,6 @@ import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -32,11 +31,12 @@ from .drivers.files import FilesOptions
 from .errors import JobFileError
 from .jobfile import JobSpec, parse_job
 from .spool import new_job_id
-from .store import Store, now_iso
+from .store import ScheduleRun, Store
 
 log = structlog.get_logger("archived.schedules")
 
-CreateJob = Callable[[JobSpec, str, str, dict[str, Any]], Awaitable[None]]
+# Inserts the job with its slot's row; False if another daemon acted on the slot first.
+CreateJob = Callable[[JobSpec, str, str, ScheduleRun], Awaitable[bool]]
 
 
 def iso(moment: datetime) -> str:
@@ -119,14 +119,13 @@ class Scheduler:
         self, config: Config, name: str, schedule: ScheduleConfig, now: datetime
     ) -> None:
         self.started.setdefault(name, now)
-        async with self.store.transaction() as tx:
-            first_seen = (await tx.all("schedule_first_seen", schedule=name, now=iso(now)))[0]
-        last = await self.store.fetchone("last_schedule_run", schedule=name)
-        after = max(first_seen["first_seen"], last["slot"] if last else "")
+        after = await self.store.schedule_first_seen(name)
+        if (last := await self.store.last_schedule_slot(name)) is not None:
+            after = max(after, last)
         if schedule.missed == "skip":
-            after = max(after, iso(self.started[name]))
+            after = max(after, self.started[name])
         slot = latest_slot(schedule, now)
-        if iso(slot) <= after:
+        if slot <= after:
             return
         template = json.dumps(schedule.job, default=str).encode()
         try:
@@ -138,30 +137,25 @@ class Scheduler:
         metadata = {"Archived-Schedule": name, "Archived-Schedule-Slot": iso(slot), **spec.metadata}
         spec = spec.model_copy(update={"metadata": metadata})
         print_ = await anyio.to_thread.run_sync(fingerprint, spec)
-        if schedule.skip_unchanged and print_ is not None:
-            previous = await self.store.fetchone("last_completed_fingerprint", schedule=name)
-            if previous and previous["fingerprint"] == print_:
-                await self._record(
-                    name,
-                    slot,
-                    "skipped",
-                    fingerprint=print_,
-                    detail="sources unchanged since the last completed job",
-                )
-                log.info("scheduled job skipped: sources unchanged", schedule=name, slot=iso(slot))
-                return
+        if (
+            schedule.skip_unchanged
+            and print_ is not None
+            and await self.store.last_completed_fingerprint(name) == print_
+        ):
+            await self._record(
+                name,
+                slot,
+                "skipped",
+                fingerprint=print_,
+                detail="sources unchanged since the last completed job",
+            )
+            log.info("scheduled job skipped: sources unchanged", schedule=name, slot=iso(slot))
+            return
         job_id = new_job_id()
-        run = {
-            "schedule": name,
-            "slot": iso(slot),
-            "result": "created",
-            "job_id": job_id,
-            "fingerprint": print_,
-            "detail": "",
-            "now": now_iso(),
-        }
+        run = ScheduleRun(name, slot, "created", job_id=job_id, fingerprint=print_)
         digest = hashlib.sha256(template + iso(slot).encode()).hexdigest()
-        await self.create_job(spec, job_id, digest, run)
+        if not await self.create_job(spec, job_id, digest, run):
+            return  # another daemon on this queue made the slot's job
         log.info(
             "scheduled job created", schedule=name, slot=iso(slot), job_id=job_id, state="queued"
         )
@@ -175,14 +169,6 @@ class Scheduler:
         fingerprint: str | None = None,
         detail: str = "",
     ) -> None:
-        async with self.store.transaction() as tx:
-            await tx.run(
-                "insert_schedule_run",
-                schedule=name,
-                slot=iso(slot),
-                result=result,
-                job_id=None,
-                fingerprint=fingerprint,
-                detail=detail,
-                now=now_iso(),
-            )
+        await self.store.record_schedule_run(
+            ScheduleRun(name, slot, result, fingerprint=fingerprint, detail=detail)
+        )

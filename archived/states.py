@@ -45,6 +45,7 @@ class Event(StrEnum):
     CLEANUP_FAILED = "cleanup_failed"  # cleanup could not finish: it runs again after a backoff
     REQUEUED = "requeued"  # operator ran `archived retry` on a failed job
     EXPIRED = "expired"  # retention passed, stored copies deleted
+    TAKEN_OVER = "taken_over"  # another daemon's lease on the job lapsed (PostgreSQL queue)
 
 
 S, E = State, Event
@@ -59,18 +60,22 @@ RETRY_EVENT: dict[State, Event] = {
 }
 
 _STOP = {E.CANCELED: S.FAILURE, E.TIMED_OUT: S.FAILURE}  # allowed from every processing state
+# A job whose owner's lease lapsed: the phases need the dead host's staging, so they start
+# again at activity_archiving; the failure path and cleanup need none and go on where they are.
+_RESTART = {E.TAKEN_OVER: S.ACTIVITY_ARCHIVING}
 
 TRANSITIONS: dict[State, dict[Event, State]] = {
     S.UNINITIALIZED: {E.INITIALIZED: S.QUEUED, E.FATAL: S.FAILURE},
     S.QUEUED: {E.TRIGGERED: S.ACTIVITY_ARCHIVING, E.FATAL: S.FAILURE, E.CANCELED: S.FAILURE},
-    S.ACTIVITY_ARCHIVING: {E.DONE: S.POST_PROCESSING, E.ERROR: S.ERROR, **_STOP},
-    S.POST_PROCESSING: {E.DONE: S.STORE, E.ERROR: S.ERROR, **_STOP},
-    S.STORE: {E.DONE: S.CLEANUP, E.ERROR: S.ERROR, **_STOP},
+    S.ACTIVITY_ARCHIVING: {E.DONE: S.POST_PROCESSING, E.ERROR: S.ERROR, **_STOP, **_RESTART},
+    S.POST_PROCESSING: {E.DONE: S.STORE, E.ERROR: S.ERROR, **_STOP, **_RESTART},
+    S.STORE: {E.DONE: S.CLEANUP, E.ERROR: S.ERROR, **_STOP, **_RESTART},
     S.ERROR: {
         E.RECOVERABLE: S.RECOVERABLE_ERROR,
         E.FATAL: S.FAILURE,
         E.EXHAUSTED: S.FAILURE,
         **_STOP,
+        **_RESTART,
     },
     S.RECOVERABLE_ERROR: {
         E.RETRY_ACTIVITIES: S.ACTIVITY_ARCHIVING,
@@ -78,15 +83,17 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
         E.RETRY_STORE: S.STORE,
         E.EXHAUSTED: S.FAILURE,
         **_STOP,
+        **_RESTART,
     },
-    S.FAILURE: {E.HANDLED: S.ERROR_HANDLING},
-    S.ERROR_HANDLING: {E.HANDLED: S.CLEANUP},
+    S.FAILURE: {E.HANDLED: S.ERROR_HANDLING, E.TAKEN_OVER: S.FAILURE},
+    S.ERROR_HANDLING: {E.HANDLED: S.CLEANUP, E.TAKEN_OVER: S.ERROR_HANDLING},
     # Cleanup is never fatal and never cut short: it retries itself, then gives up on
     # what it cannot remove (recorded as orphans), so every job reaches a final state.
     S.CLEANUP: {
         E.CLEANED: S.COMPLETED,
         E.CLEANED_AFTER_FAILURE: S.FAILED,
         E.CLEANUP_FAILED: S.CLEANUP,
+        E.TAKEN_OVER: S.CLEANUP,
     },
     S.COMPLETED: {E.EXPIRED: S.DELETED},
     S.FAILED: {E.REQUEUED: S.QUEUED},
@@ -98,6 +105,8 @@ IDLE: frozenset[State] = frozenset({S.UNINITIALIZED, S.QUEUED})
 PROCESSING: frozenset[State] = frozenset(State) - FINAL - IDLE
 # States that `archived cancel` and the job deadline can cut short.
 STOPPABLE: frozenset[State] = frozenset(s for s, ev in TRANSITIONS.items() if E.CANCELED in ev)
+# States a job waits in, holding no slot, until its retry_at: the claim takes it when due.
+WAITING: frozenset[State] = frozenset({S.RECOVERABLE_ERROR, S.CLEANUP})
 
 
 class IllegalTransition(Exception):

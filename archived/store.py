@@ -1,315 +1,614 @@
-"""The queue store: jobs, tasks, history and copies in SQLite, through aiosqlite.
+"""The queue store: the only owner of jobs, tasks, history, copies and schedules.
 
-One connection, WAL, and every write in an explicit `BEGIN IMMEDIATE` transaction
-behind one lock, shielded from cancellation: a cancelled await does not stop the
-statement already running in aiosqlite's thread, so we never walk away from one.
-The SQL lives in sql/queries.sql, the schema in numbered files in sql/migrations/.
+Everything else asks it for domain operations (claim the next job, finish a task with
+its copy, requeue a failed job, ...) and gets typed rows back; nothing outside the
+store names a query or opens the database. Two backends share one implementation of
+those operations (store_sql.py) over a small connector each:
+
+- SQLite in `<state_dir>/archived.db` (store_sqlite.py), the zero-setup default: one
+  host, one daemon;
+- PostgreSQL at `[queue] url` (store_pg.py): several daemons on several hosts, each
+  job owned by one daemon under a lease its heartbeat renews.
+
+The SQL of each backend is named queries (sql/<backend>/queries.sql, the same names in
+both) and numbered migrations beside them. Timestamps are aware UTC `datetime`s in
+rows; SQLite keeps them as fixed-width ISO 8601 text, so SQL compares them right.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import sqlite3
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Collection, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from importlib.resources import files
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import aiosqlite
-import anyio
+from .states import State
 
-from .states import Event, State, next_state
+if TYPE_CHECKING:
+    from .config import Config
 
-Row = dict[str, Any]
-
-_SQL = files("archived") / "sql"
-_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
-JOB_COLUMNS = frozenset(
-    {
-        "phase",
-        "step",
-        "attempts",
-        "retry_at",
-        "error",
-        "cancel_requested",
-        "archive_name",
-        "archive_sha256",
-        "archive_size",
-        "payload_files",
-        "payload_bytes",
-        "started_at",
-        "config",
-        "config_digest",
-        "expires_at",
-        "cleanup_attempts",
-    }
-)
+SQLITE_FILE = "archived.db"
 
 
-def _load_queries() -> dict[str, str]:
-    text = (_SQL / "queries.sql").read_text(encoding="utf-8")
-    parts = _NAME.split(text)[1:]
-    return {name: body.strip() for name, body in zip(parts[::2], parts[1::2], strict=True)}
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
-Q = _load_queries()
+def iso(moment: datetime) -> str:
+    """Fixed-width ISO 8601 UTC with microseconds: `YYYY-MM-DDTHH:MM:SS.ffffffZ`."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def now_iso() -> str:
-    return _iso(datetime.now(UTC))
+    return iso(utcnow())
 
 
-def _iso(moment: datetime) -> str:
-    """A time as the database keeps it: UTC, microseconds, `Z` (they sort as text)."""
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def peek_job(db: sqlite3.Connection, job_id: str) -> Row | None:
-    """A job's row with its `tasks`, read with the standard library's sqlite3, for a
-    `submit --wait` that polls without an event loop; None while it is not there."""
-    try:
-        job = db.execute(Q["get_job"], {"id": job_id})
-        job.row_factory = sqlite3.Row
-        row = job.fetchone()
-        if row is None:
-            return None
-        tasks = db.execute(Q["tasks"], {"job_id": job_id})
-        tasks.row_factory = sqlite3.Row
-        return {**dict(row), "tasks": [dict(t) for t in tasks.fetchall()]}
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):  # the daemon is creating the database
-            return None
-        raise
+def as_datetime(value: datetime | str | None) -> datetime | None:
+    """A timestamp from either backend (SQLite: text, PostgreSQL: timestamptz)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    moment = datetime.fromisoformat(value)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 class StaleState(Exception):
     """The job was not in the state the caller thought: someone else moved it."""
 
 
-class Store:
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-        self._lock = anyio.Lock()
+class LeaseLost(Exception):
+    """This daemon no longer owns the job (its lease lapsed and another daemon took the
+    job over): stop working on it at once, and touch nothing of it."""
+
+
+def lease_lost(exc: BaseException) -> bool:
+    """Whether `exc` is, or (in an exception group) holds, a LeaseLost."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(lease_lost(e) for e in exc.exceptions)
+    return isinstance(exc, LeaseLost)
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be read now (locked, unreachable); the message says why."""
+
+
+# -- rows ------------------------------------------------------------------------------
+
+
+class _Row:
+    """Built from a database row: timestamps become datetimes, the rest is as stored."""
+
+    _TIMES: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA busy_timeout = 10000")
-        await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute("PRAGMA synchronous = FULL")
-        await db.execute("PRAGMA foreign_keys = ON")
-        store = cls(db)
-        await store._migrate()
-        return store
-
-    async def close(self) -> None:
-        with anyio.CancelScope(shield=True):
-            await self._db.close()
-
-    async def _migrate(self) -> None:
-        async with self._db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = row[0] if row else 0
-        migrations = sorted(
-            (p for p in (_SQL / "migrations").iterdir() if p.name.endswith(".sql")),
-            key=lambda p: p.name,
-        )
-        for migration in migrations:
-            number = int(migration.name.split("_", 1)[0])
-            if number <= version:
+    def from_row(cls, row: Mapping[str, Any]) -> Any:
+        values = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name not in row:
                 continue
-            script = migration.read_text(encoding="utf-8")
-            async with self._lock:
-                with anyio.CancelScope(shield=True):
-                    await self._db.executescript(
-                        f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
-                    )
+            value = row[f.name]
+            values[f.name] = as_datetime(value) if f.name in cls._TIMES else value
+        return cls(**values)
 
-    # -- plumbing ----------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """For `--json`: timestamps in fixed-width ISO 8601 UTC."""
+        return {
+            f.name: iso(v) if isinstance(v, datetime) else v
+            for f in fields(self)  # type: ignore[arg-type]
+            for v in [getattr(self, f.name)]
+        }
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
-        """BEGIN IMMEDIATE ... COMMIT, all of it shielded; ROLLBACK on error."""
-        async with self._lock:
-            with anyio.CancelScope(shield=True):
-                await self._begin()
-                try:
-                    yield Tx(self._db)
-                except BaseException:
-                    await self._db.execute("ROLLBACK")
-                    raise
-                await self._db.execute("COMMIT")
 
-    async def _begin(self) -> None:
-        delay = 0.01
-        while True:
-            try:
-                await self._db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                await anyio.sleep(delay)  # busy_timeout ran out: another writer is slow
-                delay = min(delay * 2, 1.0)
+@dataclass(frozen=True)
+class Job(_Row):
+    id: str
+    name: str
+    state: State
+    spec: str
+    spec_sha256: str
+    config: str
+    config_digest: str
+    created_at: datetime
+    updated_at: datetime
+    not_before: datetime | None = None
+    phase: str | None = None
+    step: str | None = None
+    attempts: int = 0
+    retry_at: datetime | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    archive_name: str | None = None
+    archive_sha256: str | None = None
+    archive_size: int | None = None
+    payload_files: int | None = None
+    payload_bytes: int | None = None
+    started_at: datetime | None = None
+    expires_at: datetime | None = None
+    legal_hold: bool = False
+    cleanup_attempts: int = 0
+    owner: str | None = None  # the daemon (host_id) running it, in a processing state
+    lease_until: datetime | None = None
 
-    async def fetchall(self, query: str, **params: Any) -> list[Row]:
-        async with self._lock, self._db.execute(Q[query], params) as cur:
-            return [dict(r) for r in await cur.fetchall()]
+    _TIMES = frozenset(
+        {"created_at", "updated_at", "not_before", "retry_at", "started_at", "expires_at"}
+        | {"lease_until"}
+    )
 
-    async def fetchone(self, query: str, **params: Any) -> Row | None:
-        rows = await self.fetchall(query, **params)
-        return rows[0] if rows else None
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        job: Job = super().from_row(row)
+        return job.replace(
+            state=State(job.state),
+            cancel_requested=bool(job.cancel_requested),
+            legal_hold=bool(job.legal_hold),
+        )
 
-    # -- the queue ---------------------------------------------------------------------
+    def replace(self, **changes: Any) -> Job:
+        return type(self)(**{**self.__dict__, **changes})
 
+    @property
+    def key(self) -> str:
+        """Where its archive lies on a target: `<name>/<archive name>`."""
+        return f"{self.name}/{self.archive_name}"
+
+    @property
+    def waiting(self) -> bool:
+        """Waiting to retry, holding no slot: the claim takes it again when it is due."""
+        if self.state == State.RECOVERABLE_ERROR:
+            return True
+        return (
+            self.state == State.CLEANUP and self.retry_at is not None and self.retry_at > utcnow()
+        )
+
+
+@dataclass(frozen=True)
+class JobSummary(_Row):
+    """A line of `archived jobs`, with the copies its last audit found at risk."""
+
+    id: str
+    name: str
+    state: str
+    created_at: datetime
+    updated_at: datetime
+    error: str | None
+    damaged_copies: int
+    unreachable_copies: int
+    owner: str | None = None  # the daemon running it (several on one queue)
+
+    _TIMES = frozenset({"created_at", "updated_at"})
+
+
+@dataclass(frozen=True)
+class Task(_Row):
+    kind: str  # activity | storage
+    name: str
+    state: str  # created | executing | completed | failed
+    attempts: int
+    error: str | None
+    result: dict[str, Any] | None
+    progress: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Task:
+        task: Task = super().from_row(row)
+        result = task.result
+        if isinstance(result, str):
+            result = json.loads(result)
+        return cls(**{**task.__dict__, "result": result})
+
+
+@dataclass(frozen=True)
+class HistoryEntry(_Row):
+    state: str
+    at: datetime
+    reason: str
+
+    _TIMES = frozenset({"at"})
+
+
+@dataclass(frozen=True)
+class EventEntry(_Row):
+    at: datetime
+    kind: str
+    detail: dict[str, Any]
+
+    _TIMES = frozenset({"at"})
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> EventEntry:
+        event: EventEntry = super().from_row(row)
+        detail = event.detail
+        return cls(event.at, event.kind, json.loads(detail) if isinstance(detail, str) else detail)
+
+
+@dataclass(frozen=True)
+class Copy(_Row):
+    target: str
+    path: str
+    size: int
+    sha256: str
+    verified_at: datetime
+    audited_at: datetime | None = None
+    audit_result: str | None = None
+    deleted_at: datetime | None = None
+
+    _TIMES = frozenset({"verified_at", "audited_at", "deleted_at"})
+
+
+@dataclass(frozen=True)
+class NewCopy:
+    """What a storage task wrote: recorded with the task that wrote it."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class AuditCopy(_Row):
+    """A live copy of a completed job, with what an audit needs to reach it."""
+
+    job_id: str
+    target: str
+    path: str
+    size: int
+    sha256: str
+    audit_result: str | None
+    name: str
+    archive_name: str
+    config: str
+    expires_at: datetime | None = None  # the job's: a repaired copy is locked as the others
+    legal_hold: bool = False
+
+    _TIMES = frozenset({"expires_at"})
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> AuditCopy:
+        copy: AuditCopy = super().from_row(row)
+        return cls(**{**copy.__dict__, "legal_hold": bool(copy.legal_hold)})
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.archive_name}"
+
+
+@dataclass(frozen=True)
+class AuditEntry(_Row):
+    target: str
+    at: datetime
+    result: str
+    detail: str
+
+    _TIMES = frozenset({"at"})
+
+
+@dataclass(frozen=True)
+class Orphan(_Row):
+    """What a job's cleanup (or a takeover) left on a target, to be removed later."""
+
+    job_id: str
+    target: str
+    key: str
+    reason: str
+    recorded_at: datetime
+    removed_at: datetime | None = None
+    config: str = ""  # the job's config snapshot (orphans due for removal)
+    state: str = ""  # the job's state (orphans due for removal)
+
+    _TIMES = frozenset({"recorded_at", "removed_at"})
+
+
+@dataclass(frozen=True)
+class ScheduleRun(_Row):
+    """What one schedule slot did: created a job, or was skipped, missed, rejected."""
+
+    schedule: str
+    slot: datetime
+    result: str  # created | skipped | missed | rejected
+    job_id: str | None = None
+    fingerprint: str | None = None
+    detail: str = ""
+    at: datetime | None = None
+
+    _TIMES = frozenset({"slot", "at"})
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated job file (or schedule template), to be inserted and queued."""
+
+    id: str
+    name: str
+    spec: str
+    spec_sha256: str
+    config: str
+    config_digest: str
+    not_before: datetime | None
+    tasks: tuple[tuple[str, str], ...]  # (kind, name)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this daemon now runs, and how it came to: `triggered` (it was queued),
+    `retry` (its backoff is over), `resumed` (it was this daemon's already), or
+    `taken_over` (from `previous_owner`, whose lease lapsed)."""
+
+    job: Job
+    how: str
+    previous_owner: str | None = None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What the metrics read from the database."""
+
+    jobs_by_state: dict[str, int]
+    audits: dict[str, int]  # audit results ever, daemon and command line alike
+    copies: dict[str, int]  # live copies of completed jobs by what their last audit found
+    damaged_jobs: int  # completed jobs with a copy found bad and not repaired
+
+
+# -- the interface ---------------------------------------------------------------------
+
+
+class Store(Protocol):
+    """The queue's domain operations. Writes about a job a daemon runs (transitions,
+    tasks, steps, events, copies) raise LeaseLost when another daemon owns it now."""
+
+    host_id: str
+    shared: bool  # several daemons share this queue (leases, takeovers, notifications)
+
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+
+    # -- jobs in, and what they are
     async def insert_job(
-        self,
-        *,
-        job_id: str,
-        name: str,
-        spec: str,
-        spec_sha256: str,
-        config: str,
-        config_digest: str,
-        not_before: str | None,
-        tasks: Iterable[tuple[str, str]],
-        reason: str = "job file accepted",
-        schedule_run: dict[str, Any] | None = None,
-    ) -> None:
-        """Insert a job, its tasks and its first history line, then mark it queued.
+        self, job: NewJob, *, reason: str, schedule_run: ScheduleRun | None = None
+    ) -> bool:
+        """Insert, with its tasks and history, and queue it; with `schedule_run`, the
+        slot's row in the same transaction: False (nothing inserted) if the slot was
+        acted on already (by another daemon)."""
+        ...
 
-        With `schedule_run`, the schedule slot's row goes in the same transaction.
-        """
-        now = now_iso()
-        async with self.transaction() as tx:
-            await tx.run(
-                "insert_job",
-                id=job_id,
-                name=name,
-                spec=spec,
-                spec_sha256=spec_sha256,
-                config=config,
-                config_digest=config_digest,
-                not_before=not_before,
-                now=now,
-            )
-            await tx.run(
-                "insert_history",
-                job_id=job_id,
-                state=State.UNINITIALIZED,
-                now=now,
-                reason=reason,
-            )
-            for kind, task in tasks:
-                await tx.run("insert_task", job_id=job_id, kind=kind, name=task, now=now)
-            if schedule_run is not None:
-                await tx.run("insert_schedule_run", **schedule_run)
-            await tx.transition(
-                job_id,
-                State.UNINITIALIZED,
-                Event.INITIALIZED,
-                f"ready; not before {not_before}" if not_before else "ready",
-            )
+    async def job(self, job_id: str) -> Job | None: ...
+    async def jobs(self, state: str | None = None) -> list[JobSummary]: ...
+    async def job_states(self) -> dict[str, State]: ...
+    async def tasks(self, job_id: str, kind: str | None = None) -> list[Task]: ...
+    async def history(self, job_id: str) -> list[HistoryEntry]: ...
+    async def events(self, job_id: str) -> list[EventEntry]: ...
+    async def copies(self, job_id: str, *, live: bool = False) -> list[Copy]: ...
+    async def orphans(self, job_id: str) -> list[Orphan]: ...
+    async def audits(self, job_id: str) -> list[AuditEntry]: ...
 
+    # -- the queue, as a daemon sees it
+    async def claim_next(
+        self, config: str, config_digest: str, *, busy: Collection[str] = ()
+    ) -> Claim | None:
+        """The next job this daemon should run, not one of `busy` (running here): the
+        oldest of the queued jobs that are due (moved to activity_archiving on `config`),
+        the waiting jobs whose retry_at passed, and jobs whose owner's lease lapsed."""
+        ...
+
+    async def resumable(self) -> list[Job]:
+        """This daemon's jobs in a processing state that are not waiting: what a
+        previous run of it left in flight."""
+        ...
+
+    async def renew_leases(self) -> set[str]:
+        """Renew the lease on every job this daemon owns; their ids."""
+        ...
+
+    def check_lease(self, job_id: str) -> None:
+        """LeaseLost, without asking the database, if this daemon's lease on the job may
+        have lapsed: before anything is written to a target."""
+        ...
+
+    async def cancel_requests(self) -> list[Job]:
+        """Jobs in a stoppable state whose cancel was asked for, that this daemon acts on."""
+        ...
+
+    async def cancel_waiting(self, job: Job) -> Job:
+        """A job no daemon runs now (queued, or waiting to retry) to failure, canceled;
+        this daemon runs its failure path. StaleState if it moved meanwhile."""
+        ...
+
+    async def job_counts(self) -> dict[str, int]: ...
+
+    async def listen(self, on_news: Callable[[], None]) -> None:
+        """Call `on_news` whenever another process queued a job or asked for a cancel
+        (PostgreSQL: LISTEN); returns at once where one daemon is alone (SQLite)."""
+        ...
+
+    def leading(self, task: str) -> AbstractAsyncContextManager[bool]:
+        """True inside if this daemon is the only one doing `task` (audits, retention)
+        across the daemons on this queue now."""
+        ...
+
+    # -- a job this daemon runs
     async def transition(
-        self, job_id: str, state: State, event: Event, reason: str, **fields: Any
-    ) -> State:
-        async with self.transaction() as tx:
-            return await tx.transition(job_id, state, event, reason, **fields)
-
-    async def claim_next(self, config: str, config_digest: str) -> Row | None:
-        """The oldest due queued job, now activity_archiving on `config`; or None."""
-        async with self.transaction() as tx:
-            rows = await tx.all(
-                "claim_next",
-                to_state=State.ACTIVITY_ARCHIVING,
-                now=now_iso(),
-                config=config,
-                config_digest=config_digest,
-            )
-            if not rows:
-                return None
-            job = rows[0]
-            await tx.run(
-                "insert_history",
-                job_id=job["id"],
-                state=job["state"],
-                now=job["updated_at"],
-                reason=f"triggered by the poll loop; config {config_digest}",
-            )
-            return job
-
+        self, job_id: str, state: State, event: str, reason: str, **fields: Any
+    ) -> State: ...
     async def update_job(self, job_id: str, **fields: Any) -> None:
-        async with self.transaction() as tx:
-            await tx.update_job(job_id, **fields)
+        """Set job columns that are not its state (attempts, cleanup_attempts, ...)."""
+        ...
 
-    async def job(self, job_id: str) -> Row | None:
-        return await self.fetchone("get_job", id=job_id)
+    async def sync_storage_tasks(self, job_id: str, targets: Iterable[str]) -> None: ...
+    async def start_task(self, job_id: str, kind: str, name: str) -> None: ...
+    async def finish_task(
+        self,
+        job_id: str,
+        kind: str,
+        name: str,
+        *,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        copy: NewCopy | None = None,
+    ) -> None:
+        """Completed with `result` (and the copy a storage task wrote), or failed."""
+        ...
 
-    async def jobs_in(self, states: Iterable[State]) -> list[Row]:
-        return await self.fetchall("jobs_in_states", states=json.dumps(sorted(states)))
+    async def task_progress(self, job_id: str, kind: str, name: str, progress: str) -> None: ...
+    async def abandon_tasks(self, job_id: str) -> None: ...
+    async def finish_step(
+        self,
+        job_id: str,
+        step: str,
+        fields: Mapping[str, Any],
+        events: Iterable[tuple[str, dict[str, Any]]],
+    ) -> None:
+        """A post-processing step done: its fields and the events it logged, at once."""
+        ...
 
+    async def add_event(self, job_id: str, kind: str, detail: Mapping[str, Any]) -> None: ...
+    async def forget_copy(self, job_id: str, target: str) -> None: ...
+    async def record_orphan(self, job_id: str, target: str, key: str, reason: str) -> None: ...
+
+    # -- operators
+    async def request_cancel(self, job_id: str) -> None: ...
+    async def requeue(self, job: Job, reason: str, *, keep_copies: bool) -> None:
+        """A failed job queued again: with `keep_copies`, only the storage tasks of
+        targets without a live copy run again; else everything, from the start."""
+        ...
+
+    async def set_hold(self, job_id: str, hold: bool) -> None: ...
+
+    # -- retention and orphans
+    async def expired_jobs(self) -> list[Job]: ...
+    async def legal_hold(self, job_id: str) -> bool: ...
+    async def copy_deleted(self, job_id: str, target: str, *, existed: bool) -> None: ...
+    async def expire(self, job: Job, reason: str) -> bool:
+        """completed -> deleted unless a legal hold came in: False then."""
+        ...
+
+    async def orphans_due(self, job_id: str | None = None) -> list[Orphan]: ...
+    async def orphan_removed(self, orphan: Orphan, *, existed: bool) -> None: ...
+
+    # -- audits and metrics
+    async def copies_to_audit(
+        self, *, job_id: str | None, known_bad: bool | None, limit: int
+    ) -> list[AuditCopy]: ...
+    async def job_copies(self, job_id: str) -> list[AuditCopy]: ...
+    async def last_audit_finding(self, job_id: str, target: str) -> AuditEntry | None: ...
+    async def record_audit(
+        self, job_id: str, target: str, results: list[tuple[str, str]], *, news: bool
+    ) -> None:
+        """One copy's audit results: counted always, kept as rows when they are `news`;
+        the last one is the copy's verdict."""
+        ...
+
+    async def last_audited(self) -> datetime | None: ...
+    async def stats(self) -> QueueStats: ...
     async def queue_depth(self, now: datetime) -> tuple[int, datetime | None]:
         """How many queued jobs are due at `now`, and since when the one waiting longest
         has been due (None: the queue is empty)."""
-        row = await self.fetchone("queue_depth", now=_iso(now))
-        if row is None or not row["n"]:
-            return 0, None
-        return int(row["n"]), datetime.fromisoformat(row["oldest"])
+        ...
 
     async def last_success_by_schedule(self) -> dict[str, datetime]:
         """When each schedule last completed a job, or skipped a slot as unchanged since."""
-        rows = await self.fetchall("last_success_by_schedule")
-        return {r["schedule"]: datetime.fromisoformat(r["at"]) for r in rows}
+        ...
 
     async def schedules_first_seen(self) -> dict[str, datetime]:
-        """When each schedule first appeared in a config the daemon ran on."""
-        rows = await self.fetchall("schedules_first_seen")
-        return {r["schedule"]: datetime.fromisoformat(r["first_seen"]) for r in rows}
+        """When each schedule first appeared in a config a daemon ran on."""
+        ...
+
+    # -- schedules
+    async def schedule_first_seen(self, schedule: str) -> datetime: ...
+    async def last_schedule_slot(self, schedule: str) -> datetime | None: ...
+    async def last_completed_fingerprint(self, schedule: str) -> str | None: ...
+    async def record_schedule_run(self, run: ScheduleRun) -> bool:
+        """False if the slot was acted on already."""
+        ...
+
+    async def schedule_runs(self, schedule: str | None, limit: int) -> list[ScheduleRun]: ...
 
 
-class Tx:
-    """The statements of one open transaction."""
+class StateReader(Protocol):
+    """Quick synchronous reads of jobs, for `submit --wait` (no event loop)."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
+    def peek(self, ids: Iterable[str]) -> dict[str, tuple[Job, list[Task]]]:
+        """Each job that exists, with its tasks; StoreUnavailable if it cannot tell now."""
+        ...
 
-    async def run(self, query: str, **params: Any) -> int:
-        cur = await self._db.execute(Q[query], params)
-        count = cur.rowcount
-        await cur.close()
-        return count
+    def close(self) -> None: ...
 
-    async def all(self, query: str, **params: Any) -> list[Row]:
-        async with self._db.execute(Q[query], params) as cur:
-            return [dict(r) for r in await cur.fetchall()]
 
-    async def update_job(self, job_id: str, **fields: Any) -> None:
-        if not fields:
-            return
-        unknown = set(fields) - JOB_COLUMNS
-        assert not unknown, f"not a job column: {unknown}"
-        assignments = ", ".join(f"{column} = :{column}" for column in sorted(fields))
-        await self._db.execute(
-            f"UPDATE jobs SET {assignments} WHERE id = :id", {**fields, "id": job_id}
-        )
+def peeked(
+    jobs: list[dict[str, Any]], tasks: list[dict[str, Any]]
+) -> dict[str, tuple[Job, list[Task]]]:
+    """A StateReader's rows (tasks with their job_id) as typed rows, by job."""
+    found: dict[str, tuple[Job, list[Task]]] = {r["id"]: (Job.from_row(r), []) for r in jobs}
+    for row in tasks:
+        found[row["job_id"]][1].append(Task.from_row(row))
+    return found
 
-    async def transition(
-        self, job_id: str, state: State, event: Event, reason: str, **fields: Any
-    ) -> State:
-        """Move the job from `state` by `event`, with history; StaleState if it moved."""
-        to_state = next_state(state, event)
-        now = now_iso()
-        changed = await self.run(
-            "set_state", id=job_id, from_state=state, to_state=to_state, now=now
-        )
-        if changed != 1:
-            raise StaleState(f"job {job_id} is no longer {state}")
-        await self.update_job(job_id, **fields)
-        await self.run("insert_history", job_id=job_id, state=to_state, now=now, reason=reason)
-        return to_state
+
+# Every table, parents first, and the order of its rows (for moving a queue).
+TABLES = {
+    "jobs": "created_at, id",
+    "tasks": "job_id, kind, name",
+    "history": "seq",
+    "events": "seq",
+    "copies": "job_id, target",
+    "audits": "seq",
+    "audit_totals": "result",
+    "schedule_runs": "schedule, slot",
+    "schedules_seen": "schedule",
+    "orphans": "job_id, target, key",
+}
+
+
+# -- opening one -----------------------------------------------------------------------
+
+
+def host_id(config: Config) -> str:
+    import socket
+
+    return config.queue.host_id or f"{socket.gethostname()}:{config.daemon.state_dir}"
+
+
+async def open_store(config: Config, *, create: bool = True) -> Store | None:
+    """The configured queue store, migrated; None when `create` is off and there is no
+    queue yet (an SQLite file no daemon made)."""
+    if config.queue.url:
+        from .store_pg import PgStore  # the `postgres` extra: only imported when used
+
+        return await PgStore.open(config, host_id(config))
+    from .store_sqlite import SqliteStore
+
+    path = config.daemon.state_dir / SQLITE_FILE
+    if not create and not path.exists():
+        return None
+    return await SqliteStore.open(path, host_id(config))
+
+
+async def move_queue(config: Config) -> dict[str, int]:
+    """Copy the SQLite queue of `daemon.state_dir` into the empty PostgreSQL queue of
+    `[queue] url`, in one transaction; rows copied, by table. The jobs in flight become
+    this host's (its host_id): the daemon started on the new queue resumes them."""
+    from .store_pg import PgStore
+    from .store_sqlite import SqliteStore
+
+    path = config.daemon.state_dir / SQLITE_FILE
+    if not path.exists():
+        raise StoreUnavailable(f"no SQLite queue at {path}")
+    source = await SqliteStore.open(path, host_id(config))
+    try:
+        rows = await source.export()
+    finally:
+        await source.close()
+    target = await PgStore.open(config, host_id(config))
+    try:
+        return await target.load(rows)
+    finally:
+        await target.close()
+
+
+def open_state_reader(config: Config) -> StateReader:
+    if config.queue.url:
+        from .store_pg import PgStateReader
+
+        return PgStateReader(config.queue.url)
+    from .store_sqlite import SqliteStateReader
+
+    return SqliteStateReader(config.daemon.state_dir / SQLITE_FILE)

@@ -5,12 +5,15 @@ Nothing here sleeps to synchronise: `wait_until` polls a condition with a deadli
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -84,6 +87,7 @@ class Root:
     secret_key: Path
     public_key: Path
     daemons: list[Daemon] = field(default_factory=list)
+    queue: dict[str, Any] = field(default_factory=dict)  # [queue]: PostgreSQL, when set
 
     @property
     def state_dir(self) -> Path:
@@ -108,6 +112,8 @@ class Root:
         }
         for name, path in self.targets.items():
             tables[f"storage.{name}"] = {"driver": "localdir", "path": str(path)}
+        if self.queue:
+            tables["queue"] = dict(self.queue)
         for name, values in overrides.items():
             tables.setdefault(name.replace("__", "."), {}).update(values)
         self.config.write_text(
@@ -116,6 +122,24 @@ class Root:
                 for name, values in tables.items()
             )
         )
+
+    def host(self, name: str) -> Root:
+        """Another daemon's installation on this (PostgreSQL) queue, `name` its host_id:
+        its own state and spool directories, the same sources, targets and keys."""
+        path = self.path / name
+        path.mkdir()
+        other = Root(
+            path,
+            path / "archived.toml",
+            self.sources,
+            self.targets,
+            self.secret_key,
+            self.public_key,
+            daemons=self.daemons,
+            queue={**self.queue, "host_id": name},
+        )
+        other.write_config()
+        return other
 
     def cli(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, config=self.config, **kw)
@@ -242,7 +266,9 @@ class Daemon:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Iterator[Root]:
+def root(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Root]:
+    """A fresh installation; its queue in SQLite, or in PostgreSQL when the test is
+    parametrized with `both_backends` (or `root` set to "postgres" indirectly)."""
     keys = tmp_path / "keys"
     keys.mkdir()
     secret, public = minisign_keypair(keys)
@@ -254,6 +280,8 @@ def root(tmp_path: Path) -> Iterator[Root]:
     for t in targets.values():
         t.mkdir()
     r = Root(tmp_path, tmp_path / "archived.toml", sources, targets, secret, public)
+    if getattr(request, "param", "sqlite") == "postgres":
+        r.queue = {"url": request.getfixturevalue("pg_url"), "lease": "2s"}
     r.write_config()
     yield r
     for daemon in r.daemons:
@@ -294,3 +322,87 @@ def small_fs(root: Root) -> Iterator[Callable[..., Path]]:
 
 def remount(path: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True, timeout=10)
+
+
+# -- PostgreSQL: one cluster for the session, a fresh database per test -------------------
+
+both_backends = pytest.mark.parametrize("root", ["sqlite", "postgres"], indirect=True)
+
+
+def postgres_bin() -> Path:
+    """Debian keeps the server's programs under /usr/lib/postgresql/<major>/bin."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = found[-1] if found else shutil.which("initdb")
+    if initdb is None:
+        raise RuntimeError("PostgreSQL is not installed (initdb): run scripts/bootstrap")
+    return Path(initdb).parent
+
+
+@dataclass
+class PgCluster:
+    socket_dir: Path
+    databases: int = 0
+
+    def url(self, database: str) -> str:
+        return f"postgresql://archived@/{database}?host={self.socket_dir}"
+
+    def new_database(self) -> str:
+        import psycopg
+
+        self.databases += 1
+        name = f"test{self.databases}"
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """initdb and pg_ctl in a temporary directory, on a unix socket only. initdb refuses
+    to run as root: then the `postgres` user runs the server, in a directory it owns
+    (pytest's own temporary directories are root's alone)."""
+    bindir = postgres_bin()
+    base = Path(tempfile.mkdtemp(prefix="archived-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data, log = base / "data", base / "server.log"
+
+    def pg(*argv: str) -> None:
+        subprocess.run([*run_as, *argv], check=True, capture_output=True, timeout=60)
+
+    pg(
+        str(bindir / "initdb"),
+        "-D",
+        str(data),
+        "-A",
+        "trust",
+        "-U",
+        "archived",
+        "--no-sync",
+        "-E",
+        "UTF8",
+    )
+    pg(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-o",
+        f"-k {base} -c listen_addresses= -c fsync=off -c max_connections=200",
+        "-l",
+        str(log),
+        "-w",
+        "start",
+    )
+    try:
+        yield PgCluster(base)
+    finally:
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A libpq URI of a fresh, empty database."""
+    return pg_cluster.new_database()

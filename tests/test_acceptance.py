@@ -12,7 +12,7 @@ from pathlib import Path
 
 import bagit
 import pytest
-from conftest import Root, tar_members
+from conftest import Root, both_backends, tar_members
 
 HAPPY_PATH = [
     "uninitialized",
@@ -135,6 +135,7 @@ def flip_member_byte(archive: Path, out: Path, member: str) -> None:
         f.write(bytes([byte[0] ^ 0x01]))
 
 
+@both_backends
 def test_not_before_is_honoured(root: Root) -> None:
     root.start()
     (later,) = root.submit(root.job_file("later", not_before="2999-01-01T00:00:00Z"))
@@ -161,8 +162,12 @@ def test_sigterm_exits_zero_and_restart_keeps_history(root: Root) -> None:
     assert [j["id"] for j in listed] == [job_id]
 
 
+@both_backends
 def test_submit_wait_exits_zero_when_completed(root: Root) -> None:
-    root.start()
+    # a second in activity_archiving: the waiter sees the job before it is done, however
+    # fast the queue (with PostgreSQL, a daemon may take it from the spool to `completed`
+    # before the waiter first looks)
+    root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:1"})
     result = root.cli("submit", "--wait", str(root.job_file("waited")), timeout=120)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()
@@ -176,6 +181,7 @@ def test_submit_wait_exits_zero_when_completed(root: Root) -> None:
 
 
 @pytest.mark.parametrize("limit", [1])
+@both_backends
 def test_max_concurrent_jobs_bounds_processing(root: Root, limit: int) -> None:
     root.write_config(limits={"activity_tasks": 1}, daemon={"max_concurrent_jobs": limit})
     root.start()
@@ -191,6 +197,26 @@ def test_max_concurrent_jobs_bounds_processing(root: Root, limit: int) -> None:
     spans.sort()
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end
+
+
+@both_backends
+def test_a_job_waiting_to_retry_holds_no_slot(root: Root) -> None:
+    """With one job at a time, a job backing off on an unreachable target (forever: its
+    attempts are many, its backoff long) does not delay a job to a healthy target."""
+    root.write_config(
+        daemon={"max_concurrent_jobs": 1},
+        retry={"max_attempts": 100, "backoff": "10s", "backoff_max": "10s"},
+    )
+    away = root.path / "offsite-unmounted"
+    root.targets["offsite"].rename(away)  # an unmounted disk
+    root.start()
+    (stuck,) = root.submit(root.job_file("stuck", storage=["offsite"]))
+    root.wait_state(stuck, "recoverable_error")
+    (healthy,) = root.submit(root.job_file("healthy", storage=["primary"]))
+    assert root.wait_state(healthy, "completed", "failed", timeout=30)["state"] == "completed"
+    waiting = root.show(stuck)
+    assert waiting["state"] in ("recoverable_error", "store", "error"), waiting
+    assert waiting["retry_at"] is None or waiting["retry_at"] > waiting["updated_at"]
 
 
 def test_names_that_one_file_system_cannot_tell_apart_are_warned_about(root: Root) -> None:

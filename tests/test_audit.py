@@ -12,7 +12,8 @@ from conftest import Root, wait_until
 
 from archived import config as configmod
 from archived.audit import Auditor
-from archived.store import Store, now_iso
+from archived.store import NewJob, Store, utcnow
+from archived.store_sqlite import SqliteStore
 
 
 def completed_job(root: Root, name: str = "kept") -> str:
@@ -255,27 +256,23 @@ async def single_copy_jobs(tmp_path: Path, count: int) -> tuple[Store, Auditor, 
         f'[storage.primary]\ndriver = "localdir"\npath = "{target}"\n'
     )
     config = configmod.load(config_path)
-    store = await Store.open(tmp_path / "state" / "archived.db")
+    store = await SqliteStore.open(tmp_path / "state" / "archived.db", "test")
     archives = []
     for i in range(count):
         job_id, archive_name = f"job{i:04d}", f"kept-job{i:04d}.tar"
-        await store.insert_job(
-            job_id=job_id,
-            name="kept",
-            spec="{}",
-            spec_sha256="-",
-            config=config.snapshot(),
-            config_digest=config.digest,
-            not_before=None,
-            tasks=[],
-        )
+        job = NewJob(job_id, "kept", "{}", "-", config.snapshot(), config.digest, None, ())
+        await store.insert_job(job, reason="test")
         data = os.urandom(1000 + i)
         archive = target / "kept" / archive_name
         archive.parent.mkdir(exist_ok=True)
         archive.write_bytes(data)
         archives.append(archive)
-        async with store.transaction() as tx:
-            await tx.update_job(job_id, archive_name=archive_name)
+        # as if it ran: the store has no operation that makes a job completed at once
+        async with store.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE jobs SET archive_name = :name, state = 'completed' WHERE id = :id",
+                {"name": archive_name, "id": job_id},
+            )
             await tx.run(
                 "upsert_copy",
                 job_id=job_id,
@@ -283,10 +280,7 @@ async def single_copy_jobs(tmp_path: Path, count: int) -> tuple[Store, Auditor, 
                 path=str(archive),
                 size=len(data),
                 sha256=hashlib.sha256(data).hexdigest(),
-                now=now_iso(),
-            )
-            await tx.run(
-                "set_state", id=job_id, from_state="queued", to_state="completed", now=now_iso()
+                now=utcnow(),
             )
     return store, Auditor(store, config, tmp_path / "scratch"), archives
 
@@ -323,12 +317,12 @@ async def test_an_unrepairable_copy_is_recorded_once_not_every_round(tmp_path: P
         for _ in range(3):
             results = await auditor.round()
             assert sorted(r.result for r in results) == ["missing", "ok", "unrepaired"]
-            copy = (await store.fetchall("copies", job_id="job0000"))[0]
-            audited.append(copy["audited_at"])
+            copy = (await store.copies("job0000"))[0]
+            audited.append(copy.audited_at)
         assert audited == sorted(set(audited)), "audited_at moves on every round"
-        findings = [a["result"] for a in await store.fetchall("audits", job_id="job0000")]
+        findings = [a.result for a in await store.audits("job0000")]
         assert findings == ["missing", "unrepaired"]
-        assert [a["result"] for a in await store.fetchall("audits", job_id="job0001")] == ["ok"]
+        assert [a.result for a in await store.audits("job0001")] == ["ok"]
 
         lost.write_bytes(bytes(len(good)))  # what is wrong changes: that is recorded
         await auditor.round()
@@ -336,7 +330,7 @@ async def test_an_unrepairable_copy_is_recorded_once_not_every_round(tmp_path: P
         lost.write_bytes(good)  # and so is the copy coming back
         await auditor.round()
         await auditor.round()
-        findings = [a["result"] for a in await store.fetchall("audits", job_id="job0000")]
+        findings = [a.result for a in await store.audits("job0000")]
         assert findings == ["missing", "unrepaired", "damaged", "unrepaired", "ok"]
         assert fine.exists()
     finally:

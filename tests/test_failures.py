@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Root, remount, wait_until
+from conftest import Root, both_backends, remount, wait_until
 
 from archived.failpoints import NAMES
 
@@ -48,6 +48,7 @@ def test_kill_at_every_failpoint_then_resume(root: Root, point: str) -> None:
     assert all(t["state"] == "completed" for t in job["tasks"])
 
 
+@both_backends
 def test_transient_store_errors_are_retried_without_redoing_activities(root: Root) -> None:
     root.start(env={"ARCHIVED_FAILPOINTS": "store=transient:2"})
     (job_id,) = root.submit(root.job_file("flaky"))
@@ -110,6 +111,7 @@ def test_retries_are_bounded_by_max_attempts(root: Root) -> None:
     assert root.all_target_files() == []
 
 
+@both_backends
 def test_a_missing_source_is_fatal_and_retry_runs_it_again(root: Root) -> None:
     root.start()
     (job_id,) = root.submit(
@@ -144,6 +146,7 @@ def test_job_timeout_fails_the_job_and_cleans_up(root: Root) -> None:
     assert root.staging_leftovers() == []
 
 
+@both_backends
 def test_cancel_a_running_job(root: Root) -> None:
     root.start(env={"ARCHIVED_FAILPOINTS": "activity_archiving=delay:60"})
     (job_id,) = root.submit(root.job_file("stopme"))
@@ -158,6 +161,7 @@ def test_cancel_a_running_job(root: Root) -> None:
     assert root.cli("cancel", job_id).returncode == 1  # already final
 
 
+@both_backends
 def test_cancel_a_queued_job(root: Root) -> None:
     root.start()
     (job_id,) = root.submit(root.job_file("notyet", not_before="2999-01-01T00:00:00Z"))

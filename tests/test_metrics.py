@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from archived.config import Config
 from archived.metrics import Metrics, Stored
 from archived.states import Event, State
-from archived.store import Store
+from archived.store import NewJob, ScheduleRun, Store
+from archived.store_sqlite import SqliteStore
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 RULES = CONTRIB / "prometheus" / "archived.rules.yml"
@@ -40,57 +41,39 @@ async def complete(store: Store, job_id: str) -> None:
 
 
 async def test_the_queue_and_the_schedules_as_the_database_tells_them(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "archived.db")
+    store = await SqliteStore.open(tmp_path / "archived.db", "host")
     now = datetime.now(UTC)
-    job = {"spec": "{}", "spec_sha256": "", "config": "{}", "config_digest": "", "tasks": []}
+
+    def job(job_id: str, name: str, not_before: datetime | None = None) -> NewJob:
+        return NewJob(job_id, name, "{}", "", "{}", "", not_before, ())
+
     try:
         assert await store.queue_depth(now) == (0, None)
-        await store.insert_job(job_id="due", name="a", not_before=None, **job)
-        early = (now - timedelta(hours=2)).isoformat().replace("+00:00", "Z")
-        await store.insert_job(job_id="late", name="b", not_before=early, **job)
-        later = (now + timedelta(days=1)).isoformat().replace("+00:00", "Z")
-        await store.insert_job(job_id="waits", name="c", not_before=later, **job)
+        await store.insert_job(job("due", "a"), reason="new")
+        early = now - timedelta(hours=2)
+        await store.insert_job(job("late", "b", early), reason="new")
+        await store.insert_job(job("waits", "c", now + timedelta(days=1)), reason="new")
         depth, oldest = await store.queue_depth(datetime.now(UTC))
         assert depth == 2  # not the one whose time has not come
-        assert oldest == datetime.fromisoformat(early)  # due the longest, though made last
+        assert oldest == early  # due the longest, though made last
 
-        slot = {"fingerprint": None, "detail": "", "now": early}
-        run = {"schedule": "nightly", "slot": "2026-01-01T00:00:00Z", "result": "created"}
-        await store.insert_job(
-            job_id="sched",
-            name="n",
-            not_before=None,
-            schedule_run={**run, **slot, "job_id": "sched"},
-            **job,
-        )
+        first = datetime(2026, 1, 1, tzinfo=UTC)
+        run = ScheduleRun("nightly", first, "created", job_id="sched", at=early)
+        await store.insert_job(job("sched", "n"), reason="new", schedule_run=run)
         await complete(store, "sched")
-        await store.insert_job(
-            job_id="other",
-            name="n",
-            not_before=None,
-            schedule_run={**run, "slot": "2026-01-02T00:00:00Z", **slot, "job_id": "other"},
-            **job,
-        )  # made, not completed
-        async with store.transaction() as tx:
-            skipped = {**run, "schedule": "weekly", "result": "skipped", "job_id": None}
-            await tx.run(
-                "insert_schedule_run",
-                **skipped,
-                fingerprint=None,
-                detail="",
-                now="2026-02-01T00:00:00Z",
-            )
-            await tx.run("schedule_first_seen", schedule="nightly", now="2025-12-01T00:00:00Z")
-        completed = [
-            h for h in await store.fetchall("history", job_id="sched") if h["state"] == "completed"
-        ]
+        second = ScheduleRun("nightly", first + timedelta(days=1), "created", job_id="other")
+        await store.insert_job(job("other", "n"), reason="new", schedule_run=second)  # not done
+        skipped_at = datetime(2026, 2, 1, tzinfo=UTC)
+        await store.record_schedule_run(ScheduleRun("weekly", first, "skipped", at=skipped_at))
+        seen_at = datetime(2025, 12, 1, tzinfo=UTC)
+        async with store.db.transaction() as tx:  # as if first seen then
+            await tx.run("schedule_first_seen", schedule="nightly", now=seen_at)
+        completed = [h for h in await store.history("sched") if h.state == "completed"]
         assert await store.last_success_by_schedule() == {
-            "nightly": datetime.fromisoformat(completed[0]["at"]),
-            "weekly": datetime.fromisoformat("2026-02-01T00:00:00Z"),
+            "nightly": completed[0].at,
+            "weekly": skipped_at,
         }
-        assert await store.schedules_first_seen() == {
-            "nightly": datetime.fromisoformat("2025-12-01T00:00:00Z")
-        }
+        assert await store.schedules_first_seen() == {"nightly": seen_at}
 
         hourly = {"cron": "0 * * * *", "job": {"name": "n", "activities": []}}
         weekdays = {"cron": "0 2 * * 1-5", "timezone": "Europe/Berlin", "job": hourly["job"]}
@@ -105,7 +88,7 @@ async def test_the_queue_and_the_schedules_as_the_database_tells_them(tmp_path: 
     assert got[("archived_schedule_period_seconds", schedule)] == 3600
     assert got[("archived_schedule_period_seconds", (("schedule", "weekdays"),))] == 3 * 86400
     assert got[("archived_schedule_last_success_timestamp_seconds", schedule)] == (
-        datetime.fromisoformat(completed[0]["at"]).timestamp()
+        completed[0].at.timestamp()
     )
     # only schedules of the config in force: `weekly` was removed from it
     assert (

@@ -1,4 +1,6 @@
--- All SQL of the queue store, by name. Loaded by archived/store.py.
+-- All SQL of the PostgreSQL queue store, by name: the names of sql/sqlite/queries.sql, and
+-- those of leases and notifications. Loaded by archived/store_pg.py, which passes `:name`
+-- parameters to psycopg; timestamps are timestamptz, leases are on the database's clock.
 
 -- name: insert_job
 INSERT INTO jobs (id, name, state, spec, spec_sha256, config, config_digest, not_before,
@@ -15,38 +17,77 @@ INSERT INTO history (job_id, state, at, reason) VALUES (:job_id, :state, :now, :
 -- name: get_job
 SELECT * FROM jobs WHERE id = :id;
 
--- name: job_by_spec
-SELECT id FROM jobs WHERE id = :id AND spec_sha256 = :spec_sha256;
-
 -- name: set_state
 UPDATE jobs SET state = :to_state, updated_at = :now WHERE id = :id AND state = :from_state;
 
--- name: claim_next
--- One statement: the oldest due queued job becomes activity_archiving, on the config
--- in force now (a SIGHUP reload applies to jobs that start after it).
-UPDATE jobs SET state = :to_state, updated_at = :now, started_at = coalesce(started_at, :now),
-                config = :config, config_digest = :config_digest
-WHERE id = (SELECT id FROM jobs
-            WHERE state = 'queued' AND (not_before IS NULL OR not_before <= :now)
-            ORDER BY created_at, id LIMIT 1)
-  AND state = 'queued'
+-- name: next_job
+-- The oldest job there is to run, locked, skipping those another daemon is claiming:
+-- queued and due; ours and waiting to retry, and due; or of a daemon whose lease lapsed
+-- (a waiting one only once due).
+SELECT * FROM jobs
+WHERE NOT (id = ANY(:busy::text[]))
+  AND ((state = 'queued' AND (not_before IS NULL OR not_before <= :now))
+       OR (owner = :me AND ((state = 'recoverable_error' AND (retry_at IS NULL OR retry_at <= :now))
+                            OR (state = 'cleanup' AND retry_at <= :now)))
+       OR (state = ANY(:processing::text[]) AND (lease_until IS NULL OR lease_until < now())
+           AND NOT (state = ANY(:waiting::text[]) AND coalesce(retry_at > :now, false))))
+ORDER BY created_at, id LIMIT 1
+FOR UPDATE SKIP LOCKED;
+
+-- name: resume_mine
+-- What a previous run of this daemon (this host_id) left in flight, its leases renewed.
+UPDATE jobs SET lease_until = now() + make_interval(secs => :lease::float8)
+WHERE owner = :me AND state = ANY(:states::text[])
+  AND NOT (state = 'cleanup' AND coalesce(retry_at > :now, false))
 RETURNING *;
 
--- name: jobs_in_states
-SELECT * FROM jobs WHERE state IN (SELECT value FROM json_each(:states)) ORDER BY created_at, id;
+-- name: hold_lease
+UPDATE jobs SET owner = :me, lease_until = now() + make_interval(secs => :lease::float8)
+WHERE id = :id;
+
+-- name: renew_leases
+-- The heartbeat: every job this daemon owns, in one statement.
+UPDATE jobs SET lease_until = now() + make_interval(secs => :lease::float8)
+WHERE owner = :me AND state = ANY(:processing::text[])
+RETURNING id;
+
+-- name: lock_owner
+-- First in every write about a job a daemon runs: the row stays locked until commit,
+-- so no takeover comes in between.
+SELECT owner FROM jobs WHERE id = :id FOR UPDATE;
+
+-- name: lease_mine
+-- The jobs in flight of a queue moved here (`archived migrate-queue`), this host's.
+UPDATE jobs SET lease_until = now() + make_interval(secs => :lease::float8) WHERE owner = :me;
+
+-- name: any_job
+SELECT 1 AS found FROM jobs LIMIT 1;
+
+-- name: notify
+SELECT pg_notify('archived', :what);
+
+-- name: try_lead
+SELECT pg_try_advisory_lock(:space, :key) AS leader;
+
+-- name: stop_leading
+SELECT pg_advisory_unlock(:space, :key);
+
+-- name: jobs_by_id
+SELECT * FROM jobs WHERE id = ANY(:ids::text[]);
+
+-- name: tasks_of_jobs
+SELECT job_id, kind, name, state, attempts, error, result, progress FROM tasks
+WHERE job_id = ANY(:ids::text[]) ORDER BY job_id, kind, name;
 
 -- name: list_jobs
 -- With how many live copies the last audit found damaged or lost (and could not
 -- repair), and how many sit on a target it could not reach.
-SELECT id, name, state, created_at, updated_at, error,
+SELECT id, name, state, created_at, updated_at, error, owner,
        (SELECT count(*) FROM copies c WHERE c.job_id = jobs.id AND c.deleted_at IS NULL
         AND c.audit_result = 'unrepaired') AS damaged_copies,
        (SELECT count(*) FROM copies c WHERE c.job_id = jobs.id AND c.deleted_at IS NULL
         AND c.audit_result = 'unreachable') AS unreachable_copies
-FROM jobs WHERE :state IS NULL OR state = :state ORDER BY created_at, id;
-
--- name: count_processing
-SELECT count(*) FROM jobs WHERE state IN (SELECT value FROM json_each(:states));
+FROM jobs WHERE :state::text IS NULL OR state = :state::text ORDER BY created_at, id;
 
 -- name: history
 SELECT state, at, reason FROM history WHERE job_id = :job_id ORDER BY seq;
@@ -64,8 +105,9 @@ UPDATE tasks SET state = :state, error = :error, result = :result, updated_at = 
 WHERE job_id = :job_id AND kind = :kind AND name = :name;
 
 -- name: copies
+-- :live true: only the copies not deleted by retention.
 SELECT target, path, size, sha256, verified_at, audited_at, audit_result, deleted_at FROM copies
-WHERE job_id = :job_id ORDER BY target;
+WHERE job_id = :job_id AND (NOT :live::boolean OR deleted_at IS NULL) ORDER BY target;
 
 -- name: upsert_copy
 INSERT INTO copies (job_id, target, path, size, sha256, verified_at)
@@ -80,10 +122,6 @@ INSERT INTO events (job_id, at, kind, detail) VALUES (:job_id, :now, :kind, :det
 -- name: events
 SELECT at, kind, detail FROM events WHERE job_id = :job_id ORDER BY seq;
 
--- name: reset_unfinished_tasks
-UPDATE tasks SET state = 'created', updated_at = :now
-WHERE job_id = :job_id AND kind = :kind AND state != 'completed';
-
 -- name: abandon_tasks
 UPDATE tasks SET state = 'failed', error = 'cut short', updated_at = :now
 WHERE job_id = :job_id AND state = 'executing';
@@ -95,12 +133,16 @@ WHERE job_id = :job_id;
 -- name: delete_copy
 DELETE FROM copies WHERE job_id = :job_id AND target = :target;
 
+-- name: delete_copies
+DELETE FROM copies WHERE job_id = :job_id;
+
 -- name: cancel_requests
-SELECT id, state FROM jobs WHERE cancel_requested = 1
-AND state IN (SELECT value FROM json_each(:states));
+-- Those no daemon runs, or this one does.
+SELECT * FROM jobs WHERE cancel_requested AND state = ANY(:states::text[])
+AND (owner IS NULL OR owner = :me);
 
 -- name: request_cancel
-UPDATE jobs SET cancel_requested = 1, updated_at = :now WHERE id = :id;
+UPDATE jobs SET cancel_requested = true, updated_at = :now WHERE id = :id;
 
 -- name: job_ids
 SELECT id, state FROM jobs;
@@ -112,27 +154,29 @@ SELECT state, count(*) AS n FROM jobs GROUP BY state;
 SELECT 1 AS ok;
 
 -- name: insert_task_if_missing
-INSERT OR IGNORE INTO tasks (job_id, kind, name, updated_at) VALUES (:job_id, :kind, :name, :now);
+INSERT INTO tasks (job_id, kind, name, updated_at) VALUES (:job_id, :kind, :name, :now)
+ON CONFLICT DO NOTHING;
 
 -- name: drop_unstarted_storage_tasks
 -- A target the config no longer has (or the job no longer asks for), not yet written to.
 DELETE FROM tasks WHERE job_id = :job_id AND kind = 'storage' AND state = 'created'
-AND name NOT IN (SELECT value FROM json_each(:targets));
+AND NOT (name = ANY(:targets::text[]));
 
 -- name: task_progress
 UPDATE tasks SET progress = :progress WHERE job_id = :job_id AND kind = :kind AND name = :name;
 
 -- name: copies_to_audit
 -- Oldest-audited first (never audited before all), copies of completed jobs only;
--- :known_bad 1: only those the last audit could not repair or reach, 0: only the others.
+-- :known_bad true: only those the last audit could not repair or reach, false: the others.
 SELECT c.job_id, c.target, c.path, c.size, c.sha256, c.audit_result, j.name, j.archive_name,
        j.config, j.expires_at, j.legal_hold
 FROM copies c JOIN jobs j ON j.id = c.job_id
-WHERE j.state = 'completed' AND c.deleted_at IS NULL AND (:job_id IS NULL OR c.job_id = :job_id)
-  AND (:known_bad IS NULL
-       OR (coalesce(c.audit_result, '') IN ('unrepaired', 'unreachable')) = :known_bad)
+WHERE j.state = 'completed' AND c.deleted_at IS NULL
+  AND (:job_id::text IS NULL OR c.job_id = :job_id::text)
+  AND (:known_bad::boolean IS NULL
+       OR (coalesce(c.audit_result, '') IN ('unrepaired', 'unreachable')) = :known_bad::boolean)
 ORDER BY c.audited_at IS NOT NULL, c.audited_at, c.verified_at
-LIMIT :limit;
+LIMIT CASE WHEN :limit::int < 0 THEN NULL ELSE :limit::int END;
 
 -- name: job_copies
 SELECT c.job_id, c.target, c.path, c.size, c.sha256, c.audit_result, j.name, j.archive_name,
@@ -145,13 +189,13 @@ INSERT INTO audits (job_id, target, at, result, detail)
 VALUES (:job_id, :target, :now, :result, :detail);
 
 -- name: last_audit_finding
-SELECT result, detail FROM audits
+SELECT target, at, result, detail FROM audits
 WHERE job_id = :job_id AND target = :target AND result IN ('missing', 'damaged')
 ORDER BY seq DESC LIMIT 1;
 
 -- name: count_audit
 INSERT INTO audit_totals (result, count) VALUES (:result, 1)
-ON CONFLICT (result) DO UPDATE SET count = count + 1;
+ON CONFLICT (result) DO UPDATE SET count = audit_totals.count + 1;
 
 -- name: audit_totals
 SELECT result, count FROM audit_totals;
@@ -167,7 +211,7 @@ SELECT CASE WHEN c.audit_result IS NULL THEN 'unaudited'
             ELSE c.audit_result END AS audit,
        count(*) AS n
 FROM copies c JOIN jobs j ON j.id = c.job_id
-WHERE j.state = 'completed' AND c.deleted_at IS NULL GROUP BY audit;
+WHERE j.state = 'completed' AND c.deleted_at IS NULL GROUP BY 1;
 
 -- name: damaged_jobs
 SELECT count(DISTINCT c.job_id) AS n FROM copies c JOIN jobs j ON j.id = c.job_id
@@ -182,12 +226,8 @@ SELECT target, at, result, detail FROM audits WHERE job_id = :job_id ORDER BY se
 
 -- name: expired_jobs
 SELECT * FROM jobs
-WHERE state = 'completed' AND expires_at IS NOT NULL AND expires_at <= :now AND legal_hold = 0
+WHERE state = 'completed' AND expires_at IS NOT NULL AND expires_at <= :now AND NOT legal_hold
 ORDER BY expires_at;
-
--- name: live_copies
-SELECT target, path, size, sha256 FROM copies WHERE job_id = :job_id AND deleted_at IS NULL
-ORDER BY target;
 
 -- name: legal_hold
 SELECT legal_hold FROM jobs WHERE id = :id;
@@ -200,15 +240,17 @@ UPDATE jobs SET legal_hold = :hold WHERE id = :id;
 
 -- name: schedule_first_seen
 INSERT INTO schedules_seen (schedule, first_seen) VALUES (:schedule, :now)
-ON CONFLICT (schedule) DO UPDATE SET schedule = schedule
+ON CONFLICT (schedule) DO UPDATE SET schedule = excluded.schedule
 RETURNING first_seen;
 
 -- name: last_schedule_run
 SELECT slot FROM schedule_runs WHERE schedule = :schedule ORDER BY slot DESC LIMIT 1;
 
 -- name: insert_schedule_run
+-- Nothing when the slot was acted on already (by another daemon, a moment ago).
 INSERT INTO schedule_runs (schedule, slot, result, job_id, fingerprint, detail, at)
-VALUES (:schedule, :slot, :result, :job_id, :fingerprint, :detail, :now);
+VALUES (:schedule, :slot, :result, :job_id, :fingerprint, :detail, :now)
+ON CONFLICT (schedule, slot) DO NOTHING;
 
 -- name: last_completed_fingerprint
 SELECT r.fingerprint FROM schedule_runs r JOIN jobs j ON j.id = r.job_id
@@ -217,7 +259,7 @@ ORDER BY r.slot DESC LIMIT 1;
 
 -- name: schedule_runs
 SELECT schedule, slot, result, job_id, detail, at FROM schedule_runs
-WHERE :schedule IS NULL OR schedule = :schedule ORDER BY slot DESC LIMIT :limit;
+WHERE :schedule::text IS NULL OR schedule = :schedule::text ORDER BY slot DESC LIMIT :limit;
 
 -- name: upsert_orphan
 INSERT INTO orphans (job_id, target, key, reason, recorded_at)
@@ -226,10 +268,12 @@ ON CONFLICT (job_id, target, key) DO UPDATE
 SET reason = excluded.reason, removed_at = NULL;
 
 -- name: orphans_due
--- Orphans of final jobs: a job that runs again (an operator's retry) cleans up itself.
-SELECT o.job_id, o.target, o.key, j.config, j.state
+-- Orphans of final jobs (a job that runs again cleans up itself), or of job :job_id.
+SELECT o.job_id, o.target, o.key, o.reason, o.recorded_at, j.config, j.state
 FROM orphans o JOIN jobs j ON j.id = o.job_id
-WHERE o.removed_at IS NULL AND j.state IN ('completed', 'failed', 'deleted')
+WHERE o.removed_at IS NULL
+  AND (j.id = :job_id::text
+       OR (:job_id::text IS NULL AND j.state IN ('completed', 'failed', 'deleted')))
 ORDER BY o.recorded_at;
 
 -- name: mark_orphan_removed
@@ -239,7 +283,7 @@ UPDATE orphans SET removed_at = :now WHERE job_id = :job_id AND target = :target
 DELETE FROM orphans WHERE job_id = :job_id AND key = :key AND removed_at IS NULL;
 
 -- name: job_orphans
-SELECT target, key, reason, recorded_at, removed_at FROM orphans
+SELECT job_id, target, key, reason, recorded_at, removed_at FROM orphans
 WHERE job_id = :job_id ORDER BY target, key;
 
 -- name: reset_storage_tasks_without_copy
