@@ -180,10 +180,14 @@ class ScheduleConfig(Section):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from croniter import croniter
+        from croniter import CroniterBadDateError, croniter
 
         if not croniter.is_valid(value):
             raise ValueError(f"{value!r} is not a valid cron expression")
+        try:  # valid but impossible (February 30th): croniter gives up after some years
+            croniter(value).get_next()
+        except CroniterBadDateError:
+            raise ValueError(f"cron {value!r} never fires (no such date)") from None
         return value
 
     @field_validator("timezone")

@@ -146,5 +146,14 @@ def test_bad_schedules_are_config_errors(root: Root) -> None:
     assert "schedules.bad.job: storage: unknown storage target 'nowhere'" in result.stderr
 
 
+def test_a_cron_that_never_fires_is_a_config_error(root: Root) -> None:
+    """February 30th is a valid cron expression with no slot at all: the daemon would
+    log a traceback every tick and never make a job."""
+    root.write_config(schedules__never=schedule(root, cron="0 0 30 2 *"))
+    result = root.cli("check-config")
+    assert result.returncode == 78, result.stderr
+    assert "schedules.never" in result.stderr and "never" in result.stderr.split("cron")[-1]
+
+
 def iso_time(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
