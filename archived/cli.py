@@ -30,6 +30,7 @@ from .errors import ArchivedError, ConfigError, JobFileError
 from .states import FINAL, STOPPABLE, State
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+EXIT_SIGPIPE = 128 + 13  # as a shell reports a program killed by SIGPIPE
 
 
 class CommandError(Exception):
@@ -782,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         error, code, message = exc, exc.code, str(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader is gone (`archived jobs | head -1`)
+        return EXIT_SIGPIPE
     except Exception as exc:
         code, message = EXIT_FAILED, f"error: {exc}"
         if not args.debug:
@@ -800,7 +803,12 @@ def console() -> NoReturn:
     which spends about 45 ms freeing modules no one will use again (every command has
     closed what it opened by the time `main()` returns)."""
     code = main()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a reader gone (`| head`), or closed
-            stream.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # what was left in the buffer had no reader (`| head`)
+        code = code or EXIT_SIGPIPE
+    except (OSError, ValueError):  # closed
+        pass
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     os._exit(code)

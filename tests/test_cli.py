@@ -405,3 +405,21 @@ def test_submit_wait_timeout_holds_while_the_database_is_locked(root: Root) -> N
     assert "timed out waiting" in result.stderr, result.stderr
     assert "database is locked" in result.stderr, "said why it cannot see the job"
     assert elapsed < 9, elapsed  # sqlite's own busy timeout is 10 s
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["jobs"], ["jobs", "--json"]])
+def test_a_reader_gone_is_sigpipe_not_an_error(root: Root, command: list[str]) -> None:
+    """`archived jobs | head -1`: the shell's convention, exit 141 and nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "archived", "--config", str(root.config), *command],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, "")
