@@ -523,7 +523,7 @@ class Daemon:
             await self._reject(entry, reason)
         except FileNotFoundError:
             return
-        except OSError as again:
+        except Exception as again:  # a bug's too: about this entry only, no crash loop
             self._say_once(entry.original_name, "cannot move a spool entry to corrupt/", again)
 
     def _say_once(self, key: str, message: str, exc: BaseException) -> None:

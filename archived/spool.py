@@ -20,6 +20,7 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # aiofiles (and with it asyncio) is imported in the daemon's methods below, not here:
 # `archived submit` uses this module too, and an operator's shell waits for it to start.
@@ -113,10 +114,23 @@ class Spool:
         job_id = match["id"] if match else new_job_id()
         target = self.active / f"{job_id}__{fit(name, NAME_MAX - _TAGGED)}"
         try:
-            await aiofiles.os.rename(self.incoming / name, target)
+            await self._again_without_folders(aiofiles.os.rename, self.incoming / name, target)
         except FileNotFoundError:
             return None
         return Claimed(target, job_id, name)
+
+    async def _again_without_folders(self, move: Any, source: Path, *args: Any) -> Any:
+        """`move(source, ...)`; when it fails with ENOENT although `source` is there, one
+        of the spool's folders was removed under the daemon: make them again, try once more."""
+        import anyio
+
+        try:
+            return await move(source, *args)
+        except FileNotFoundError:
+            if not await anyio.to_thread.run_sync(os.path.lexists, source):
+                raise
+        await anyio.to_thread.run_sync(self.create)
+        return await move(source, *args)
 
     async def done(self, claimed: Claimed) -> None:
         import aiofiles.os
@@ -128,6 +142,9 @@ class Spool:
 
         `entry` is in active/, or still in incoming/ if even claiming it failed.
         """
+        return await self._again_without_folders(self._reject, entry.path, entry, reason)  # type: ignore[no-any-return]
+
+    async def _reject(self, _path: Path, entry: Claimed, reason: str) -> Path:
         import aiofiles.os
 
         room = NAME_MAX - len(_REASON)

@@ -757,3 +757,25 @@ def test_leftover_active_file_without_a_job_becomes_one(root: Root) -> None:
     queued = [e for e in daemon.events() if e.get("event") == "job queued"]
     assert [(e["job_id"], e["file"]) for e in queued] == [(job_id, "leftover.json")]
     assert {t: len(root.archives(t)) for t in root.targets} == {t: 1 for t in root.targets}
+
+
+@pytest.mark.parametrize("removed", ["corrupt", "active", "tmp"])
+def test_a_spool_folder_removed_under_the_daemon_comes_back(root: Root, removed: str) -> None:
+    """An operator's `rm -r spool/corrupt` (or active/, tmp/) while the daemon runs: the
+    next bad file still lands in corrupt/ with its reason, and good jobs still run."""
+    daemon = root.start()
+    shutil.rmtree(root.spool / removed)
+    bad = root.spool / "incoming" / "bad.json"
+    bad.write_bytes(NOT_A_JOB)
+    reason = root.spool / "corrupt" / "bad.json.reason"
+    wait_until(reason.exists, 20, f"bad.json moved to corrupt/ after {removed}/ was removed")
+    assert (root.spool / "corrupt" / "bad.json").read_bytes() == NOT_A_JOB
+    good = root.spool / "incoming" / "good.json"
+    good.write_bytes(root.job_file("good").read_bytes())
+    listed = wait_until(
+        lambda: json.loads(root.cli("jobs", "--json", check=True).stdout), 20, "the good job"
+    )
+    (job,) = listed
+    assert root.wait_state(job["id"], "completed", "failed")["state"] == "completed"
+    assert alive(daemon)
+    assert spool_listing(root.spool)["active"] == []
