@@ -87,3 +87,46 @@ def test_a_database_outside_the_roots_is_refused(root: Root, tmp_path: Path) -> 
     )
     assert result.returncode == 2
     assert "outside sources.allowed_roots" in result.stderr
+
+
+HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes it
+db.execute("ROLLBACK")
+"""
+
+
+def test_a_locked_database_is_waited_for_not_failed(root: Root) -> None:
+    """Another program holds the database locked (a long write, a backup tool): the
+    snapshot is tried again later, as with any error that may pass."""
+    db_path = root.sources / "busy.db"
+    db = sqlite3.connect(db_path)
+    db.executescript("CREATE TABLE t (n INTEGER); INSERT INTO t VALUES (1);")
+    db.close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(db_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        root.write_config(retry={"backoff": "200ms", "backoff_max": "1s", "max_attempts": 100})
+        root.start()
+        (job_id,) = root.submit(
+            root.job_file(
+                "busy", activities=[{"name": "db", "driver": "sqlite", "path": str(db_path)}]
+            )
+        )
+        job = root.wait_state(job_id, "recoverable_error", "failed", "completed", timeout=60)
+        assert job["state"] == "recoverable_error", job
+        assert "locked" in job["error"]
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    job = root.wait_state(job_id, "completed", "failed", timeout=60)
+    assert job["state"] == "completed", job

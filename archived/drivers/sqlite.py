@@ -9,6 +9,7 @@ snapshot is checked with `PRAGMA integrity_check` before it counts.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import anyio.from_thread
 from pydantic import Field
 
 from ..config import Config
-from ..errors import IntegrityError, SourceError
+from ..errors import IntegrityError, SourceError, TransientError
 from .base import ActivityContext, ActivityDriver, DriverOptions, Estimate, member_bytes
 from .files import check_under_roots
 
@@ -30,9 +31,13 @@ class SqliteOptions(DriverOptions):
     pages_per_step: int = Field(default=0, ge=0)
 
 
+LOCK_WAIT = 10.0  # seconds a snapshot waits for another program's lock in one attempt
+
+
 class SqliteDriver(ActivityDriver):
     Options = SqliteOptions
     opts: SqliteOptions
+    _locked_since: float | None = None
 
     @classmethod
     def check(cls, options: Any, config: Config) -> None:
@@ -84,6 +89,19 @@ class SqliteDriver(ActivityDriver):
         ctx.notes.append(f"sqlite snapshot of {source}: integrity_check ok")
         return writer.finish()
 
-    @staticmethod
-    def _progress(status: int, remaining: int, total: int) -> None:
+    def _progress(self, status: int, remaining: int, total: int) -> None:
+        """Called after every step, also one that found the database locked (the backup
+        then sleeps 250 ms and tries again, for ever): a lock held longer than LOCK_WAIT
+        is an error that may pass, and the job tries again after its backoff."""
         anyio.from_thread.check_cancelled()
+        if status not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            self._locked_since = None
+            return
+        now = time.monotonic()
+        if self._locked_since is None:
+            self._locked_since = now
+        elif now - self._locked_since > LOCK_WAIT:
+            raise TransientError(
+                f"source {self.opts.path}: database is locked by another program "
+                f"for over {LOCK_WAIT:.0f} s"
+            )
