@@ -120,6 +120,9 @@ def shared_storage_warnings(config: Config) -> list[str]:
     ]
 
 
+QUEUE_PROBLEM = "\0queue"  # the key of the queue's problem among those said once
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -132,6 +135,10 @@ class Daemon:
         self.notify = Notifier()
         self.last_reload = "none"
         self.said: dict[str, str] = {}  # spool errors already logged, by entry name
+        # jobs whose runner stopped on an error of the queue that may pass (its disk full):
+        # run again from what the queue says once it answers, as a restart would
+        # (when to try, the delay after that), doubling up to retry.backoff_max
+        self.stalled: dict[str, tuple[float, float]] = {}
 
     async def run(self) -> None:
         config = self.config
@@ -193,21 +200,28 @@ class Daemon:
             status = ""
             scheduler = Scheduler(self.svc.store, self._create_scheduled)
             while not self.svc.stopping.is_set():
-                await self._ingest()
-                await scheduler.tick(self.config)
-                await self._handle_cancel_requests(tg)
-                while len(self.running) < self.config.daemon.max_concurrent_jobs:
-                    config = self.config
-                    claim = await store.claim_next(
-                        config.snapshot(), config.digest, busy=set(self.running)
-                    )
-                    if claim is None:
-                        break
-                    self._claimed(claim)
-                    self._start(tg, claim.job)
-                if (new_status := await self._status()) != status:
-                    status = new_status
-                    self.notify.status(status)
+                try:
+                    await self._ingest()
+                    await scheduler.tick(self.config)
+                    await self._handle_cancel_requests(tg)
+                    await self._restart_stalled(tg)
+                    while len(self.running) < self.config.daemon.max_concurrent_jobs:
+                        config = self.config
+                        claim = await store.claim_next(
+                            config.snapshot(), config.digest, busy=set(self.running)
+                        )
+                        if claim is None:
+                            break
+                        self._claimed(claim)
+                        self._start(tg, claim.job)
+                    if (new_status := await self._status()) != status:
+                        status = new_status
+                        self.notify.status(status)
+                    self.said.pop(QUEUE_PROBLEM, None)
+                except Exception as exc:  # the queue's disk full, its server gone: wait
+                    if classify(exc) != Kind.RECOVERABLE:
+                        raise
+                    self._say_once(QUEUE_PROBLEM, "the queue cannot be written now; waiting", exc)
                 with anyio.move_on_after(self.config.daemon.poll_interval):
                     await self.wake.wait()
                 self.wake = anyio.Event()
@@ -398,12 +412,29 @@ class Daemon:
             try:
                 with whole:
                     await runner.run()
-            except Exception:
-                log.exception(
-                    "job runner crashed; the job resumes at the next start",
-                    job_id=job_id,
-                    state=runner.state.value,
-                )
+            except Exception as exc:
+                if classify(exc) == Kind.RECOVERABLE:
+                    retry = self.config.retry
+                    delay = self.stalled.get(job_id, (0.0, retry.backoff))[1]
+                    self.stalled[job_id] = (
+                        anyio.current_time() + delay,
+                        min(delay * 2, retry.backoff_max),
+                    )
+                    log.warning(
+                        "job stopped: the queue cannot be written; it resumes when it can",
+                        job_id=job_id,
+                        state=runner.state.value,
+                        error=describe(exc),
+                    )
+                else:
+                    self.stalled.pop(job_id, None)
+                    log.exception(
+                        "job runner crashed; the job resumes at the next start",
+                        job_id=job_id,
+                        state=runner.state.value,
+                    )
+            else:
+                self.stalled.pop(job_id, None)
             finally:
                 self.running.pop(job_id, None)
                 self.whole_job.pop(job_id, None)
@@ -412,6 +443,27 @@ class Daemon:
                 await self._remove_stale_staging(job_id)
 
         tg.start_soon(run)
+
+    async def _restart_stalled(self, tg: TaskGroup) -> None:
+        store = self.svc.store
+        for job_id, (due, delay) in sorted(self.stalled.items()):
+            if len(self.running) >= self.config.daemon.max_concurrent_jobs:
+                return
+            if due > anyio.current_time():
+                continue
+            job = await store.job(job_id)
+            if (
+                job is None
+                or job.state not in PROCESSING
+                or job.state == State.RECOVERABLE_ERROR  # the claim takes it when due
+                or (store.shared and job.owner != store.host_id)  # taken over meanwhile
+                or job_id in self.running
+            ):
+                del self.stalled[job_id]
+                continue
+            self.stalled[job_id] = (float("inf"), delay)  # the delay doubles if it stops again
+            log.info("job resumes: the queue answers again", job_id=job_id, state=job.state.value)
+            self._start(tg, job)
 
     async def _handle_cancel_requests(self, tg: TaskGroup) -> None:
         """`archived cancel` sets a flag in the database; act on it here."""
@@ -531,7 +583,8 @@ class Daemon:
         error = describe(exc)
         if self.said.get(key) != error:
             self.said[key] = error
-            log.error(message, file=printable(key), error=error)
+            where = {} if key == QUEUE_PROBLEM else {"file": printable(key)}
+            log.error(message, error=error, **where)
 
     async def _accept(self, claimed: Claimed) -> None:
         """Turn a claimed spool file into a queued job, or move it to corrupt/."""

@@ -102,7 +102,23 @@ def classify(exc: BaseException) -> Kind:
         return Kind.RECOVERABLE
     if isinstance(exc, OSError):
         return Kind.RECOVERABLE if exc.errno in RECOVERABLE_ERRNOS else Kind.FATAL
+    if _queue_may_pass(exc):
+        return Kind.RECOVERABLE
     return Kind.FATAL
+
+
+# The queue's database: full, busy, locked, an I/O error (SQLite, by the error's name);
+# out of room or resources, or the connection lost (PostgreSQL, by SQLSTATE class).
+RECOVERABLE_SQLITE = frozenset({"SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR"})
+RECOVERABLE_SQLSTATE_CLASSES = frozenset({"08", "53", "57"})
+
+
+def _queue_may_pass(exc: BaseException) -> bool:
+    name = getattr(exc, "sqlite_errorname", None)
+    if isinstance(name, str):
+        return name in RECOVERABLE_SQLITE or name.startswith("SQLITE_IOERR_")
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(state, str) and state[:2] in RECOVERABLE_SQLSTATE_CLASSES
 
 
 def describe(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ Busy or locked is told by the error's `sqlite_errorname`, not by its text.
 from __future__ import annotations
 
 import json
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -114,7 +115,13 @@ class SqliteConnector:
                 except BaseException:
                     await self._db.execute("ROLLBACK")
                     raise
-                await self._db.execute("COMMIT")
+                try:
+                    await self._db.execute("COMMIT")
+                except sqlite3.Error:  # full, I/O error: SQLite may have kept it open
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            await self._db.execute("ROLLBACK")
+                    raise
 
     async def _begin(self) -> None:
         delay = 0.01

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +57,21 @@ def test_describe_is_one_line_and_unwraps_groups() -> None:
         "source /x does not exist"
     )
     assert describe(ValueError("first\nsecond")) == "first"
+
+
+def test_the_queue_database_busy_may_pass_a_wrong_statement_may_not(tmp_path: Path) -> None:
+    """SQLite's errors are told by their name (SQLITE_FULL, SQLITE_BUSY, ...), not text."""
+    path = tmp_path / "q.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (n)")
+    holder.execute("BEGIN EXCLUSIVE")
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError) as busy:
+        other.execute("INSERT INTO t VALUES (1)")
+    holder.close()
+    with pytest.raises(sqlite3.OperationalError) as wrong:
+        other.execute("INSERT INTO nowhere VALUES (1)")
+    other.close()
+    assert busy.value.sqlite_errorname == "SQLITE_BUSY"
+    assert classify(busy.value) == Kind.RECOVERABLE
+    assert classify(wrong.value) == Kind.FATAL
