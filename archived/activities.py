@@ -1,0 +1,117 @@
+"""The `activity_archiving` phase: every activity writes its sources into staging.
+
+One task per activity, run concurrently (bounded by the daemon's activity slots); each
+writes its tar fragment and records through an `ArtifactWriter` and reports its progress
+every second. Before anything is staged, the staging file system must have room for
+what the unfinished activities' sources will take there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import structlog
+
+from . import failpoints
+from .drivers import activity_driver
+from .drivers.base import ActivityContext, ActivityDriver, ArtifactWriter, Estimate
+from .jobfile import check_against
+from .phase import JobContext, Outcome
+from .progress import Report
+from .staging import Staging, boot_id
+from .states import Event, State
+from .store import now_iso
+
+log = structlog.get_logger("archived.activities")
+
+
+class Activities:
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.estimates: dict[str, Estimate] = {}  # by activity, from the space check
+
+    async def run(self) -> Outcome:
+        ctx = self.ctx
+        await ctx.begin_attempt(State.ACTIVITY_ARCHIVING)
+        # The job may start on a newer config than it was accepted under (SIGHUP).
+        check_against(ctx.spec, ctx.config)
+        await self._sync_storage_tasks()
+        await failpoints.reach("activity_archiving")
+        await self._check_staging_space()
+        await ctx.run_tasks("activity", ctx.svc.activity_slots, self._activity)
+        return Outcome(Event.DONE, "every activity task completed")
+
+    async def _sync_storage_tasks(self) -> None:
+        """One storage task per target the job stores to under the config it runs on."""
+        ctx = self.ctx
+        await ctx.store.sync_storage_tasks(ctx.id, ctx.spec.targets(ctx.config))
+
+    def _driver(self, name: str) -> ActivityDriver:
+        activity = next(a for a in self.ctx.spec.activities if a.name == name)
+        driver_cls = activity_driver(activity.driver)
+        return driver_cls(name, driver_cls.options(activity.options()))
+
+    def _writer(self, name: str) -> ArtifactWriter:
+        return self.ctx.staging.writer(name, self.ctx.bag_name)
+
+    async def _check_staging_space(self) -> None:
+        """NoSpace (recoverable) before anything is staged, when the staging file system
+        has less room than the unfinished activities' sources will take there. What the
+        drivers know of their sources is kept: their progress is shown against it."""
+        ctx = self.ctx
+        pending = [t.name for t in await ctx.tasks("activity") if t.state != "completed"]
+        needed = 0
+        for name in pending:
+            await anyio.to_thread.run_sync(Staging.clear_activity, self._writer(name))
+            estimate = await anyio.to_thread.run_sync(
+                self._driver(name).estimate,
+                f"{ctx.bag_name}/data/{name}/",
+                limiter=ctx.svc.hash_threads,
+            )
+            if estimate is not None:
+                self.estimates[name] = estimate
+                needed += estimate.staged
+        if needed:
+            await anyio.to_thread.run_sync(ctx.staging.require_space, needed)
+
+    async def _activity(self, name: str) -> dict[str, Any]:
+        ctx = self.ctx
+        writer = self._writer(name)
+        await anyio.to_thread.run_sync(Staging.clear_activity, writer)
+        driver = self._driver(name)
+        activity = ActivityContext(ctx.id, ctx.config, writer, ctx.svc.hash_threads)
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._report_progress, name, writer)
+            try:
+                await failpoints.reach("activity_task")
+                result = await driver.run(activity)
+            except Exception as exc:  # raised as itself below, not inside an ExceptionGroup
+                error = exc
+            finally:
+                writer.close()
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if activity.notes:
+            await ctx.event(
+                "activity_notes",
+                activity=name,
+                notes=activity.notes[:1000],
+                count=len(activity.notes),
+            )
+        log.info("activity task completed", activity=name, **result)
+        return {**result, "boot": boot_id()}
+
+    async def _report_progress(self, name: str, writer: ArtifactWriter) -> None:
+        """At once and then every second, how far the task has come against what its
+        driver knew of the source, for `archived show` and `archived submit --wait`."""
+        since = now_iso()
+        estimate = self.estimates.get(name, Estimate(0))
+        while True:
+            report = Report(
+                writer.files, writer.moved, estimate.files, estimate.bytes, since, now_iso()
+            )
+            await self.ctx.store.task_progress(self.ctx.id, "activity", name, report.dumps())
+            await anyio.sleep(1)

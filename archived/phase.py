@@ -1,0 +1,152 @@
+"""What every phase of one job works with, and what it gives back.
+
+A phase (activities.py, postprocess.py, copies.py, cleanup.py) is handed the job's
+`JobContext`: the daemon's `Services`, the job's row as last read, the config and job
+file it runs on, its staging area, and the few store operations phases share (count an
+attempt, record an event, run the tasks of a kind). It returns an `Outcome`, the event
+the runner commits (see runner.py); it raises for the error path.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .config import Config
+from .drivers import open_storage
+from .drivers.base import StorageDriver
+from .errors import describe
+from .jobfile import JobSpec
+from .keys import KeyRing
+from .metrics import Metrics
+from .retry import RetryPolicy
+from .staging import Staging
+from .states import Event, State
+from .store import Job, NewCopy, Store, Task, lease_lost, utcnow
+
+
+@dataclass
+class Services:
+    """What the daemon lends every job runner."""
+
+    store: Store
+    state_dir: Path
+    keys: KeyRing
+    activity_slots: anyio.CapacityLimiter
+    storage_slots: anyio.CapacityLimiter
+    hash_threads: anyio.CapacityLimiter
+    stopping: anyio.Event = field(default_factory=anyio.Event)
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    event: Event
+    reason: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class AttemptsExhausted(Exception):
+    pass
+
+
+class JobContext:
+    def __init__(self, svc: Services, job: Job) -> None:
+        self.svc, self.job = svc, job
+        self.id = job.id
+        self.config = Config.from_snapshot(job.config)
+        self.spec = JobSpec.model_validate_json(job.spec)
+        self.retry = RetryPolicy.of(self.config.retry)
+        self.staging = Staging(
+            svc.state_dir / "staging" / self.id, [a.name for a in self.spec.activities]
+        )
+        self.attempt_begun = False  # this step counted an attempt (see runner.py)
+
+    @property
+    def store(self) -> Store:
+        return self.svc.store
+
+    @property
+    def bag_name(self) -> str:
+        """`<name>-<job id>-<UTC start>`: fixed when the job first starts, since the
+        activities write it into their tar members (and kept when a retry stores the
+        archive of an earlier start)."""
+        if self.job.archive_name:
+            return self.job.archive_name.removesuffix(".tar")
+        started = self.job.started_at or utcnow()
+        return f"{self.spec.name}-{self.id}-{started.strftime('%Y%m%dT%H%M%SZ')}"
+
+    def key(self) -> str:
+        """Where the archive is on every target."""
+        return f"{self.spec.name}/{self.job.archive_name}"
+
+    def storage(self, target: str) -> StorageDriver:
+        return open_storage(self.config, target)
+
+    def backoff(self, failed: int) -> tuple[float, datetime]:
+        """How long to wait after `failed` failed attempts, and until when. The job
+        waits in the queue meanwhile, holding no slot: the claim takes it when due."""
+        return self.retry.next_try(failed, utcnow(), random.random())
+
+    async def begin_attempt(self, phase: State) -> None:
+        """Count an attempt of `phase` before doing anything, so a crash counts too."""
+        attempts = self.job.attempts + 1 if self.job.phase == phase else 1
+        await self.store.update_job(self.id, phase=phase.value, attempts=attempts)
+        self.job = self.job.replace(phase=phase.value, attempts=attempts)
+        self.attempt_begun = True
+        if not self.retry.allows(attempts):
+            raise AttemptsExhausted(f"{phase}: {attempts - 1} attempts used up")
+
+    async def event(self, kind: str, **detail: Any) -> None:
+        await self.store.add_event(self.id, kind, detail)
+
+    async def tasks(self, kind: str) -> list[Task]:
+        return await self.store.tasks(self.id, kind)
+
+    async def activity_results(self) -> dict[str, dict[str, Any]]:
+        return {t.name: t.result or {} for t in await self.tasks("activity")}
+
+    async def reverify_after_restart(self, reported: dict[str, dict[str, Any]]) -> list[str]:
+        return await self.staging.reverify_after_restart(self.id, reported, self.svc.hash_threads)
+
+    async def run_tasks(
+        self,
+        kind: str,
+        slots: anyio.CapacityLimiter,
+        work: Callable[[str], Awaitable[dict[str, Any]]],
+        copy: Callable[[dict[str, Any]], NewCopy] | None = None,
+    ) -> None:
+        """Run every unfinished task of `kind` concurrently; raise the first failure.
+
+        `copy` makes the copy a finished storage task wrote of its result, recorded in
+        the transaction that marks the task done.
+        """
+        pending = [t.name for t in await self.tasks(kind) if t.state != "completed"]
+        failures: list[BaseException] = []
+        store = self.store
+
+        async def one(name: str) -> None:
+            async with slots:
+                await store.start_task(self.id, kind, name)
+                try:
+                    result = await work(name)
+                except Exception as exc:
+                    if lease_lost(exc):
+                        raise
+                    failures.append(exc)
+                    await store.finish_task(self.id, kind, name, error=describe(exc))
+                    return
+                made = copy(result) if copy is not None else None
+                await store.finish_task(self.id, kind, name, result=result, copy=made)
+
+        async with anyio.create_task_group() as tg:
+            for name in pending:
+                tg.start_soon(one, name)
+        if failures:
+            raise failures[0]

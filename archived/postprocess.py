@@ -1,0 +1,203 @@
+"""The `post_processing` phase: integrity, checksums, signature and time-stamp.
+
+Three steps, each committed with its result and the events it logs (`finish_step`), so
+a restarted job skips the steps done: `check_integrity` (staging holds what the tasks
+reported), `calculate_checksums` (payload manifest, bag-info, names that collide on
+extraction), `sign` (events log, tag manifest, minisign signature, the RFC 3161
+time-stamp if configured, and the tar's head and end: the archive is sealed).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import structlog
+
+from . import bag, failpoints
+from .drivers.base import parts_size
+from .errors import IntegrityError
+from .names import Collisions
+from .phase import JobContext, Outcome
+from .states import Event, State
+from .store import iso, utcnow
+from .timestamp import request_token
+
+log = structlog.get_logger("archived.postprocess")
+
+POST_STEPS = ("check_integrity", "calculate_checksums", "sign")
+COLLISIONS_SHOWN = 100  # sets of colliding names a job's warning event lists
+
+
+class PostProcessing:
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.step_events: list[tuple[str, dict[str, Any]]] = []
+
+    def _step_event(self, kind: str, **detail: Any) -> None:
+        """An event committed with the post-processing step that logs it (once, even if
+        the daemon dies in between and the step runs again)."""
+        self.step_events.append((kind, detail))
+
+    async def run(self) -> Outcome:
+        ctx = self.ctx
+        await ctx.begin_attempt(State.POST_PROCESSING)
+        done = ctx.job.step
+        start = POST_STEPS.index(done) + 1 if done in POST_STEPS else 0
+        for step in POST_STEPS[start:]:
+            await failpoints.reach(step)
+            self.step_events = []
+            fields = await getattr(self, step)()
+            await ctx.store.finish_step(ctx.id, step, fields, self.step_events)
+            ctx.job = ctx.job.replace(step=step, **fields)
+            log.info("post-processing step done", step=step)
+        return Outcome(Event.DONE, "integrity checked, checksums calculated, signed")
+
+    async def check_integrity(self) -> dict[str, Any]:
+        ctx = self.ctx
+        reported = await ctx.activity_results()
+        checked = await anyio.to_thread.run_sync(
+            self._check_integrity, reported, limiter=ctx.svc.hash_threads
+        )
+        reread = await ctx.reverify_after_restart(reported)
+        self._step_event(
+            "check_integrity",
+            result="ok",
+            files=checked[0],
+            bytes=checked[1],
+            **({"reread_after_restart": reread} if reread else {}),
+        )
+        return {}
+
+    def _check_integrity(self, reported: dict[str, dict[str, Any]]) -> tuple[int, int]:
+        """Each activity's records and fragment are what its task reported when it
+        finished, and staging holds no fragment of anything else.
+
+        Memory stays flat however many files there are: records are streamed.
+        """
+        staging = self.ctx.staging
+        fragments = {staging.fragment(a).name for a in staging.activities}
+        extra = sorted(set(os.listdir(staging.parts_dir)) - fragments)
+        if extra:
+            raise IntegrityError(f"staging holds {extra[0]}, which no activity wrote")
+        files = total = 0
+        for activity in staging.activities:
+            result = reported[activity]
+            count = size = 0
+            for fields in bag.record_fields([staging.records_of(activity)]):
+                count += 1
+                size += int(fields[1])
+            if (count, size) != (result["files"], result["bytes"]):
+                raise IntegrityError(
+                    f"activity {activity}: {count} files of {size} bytes recorded, "
+                    f"{result['files']} files of {result['bytes']} bytes written"
+                )
+            try:
+                staged = os.lstat(staging.fragment(activity)).st_size
+            except FileNotFoundError:
+                raise IntegrityError(f"activity {activity}: its tar fragment is gone") from None
+            if staged != result["tar_bytes"]:
+                raise IntegrityError(
+                    f"activity {activity}: tar fragment has {staged} bytes staged, "
+                    f"{result['tar_bytes']} written"
+                )
+            files += count
+            total += size
+        return files, total
+
+    async def calculate_checksums(self) -> dict[str, Any]:
+        ctx = self.ctx
+        staging = ctx.staging
+
+        def write() -> tuple[bag.Oxum, list[list[str]]]:
+            staging.bag_dir.mkdir(parents=True, exist_ok=True)
+            oxum = bag.write_payload_manifest(staging.bag_dir, staging.records())
+            info = bag.bag_info(
+                job_id=ctx.id,
+                bagging_date=datetime.now(UTC).date().isoformat(),
+                oxum=oxum,
+                metadata=ctx.spec.metadata,
+                timestamped=bool(ctx.config.signing.tsa_url),
+            )
+            bag.write_tag_files(staging.bag_dir, info=info)
+            with Collisions(path=staging.names_db) as names:
+                names.add(bag.payload_paths(staging.records()))
+                return oxum, list(names.groups())
+
+        oxum, collisions = await anyio.to_thread.run_sync(write, limiter=ctx.svc.hash_threads)
+        self._step_event("calculate_checksums", algorithm="sha256", payload_oxum=str(oxum))
+        if collisions:
+            message = (
+                f"{len(collisions)} sets of payload names differ only in case or Unicode "
+                "normalization: bsdtar, and case-insensitive or normalizing file systems, "
+                "keep one file of each set when they extract the archive"
+            )
+            log.warning(message, names=collisions[:10])
+            self._step_event("warning", message=message, names=collisions[:COLLISIONS_SHOWN])
+        return {"payload_files": oxum.files, "payload_bytes": oxum.bytes}
+
+    async def sign(self) -> dict[str, Any]:
+        ctx = self.ctx
+        staging = ctx.staging
+        bag_name = ctx.bag_name
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        secret = ctx.svc.keys.secret(ctx.config)
+        events = await self._event_log()
+
+        def sign_manifest() -> bytes:
+            bag.write_events(staging.bag_dir, events)
+            manifest = bag.write_tag_manifest(staging.bag_dir)
+            signature = secret.sign(
+                manifest,
+                trusted_comment=(f"archived job {ctx.id} bag {bag_name} timestamp {stamp}"),
+            )
+            bag.write_atomic(staging.bag_dir / bag.SIGNATURE, signature.encode())
+            return manifest
+
+        def seal(token: bytes | None) -> int:
+            stale = staging.bag_dir / bag.TIMESTAMP  # from an earlier try of this step
+            if token is None:
+                stale.unlink(missing_ok=True)
+            else:
+                bag.write_atomic(stale, token)
+            bag.write_head(staging.bag_dir, bag_name, staging.head)
+            bag.write_atomic(staging.end, bag.END)
+            return parts_size(staging.archive_parts())
+
+        manifest = await anyio.to_thread.run_sync(sign_manifest, limiter=ctx.svc.hash_threads)
+        token = None
+        signing = ctx.config.signing
+        if signing.tsa_url:
+            assert signing.tsa_ca is not None  # the config requires it with tsa_url
+            stamped = await request_token(
+                signing.tsa_url, manifest, ca=signing.tsa_ca, timeout=signing.tsa_timeout
+            )
+            token = stamped.response
+            self._step_event(
+                "timestamp",
+                tsa=signing.tsa_url,
+                gen_time=stamped.gen_time.isoformat(),
+                serial=stamped.serial,
+            )
+        size = await anyio.to_thread.run_sync(seal, token, limiter=ctx.svc.hash_threads)
+        log.info(
+            "archive sealed",
+            archive=bag_name + ".tar",
+            size=size,
+            key_id=secret.public_key().key_id_hex,
+        )
+        return {"archive_name": bag_name + ".tar", "archive_size": size}
+
+    async def _event_log(self) -> list[dict[str, Any]]:
+        ctx = self.ctx
+        history = await ctx.store.history(ctx.id)
+        events = await ctx.store.events(ctx.id)
+        lines: list[dict[str, Any]] = [
+            {"type": "transition", "state": h.state, "at": iso(h.at), "reason": h.reason}
+            for h in history
+        ]
+        lines += [{"type": e.kind, "at": iso(e.at), **e.detail} for e in events]
+        lines.append({"type": "sign", "at": iso(utcnow()), "algorithm": "ed25519-minisign"})
+        return sorted(lines, key=lambda e: str(e["at"]))

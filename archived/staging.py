@@ -1,0 +1,130 @@
+"""One job's staging area: where its archive is put together before it is stored.
+
+Layout under `<state_dir>/staging/<job id>/`: `parts/<activity>.tar` (each activity's
+tar fragment), `records/<activity>.records` (sha256, size and path of each file it
+wrote), `bag/` (the tag files), `head.tar` (their tar members) and `end.tar`; the
+archive is the concatenation of head, fragments and end, in that order.
+
+Staging is not fsynced: a fragment written before the machine last started may have
+holes, so it is re-read against its records before it is used (`reverify_after_restart`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from . import bag
+from .drivers.base import ArtifactWriter, require_space
+from .errors import IntegrityError, describe
+
+log = structlog.get_logger("archived.staging")
+
+
+def boot_id() -> str:
+    """Which start of the machine this is (Linux); staging from another may have holes."""
+    if override := os.environ.get("ARCHIVED_BOOT_ID"):  # tests: as if the machine restarted
+        return override
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Staging:
+    root: Path
+    activities: Sequence[str]  # the job's activities, in the archive's order
+
+    @property
+    def bag_dir(self) -> Path:
+        return self.root / "bag"  # the tag files
+
+    @property
+    def records_dir(self) -> Path:
+        return self.root / "records"  # per activity: sha256 size path
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.root / "parts"  # per activity: its tar fragment
+
+    @property
+    def head(self) -> Path:
+        return self.root / "head.tar"  # the tag files' tar members
+
+    @property
+    def end(self) -> Path:
+        return self.root / "end.tar"
+
+    @property
+    def names_db(self) -> Path:
+        return self.root / "names.db"
+
+    @property
+    def restored(self) -> Path:
+        return self.root / "archive.tar"  # the archive fetched back from a kept copy
+
+    def fragment(self, activity: str) -> Path:
+        return self.parts_dir / f"{activity}.tar"
+
+    def records_of(self, activity: str) -> Path:
+        return self.records_dir / f"{activity}.records"
+
+    def records(self) -> list[Path]:
+        return [self.records_of(a) for a in self.activities]
+
+    def archive_parts(self) -> list[Path]:
+        """The files whose concatenation is the archive, in order."""
+        return [self.head, *(self.fragment(a) for a in self.activities), self.end]
+
+    def writer(self, activity: str, bag_name: str) -> ArtifactWriter:
+        return ArtifactWriter(
+            self.fragment(activity), bag_name, activity, self.records_of(activity)
+        )
+
+    def require_space(self, needed: int) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        require_space(self.root, needed, "staging")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, True)
+
+    @staticmethod
+    def clear_activity(writer: ArtifactWriter) -> None:
+        """Remove what an unfinished earlier try of this task left behind."""
+        for path in (writer.fragment, writer.spool, writer.records_path):
+            path.unlink(missing_ok=True)
+        writer.records_path.with_name(writer.records_path.name + ".part").unlink(missing_ok=True)
+
+    async def reverify_after_restart(
+        self, job_id: str, reported: dict[str, dict[str, Any]], limiter: anyio.CapacityLimiter
+    ) -> list[str]:
+        """Re-read, against their records, the fragments written before the machine
+        last started: staging is not fsynced, so they may have holes. Returns the
+        activities re-read; IntegrityError names the first file that does not match."""
+        boot = boot_id()
+        stale = [name for name, result in reported.items() if result.get("boot") != boot]
+        for name in stale:
+            log.warning("the machine restarted since this activity ran: re-reading", activity=name)
+            try:
+                await anyio.to_thread.run_sync(
+                    bag.verify_fragment,
+                    self.fragment(name),
+                    self.records_of(name),
+                    anyio.from_thread.check_cancelled,
+                    limiter=limiter,
+                )
+            except (IntegrityError, OSError, tarfile.TarError) as exc:
+                raise IntegrityError(
+                    f"activity {name}, staged before the machine restarted: {describe(exc)}; "
+                    f"`archived retry {job_id}` archives it again"
+                ) from exc
+        return stale
