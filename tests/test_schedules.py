@@ -67,10 +67,12 @@ def once_at(moment: float) -> str:
 
 
 def miss_a_slot(root: Root, missed: str) -> float:
-    """Start with a schedule whose only slot is a few seconds away; be down when it passes."""
+    """Add a schedule whose only slot is a few seconds away; be down when it passes. It is
+    added by a reload once the daemon runs, so a slow start cannot pass the slot."""
+    daemon = root.start()
     slot = time.time() + 4
     root.write_config(schedules__once=schedule(root, cron=once_at(slot), missed=missed))
-    daemon = root.start()
+    daemon.send(signal.SIGHUP)
     wait_until(lambda: seen(root, "once"), 5, "the daemon to record the schedule as seen")
     assert time.time() < slot - 1, "the daemon took too long to start for this test"
     assert daemon.stop() == 0

@@ -55,18 +55,21 @@ def test_a_running_job_resumes_once_the_queue_has_room(
     """The disk fills while a job runs, and while another waits for its not_before: the
     daemon keeps running, neither job is lost or failed, both complete after room is made."""
     state = small_fs(root.state_dir, "4m")
+    go = root.path / "go"  # the running job's program ends once this exists
     root.write_config(
         retry={"max_attempts": 100, "backoff": "100ms", "backoff_max": "500ms"},
-        commands__slow={"argv": ["sh", "-c", "sleep 3; echo hello"]},
+        commands__slow={"argv": ["sh", "-c", f"until [ -e {go} ]; do sleep 0.05; done; echo hi"]},
     )
     daemon = root.start()
-    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 8))
-    (queued,) = root.submit(root.job_file("later", not_before=later))
     slow = [{"name": "a", "driver": "command", "command": "slow"}]
     (running,) = root.submit(root.job_file("slow", activities=slow))
     root.wait_state(running, "activity_archiving")
-    assert root.show(queued)["state"] == "queued"
+    # due a few seconds from now: the poll loop takes it while the disk is full
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 6))
+    (queued,) = root.submit(root.job_file("later", not_before=later))
+    assert root.wait_state(queued, "queued")["state"] == "queued"
     filler = fill(state)
+    go.touch()
     wait_until(
         lambda: "job stopped: the queue cannot be written" in daemon.log_text()
         and "the queue cannot be written now" in daemon.log_text(),
