@@ -18,8 +18,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from . import children, preflight
-from . import config as configmod
+from . import children, loader, preflight
 from .audit import Auditor
 from .config import Config
 from .drivers import open_storage
@@ -52,8 +51,8 @@ from .store import (
     StaleState,
     as_datetime,
     now_iso,
-    open_store,
 )
+from .store_open import open_store
 from .timestamp import load_ca_bundle
 from .wakeup import SpoolWatch
 
@@ -306,7 +305,7 @@ class Daemon:
         try:
             if path is None:
                 raise ConfigError("running on the embedded default: there is no file to reload")
-            new = await anyio.to_thread.run_sync(configmod.load, path)
+            new = await anyio.to_thread.run_sync(loader.load, path)
             for fixed in ("state_dir", "spool_dir"):
                 if getattr(new.daemon, fixed) != getattr(self.config.daemon, fixed):
                     raise ConfigError(f"daemon.{fixed} cannot change on reload; restart instead")

@@ -20,8 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import config as configmod
-from . import preflight
+from . import loader, preflight
 from .config import Config
 from .errors import ConfigError
 from .keys import public_path
@@ -34,7 +33,7 @@ DIR_MODE = 0o750  # state, sources and targets of an own folder; the config's di
 CONFIG_MODE = 0o640
 
 FHS = {
-    "config": configmod.SYSTEM_CONFIG,
+    "config": loader.SYSTEM_CONFIG,
     "state_dir": Path("/var/lib/archived"),
     "spool_dir": Path("/var/spool/archived"),
     "key": Path("/etc/archived/signing.key"),
@@ -207,7 +206,7 @@ def plan(lay: Layout) -> Config:
         )
     config = None
     try:
-        config = configmod.build(tomllib.loads(render(lay)), source=lay.config)
+        config = loader.build(tomllib.loads(render(lay)), source=lay.config)
     except ConfigError as exc:
         problems += exc.problems
     else:

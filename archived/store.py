@@ -22,12 +22,9 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from .states import State
-
-if TYPE_CHECKING:
-    from .config import Config
 
 SQLITE_FILE = "archived.db"
 
@@ -556,59 +553,3 @@ TABLES = {
     "schedules_seen": "schedule",
     "orphans": "job_id, target, key",
 }
-
-
-# -- opening one -----------------------------------------------------------------------
-
-
-def host_id(config: Config) -> str:
-    import socket
-
-    return config.queue.host_id or f"{socket.gethostname()}:{config.daemon.state_dir}"
-
-
-async def open_store(config: Config, *, create: bool = True) -> Store | None:
-    """The configured queue store, migrated; None when `create` is off and there is no
-    queue yet (an SQLite file no daemon made)."""
-    if config.queue.url:
-        from .store_pg import PgStore  # the `postgres` extra: only imported when used
-
-        return await PgStore.open(config, host_id(config))
-    from .store_sqlite import SqliteStore
-
-    path = config.daemon.state_dir / SQLITE_FILE
-    if not create and not path.exists():
-        return None
-    return await SqliteStore.open(path, host_id(config))
-
-
-async def move_queue(config: Config) -> dict[str, int]:
-    """Copy the SQLite queue of `daemon.state_dir` into the empty PostgreSQL queue of
-    `[queue] url`, in one transaction; rows copied, by table. The jobs in flight become
-    this host's (its host_id): the daemon started on the new queue resumes them."""
-    from .store_pg import PgStore
-    from .store_sqlite import SqliteStore
-
-    path = config.daemon.state_dir / SQLITE_FILE
-    if not path.exists():
-        raise StoreUnavailable(f"no SQLite queue at {path}")
-    source = await SqliteStore.open(path, host_id(config))
-    try:
-        rows = await source.export()
-    finally:
-        await source.close()
-    target = await PgStore.open(config, host_id(config))
-    try:
-        return await target.load(rows)
-    finally:
-        await target.close()
-
-
-def open_state_reader(config: Config) -> StateReader:
-    if config.queue.url:
-        from .store_pg import PgStateReader
-
-        return PgStateReader(config.queue.url)
-    from .store_sqlite import SqliteStateReader
-
-    return SqliteStateReader(config.daemon.state_dir / SQLITE_FILE)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import Root, wait_until
 
-from archived import config as configmod
+from archived import loader
 from archived.audit import Auditor
 from archived.store import NewJob, Store, utcnow
 from archived.store_sqlite import SqliteStore
@@ -255,7 +255,7 @@ async def single_copy_jobs(tmp_path: Path, count: int) -> tuple[Store, Auditor, 
         f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nspool_dir = "{tmp_path / "spool"}"\n'
         f'[storage.primary]\ndriver = "localdir"\npath = "{target}"\n'
     )
-    config = configmod.load(config_path)
+    config = loader.load(config_path)
     store = await SqliteStore.open(tmp_path / "state" / "archived.db", "test")
     archives = []
     for i in range(count):

@@ -23,13 +23,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import anyio
 from pydantic import BaseModel, ConfigDict
 
-from ..config import Config
 from ..errors import NoSpace, StorageError, TransientError
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 BUFFER_SIZE = 1024 * 1024
 BLOCK = 512  # a tar block
