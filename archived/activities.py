@@ -14,8 +14,9 @@ import anyio
 import structlog
 
 from . import failpoints
+from .artifacts import ArtifactWriter
 from .drivers import activity_driver
-from .drivers.base import ActivityContext, ActivityDriver, ArtifactWriter, Estimate
+from .drivers.base import ActivityContext, ActivityDriver, Estimate
 from .jobfile import check_against
 from .phase import JobContext, Outcome
 from .progress import Report

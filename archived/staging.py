@@ -23,8 +23,9 @@ import anyio
 import structlog
 
 from . import bag
-from .drivers.base import ArtifactWriter, require_space
+from .artifacts import ArtifactWriter
 from .errors import IntegrityError, describe
+from .fileio import require_space
 
 log = structlog.get_logger("archived.staging")
 

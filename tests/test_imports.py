@@ -103,7 +103,7 @@ def test_the_graph_sees_function_local_and_relative_imports() -> None:
     graph = import_graph()
     assert "archived.config" in graph["archived.jobfile"]
     assert "archived.drivers.base" in graph["archived.drivers"]
-    assert "archived.errors" in graph["archived.drivers.base"]
+    assert "archived.fileio" in graph["archived.drivers.base"]
 
 
 def test_no_import_cycle() -> None:

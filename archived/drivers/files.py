@@ -18,18 +18,10 @@ from typing import Any
 import anyio
 import anyio.from_thread
 
+from ..artifacts import SMALL_FILE, ArtifactWriter, SourceChanged, member_bytes
 from ..config import Config
 from ..errors import JobFileError, SourceError, TransientError
-from .base import (
-    SMALL_FILE,
-    ActivityContext,
-    ActivityDriver,
-    ArtifactWriter,
-    DriverOptions,
-    Estimate,
-    SourceChanged,
-    member_bytes,
-)
+from .base import ActivityContext, ActivityDriver, DriverOptions, Estimate
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

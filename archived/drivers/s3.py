@@ -51,19 +51,16 @@ from pydantic import Field, StrictInt, field_validator
 
 from .. import failpoints
 from ..errors import ConfigError, StorageError, TargetUnavailable, classify
+from ..fileio import BUFFER_SIZE, Parts, read_parts, write_all
 from .base import (
-    BUFFER_SIZE,
     NO_LOCK,
     Digest,
     DriverOptions,
     Lock,
-    Parts,
     StorageDriver,
     StoredCopy,
     copy_problem,
-    read_parts,
     wait_digest,
-    write_all,
 )
 
 if TYPE_CHECKING:

@@ -17,9 +17,10 @@ import anyio
 import anyio.from_thread
 from pydantic import Field
 
+from ..artifacts import member_bytes
 from ..config import Config
 from ..errors import IntegrityError, SourceError, TransientError
-from .base import ActivityContext, ActivityDriver, DriverOptions, Estimate, member_bytes
+from .base import ActivityContext, ActivityDriver, DriverOptions, Estimate
 from .files import check_under_roots
 
 
