@@ -502,7 +502,8 @@ def cmd_hold(args: argparse.Namespace) -> int:
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
-    from .schedules import iso, next_slot
+    from .moments import iso_seconds as iso
+    from .schedules import next_slot
 
     config = _load_config(args)
 

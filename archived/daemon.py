@@ -35,11 +35,12 @@ from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
 from .lock import lock_state_dir
 from .metrics import Stored, write_textfile
+from .moments import iso_seconds
 from .notify import Notifier
 from .orphans import remove_orphans
 from .retention import expire_due
 from .runner import JobRunner, Services
-from .schedules import Scheduler, iso
+from .schedules import Scheduler
 from .spool import Claimed, Spool, new_job_id, printable
 from .states import FINAL, PROCESSING, STOPPABLE, State
 from .store import (
@@ -655,7 +656,7 @@ class Daemon:
             job_id,
             digest,
             schedule_run=run,
-            reason=f"created by schedule {run.schedule} for {iso(run.slot)}",
+            reason=f"created by schedule {run.schedule} for {iso_seconds(run.slot)}",
         )
         self.wake.set()
         return made

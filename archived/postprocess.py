@@ -19,10 +19,10 @@ import structlog
 from . import bag, failpoints
 from .errors import IntegrityError
 from .fileio import parts_size
+from .moments import compact, iso, utcnow
 from .names import Collisions
 from .phase import JobContext, Outcome
 from .states import Event, State
-from .store import iso, utcnow
 from .tarformat import END
 from .timestamp import request_token
 
@@ -143,7 +143,7 @@ class PostProcessing:
         ctx = self.ctx
         staging = ctx.staging
         bag_name = ctx.bag_name
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = compact(utcnow())
         secret = ctx.svc.keys.secret(ctx.config)
         events = await self._event_log()
 
@@ -179,7 +179,7 @@ class PostProcessing:
             self._step_event(
                 "timestamp",
                 tsa=signing.tsa_url,
-                gen_time=stamped.gen_time.isoformat(),
+                gen_time=iso(stamped.gen_time),
                 serial=stamped.serial,
             )
         size = await anyio.to_thread.run_sync(seal, token, limiter=ctx.svc.hash_threads)

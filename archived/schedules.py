@@ -30,6 +30,7 @@ from .config import Config, ScheduleConfig
 from .drivers.files import FilesOptions
 from .errors import JobFileError
 from .jobfile import JobSpec, parse_job
+from .moments import iso_seconds
 from .spool import new_job_id
 from .store import ScheduleRun, Store
 
@@ -37,10 +38,6 @@ log = structlog.get_logger("archived.schedules")
 
 # Inserts the job with its slot's row; False if another daemon acted on the slot first.
 CreateJob = Callable[[JobSpec, str, str, ScheduleRun], Awaitable[bool]]
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _slots(schedule: ScheduleConfig, now: datetime) -> croniter:
@@ -132,9 +129,15 @@ class Scheduler:
             spec = parse_job(template, "template.json", config)
         except JobFileError as exc:
             await self._record(name, slot, "rejected", detail=str(exc))
-            log.error("scheduled job rejected", schedule=name, slot=iso(slot), reason=str(exc))
+            log.error(
+                "scheduled job rejected", schedule=name, slot=iso_seconds(slot), reason=str(exc)
+            )
             return
-        metadata = {"Archived-Schedule": name, "Archived-Schedule-Slot": iso(slot), **spec.metadata}
+        metadata = {
+            "Archived-Schedule": name,
+            "Archived-Schedule-Slot": iso_seconds(slot),
+            **spec.metadata,
+        }
         spec = spec.model_copy(update={"metadata": metadata})
         print_ = await anyio.to_thread.run_sync(fingerprint, spec)
         if (
@@ -149,15 +152,21 @@ class Scheduler:
                 fingerprint=print_,
                 detail="sources unchanged since the last completed job",
             )
-            log.info("scheduled job skipped: sources unchanged", schedule=name, slot=iso(slot))
+            log.info(
+                "scheduled job skipped: sources unchanged", schedule=name, slot=iso_seconds(slot)
+            )
             return
         job_id = new_job_id()
         run = ScheduleRun(name, slot, "created", job_id=job_id, fingerprint=print_)
-        digest = hashlib.sha256(template + iso(slot).encode()).hexdigest()
+        digest = hashlib.sha256(template + iso_seconds(slot).encode()).hexdigest()
         if not await self.create_job(spec, job_id, digest, run):
             return  # another daemon on this queue made the slot's job
         log.info(
-            "scheduled job created", schedule=name, slot=iso(slot), job_id=job_id, state="queued"
+            "scheduled job created",
+            schedule=name,
+            slot=iso_seconds(slot),
+            job_id=job_id,
+            state="queued",
         )
 
     async def _record(

@@ -21,33 +21,22 @@ import json
 from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
+# re-exported: the store's users take the row timestamps' helpers from here
+from .moments import as_datetime as as_datetime
+from .moments import iso as iso
+from .moments import now_iso as now_iso
+from .moments import utcnow as utcnow
 from .states import State
 
 SQLITE_FILE = "archived.db"
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime) -> str:
-    """Fixed-width ISO 8601 UTC with microseconds: `YYYY-MM-DDTHH:MM:SS.ffffffZ`."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def now_iso() -> str:
-    return iso(utcnow())
-
-
-def as_datetime(value: datetime | str | None) -> datetime | None:
-    """A timestamp from either backend (SQLite: text, PostgreSQL: timestamptz)."""
-    if value is None or isinstance(value, datetime):
-        return value
-    moment = datetime.fromisoformat(value)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+def storage_key(name: str, archive_name: str) -> str:
+    """Where a job's archive lies on every target: `<job name>/<archive name>`."""
+    return f"{name}/{archive_name}"
 
 
 class StaleState(Exception):
@@ -146,8 +135,8 @@ class Job(_Row):
 
     @property
     def key(self) -> str:
-        """Where its archive lies on a target: `<name>/<archive name>`."""
-        return f"{self.name}/{self.archive_name}"
+        """Where its archive lies on a target."""
+        return storage_key(self.name, self.archive_name or "")
 
     @property
     def waiting(self) -> bool:
@@ -267,7 +256,7 @@ class AuditCopy(_Row):
 
     @property
     def key(self) -> str:
-        return f"{self.name}/{self.archive_name}"
+        return storage_key(self.name, self.archive_name)
 
 
 @dataclass(frozen=True)
