@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -27,7 +25,7 @@ import structlog
 from croniter import croniter
 
 from .config import Config, ScheduleConfig
-from .drivers.files import FilesOptions
+from .drivers import activity_driver
 from .errors import JobFileError
 from .jobfile import JobSpec, parse_job
 from .moments import iso_seconds
@@ -66,36 +64,15 @@ def period(schedule: ScheduleConfig, now: datetime, slots: int = 64) -> float:
 
 
 def fingerprint(spec: JobSpec) -> str | None:
-    """Names, sizes and mtimes of the sources; None when that cannot tell (commands)."""
+    """The sources' fingerprint, each activity's driver's; None when one cannot tell."""
     lines: list[str] = []
     for activity in spec.activities:
-        options = activity.options()
-        if activity.driver == "files":
-            lines += _tree_lines(activity.name, FilesOptions.model_validate(options).path)
-        elif activity.driver == "sqlite":
-            path = Path(options["path"])
-            for p in (path, path.with_name(path.name + "-wal")):
-                if p.exists():
-                    st = p.stat()
-                    lines.append(f"{activity.name}\0{p.name}\0{st.st_size}\0{st.st_mtime_ns}")
-        else:
+        driver_cls = activity_driver(activity.driver)
+        lines_of = driver_cls(activity.name, driver_cls.options(activity.options())).fingerprint()
+        if lines_of is None:
             return None
+        lines += lines_of
     return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _tree_lines(activity: str, root: Path) -> list[str]:
-    lines = []
-    for top, dirs, files in os.walk(root, followlinks=False):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(top, name)
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            rel = os.path.relpath(path, root)
-            lines.append(f"{activity}\0{rel}\0{st.st_size}\0{st.st_mtime_ns}")
-    return lines
 
 
 class Scheduler:

@@ -112,6 +112,12 @@ class ActivityDriver(ABC):
         thread, before `run`."""
         return None
 
+    def fingerprint(self) -> list[str] | None:
+        """Lines that change when the sources change (names, sizes, mtimes), for a
+        schedule's `skip_unchanged`; cheap, no content read. None: it cannot tell (a
+        program's output), and a scheduled job always runs."""
+        return None
+
     @abstractmethod
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         """Write the artifacts through `ctx.writer`; return a small JSON summary."""

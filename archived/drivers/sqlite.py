@@ -56,6 +56,15 @@ class SqliteDriver(ActivityDriver):
         name = member_prefix + (self.opts.output or self.opts.path.name)
         return Estimate(2 * member_bytes(name, size), 1, size)
 
+    def fingerprint(self) -> list[str]:
+        """The database and its write-ahead log: sizes and mtimes."""
+        lines = []
+        for p in (self.opts.path, self.opts.path.with_name(self.opts.path.name + "-wal")):
+            if p.exists():
+                st = p.stat()
+                lines.append(f"{self.name}\0{p.name}\0{st.st_size}\0{st.st_mtime_ns}")
+        return lines
+
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         self.check(self.opts, ctx.config)
         return await anyio.to_thread.run_sync(self._snapshot, ctx, limiter=ctx.limiter)
