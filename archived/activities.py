@@ -24,7 +24,7 @@ from .staging import Staging, boot_id
 from .states import Event, State
 from .store import now_iso
 
-log = structlog.get_logger("archived.activities")
+log = structlog.get_logger(component="activities")
 
 
 class Activities:

@@ -25,7 +25,7 @@ from .retention import expiry, hold_copies
 from .states import Event, State
 from .store import Copy, NewCopy
 
-log = structlog.get_logger("archived.copies")
+log = structlog.get_logger(component="copies")
 
 
 class StorePhase:

@@ -57,7 +57,7 @@ from .store_open import open_store
 from .timestamp import load_ca_bundle
 from .wakeup import SpoolWatch
 
-log = structlog.get_logger("archived.daemon")
+log = structlog.get_logger(component="daemon")
 
 
 async def check_targets(config: Config) -> tuple[list[str], list[str]]:

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import Config, SourcesConfig, StorageConfig, error_lines
-from .drivers import storage_driver
+from .drivers import DriverNotInstalled, storage_driver
 from .errors import ConfigError, JobFileError
 from .jobfile import NAME_PATTERN, parse_job
 
@@ -153,6 +153,8 @@ def _target_problems(config: Config) -> list[str]:
             storage_driver(section.driver).options(config.storage_options(name))
         except KeyError:
             problems.append(f"storage.{name}.driver: unknown storage driver {section.driver!r}")
+        except DriverNotInstalled as exc:
+            problems.append(f"storage.{name}.driver: the {section.driver} driver {exc}")
         except ValidationError as exc:
             problems += [f"storage.{name}.{line}" for line in error_lines(exc)]
     return problems

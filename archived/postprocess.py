@@ -26,7 +26,7 @@ from .states import Event, State
 from .tarformat import END
 from .timestamp import request_token
 
-log = structlog.get_logger("archived.postprocess")
+log = structlog.get_logger(component="postprocess")
 
 POST_STEPS = ("check_integrity", "calculate_checksums", "sign")
 COLLISIONS_SHOWN = 100  # sets of colliding names a job's warning event lists

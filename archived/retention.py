@@ -24,7 +24,7 @@ from .errors import StorageError, describe
 from .moments import iso
 from .store import Job, StaleState, Store
 
-log = structlog.get_logger("archived.retention")
+log = structlog.get_logger(component="retention")
 
 
 def expiry(days: int | None, at: datetime) -> datetime | None:

@@ -32,7 +32,7 @@ from .moments import iso_seconds
 from .spool import new_job_id
 from .store import ScheduleRun, Store
 
-log = structlog.get_logger("archived.schedules")
+log = structlog.get_logger(component="schedules")
 
 # Inserts the job with its slot's row; False if another daemon acted on the slot first.
 CreateJob = Callable[[JobSpec, str, str, ScheduleRun], Awaitable[bool]]

@@ -27,7 +27,7 @@ from .artifacts import ArtifactWriter
 from .errors import IntegrityError, describe
 from .fileio import require_space
 
-log = structlog.get_logger("archived.staging")
+log = structlog.get_logger(component="staging")
 
 
 def boot_id() -> str:

@@ -111,7 +111,7 @@ def test_the_daemon_audits_oldest_first_and_heals_on_its_own(root: Root) -> None
         for e in daemon.events()
     )
     wait_until(
-        lambda: 'archived_audits_total{result="repaired"} 1' in prom.read_text(),
+        lambda: metric(prom, 'archived_audits_total{result="repaired"} 1'),
         10,
         "metrics count the repair",
     )
@@ -119,12 +119,14 @@ def test_the_daemon_audits_oldest_first_and_heals_on_its_own(root: Root) -> None
 
 
 def metric(prom: os.PathLike[str] | str, line: str) -> bool:
-    """Whether the metrics textfile holds this exact sample line."""
+    """Whether the metrics textfile holds this sample line (`1` and `1.0` alike)."""
+    sample, _, value = line.rpartition(" ")
     try:
         with open(prom, encoding="utf-8") as f:
-            return line in f.read().splitlines()
+            lines = [have.rpartition(" ") for have in f.read().splitlines()]
     except FileNotFoundError:
         return False
+    return any(name == sample and float(got) == float(value) for name, _, got in lines)
 
 
 def test_an_unreachable_target_is_told_from_damage_and_never_written_into(root: Root) -> None:

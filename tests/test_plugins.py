@@ -128,3 +128,36 @@ def test_a_plugin_driver_is_found_through_its_entry_points(tmp_path: Path) -> No
 def test_an_unknown_driver_is_still_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown storage driver 'nowhere'"):
         loader.build({"storage": {"far": {"driver": "nowhere"}}}, source=tmp_path / "a.toml")
+
+
+NO_AIOBOTOCORE = """
+import sys
+
+sys.modules["aiobotocore"] = None  # as if the extra archived[s3] were not installed
+from pathlib import Path
+
+from archived import loader
+from archived.errors import ConfigError
+
+local = {"driver": "localdir", "path": sys.argv[1]}
+loader.build({"storage": {"here": local}}, source=Path(sys.argv[1]) / "a.toml")
+assert "archived.drivers.s3" not in sys.modules  # not loaded without an s3 target
+try:
+    loader.build(
+        {"storage": {"far": {"driver": "s3", "bucket": "b"}}}, source=Path(sys.argv[1]) / "a.toml"
+    )
+except ConfigError as exc:
+    print(exc)
+"""
+
+
+def test_an_s3_target_without_its_extra_is_a_config_error(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", NO_AIOBOTOCORE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "storage.far.driver: the s3 driver needs aiobotocore" in done.stdout
+    assert "pip install 'archived[s3]'" in done.stdout

@@ -66,7 +66,7 @@ from .base import (
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-log = structlog.get_logger("archived.storage.s3")
+log = structlog.get_logger(component="storage.s3")
 
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last
