@@ -14,8 +14,9 @@ import anyio
 import structlog
 
 from . import failpoints
+from .artifacts import ArtifactWriter
 from .drivers import activity_driver
-from .drivers.base import ActivityContext, ActivityDriver, ArtifactWriter, Estimate
+from .drivers.base import ActivityContext, ActivityDriver, Estimate
 from .jobfile import check_against
 from .phase import JobContext, Outcome
 from .progress import Report
@@ -23,7 +24,7 @@ from .staging import Staging, boot_id
 from .states import Event, State
 from .store import now_iso
 
-log = structlog.get_logger("archived.activities")
+log = structlog.get_logger(component="activities")
 
 
 class Activities:

@@ -29,7 +29,7 @@ from .drivers.base import StorageDriver, known_digest
 from .retention import copy_lock
 from .store import AuditCopy, Store
 
-log = structlog.get_logger("archived.audit")
+log = structlog.get_logger(component="audit")
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .drivers.base import BLOCK, BUFFER_SIZE, file_sha256, hash_file, padding, tar_header
 from .errors import IntegrityError
+from .fileio import BUFFER_SIZE, atomic_file, file_sha256, hash_file
+from .tarformat import padding, tar_header
 
 BAGIT_TXT = "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
 MANIFEST = "manifest-sha256.txt"
@@ -74,27 +75,21 @@ class Oxum:
         return f"{self.bytes}.{self.files}"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
+def write_tag(path: Path, data: bytes) -> None:
+    """A tag file of the bag in staging, whole or not at all. Its directory is not
+    fsynced: a staging area a crash interrupted is made again."""
+    with atomic_file(path, sync_dir=False) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_payload_manifest(bag_dir: Path, records: Iterable[Path]) -> Oxum:
     """manifest-sha256.txt from the activity records, streamed; returns Payload-Oxum."""
     total = count = 0
-    tmp = bag_dir / (MANIFEST + ".part")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as out:
+    with atomic_file(bag_dir / MANIFEST, sync_dir=False) as out:
         for sha256, size, path in record_fields(records):
-            out.write(f"{sha256}  {path}")
+            out.write(f"{sha256}  {path}".encode())
             total += int(size)
             count += 1
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, bag_dir / MANIFEST)
     return Oxum(total, count)
 
 
@@ -118,13 +113,13 @@ def bag_info(
 
 
 def write_tag_files(bag_dir: Path, *, info: str) -> None:
-    write_atomic(bag_dir / "bagit.txt", BAGIT_TXT.encode())
-    write_atomic(bag_dir / "bag-info.txt", info.encode("utf-8"))
+    write_tag(bag_dir / "bagit.txt", BAGIT_TXT.encode())
+    write_tag(bag_dir / "bag-info.txt", info.encode("utf-8"))
 
 
 def write_events(bag_dir: Path, events: Iterable[dict[str, Any]]) -> None:
     lines = "".join(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in events)
-    write_atomic(bag_dir / EVENTS, lines.encode("utf-8"))
+    write_tag(bag_dir / EVENTS, lines.encode("utf-8"))
 
 
 def write_tag_manifest(bag_dir: Path) -> bytes:
@@ -134,7 +129,7 @@ def write_tag_manifest(bag_dir: Path) -> bytes:
         digest, _ = file_sha256(bag_dir / name)  # the manifest grows with the files: stream it
         lines.append(f"{digest}  {name}\n")
     data = "".join(lines).encode()
-    write_atomic(bag_dir / TAGMANIFEST, data)
+    write_tag(bag_dir / TAGMANIFEST, data)
     return data
 
 
@@ -184,17 +179,13 @@ class Packed:
     size: int
 
 
-END = bytes(2 * BLOCK)  # a tar ends with two zero blocks
-
-
 def write_head(bag_dir: Path, bag_name: str, out: Path) -> None:
     """The members that open the archive: the tag files, then the `data/` directory.
 
     The payload members follow in the activities' fragments, then `END`.
     """
-    tmp = out.with_name(out.name + ".part")
     mtime = int(time.time())
-    with open(tmp, "wb", buffering=BUFFER_SIZE) as f:
+    with atomic_file(out, sync_dir=False) as f:
         for name in SEALED_TAG_FILES:
             path = bag_dir / name
             if not path.exists():
@@ -208,7 +199,6 @@ def write_head(bag_dir: Path, bag_name: str, out: Path) -> None:
         data_dir.type, data_dir.mode, data_dir.mtime = tarfile.DIRTYPE, 0o755, mtime
         data_dir.uname = data_dir.gname = ""
         f.write(data_dir.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-    os.replace(tmp, out)
 
 
 def digest(parts: Iterable[Path], check: Callable[[], None] = lambda: None) -> Packed:

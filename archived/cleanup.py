@@ -23,7 +23,7 @@ from .retention import expiry
 from .states import Event
 from .store import utcnow
 
-log = structlog.get_logger("archived.cleanup")
+log = structlog.get_logger(component="cleanup")
 
 
 async def error_handling(ctx: JobContext) -> Outcome:

@@ -23,8 +23,7 @@ from typing import Any, NoReturn
 
 import anyio
 
-from . import __version__, progress
-from . import config as configmod
+from . import __version__, loader, progress
 from .config import Config, parse_duration
 from .errors import ArchivedError, ConfigError, JobFileError
 from .states import FINAL, STOPPABLE, State
@@ -40,7 +39,7 @@ class CommandError(Exception):
 
 
 def _load_config(args: argparse.Namespace) -> Config:
-    return configmod.load(configmod.config_path(args.config))
+    return loader.load(loader.config_path(args.config))
 
 
 # -- commands ------------------------------------------------------------------------
@@ -100,7 +99,8 @@ def _wait_for(config: Config, ids: list[str], timeout: float | None) -> dict[str
     waiting `submit` starts and ends quickly, without an event loop.
     """
     from .lock import daemon_running
-    from .store import StoreUnavailable, open_state_reader
+    from .store import StoreUnavailable
+    from .store_open import open_state_reader
 
     deadline = None if timeout is None else time.monotonic() + timeout
     states: dict[str, str] = {}
@@ -207,7 +207,7 @@ def _say(message: str) -> None:
 
 async def _read(config: Config, fn: Callable[[Any], Any]) -> Any:
     """`fn(store)`, or `fn(None)` when there is no queue yet."""
-    from .store import open_store
+    from .store_open import open_store
 
     store = await open_store(config, create=False)
     if store is None:
@@ -502,7 +502,8 @@ def cmd_hold(args: argparse.Namespace) -> int:
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
-    from .schedules import iso, next_slot
+    from .moments import iso_seconds as iso
+    from .schedules import next_slot
 
     config = _load_config(args)
 
@@ -535,7 +536,8 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 
 def cmd_migrate_queue(args: argparse.Namespace) -> int:
     from .lock import daemon_running
-    from .store import SQLITE_FILE, StoreUnavailable, move_queue
+    from .store import SQLITE_FILE, StoreUnavailable
+    from .store_open import move_queue
 
     config = _load_config(args)
     if not config.queue.url:
@@ -648,7 +650,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     layout = install.layout(
         folder=path(args.dir),
-        config=configmod.config_path(args.config, system=None),  # the one to write
+        config=loader.config_path(args.config, system=None),  # the one to write
         state_dir=path(args.state_dir),
         spool_dir=path(args.spool_dir),
         key=path(args.key),

@@ -17,14 +17,15 @@ import anyio
 import structlog
 
 from . import bag, failpoints
-from .drivers.base import Digest, Lock, file_sha256
+from .drivers.base import Digest, Lock
 from .errors import IntegrityError, StorageError, describe
+from .fileio import file_sha256
 from .phase import JobContext, Outcome
 from .retention import expiry, hold_copies
 from .states import Event, State
 from .store import Copy, NewCopy
 
-log = structlog.get_logger("archived.copies")
+log = structlog.get_logger(component="copies")
 
 
 class StorePhase:

@@ -18,8 +18,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup
 
-from . import children, preflight
-from . import config as configmod
+from . import children, loader, preflight
 from .audit import Auditor
 from .config import Config
 from .drivers import open_storage
@@ -36,11 +35,12 @@ from .jobfile import JobSpec, parse_job, read_job_file
 from .keys import KeyRing, load_signing_key
 from .lock import lock_state_dir
 from .metrics import Stored, write_textfile
+from .moments import iso_seconds
 from .notify import Notifier
 from .orphans import remove_orphans
 from .retention import expire_due
 from .runner import JobRunner, Services
-from .schedules import Scheduler, iso
+from .schedules import Scheduler
 from .spool import Claimed, Spool, new_job_id, printable
 from .states import FINAL, PROCESSING, STOPPABLE, State
 from .store import (
@@ -52,12 +52,12 @@ from .store import (
     StaleState,
     as_datetime,
     now_iso,
-    open_store,
 )
+from .store_open import open_store
 from .timestamp import load_ca_bundle
 from .wakeup import SpoolWatch
 
-log = structlog.get_logger("archived.daemon")
+log = structlog.get_logger(component="daemon")
 
 
 async def check_targets(config: Config) -> tuple[list[str], list[str]]:
@@ -306,7 +306,7 @@ class Daemon:
         try:
             if path is None:
                 raise ConfigError("running on the embedded default: there is no file to reload")
-            new = await anyio.to_thread.run_sync(configmod.load, path)
+            new = await anyio.to_thread.run_sync(loader.load, path)
             for fixed in ("state_dir", "spool_dir"):
                 if getattr(new.daemon, fixed) != getattr(self.config.daemon, fixed):
                     raise ConfigError(f"daemon.{fixed} cannot change on reload; restart instead")
@@ -656,7 +656,7 @@ class Daemon:
             job_id,
             digest,
             schedule_run=run,
-            reason=f"created by schedule {run.schedule} for {iso(run.slot)}",
+            reason=f"created by schedule {run.schedule} for {iso_seconds(run.slot)}",
         )
         self.wake.set()
         return made

@@ -15,15 +15,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import config as configmod
-from . import preflight
+from . import loader, preflight
 from .config import Config
 from .errors import ConfigError
+from .fileio import atomic_file
 from .keys import public_path
 from .spool import SUBDIRS
 
@@ -34,7 +33,7 @@ DIR_MODE = 0o750  # state, sources and targets of an own folder; the config's di
 CONFIG_MODE = 0o640
 
 FHS = {
-    "config": configmod.SYSTEM_CONFIG,
+    "config": loader.SYSTEM_CONFIG,
     "state_dir": Path("/var/lib/archived"),
     "spool_dir": Path("/var/spool/archived"),
     "key": Path("/etc/archived/signing.key"),
@@ -207,7 +206,7 @@ def plan(lay: Layout) -> Config:
         )
     config = None
     try:
-        config = configmod.build(tomllib.loads(render(lay)), source=lay.config)
+        config = loader.build(tomllib.loads(render(lay)), source=lay.config)
     except ConfigError as exc:
         problems += exc.problems
     else:
@@ -227,24 +226,13 @@ def _mkdir(path: Path, mode: int, lay: Layout) -> None:
 
 
 def _write_new(path: Path, text: str, mode: int) -> None:
-    """`text` at `path`, which must not exist: written aside, fsynced, then linked into
-    place, which fails if something appeared there meanwhile. Never overwrites. The file
-    takes the group of its directory: root writes the config into /etc/archived, which
+    """`text` at `path`, which must not exist (never overwrites). The file takes the
+    group of its directory: root writes the config into /etc/archived, which
     systemd-tmpfiles gave to group archived, and the service must read it."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        try:
-            os.write(fd, text.encode())
-            with contextlib.suppress(PermissionError):  # not ours to give: keep our own
-                os.fchown(fd, -1, path.parent.stat().st_gid)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path, mode, exclusive=True) as f:
+        with contextlib.suppress(PermissionError):  # not ours to give: keep our own
+            os.fchown(f.fileno(), -1, path.parent.stat().st_gid)
+        f.write(text.encode())
 
 
 async def create(lay: Layout, config: Config) -> list[str]:

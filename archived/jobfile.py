@@ -31,6 +31,7 @@ from .bag import TIMESTAMP_LABEL
 from .config import Config, first_error
 from .drivers import activity_driver
 from .errors import JobFileError, Kind, classify
+from .moments import iso
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
 _ENCODABLE = re.compile(r"[^\ud800-\udfff]*")
@@ -118,11 +119,7 @@ class JobSpec(BaseModel):
     def not_before_utc(self) -> str | None:
         if self.not_before is None:
             return None
-        return (
-            self.not_before.astimezone(UTC)
-            .isoformat(timespec="microseconds")
-            .replace("+00:00", "Z")
-        )
+        return iso(self.not_before)
 
 
 def read_job_file(path: Path, max_bytes: int, dir_fd: int | None = None) -> bytes:

@@ -13,13 +13,23 @@ dashboard.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
 from .config import Config
+from .fileio import atomic_file
 from .schedules import period
 from .states import State
 from .store import QueueStats, Store
@@ -79,140 +89,145 @@ class Metrics:
         self.phase_seconds[state.value] = self.phase_seconds.get(state.value, 0.0) + seconds
         self.phase_count[state.value] += 1
 
+    def registry(self, stored: Stored) -> CollectorRegistry:
+        """A private registry (not the process-wide one) that yields these metrics."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self, stored))
+        return registry
+
     def render(self, stored: Stored) -> str:
-        out: list[str] = []
+        """The text format of the metrics, as the textfile holds them."""
+        return generate_latest(self.registry(stored)).decode("utf-8")
 
-        def family(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
-            out.append(f"# HELP {name} {help}\n# TYPE {name} {kind}\n")
-            out.extend(f"{name}{labels} {_number(value)}\n" for labels, value in samples)
+    def families(self, stored: Stored) -> Iterator[Metric]:
+        def gauge(name: str, help: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, help, value=value)
 
-        family(
+        def counter(name: str, help: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, help, value=value)
+
+        def labelled(
+            kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+            name: str,
+            help: str,
+            label: str,
+            values: Iterable[tuple[str, float]],
+        ) -> Metric:
+            family = kind(name, help, labels=[label])
+            for value, sample in values:
+                family.add_metric([value], sample)
+            return family
+
+        yield labelled(
+            GaugeMetricFamily,
             "archived_jobs",
-            "gauge",
             "Jobs by state.",
-            [(f'{{state="{s.value}"}}', stored.jobs_by_state.get(s.value, 0)) for s in State],
+            "state",
+            ((s.value, stored.jobs_by_state.get(s.value, 0)) for s in State),
         )
-        family(
+        yield labelled(
+            CounterMetricFamily,
             "archived_transitions_total",
-            "counter",
             "Transitions into each state.",
-            [(f'{{state="{s.value}"}}', self.transitions[s.value]) for s in State],
+            "state",
+            ((s.value, self.transitions[s.value]) for s in State),
         )
-        family(
+        yield counter(
             "archived_retries_total",
-            "counter",
             "Phase errors that were retried.",
-            [("", self.transitions[State.RECOVERABLE_ERROR.value])],
+            self.transitions[State.RECOVERABLE_ERROR.value],
         )
-        family(
-            "archived_failures_total",
-            "counter",
-            "Jobs that failed.",
-            [("", self.transitions[State.FAILED.value])],
+        yield counter(
+            "archived_failures_total", "Jobs that failed.", self.transitions[State.FAILED.value]
         )
-        family(
+        yield counter(
             "archived_bytes_archived_total",
-            "counter",
             "Payload bytes of jobs that completed.",
-            [("", self.bytes_archived)],
+            self.bytes_archived,
         )
-        family(
+        yield labelled(
+            CounterMetricFamily,
             "archived_reloads_total",
-            "counter",
             "Config reloads by result.",
-            [(f'{{result="{r}"}}', self.reloads[r]) for r in ("ok", "rejected")],
+            "result",
+            ((r, self.reloads[r]) for r in ("ok", "rejected")),
         )
-        family(
+        yield labelled(
+            CounterMetricFamily,
             "archived_audits_total",
-            "counter",
             "Audit results of stored copies, from the daemon and the command line.",
-            [(f'{{result="{r}"}}', stored.audits.get(r, 0)) for r in AUDIT_RESULTS],
+            "result",
+            ((r, stored.audits.get(r, 0)) for r in AUDIT_RESULTS),
         )
-        family(
+        yield labelled(
+            GaugeMetricFamily,
             "archived_copies",
-            "gauge",
             "Stored copies of completed jobs by what their last audit found.",
-            [(f'{{audit="{a}"}}', stored.copies.get(a, 0)) for a in COPY_AUDITS],
+            "audit",
+            ((a, stored.copies.get(a, 0)) for a in COPY_AUDITS),
         )
-        family(
+        yield gauge(
             "archived_damaged_jobs",
-            "gauge",
             "Completed jobs with a copy found damaged or lost and not repaired.",
-            [("", stored.damaged_jobs)],
+            stored.damaged_jobs,
         )
-        family(
+        yield gauge(
             "archived_queue_depth",
-            "gauge",
             "Queued jobs that are due (not waiting for their not_before).",
-            [("", stored.queue_depth)],
+            stored.queue_depth,
         )
         oldest = stored.queue_oldest
-        family(
+        yield gauge(
             "archived_queue_oldest_seconds",
-            "gauge",
             "How long the queued job waiting longest has been due; 0 when none waits.",
-            [("", max((stored.now - oldest).total_seconds(), 0) if oldest else 0)],
+            max((stored.now - oldest).total_seconds(), 0) if oldest else 0,
         )
-
-        def by_schedule(times: dict[str, datetime | None]) -> list[tuple[str, float]]:
-            return [(_label("schedule", s), t.timestamp()) for s, t in times.items() if t]
-
         schedules = stored.schedules
-        family(
+        yield labelled(
+            GaugeMetricFamily,
             "archived_schedule_period_seconds",
-            "gauge",
             "The longest gap between two slots of the schedule's cron.",
-            [(_label("schedule", s.name), s.period) for s in schedules],
+            "schedule",
+            ((s.name, s.period) for s in schedules),
         )
-        family(
+        yield labelled(
+            GaugeMetricFamily,
             "archived_schedule_last_success_timestamp_seconds",
-            "gauge",
             "When the schedule last completed a job (or skipped a slot as unchanged since).",
-            by_schedule({s.name: s.last_success for s in schedules}),
+            "schedule",
+            ((s.name, s.last_success.timestamp()) for s in schedules if s.last_success),
         )
-        family(
+        yield labelled(
+            GaugeMetricFamily,
             "archived_schedule_first_seen_timestamp_seconds",
-            "gauge",
             "When the schedule first appeared in a config the daemon ran on.",
-            by_schedule({s.name: s.first_seen for s in schedules}),
+            "schedule",
+            ((s.name, s.first_seen.timestamp()) for s in schedules if s.first_seen),
         )
-        family(
+        yield gauge(
             "archived_metrics_written_timestamp_seconds",
-            "gauge",
             "When the daemon wrote this file: a stale file means it stopped or is stuck.",
-            [("", stored.now.timestamp())],
+            stored.now.timestamp(),
         )
-        phases = sorted(self.phase_count)
-        out.append(
-            "# HELP archived_phase_duration_seconds Time spent in each state's step.\n"
-            "# TYPE archived_phase_duration_seconds summary\n"
+        phases = SummaryMetricFamily(
+            "archived_phase_duration_seconds", "Time spent in each state's step.", labels=["state"]
         )
-        for p in phases:
-            state = _label("state", p)
-            seconds = _number(self.phase_seconds[p])
-            out.append(f"archived_phase_duration_seconds_sum{state} {seconds}\n")
-            out.append(f"archived_phase_duration_seconds_count{state} {self.phase_count[p]}\n")
-        return "".join(out)
+        for p in sorted(self.phase_count):
+            phases.add_metric([p], self.phase_count[p], self.phase_seconds[p])
+        yield phases
 
 
-def _number(value: float) -> str:
-    """A sample value in full: `:g` would keep six digits, and a byte count or a Unix
-    time has more."""
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics, stored: Stored) -> None:
+        self.metrics, self.stored = metrics, stored
 
-
-def _label(name: str, value: str) -> str:
-    """`{name="value"}`, escaped as the text format wants it."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'{{{name}="{escaped}"}}'
+    def collect(self) -> Iterator[Metric]:
+        return self.metrics.families(self.stored)
 
 
 def write_textfile(path: Path, text: str) -> None:
     """Replace the file at `path` with `text`, readable by all: node_exporter runs as a
-    user of its own, and the service's umask (0027) would keep it out."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    user of its own, and the service's umask (0027) would keep it out. (Not
+    prometheus_client's write_to_textfile: it creates the file with the umask's mode.)"""
+    with atomic_file(path, 0o644, sync_dir=False) as f:
+        f.write(text.encode("utf-8"))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import errno
 import hashlib
 import hmac
 import os
@@ -40,6 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from .fileio import write_atomic
 
 __all__ = [
     "MinisignError",
@@ -337,62 +338,18 @@ def verify(public_key: PublicKey, message: bytes, signature_text: str) -> str:
     return trusted_comment
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
 def _write_new_file(path: Path, text: str, mode: int, what: str) -> None:
-    """Create `path` holding `text` with `mode`, atomically, never replacing a file.
-
-    The text goes to a fresh temporary name in the same directory (O_EXCL), is fsynced,
-    then hard-linked to `path` (which fails if `path` exists, so a racing writer is
-    never overwritten) and the temporary name removed. Where hard links are not
-    supported it falls back to a checked rename.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    """Create `path` holding `text` with `mode`, atomically, never replacing a file."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        write_atomic(path, text.encode("utf-8"), mode, exclusive=True)
+    except FileExistsError:
+        raise MinisignError(f"refusing to overwrite existing {what} {path}") from None
     except OSError as exc:
         raise MinisignError(f"cannot create {what} {path}: {_describe(exc)}") from None
-    try:
-        try:
-            os.fchmod(fd, mode)
-            data = text.encode("utf-8")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise MinisignError(f"refusing to overwrite existing {what} {path}") from None
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            if path.exists() or path.is_symlink():
-                raise MinisignError(f"refusing to overwrite existing {what} {path}") from None
-            os.rename(tmp, path)
-    except OSError as exc:
-        raise MinisignError(f"cannot write {what} {path}: {_describe(exc)}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
 
 
 def write_key_pair(secret_path: Path, public_path: Path) -> PublicKey:

@@ -17,7 +17,7 @@ from .drivers import open_storage
 from .errors import describe
 from .store import Store
 
-log = structlog.get_logger("archived.orphans")
+log = structlog.get_logger(component="orphans")
 
 
 async def remove_orphans(store: Store, config: Config, *, job_id: str | None = None) -> int:

@@ -25,10 +25,11 @@ from .errors import describe
 from .jobfile import JobSpec
 from .keys import KeyRing
 from .metrics import Metrics
+from .moments import compact
 from .retry import RetryPolicy
 from .staging import Staging
 from .states import Event, State
-from .store import Job, NewCopy, Store, Task, lease_lost, utcnow
+from .store import Job, NewCopy, Store, Task, lease_lost, storage_key, utcnow
 
 
 @dataclass
@@ -80,11 +81,11 @@ class JobContext:
         if self.job.archive_name:
             return self.job.archive_name.removesuffix(".tar")
         started = self.job.started_at or utcnow()
-        return f"{self.spec.name}-{self.id}-{started.strftime('%Y%m%dT%H%M%SZ')}"
+        return f"{self.spec.name}-{self.id}-{compact(started)}"
 
     def key(self) -> str:
         """Where the archive is on every target."""
-        return f"{self.spec.name}/{self.job.archive_name}"
+        return storage_key(self.spec.name, self.job.archive_name or "")
 
     def storage(self, target: str) -> StorageDriver:
         return open_storage(self.config, target)

@@ -17,15 +17,16 @@ import anyio
 import structlog
 
 from . import bag, failpoints
-from .drivers.base import parts_size
 from .errors import IntegrityError
+from .fileio import parts_size
+from .moments import compact, iso, utcnow
 from .names import Collisions
 from .phase import JobContext, Outcome
 from .states import Event, State
-from .store import iso, utcnow
+from .tarformat import END
 from .timestamp import request_token
 
-log = structlog.get_logger("archived.postprocess")
+log = structlog.get_logger(component="postprocess")
 
 POST_STEPS = ("check_integrity", "calculate_checksums", "sign")
 COLLISIONS_SHOWN = 100  # sets of colliding names a job's warning event lists
@@ -142,7 +143,7 @@ class PostProcessing:
         ctx = self.ctx
         staging = ctx.staging
         bag_name = ctx.bag_name
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = compact(utcnow())
         secret = ctx.svc.keys.secret(ctx.config)
         events = await self._event_log()
 
@@ -153,7 +154,7 @@ class PostProcessing:
                 manifest,
                 trusted_comment=(f"archived job {ctx.id} bag {bag_name} timestamp {stamp}"),
             )
-            bag.write_atomic(staging.bag_dir / bag.SIGNATURE, signature.encode())
+            bag.write_tag(staging.bag_dir / bag.SIGNATURE, signature.encode())
             return manifest
 
         def seal(token: bytes | None) -> int:
@@ -161,9 +162,9 @@ class PostProcessing:
             if token is None:
                 stale.unlink(missing_ok=True)
             else:
-                bag.write_atomic(stale, token)
+                bag.write_tag(stale, token)
             bag.write_head(staging.bag_dir, bag_name, staging.head)
-            bag.write_atomic(staging.end, bag.END)
+            bag.write_tag(staging.end, END)
             return parts_size(staging.archive_parts())
 
         manifest = await anyio.to_thread.run_sync(sign_manifest, limiter=ctx.svc.hash_threads)
@@ -178,7 +179,7 @@ class PostProcessing:
             self._step_event(
                 "timestamp",
                 tsa=signing.tsa_url,
-                gen_time=stamped.gen_time.isoformat(),
+                gen_time=iso(stamped.gen_time),
                 serial=stamped.serial,
             )
         size = await anyio.to_thread.run_sync(seal, token, limiter=ctx.svc.hash_threads)

@@ -21,9 +21,10 @@ from .config import Config
 from .drivers import open_storage
 from .drivers.base import Lock
 from .errors import StorageError, describe
+from .moments import iso
 from .store import Job, StaleState, Store
 
-log = structlog.get_logger("archived.retention")
+log = structlog.get_logger(component="retention")
 
 
 def expiry(days: int | None, at: datetime) -> datetime | None:
@@ -111,7 +112,7 @@ async def _expire(store: Store, config: Config, job: Job) -> bool:
         )
     if left:
         return False
-    expires = job.expires_at.isoformat().replace("+00:00", "Z") if job.expires_at else "?"
+    expires = iso(job.expires_at) if job.expires_at else "?"
     try:
         if not await store.expire(job, f"retention of {expires} passed; every copy deleted"):
             return _stopped(job.id)

@@ -35,7 +35,7 @@ from .store import Job, LeaseLost, StaleState, lease_lost, utcnow
 
 __all__ = ["JobRunner", "Services"]
 
-log = structlog.get_logger("archived.runner")
+log = structlog.get_logger(component="runner")
 
 
 class JobRunner:

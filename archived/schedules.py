@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -27,20 +25,17 @@ import structlog
 from croniter import croniter
 
 from .config import Config, ScheduleConfig
-from .drivers.files import FilesOptions
+from .drivers import activity_driver
 from .errors import JobFileError
 from .jobfile import JobSpec, parse_job
+from .moments import iso_seconds
 from .spool import new_job_id
 from .store import ScheduleRun, Store
 
-log = structlog.get_logger("archived.schedules")
+log = structlog.get_logger(component="schedules")
 
 # Inserts the job with its slot's row; False if another daemon acted on the slot first.
 CreateJob = Callable[[JobSpec, str, str, ScheduleRun], Awaitable[bool]]
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _slots(schedule: ScheduleConfig, now: datetime) -> croniter:
@@ -69,36 +64,15 @@ def period(schedule: ScheduleConfig, now: datetime, slots: int = 64) -> float:
 
 
 def fingerprint(spec: JobSpec) -> str | None:
-    """Names, sizes and mtimes of the sources; None when that cannot tell (commands)."""
+    """The sources' fingerprint, each activity's driver's; None when one cannot tell."""
     lines: list[str] = []
     for activity in spec.activities:
-        options = activity.options()
-        if activity.driver == "files":
-            lines += _tree_lines(activity.name, FilesOptions.model_validate(options).path)
-        elif activity.driver == "sqlite":
-            path = Path(options["path"])
-            for p in (path, path.with_name(path.name + "-wal")):
-                if p.exists():
-                    st = p.stat()
-                    lines.append(f"{activity.name}\0{p.name}\0{st.st_size}\0{st.st_mtime_ns}")
-        else:
+        driver_cls = activity_driver(activity.driver)
+        lines_of = driver_cls(activity.name, driver_cls.options(activity.options())).fingerprint()
+        if lines_of is None:
             return None
+        lines += lines_of
     return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _tree_lines(activity: str, root: Path) -> list[str]:
-    lines = []
-    for top, dirs, files in os.walk(root, followlinks=False):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(top, name)
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            rel = os.path.relpath(path, root)
-            lines.append(f"{activity}\0{rel}\0{st.st_size}\0{st.st_mtime_ns}")
-    return lines
 
 
 class Scheduler:
@@ -132,9 +106,15 @@ class Scheduler:
             spec = parse_job(template, "template.json", config)
         except JobFileError as exc:
             await self._record(name, slot, "rejected", detail=str(exc))
-            log.error("scheduled job rejected", schedule=name, slot=iso(slot), reason=str(exc))
+            log.error(
+                "scheduled job rejected", schedule=name, slot=iso_seconds(slot), reason=str(exc)
+            )
             return
-        metadata = {"Archived-Schedule": name, "Archived-Schedule-Slot": iso(slot), **spec.metadata}
+        metadata = {
+            "Archived-Schedule": name,
+            "Archived-Schedule-Slot": iso_seconds(slot),
+            **spec.metadata,
+        }
         spec = spec.model_copy(update={"metadata": metadata})
         print_ = await anyio.to_thread.run_sync(fingerprint, spec)
         if (
@@ -149,15 +129,21 @@ class Scheduler:
                 fingerprint=print_,
                 detail="sources unchanged since the last completed job",
             )
-            log.info("scheduled job skipped: sources unchanged", schedule=name, slot=iso(slot))
+            log.info(
+                "scheduled job skipped: sources unchanged", schedule=name, slot=iso_seconds(slot)
+            )
             return
         job_id = new_job_id()
         run = ScheduleRun(name, slot, "created", job_id=job_id, fingerprint=print_)
-        digest = hashlib.sha256(template + iso(slot).encode()).hexdigest()
+        digest = hashlib.sha256(template + iso_seconds(slot).encode()).hexdigest()
         if not await self.create_job(spec, job_id, digest, run):
             return  # another daemon on this queue made the slot's job
         log.info(
-            "scheduled job created", schedule=name, slot=iso(slot), job_id=job_id, state="queued"
+            "scheduled job created",
+            schedule=name,
+            slot=iso_seconds(slot),
+            job_id=job_id,
+            state="queued",
         )
 
     async def _record(

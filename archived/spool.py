@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_file
+
 # aiofiles (and with it asyncio) is imported in the daemon's methods below, not here:
 # `archived submit` uses this module too, and an operator's shell waits for it to start.
 
@@ -157,10 +159,8 @@ class Spool:
             text += f"original name: {printable(entry.original_name)}\n"
         reason_path = _reason_path(target)
         part = self.tmp / f".reason-{secrets.token_hex(6)}"
-        async with aiofiles.open(part, "wb") as f:
-            await f.write(text.encode("utf-8", "backslashreplace"))
         try:
-            await aiofiles.os.replace(part, reason_path)
+            await aiofiles.os.wrap(_write_reason)(reason_path, text, part)
             await aiofiles.os.rename(entry.path, target)
         except BaseException:
             for path in (part, reason_path):
@@ -173,23 +173,14 @@ class Spool:
         """Drop a validated job file into incoming/ atomically; returns its job id."""
         job_id = new_job_id()
         name = f"{job_id}{suffix}"
-        tmp = self.tmp / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.incoming / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.incoming, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with atomic_file(self.incoming / name, 0o640, tmp=self.tmp / name) as f:
+            f.write(data)
         return job_id
+
+
+def _write_reason(path: Path, text: str, tmp: Path) -> None:
+    with atomic_file(path, 0o640, tmp=tmp) as f:
+        f.write(text.encode("utf-8", "backslashreplace"))
 
 
 def _reason_path(target: Path) -> Path:

@@ -23,10 +23,11 @@ import anyio
 import structlog
 
 from . import bag
-from .drivers.base import ArtifactWriter, require_space
+from .artifacts import ArtifactWriter
 from .errors import IntegrityError, describe
+from .fileio import require_space
 
-log = structlog.get_logger("archived.staging")
+log = structlog.get_logger(component="staging")
 
 
 def boot_id() -> str:

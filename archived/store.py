@@ -21,36 +21,22 @@ import json
 from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from datetime import datetime
+from typing import Any, ClassVar, Protocol
 
+# re-exported: the store's users take the row timestamps' helpers from here
+from .moments import as_datetime as as_datetime
+from .moments import iso as iso
+from .moments import now_iso as now_iso
+from .moments import utcnow as utcnow
 from .states import State
-
-if TYPE_CHECKING:
-    from .config import Config
 
 SQLITE_FILE = "archived.db"
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime) -> str:
-    """Fixed-width ISO 8601 UTC with microseconds: `YYYY-MM-DDTHH:MM:SS.ffffffZ`."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def now_iso() -> str:
-    return iso(utcnow())
-
-
-def as_datetime(value: datetime | str | None) -> datetime | None:
-    """A timestamp from either backend (SQLite: text, PostgreSQL: timestamptz)."""
-    if value is None or isinstance(value, datetime):
-        return value
-    moment = datetime.fromisoformat(value)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+def storage_key(name: str, archive_name: str) -> str:
+    """Where a job's archive lies on every target: `<job name>/<archive name>`."""
+    return f"{name}/{archive_name}"
 
 
 class StaleState(Exception):
@@ -149,8 +135,8 @@ class Job(_Row):
 
     @property
     def key(self) -> str:
-        """Where its archive lies on a target: `<name>/<archive name>`."""
-        return f"{self.name}/{self.archive_name}"
+        """Where its archive lies on a target."""
+        return storage_key(self.name, self.archive_name or "")
 
     @property
     def waiting(self) -> bool:
@@ -270,7 +256,7 @@ class AuditCopy(_Row):
 
     @property
     def key(self) -> str:
-        return f"{self.name}/{self.archive_name}"
+        return storage_key(self.name, self.archive_name)
 
 
 @dataclass(frozen=True)
@@ -556,59 +542,3 @@ TABLES = {
     "schedules_seen": "schedule",
     "orphans": "job_id, target, key",
 }
-
-
-# -- opening one -----------------------------------------------------------------------
-
-
-def host_id(config: Config) -> str:
-    import socket
-
-    return config.queue.host_id or f"{socket.gethostname()}:{config.daemon.state_dir}"
-
-
-async def open_store(config: Config, *, create: bool = True) -> Store | None:
-    """The configured queue store, migrated; None when `create` is off and there is no
-    queue yet (an SQLite file no daemon made)."""
-    if config.queue.url:
-        from .store_pg import PgStore  # the `postgres` extra: only imported when used
-
-        return await PgStore.open(config, host_id(config))
-    from .store_sqlite import SqliteStore
-
-    path = config.daemon.state_dir / SQLITE_FILE
-    if not create and not path.exists():
-        return None
-    return await SqliteStore.open(path, host_id(config))
-
-
-async def move_queue(config: Config) -> dict[str, int]:
-    """Copy the SQLite queue of `daemon.state_dir` into the empty PostgreSQL queue of
-    `[queue] url`, in one transaction; rows copied, by table. The jobs in flight become
-    this host's (its host_id): the daemon started on the new queue resumes them."""
-    from .store_pg import PgStore
-    from .store_sqlite import SqliteStore
-
-    path = config.daemon.state_dir / SQLITE_FILE
-    if not path.exists():
-        raise StoreUnavailable(f"no SQLite queue at {path}")
-    source = await SqliteStore.open(path, host_id(config))
-    try:
-        rows = await source.export()
-    finally:
-        await source.close()
-    target = await PgStore.open(config, host_id(config))
-    try:
-        return await target.load(rows)
-    finally:
-        await target.close()
-
-
-def open_state_reader(config: Config) -> StateReader:
-    if config.queue.url:
-        from .store_pg import PgStateReader
-
-        return PgStateReader(config.queue.url)
-    from .store_sqlite import SqliteStateReader
-
-    return SqliteStateReader(config.daemon.state_dir / SQLITE_FILE)

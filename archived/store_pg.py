@@ -37,7 +37,7 @@ from .store_sql import PROCESSING_STATES, SqlStore, Tx, load_queries, migrations
 if TYPE_CHECKING:
     from .config import Config
 
-log = structlog.get_logger("archived.store")
+log = structlog.get_logger(component="store")
 
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 LOCK_SPACE = 0x61726368  # "arch": the advisory locks of archived, with a key each

@@ -8,8 +8,8 @@ Busy or locked is told by the error's `sqlite_errorname`, not by its text.
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from run import BenchError, DataSet, datasets, find_archived, generate, machine, run, timed
 
-from archived.drivers.base import padding, tar_header
+from archived.tarformat import padding, tar_header
 
 PEAK = """
 import sys, time

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import Root, wait_until
 
-from archived import config as configmod
+from archived import loader
 from archived.audit import Auditor
 from archived.store import NewJob, Store, utcnow
 from archived.store_sqlite import SqliteStore
@@ -111,7 +111,7 @@ def test_the_daemon_audits_oldest_first_and_heals_on_its_own(root: Root) -> None
         for e in daemon.events()
     )
     wait_until(
-        lambda: 'archived_audits_total{result="repaired"} 1' in prom.read_text(),
+        lambda: metric(prom, 'archived_audits_total{result="repaired"} 1'),
         10,
         "metrics count the repair",
     )
@@ -119,12 +119,14 @@ def test_the_daemon_audits_oldest_first_and_heals_on_its_own(root: Root) -> None
 
 
 def metric(prom: os.PathLike[str] | str, line: str) -> bool:
-    """Whether the metrics textfile holds this exact sample line."""
+    """Whether the metrics textfile holds this sample line (`1` and `1.0` alike)."""
+    sample, _, value = line.rpartition(" ")
     try:
         with open(prom, encoding="utf-8") as f:
-            return line in f.read().splitlines()
+            lines = [have.rpartition(" ") for have in f.read().splitlines()]
     except FileNotFoundError:
         return False
+    return any(name == sample and float(got) == float(value) for name, _, got in lines)
 
 
 def test_an_unreachable_target_is_told_from_damage_and_never_written_into(root: Root) -> None:
@@ -255,7 +257,7 @@ async def single_copy_jobs(tmp_path: Path, count: int) -> tuple[Store, Auditor, 
         f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nspool_dir = "{tmp_path / "spool"}"\n'
         f'[storage.primary]\ndriver = "localdir"\npath = "{target}"\n'
     )
-    config = configmod.load(config_path)
+    config = loader.load(config_path)
     store = await SqliteStore.open(tmp_path / "state" / "archived.db", "test")
     archives = []
     for i in range(count):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import Root, run_cli
 
-from archived.config import config_path
+from archived.loader import config_path
 
 
 def tree(folder: Path) -> dict[str, tuple[int, bytes]]:

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from archived.config import Config
-from archived.metrics import Metrics, Stored
+from archived.metrics import Metrics, Schedule, Stored, write_textfile
 from archived.states import Event, State
 from archived.store import NewJob, ScheduleRun, Store
 from archived.store_sqlite import SqliteStore
@@ -122,3 +122,27 @@ def test_the_alert_rules_are_valid_and_fire_when_they_should() -> None:
             ["promtool", *command], cwd=RULES.parent, capture_output=True, text=True, timeout=60
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian: prometheus)")
+def test_the_textfile_passes_promtools_check(tmp_path: Path) -> None:
+    metrics = Metrics()
+    metrics.transition(State.COMPLETED)
+    metrics.step(State.STORE, 1.5)
+    metrics.bytes_archived = 12_345_678_901
+    schedule = Schedule('odd "name"\\', 3600.0, datetime.now(UTC), None)
+    path = tmp_path / "archived.prom"
+    write_textfile(path, metrics.render(Stored({}, {}, {}, 0, schedules=[schedule])))
+    done = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=path.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = samples(path.read_text())
+    assert got[("archived_bytes_archived_total", ())] == 12_345_678_901
+    assert got[("archived_schedule_period_seconds", (("schedule", 'odd "name"\\'),))] == 3600
+    assert got[("archived_phase_duration_seconds_sum", (("state", "store"),))] == 1.5
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from archived.drivers.base import ArtifactWriter
+from archived.artifacts import ArtifactWriter
 from archived.progress import Figures, Report, clock, figures, line, size
 
 MiB = 1024 * 1024

@@ -222,8 +222,9 @@ async def test_the_staging_estimate_covers_what_is_staged(tmp_path: Path) -> Non
     becomes full-size payload); and its count of files and bytes."""
     import anyio
 
+    from archived.artifacts import ArtifactWriter
     from archived.config import Config
-    from archived.drivers.base import ActivityContext, ArtifactWriter
+    from archived.drivers.base import ActivityContext
     from archived.drivers.files import FilesDriver
 
     tree = tmp_path / "src"

@@ -169,7 +169,8 @@ def test_what_the_writer_and_packer_write_verifies(tmp_path: Path, key: SecretKe
     import io
 
     from archived import bag as packer
-    from archived.drivers.base import HASH_ASIDE, SMALL_FILE, ArtifactWriter
+    from archived.artifacts import HASH_ASIDE, SMALL_FILE, ArtifactWriter
+    from archived.tarformat import END
 
     big = bytes(range(256)) * (SMALL_FILE // 128)  # past the whole-file path
     long_name = "deep/" * 30 + "long name.txt"  # past ustar's 100 bytes: a PAX header
@@ -219,7 +220,7 @@ def test_what_the_writer_and_packer_write_verifies(tmp_path: Path, key: SecretKe
     (bag_dir / SIGNATURE).write_text(key.sign(signed, trusted_comment="job-1"))
     head, end = tmp_path / "head.tar", tmp_path / "end.tar"
     packer.write_head(bag_dir, BAG, head)
-    end.write_bytes(packer.END)
+    end.write_bytes(END)
     archive = [head, parts / "docs.tar", parts / "logs.tar", end]
     out_tar = tmp_path / "out.tar"
     out_tar.write_bytes(b"".join(p.read_bytes() for p in archive))
@@ -244,7 +245,7 @@ def test_what_the_writer_and_packer_write_verifies(tmp_path: Path, key: SecretKe
 
 
 def test_the_fast_tar_header_is_what_tarfile_reads_back() -> None:
-    from archived.drivers.base import tar_header
+    from archived.tarformat import tar_header
 
     for name, size, mtime in [
         ("b/data/x/a.txt", 0, 0),

@@ -1,7 +1,9 @@
 """Driver registries: activity drivers make artifacts, storage drivers keep archives.
 
 Built-in drivers are always there; a third party adds one through the entry point
-groups `archived.activity_drivers` and `archived.storage_drivers`.
+groups `archived.activity_drivers` and `archived.storage_drivers`. A driver's module is
+imported only when it is asked for: the `s3` driver's library (aiobotocore, the extra
+`archived[s3]`) only where an s3 target is configured.
 """
 
 from __future__ import annotations
@@ -27,9 +29,24 @@ _BUILTIN_STORAGE = {
 }
 
 
+# built-in drivers whose libraries are an optional extra of the package
+_EXTRAS = {"archived.drivers.s3": "s3"}
+
+
+class DriverNotInstalled(LookupError):
+    """A driver whose module needs a library that is not installed."""
+
+
 def _load(spec: str) -> type:
     module, _, attr = spec.partition(":")
-    return getattr(import_module(module), attr)  # type: ignore[no-any-return]
+    try:
+        return getattr(import_module(module), attr)  # type: ignore[no-any-return]
+    except ModuleNotFoundError as exc:
+        if module not in _EXTRAS or exc.name == module:
+            raise
+        raise DriverNotInstalled(
+            f"needs {exc.name}, which is not installed: pip install 'archived[{_EXTRAS[module]}]'"
+        ) from None
 
 
 @cache
@@ -44,12 +61,14 @@ def _find(group: str, builtin: dict[str, str], name: str) -> type:
 
 
 def activity_driver(name: str) -> type[ActivityDriver]:
-    """The activity driver class called `name`; KeyError if there is none."""
+    """The activity driver class called `name`; KeyError if there is none,
+    DriverNotInstalled if its library is missing."""
     return _find("archived.activity_drivers", _BUILTIN_ACTIVITY, name)
 
 
 def storage_driver(name: str) -> type[StorageDriver]:
-    """The storage driver class called `name`; KeyError if there is none."""
+    """The storage driver class called `name`; KeyError if there is none,
+    DriverNotInstalled if its library is missing."""
     return _find("archived.storage_drivers", _BUILTIN_STORAGE, name)
 
 

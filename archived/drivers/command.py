@@ -25,7 +25,8 @@ from pydantic import Field
 from ..children import STDERR_LIMIT, Child
 from ..config import CommandConfig, Config
 from ..errors import ArchivedError, JobFileError, TransientError
-from .base import BUFFER_SIZE, ActivityContext, ActivityDriver, DriverOptions
+from ..fileio import BUFFER_SIZE
+from .base import ActivityContext, ActivityDriver, DriverOptions
 
 
 class CommandFailed(ArchivedError):

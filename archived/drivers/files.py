@@ -18,18 +18,10 @@ from typing import Any
 import anyio
 import anyio.from_thread
 
+from ..artifacts import SMALL_FILE, ArtifactWriter, SourceChanged, member_bytes
 from ..config import Config
 from ..errors import JobFileError, SourceError, TransientError
-from .base import (
-    SMALL_FILE,
-    ActivityContext,
-    ActivityDriver,
-    ArtifactWriter,
-    DriverOptions,
-    Estimate,
-    SourceChanged,
-    member_bytes,
-)
+from .base import ActivityContext, ActivityDriver, DriverOptions, Estimate
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -74,6 +66,9 @@ class FilesDriver(ActivityDriver):
         return await anyio.to_thread.run_sync(
             self._copy, ctx.writer, ctx.notes, limiter=ctx.limiter
         )
+
+    def fingerprint(self) -> list[str]:
+        return tree_lines(self.name, self.opts.path)
 
     def estimate(self, member_prefix: str) -> Estimate:
         """The tree's regular files at their full size (a sparse file becomes all of it),
@@ -231,3 +226,19 @@ def _read_whole(fd: int, size: int) -> bytes:
     while len(data) < size and (more := os.read(fd, size - len(data))):
         data += more
     return data
+
+
+def tree_lines(activity: str, root: Path) -> list[str]:
+    """Each file under `root`: its path, size and mtime, in a stable order."""
+    lines = []
+    for top, dirs, files in os.walk(root, followlinks=False):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            rel = os.path.relpath(path, root)
+            lines.append(f"{activity}\0{rel}\0{st.st_size}\0{st.st_mtime_ns}")
+    return lines

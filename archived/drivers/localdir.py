@@ -26,20 +26,16 @@ import anyio
 
 from .. import failpoints
 from ..errors import ConfigError, StorageError, TargetUnavailable, classify
-from .base import (
-    NO_LOCK,
-    Digest,
-    DriverOptions,
-    Lock,
+from ..fileio import (
     NotRegularFile,
     Parts,
-    StorageDriver,
-    StoredCopy,
+    atomic_file,
     copy_parts,
-    copy_problem,
     file_sha256,
+    fsync_dir,
     require_space,
 )
+from .base import NO_LOCK, Digest, DriverOptions, Lock, StorageDriver, StoredCopy, copy_problem
 
 TMP_PREFIX = ".archived-tmp-"
 MARKER = ".archived-target"  # in a target's root: "this is the target, not a mount point"
@@ -55,12 +51,9 @@ class LocalDirOptions(DriverOptions):
     require_marker: bool = False  # store only where `archived init-target NAME` marked it
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _tmp_name(final: Path) -> Path:
+    """Where `final` is written before it is renamed into place (see _discard_partial)."""
+    return final.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{final.name}"
 
 
 class LocalDirDriver(StorageDriver):
@@ -128,19 +121,8 @@ class LocalDirDriver(StorageDriver):
             "# while this file exists, so an empty mount point is never taken for the target.\n"
             f'target = "{self.target}"\n'
         )
-        tmp = root / f"{TMP_PREFIX}{secrets.token_hex(6)}-{MARKER}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
-        try:
-            try:
-                os.write(fd, text.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, marker)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(root)
+        with atomic_file(marker, 0o444, tmp=_tmp_name(marker)) as f:
+            f.write(text.encode())
         return f"storage.{self.target}: marked {root} ({MARKER})"
 
     async def put(
@@ -230,7 +212,7 @@ class LocalDirDriver(StorageDriver):
                 f"storage.{self.target}: cannot remove {final}: {exc.strerror}",
                 recoverable=classify(exc) == "recoverable",
             ) from exc
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return True
 
     @staticmethod
@@ -240,17 +222,14 @@ class LocalDirDriver(StorageDriver):
             leftover.unlink(missing_ok=True)
 
     def _write(self, archive: Parts, final: Path, digest: Digest, size: int) -> None:
-        tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{final.name}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
-        try:
-            try:
-                copy_parts(archive, fd)
-                with ThreadPoolExecutor(1) as pool:  # the disk writes while we read back
-                    synced = pool.submit(os.fsync, fd)
-                    got = file_sha256(tmp)
-                    synced.result()
-            finally:
-                os.close(fd)
+        tmp = _tmp_name(final)
+        with atomic_file(final, 0o444, tmp=tmp) as f:
+            fd = f.fileno()
+            copy_parts(archive, fd)
+            with ThreadPoolExecutor(1) as pool:  # the disk writes while we read back
+                synced = pool.submit(os.fsync, fd)
+                got = file_sha256(tmp)
+                synced.result()
             expected = (digest.result(), size)  # the runner may have been hashing meanwhile
             if got != expected:
                 raise StorageError(
@@ -258,9 +237,3 @@ class LocalDirDriver(StorageDriver):
                     f"{got[0]} ({got[1]} bytes), expected {expected[0]} ({size} bytes)",
                     recoverable=True,
                 )
-            os.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(final.parent)

@@ -51,25 +51,22 @@ from pydantic import Field, StrictInt, field_validator
 
 from .. import failpoints
 from ..errors import ConfigError, StorageError, TargetUnavailable, classify
+from ..fileio import BUFFER_SIZE, Parts, read_parts, write_all
 from .base import (
-    BUFFER_SIZE,
     NO_LOCK,
     Digest,
     DriverOptions,
     Lock,
-    Parts,
     StorageDriver,
     StoredCopy,
     copy_problem,
-    read_parts,
     wait_digest,
-    write_all,
 )
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-log = structlog.get_logger("archived.storage.s3")
+log = structlog.get_logger(component="storage.s3")
 
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's floor for every part but the last

@@ -17,9 +17,10 @@ import anyio
 import anyio.from_thread
 from pydantic import Field
 
+from ..artifacts import member_bytes
 from ..config import Config
 from ..errors import IntegrityError, SourceError, TransientError
-from .base import ActivityContext, ActivityDriver, DriverOptions, Estimate, member_bytes
+from .base import ActivityContext, ActivityDriver, DriverOptions, Estimate
 from .files import check_under_roots
 
 
@@ -54,6 +55,15 @@ class SqliteDriver(ActivityDriver):
                 continue
         name = member_prefix + (self.opts.output or self.opts.path.name)
         return Estimate(2 * member_bytes(name, size), 1, size)
+
+    def fingerprint(self) -> list[str]:
+        """The database and its write-ahead log: sizes and mtimes."""
+        lines = []
+        for p in (self.opts.path, self.opts.path.with_name(self.opts.path.name + "-wal")):
+            if p.exists():
+                st = p.stat()
+                lines.append(f"{self.name}\0{p.name}\0{st.st_size}\0{st.st_mtime_ns}")
+        return lines
 
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         self.check(self.opts, ctx.config)
