@@ -149,7 +149,7 @@ class Daemon:
             jobs = self.jobs = RunningJobs(
                 self.svc,
                 tg,
-                lambda: self.config,
+                lambda: self.pinned,
                 self._wake,
                 self.housekeeping.remove_stale_staging,
             )
@@ -160,8 +160,7 @@ class Daemon:
             await self.intake.ingest_leftovers()
             resumed = await store.resumable()
             await self.housekeeping.remove_stale_staging()
-            for job in resumed:
-                jobs.start(job)  # resume what a previous run left in flight
+            jobs.resume(resumed)  # what a previous run left in flight
             log.info(
                 "ready",
                 state_dir=str(self.config.daemon.state_dir),

@@ -17,6 +17,7 @@ from anyio.abc import TaskGroup
 
 from .config import Config
 from .errors import Kind, classify, describe
+from .intake import Pinned
 from .phase import Services
 from .runner import JobRunner
 from .states import PROCESSING, STOPPABLE, State
@@ -30,12 +31,12 @@ class RunningJobs:
         self,
         svc: Services,
         tg: TaskGroup,
-        config: Callable[[], Config],
+        pinned: Callable[[], Pinned],
         wake: Callable[[], None],
         lost: Callable[[str], Awaitable[None]],
     ) -> None:
         self.svc, self.tg = svc, tg
-        self.config = config  # the config in force: it changes on reload
+        self.pinned = pinned  # the config in force: it changes on reload
         self.wake = wake  # the poll loop: a slot is free
         self.lost = lost  # what to do with a job another daemon took over
         self.runners: dict[str, JobRunner] = {}
@@ -44,27 +45,58 @@ class RunningJobs:
         # run again from what the queue says once it answers, as a restart would
         # (when to try, the delay after that), doubling up to retry.backoff_max
         self.stalled: dict[str, tuple[float, float]] = {}
+        # what a previous run left in flight and waits for a free slot, first in line
+        self.resuming: list[str] = []
 
     def __len__(self) -> int:
         return len(self.runners)
+
+    def config(self) -> Config:
+        return self.pinned().config
 
     @property
     def free(self) -> int:
         """Slots free under max_concurrent_jobs."""
         return self.config().daemon.max_concurrent_jobs - len(self.runners)
 
+    def resume(self, jobs: list[Job]) -> None:
+        """What a previous run left in flight: as many as max_concurrent_jobs allows start
+        now; the others wait for a free slot, before any job is claimed."""
+        for job in jobs:
+            if self.free > 0:
+                self.start(job)
+            else:
+                self.resuming.append(job.id)
+        if self.resuming:
+            log.info("jobs wait for a free slot to resume", jobs=len(self.resuming))
+
     async def claim(self) -> None:
-        """Claim queued and due jobs while there are free slots."""
+        """Resume what waits to, then claim queued and due jobs, while slots are free."""
         store = self.svc.store
+        while self.resuming and self.free > 0:
+            job = await store.job(self.resuming[0])
+            del self.resuming[0]
+            if job is not None and self._ours_in_flight(job):
+                self.start(job)
         while self.free > 0:
-            config = self.config()
-            claim = await store.claim_next(
-                config.snapshot(), config.digest, busy=set(self.runners)
-            )
+            pinned = self.pinned()
+            busy = {*self.runners, *self.resuming}
+            claim = await store.claim_next(pinned.snapshot, pinned.digest, busy=busy)
             if claim is None:
                 return
             self._claimed(claim)
             self.start(claim.job)
+
+    def _ours_in_flight(self, job: Job) -> bool:
+        """In a processing state, not waiting to retry (the claim takes it when due), not
+        taken over meanwhile by another daemon, and not running here."""
+        store = self.svc.store
+        return (
+            job.state in PROCESSING
+            and job.state != State.RECOVERABLE_ERROR
+            and not (store.shared and job.owner != store.host_id)
+            and job.id not in self.runners
+        )
 
     def _claimed(self, claim: Claim) -> None:
         job = claim.job
@@ -128,13 +160,7 @@ class RunningJobs:
             if due > anyio.current_time():
                 continue
             job = await store.job(job_id)
-            if (
-                job is None
-                or job.state not in PROCESSING
-                or job.state == State.RECOVERABLE_ERROR  # the claim takes it when due
-                or (store.shared and job.owner != store.host_id)  # taken over meanwhile
-                or job_id in self.runners
-            ):
+            if job is None or not self._ours_in_flight(job):
                 del self.stalled[job_id]
                 continue
             self.stalled[job_id] = (float("inf"), delay)  # the delay doubles if it stops again
