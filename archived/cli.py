@@ -16,7 +16,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,7 +25,7 @@ import anyio
 from . import __version__, loader, progress
 from .config import Config, parse_duration
 from .errors import ArchivedError, ConfigError, JobFileError
-from .states import FINAL, STOPPABLE, State
+from .states import FINAL, State
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 EXIT_SIGPIPE = 128 + 13  # as a shell reports a program killed by SIGPIPE
@@ -218,6 +217,16 @@ async def _read(config: Config, fn: Callable[[Any], Any]) -> Any:
         await store.close()
 
 
+def _act(config: Config, fn: Callable[[Any], Any]) -> Any:
+    """An operator's action (actions.py) on the queue; one it refuses fails the command."""
+    from .actions import Refused
+
+    try:
+        return anyio.run(_read, config, fn)
+    except Refused as exc:
+        raise CommandError(str(exc)) from None
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     config = _load_config(args)
     if args.state and args.state not in State.__members__.values():
@@ -252,11 +261,6 @@ def age(iso: str) -> str:
     return span((datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds())
 
 
-def _orphan_json(orphan: Any) -> dict[str, Any]:
-    keys = ("target", "key", "reason", "recorded_at", "removed_at")
-    return {k: v for k, v in orphan.to_json().items() if k in keys}
-
-
 def span(seconds: float) -> str:
     """A duration the way an operator reads it: 45s, 12m, 3h, 5d."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -265,43 +269,11 @@ def span(seconds: float) -> str:
     return f"{max(int(seconds), 0)}s"
 
 
-async def job_details(store: Any, job_id: str) -> dict[str, Any] | None:
-    job = await store.job(job_id) if store else None
-    if job is None:
-        return None
-    row = job.to_json()
-    tasks = [t.to_json() for t in await store.tasks(job_id)]
-    return {
-        **{k: row[k] for k in ("id", "name", "state", "created_at", "updated_at", "error")},
-        **{k: row[k] for k in ("not_before", "expires_at", "legal_hold", "phase", "attempts")},
-        "retry_at": row["retry_at"] if job.waiting else None,
-        "owner": job.owner,
-        "archive": (
-            {"name": job.archive_name, "sha256": job.archive_sha256, "size": job.archive_size}
-            if job.archive_name
-            else None
-        ),
-        "history": [h.to_json() for h in await store.history(job_id)],
-        "tasks": [t | {"progress": _report(t)} for t in tasks],
-        "progress": (
-            None if job.state in FINAL else asdict(progress.figures(row, tasks, datetime.now(UTC)))
-        ),
-        "copies": [c.to_json() for c in await store.copies(job_id)],
-        "orphans": [_orphan_json(o) for o in await store.orphans(job_id)],
-        "audits": [a.to_json() for a in await store.audits(job_id)],
-        "events": [e.to_json() for e in await store.events(job_id)],
-    }
-
-
-def _report(task: dict[str, Any]) -> dict[str, Any] | None:
-    """What a running task last said of its progress."""
-    report = progress.Report.loads(task["progress"]) if task["state"] == "executing" else None
-    return asdict(report) if report else None
-
-
 def cmd_show(args: argparse.Namespace) -> int:
     config = _load_config(args)
-    details = anyio.run(_read, config, lambda store: job_details(store, args.job))
+    from . import actions
+
+    details = anyio.run(_read, config, lambda store: actions.job_details(store, args.job))
     if details is None:
         raise CommandError(f"no job {args.job!r}")
     if args.json:
@@ -376,52 +348,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _require_job(store: Any, job_id: str) -> Any:
-    job = await store.job(job_id) if store else None
-    if job is None:
-        raise CommandError(f"no job {job_id!r}")
-    return job
-
-
 def cmd_cancel(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    from . import actions
 
-    async def request(store: Any) -> str:
-        job = await _require_job(store, args.job)
-        if job.state not in STOPPABLE:
-            raise CommandError(f"job {args.job} is {job.state}: nothing to cancel")
-        await store.request_cancel(args.job)
-        return str(job.state)
-
-    state = anyio.run(_read, config, request)
+    state = _act(_load_config(args), lambda store: actions.cancel(store, args.job))
     print(f"{args.job}: cancel requested (was {state}); it fails at its next safe point")
     return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    from . import actions
 
-    async def requeue(store: Any) -> str:
-        job = await _require_job(store, args.job)
-        if job.state != State.FAILED:
-            raise CommandError(f"job {args.job} is {job.state}: only failed jobs are retried")
-        phase = job.phase or "queued"
-        kept = sorted(c.target for c in await store.copies(args.job, live=True))
-        if kept:
-            how = (
-                f"stores its archive, kept on {', '.join(kept)}, on the targets that "
-                "miss it; nothing is archived again"
-            )
-        else:
-            how = "staging was removed when it failed, so it runs again from activity_archiving"
-        reason = f"requeued by operator (had failed in {phase}); {how}"
-        await store.requeue(job, reason, keep_copies=bool(kept))
-        return f"had failed in {phase}" + (
-            f"; its archive is kept on {', '.join(kept)}" if kept else ""
-        )
-
-    said = anyio.run(_read, config, requeue)
-    print(f"{args.job}: queued again ({said})")
+    done = _act(_load_config(args), lambda store: actions.retry(store, args.job))
+    kept = f"; its archive is kept on {', '.join(done.kept)}" if done.kept else ""
+    print(f"{args.job}: queued again (had failed in {done.phase}{kept})")
     return EXIT_OK
 
 
@@ -441,6 +381,7 @@ def cmd_init_target(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from . import actions
     from .audit import Auditor
 
     config = _load_config(args)
@@ -449,7 +390,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if store is None:
             return []
         if args.job:
-            await _require_job(store, args.job)
+            await actions.require_job(store, args.job)
         auditor = Auditor(store, config, config.daemon.state_dir / "audit")
         if args.job or args.all:
             return await auditor.round(job_id=args.job)
@@ -457,7 +398,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             copies=config.audit.copies_per_round, max_bytes=config.audit.bytes_per_round
         )
 
-    results = anyio.run(_read, config, audit)
+    results = _act(config, audit)
     for r in results:
         print(f"{r.job_id}  {r.target:12}  {r.result:10}  {r.detail}")
     healed = {(r.job_id, r.target) for r in results if r.result == "repaired"}
@@ -472,30 +413,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
-    """The hold in the database first (retention obeys it), then on the copies of
-    targets that keep their own (S3 Object Lock legal holds)."""
-    from .retention import hold_copies
+    from . import actions
 
     config = _load_config(args)
-    hold = args.command == "hold"
-
-    async def set_hold(store: Any) -> tuple[list[str], str]:
-        job = await _require_job(store, args.job)
-        if job.state == State.DELETED:
-            raise CommandError(f"job {args.job} is deleted: its copies are gone")
-        await store.set_hold(args.job, hold)
-        try:
-            return await hold_copies(store, config, job, hold), ""
-        except ArchivedError as exc:
-            return [], str(exc)
-
-    said, problem = anyio.run(_read, config, set_hold)
-    print(f"{args.job}: legal hold {'on: retention will not delete it' if hold else 'released'}")
-    for line in said:
+    on = args.command == "hold"
+    done = _act(config, lambda store: actions.hold(store, config, args.job, on))
+    print(f"{args.job}: legal hold {'on: retention will not delete it' if on else 'released'}")
+    for line in done.said:
         print(f"  {line}")
-    if problem:
+    if done.problem:
         raise CommandError(
-            f"{problem}; the hold is {'on' if hold else 'off'} in the database: "
+            f"{done.problem}; the hold is {'on' if on else 'off'} in the database: "
             f"run `archived {args.command} {args.job}` again once the target answers"
         )
     return EXIT_OK

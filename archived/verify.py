@@ -132,15 +132,41 @@ class Report:
 
 @dataclass(frozen=True)
 class Policy:
-    """What a bag must be beyond BagIt."""
+    """Everything that differs between checking an archive of ours (`ARCHIVE`) and any
+    BagIt bag (`ANY_BAG`, `--bag-only`); the checker asks this, never which one it is."""
 
-    archive: bool  # one of ours: manifest-sha256, bag-info with Payload-Oxum, signature,
-    # event log, the time-stamp token bag-info announces; no fetch.txt
-    forgive_os: bool  # names another file system merged or an OS left: warnings
+    # One of ours: manifest-sha256, bag-info with Payload-Oxum, nothing to fetch, a tag
+    # manifest over its tag files, the event log, signed, and the time-stamp token
+    # bag-info announces (`check_archived`). Any bag: a missing token is a warning.
+    ours: bool
+    # A tar or zip format not read here (7-Zip, RAR, zstd): another tool's bag in one is
+    # not known to be wrong (unverifiable); an archive of ours in one was replaced.
+    unread_format_unverifiable: bool
+    # fetch.txt read, and a holey bag named as such (ours must have none: check_archived)
+    fetch: bool
+    # The drafts' serialization rules (one directory, the bag, and nothing beside it)
+    # bind a 1.0 bag too: our archives keep them; RFC 8493 dropped them.
+    draft_serialization: bool
+    # What other file systems and operating systems leave is a warning: a name listed
+    # twice in another case or Unicode form and present once, special files (.DS_Store),
+    # macOS's __MACOSX/ beside the bag.
+    forgive_os: bool
 
 
-ARCHIVE = Policy(archive=True, forgive_os=False)
-ANY_BAG = Policy(archive=False, forgive_os=True)
+ARCHIVE = Policy(
+    ours=True,
+    unread_format_unverifiable=False,
+    fetch=False,
+    draft_serialization=True,
+    forgive_os=False,
+)
+ANY_BAG = Policy(
+    ours=False,
+    unread_format_unverifiable=True,
+    fetch=True,
+    draft_serialization=False,
+    forgive_os=True,
+)
 
 
 def verify_path(
@@ -149,13 +175,15 @@ def verify_path(
     keys: list[PublicKey],
     bag_only: bool = False,
     tsa_ca: list[x509.Certificate] | None = None,
+    policy: Policy | None = None,
 ) -> Report:
-    """Check the bag directory, tar or zip at `path`; see the module docstring."""
+    """Check the bag directory, tar or zip at `path`; see the module docstring. The
+    policy is `policy`, else ANY_BAG with `bag_only`, else ARCHIVE."""
+    if policy is None:
+        policy = ANY_BAG if bag_only else ARCHIVE
     path = Path(path)
     report = Report(bag=path.name or path.resolve().name)
-    # Another tool's bag in an archive format not read here is not known to be wrong;
-    # an archive of ours in one was replaced.
-    unread = report.unverifiable.append if bag_only else None
+    unread = report.unverifiable.append if policy.unread_format_unverifiable else None
     contents = open_bag(path, report.add_problem, unread)
     if contents is None:
         if report.unverifiable:
@@ -165,7 +193,6 @@ def verify_path(
         return report
     try:
         report.bag = contents.name
-        policy = ANY_BAG if bag_only else ARCHIVE
         _Checker(contents, report, policy, keys=keys, tsa_ca=tsa_ca).run()
     finally:
         contents.close()
@@ -236,7 +263,7 @@ class _Checker:
         self.check_serialization()
         self.check_layout()
         self.check_bag_info()
-        if not self.policy.archive:  # an archive of ours must be complete as it is
+        if self.policy.fetch:
             self.check_fetch()
         manifests = self.load_manifests()
         self.index.resolve()
@@ -250,7 +277,7 @@ class _Checker:
         for manifest in tag:
             self.check_tag_manifest(manifest, payload)
         self.check_names()
-        if self.policy.archive:
+        if self.policy.ours:
             self.check_archived(tag)
         elif self.announced_timestamp() and TIMESTAMP not in self.tags:
             self.warn(f"{TIMESTAMP}: missing, though bag-info.txt says {TIMESTAMP_LABEL}: rfc3161")
@@ -417,7 +444,7 @@ class _Checker:
 
     def draft_rule(self, path: str, message: str, rule: str) -> None:
         """A serialization rule of the drafts (0.97 section 4) that RFC 8493 dropped."""
-        if self.policy.archive or self.version < (1, 0):
+        if self.policy.draft_serialization or self.version < (1, 0):
             must = f"a serialized bag must hold {rule} (BagIt 0.97 section 4)"
             self.problem(path, f"{message}: {must}")
         else:

@@ -71,8 +71,10 @@ def test_a_running_job_resumes_once_the_queue_has_room(
     filler = fill(state)
     go.touch()
     wait_until(
-        lambda: "job stopped: the queue cannot be written" in daemon.log_text()
-        and "the queue cannot be written now" in daemon.log_text(),
+        lambda: (
+            "job stopped: the queue cannot be written" in daemon.log_text()
+            and "the queue cannot be written now" in daemon.log_text()
+        ),
         60,
         "both jobs held up by the full disk",
     )

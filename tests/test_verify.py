@@ -541,7 +541,9 @@ def test_damage_anywhere_is_a_problem_not_an_exception(tmp_path: Path, key: Secr
     assert detected > 20
 
 
-@pytest.mark.parametrize("content", [b"", b"not a tar at all" * 100, gzip.compress(b"junk", mtime=0)])
+@pytest.mark.parametrize(
+    "content", [b"", b"not a tar at all" * 100, gzip.compress(b"junk", mtime=0)]
+)
 def test_garbage_is_a_problem_not_an_exception(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "x.tar"
     path.write_bytes(content)

@@ -1,0 +1,212 @@
+"""Intake: job files from the spool, and a schedule's jobs, into job rows.
+
+`Intake.ingest()` claims every entry of the spool's incoming/, reads and parses it, and
+inserts the job, queued, with the config it will run on; what can never be a job goes to
+corrupt/ with the reason. An error with one entry is about that entry only: one that may
+pass (EMFILE, ENOSPC, EBUSY, the queue's disk full) leaves it for the next poll, said
+once for as long as it lasts (`Once`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import structlog
+
+from .config import Config
+from .errors import JobFileError, Kind, classify, describe
+from .jobfile import JobSpec, parse_job, read_job_file
+from .moments import iso_seconds
+from .phase import Services
+from .spool import Claimed, Spool, new_job_id, printable
+from .states import State
+from .store import NewJob, ScheduleRun, as_datetime
+
+log = structlog.get_logger(component="intake")
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """The config in force and the snapshot jobs are queued and triggered on: serialized
+    once when the config is loaded, not on every poll turn."""
+
+    config: Config
+    snapshot: str
+    digest: str
+
+    @classmethod
+    def of(cls, config: Config) -> Pinned:
+        snapshot = config.snapshot()
+        # Config.digest, without serializing the whole config a second time
+        return cls(config, snapshot, hashlib.sha256(snapshot.encode()).hexdigest()[:16])
+
+
+class Once:
+    """Errors that every poll would meet again, logged once for as long as they last."""
+
+    def __init__(self) -> None:
+        self.said: dict[str, str] = {}  # the error last logged, by what it is about
+
+    def say(self, key: str, message: str, exc: BaseException, **where: str) -> None:
+        error = describe(exc)
+        if self.said.get(key) != error:
+            self.said[key] = error
+            log.error(message, error=error, **where)
+
+    def over(self, key: str) -> None:
+        self.said.pop(key, None)
+
+
+class Intake:
+    def __init__(
+        self, spool: Spool, svc: Services, pinned: Callable[[], Pinned], wake: Callable[[], None]
+    ) -> None:
+        self.spool, self.svc = spool, svc
+        self.pinned = pinned  # the config in force: it changes on reload
+        self.wake = wake
+        self.once = Once()  # by spool entry name
+
+    async def ingest_leftovers(self) -> None:
+        """Entries claimed before a crash, or left by an error worth another try."""
+        for claimed in await self.spool.leftovers():
+            await self._accept_or_reject(claimed)
+
+    async def ingest(self) -> None:
+        """Take every entry of incoming/; an error with one is about that entry only."""
+        try:
+            await self.ingest_leftovers()
+            names = await self.spool.pending()
+        except OSError as exc:
+            self.once.say("", "cannot read the spool; trying again", exc, file="")
+            await anyio.to_thread.run_sync(self.spool.create)  # an operator removed a folder?
+            return
+        for name in names:
+            if self.svc.stopping.is_set():
+                return
+            try:
+                claimed = await self.spool.claim(name)
+            except OSError as exc:
+                entry = Claimed(self.spool.incoming / name, new_job_id(), name)
+                await self._cannot_take(entry, exc)
+                continue
+            if claimed is not None:
+                await self._accept_or_reject(claimed)
+
+    async def create_scheduled(
+        self, spec: JobSpec, job_id: str, digest: str, run: ScheduleRun
+    ) -> bool:
+        """The Scheduler's way in: False if another daemon acted on the slot already."""
+        made = await self._insert(
+            spec,
+            job_id,
+            digest,
+            schedule_run=run,
+            reason=f"created by schedule {run.schedule} for {iso_seconds(run.slot)}",
+        )
+        self.wake()
+        return made
+
+    async def _accept_or_reject(self, claimed: Claimed) -> None:
+        try:
+            await self._accept(claimed)
+        except Exception as exc:
+            await self._cannot_take(claimed, exc)
+
+    async def _cannot_take(self, entry: Claimed, exc: Exception) -> None:
+        """Into corrupt/ with the reason, unless the error may pass (EMFILE, ENOSPC, EBUSY,
+        ...): then it stays for the next poll. What cannot be moved is said once, skipped."""
+        if isinstance(exc, FileNotFoundError):
+            return  # gone: taken by someone else, or removed
+        name = entry.original_name
+        if classify(exc) == Kind.RECOVERABLE:
+            self.once.say(
+                name, "cannot take a spool entry now; trying again", exc, file=printable(name)
+            )
+            return
+        reason = f"cannot take it: {describe(exc)}"
+        if not isinstance(exc, OSError):  # a bug: its traceback, and no crash loop
+            log.exception("error while reading a job file", file=printable(name))
+            reason = f"internal error while reading it: {describe(exc)}"
+        try:
+            await self._reject(entry, reason)
+        except FileNotFoundError:
+            return
+        except Exception as again:  # a bug's too: about this entry only, no crash loop
+            self.once.say(
+                name, "cannot move a spool entry to corrupt/", again, file=printable(name)
+            )
+
+    async def _accept(self, claimed: Claimed) -> None:
+        """Turn a claimed spool file into a queued job, or move it to corrupt/."""
+        store, config = self.svc.store, self.pinned().config
+        try:
+            data = await anyio.to_thread.run_sync(
+                read_job_file, claimed.path, config.limits.max_job_file_bytes
+            )
+        except JobFileError as exc:
+            await self._reject(claimed, str(exc))
+            return
+        digest = hashlib.sha256(data).hexdigest()
+        known = await store.job(claimed.job_id)
+        if known is not None:
+            if known.spec_sha256 == digest:
+                await self.spool.done(claimed)  # inserted before a crash; the file is spent
+            else:
+                await self._reject(claimed, f"job id {claimed.job_id} already exists")
+            return
+        try:
+            spec = parse_job(data, claimed.original_name, config)
+        except JobFileError as exc:
+            await self._reject(claimed, str(exc))
+            return
+        await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
+        await self.spool.done(claimed)
+        self.once.over(claimed.original_name)
+        log.info(
+            "job queued",
+            job_id=claimed.job_id,
+            state="queued",
+            name=spec.name,
+            file=claimed.original_name,
+        )
+
+    async def _insert(
+        self,
+        spec: JobSpec,
+        job_id: str,
+        digest: str,
+        *,
+        reason: str,
+        schedule_run: ScheduleRun | None = None,
+    ) -> bool:
+        pinned = self.pinned()
+        tasks = [("activity", a.name) for a in spec.activities]
+        tasks += [("storage", t) for t in spec.targets(pinned.config)]
+        job = NewJob(
+            id=job_id,
+            name=spec.name,
+            spec=spec.model_dump_json(),
+            spec_sha256=digest,
+            config=pinned.snapshot,
+            config_digest=pinned.digest,
+            not_before=as_datetime(spec.not_before_utc()),
+            tasks=tuple(tasks),
+        )
+        if not await self.svc.store.insert_job(job, reason=reason, schedule_run=schedule_run):
+            return False
+        self.svc.metrics.transition(State.UNINITIALIZED)
+        self.svc.metrics.transition(State.QUEUED)
+        return True
+
+    async def _reject(self, entry: Claimed, reason: str) -> None:
+        target = await self.spool.reject(entry, reason)
+        self.once.over(entry.original_name)
+        log.error(
+            "job file rejected",
+            file=printable(entry.original_name),
+            moved_to=printable(str(target)),
+            reason=reason,
+        )
