@@ -139,6 +139,14 @@ class Daemon:
         # run again from what the queue says once it answers, as a restart would
         # (when to try, the delay after that), doubling up to retry.backoff_max
         self.stalled: dict[str, tuple[float, float]] = {}
+        self.until_idle = False  # run_until_idle(): stop once there is nothing to do
+
+    async def run_until_idle(self) -> None:
+        """Burst mode, in this process (tests): what `run()` does, but return once
+        nothing runs, nothing is due or waiting to retry, and the spool is empty. No
+        signal handler is installed: the caller's stay in force."""
+        self.until_idle = True
+        await self.run()
 
     async def run(self) -> None:
         config = self.config
@@ -172,7 +180,8 @@ class Daemon:
     async def _serve(self) -> None:
         store = self.svc.store
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._signals)
+            if not self.until_idle:
+                tg.start_soon(self._signals)
             if store.shared:
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(store.listen, lambda: self.wake.set())
@@ -214,6 +223,8 @@ class Daemon:
                             break
                         self._claimed(claim)
                         self._start(tg, claim.job)
+                    if self.until_idle and await self._idle():
+                        self.svc.stopping.set()
                     if (new_status := await self._status()) != status:
                         status = new_status
                         self.notify.status(status)
@@ -228,6 +239,13 @@ class Daemon:
             self.notify.stopping()
             await self._drain()
             tg.cancel_scope.cancel()
+
+    async def _idle(self) -> bool:
+        """Nothing runs, nothing waits to run again, the spool holds nothing to take."""
+        if self.running or self.stalled or await self.spool.pending():
+            return False
+        states = await self.svc.store.job_states()
+        return not any(state in PROCESSING for state in states.values())
 
     async def _watch_spool(self) -> None:
         watch = SpoolWatch.open(self.spool.incoming)
