@@ -225,6 +225,7 @@ class Daemon:
                         self._start(tg, claim.job)
                     if self.until_idle and await self._idle():
                         self.svc.stopping.set()
+                        self.wake.set()
                     if (new_status := await self._status()) != status:
                         status = new_status
                         self.notify.status(status)

@@ -220,6 +220,16 @@ class Root:
             raise AssertionError(f"no job {job_id!r}")
         return json.loads(json.dumps(found))  # type: ignore[no-any-return]
 
+    async def jobs(self) -> list[dict[str, Any]]:
+        """The jobs as `archived jobs --json` lists them."""
+        store = await open_store(self.load_config(), create=False)
+        if store is None:
+            return []
+        try:
+            return json.loads(json.dumps([j.to_json() for j in await store.jobs(None)]))  # type: ignore[no-any-return]
+        finally:
+            await store.close()
+
     # -- from outside ------------------------------------------------------------------
 
     def show(self, job_id: str) -> dict[str, Any]:
