@@ -16,6 +16,7 @@ Nothing here sleeps to synchronise: `wait_until` polls a condition with a deadli
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -205,8 +206,9 @@ class Root:
         daemon's own checks are what a test of a bad job file is about); their ids."""
         spool = Spool(self.load_config().daemon.spool_dir)
         spool.create()
-        return [spool.submit(f.read_bytes(), ".toml" if f.suffix == ".toml" else ".json")
-                for f in files]
+        return [
+            spool.submit(f.read_bytes(), ".toml" if f.suffix == ".toml" else ".json") for f in files
+        ]
 
     async def details(self, job_id: str) -> dict[str, Any]:
         """The job as `archived show --json` prints it."""
@@ -372,7 +374,7 @@ def spawns_archived(args: Any) -> bool:
         words = words[0].split()  # a shell line, or one program
     if not words:
         return False
-    after_m = [b for a, b in zip(words, words[1:], strict=False) if a == "-m"]
+    after_m = [b for a, b in itertools.pairwise(words) if a == "-m"]
     return Path(words[0]).name == "archived" or any(
         m == "archived" or m.startswith("archived.") for m in after_m
     )

@@ -22,7 +22,7 @@ import shutil
 import signal
 import stat
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,14 +113,15 @@ CASES = [
         "deeply-dotted-toml-key",
         "dotted.toml",
         "keys nested more than 32 deep",
-        toml_job('name = "bad"\nmetadata.x' + ".y" * 3000 + ' = 1\n' + TOML_ACTIVITY),
+        toml_job('name = "bad"\nmetadata.x' + ".y" * 3000 + " = 1\n" + TOML_ACTIVITY),
     ),
     Case(  # the same, inside an inline table, its parts quoted, spaced and numbered
         "deeply-dotted-inline-key",
         "dotted-inline.toml",
         "keys nested more than 32 deep",
-        toml_job('name = "bad"\nmetadata = { x = { k' + ' . "y" . 1' * 350 + ' = 1 } }\n'
-                 + TOML_ACTIVITY),
+        toml_job(
+            'name = "bad"\nmetadata = { x = { k' + ' . "y" . 1' * 350 + " = 1 } }\n" + TOML_ACTIVITY
+        ),
     ),
     Case(
         "integer-too-long-toml",

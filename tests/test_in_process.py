@@ -3,9 +3,8 @@ event loop, its log is events, and a plugin activity driver is found by name."""
 
 from __future__ import annotations
 
-from structlog.testing import capture_logs
-
 from conftest import Root, tar_members
+from structlog.testing import capture_logs
 
 
 async def test_a_job_is_archived_to_every_target_in_process(root: Root) -> None:
