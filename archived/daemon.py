@@ -109,6 +109,14 @@ class Daemon:
         self.notify = Notifier()
         self.last_reload = "none"
         self.queue_problem = Once()  # the queue's error, said once for as long as it lasts
+        self.until_idle = False  # run_until_idle(): stop once there is nothing to do
+
+    async def run_until_idle(self) -> None:
+        """Burst mode, in this process (tests): what `run()` does, but return once
+        nothing runs, nothing is due or waiting to retry, and the spool is empty. No
+        signal handler is installed: the caller's stay in force."""
+        self.until_idle = True
+        await self.run()
 
     async def run(self) -> None:
         config = self.config
@@ -153,7 +161,8 @@ class Daemon:
                 self._wake,
                 self.housekeeping.remove_stale_staging,
             )
-            tg.start_soon(self._signals)
+            if not self.until_idle:
+                tg.start_soon(self._signals)
             if store.shared:
                 tg.start_soon(jobs.heartbeat)
                 tg.start_soon(store.listen, self._wake)
@@ -182,6 +191,9 @@ class Daemon:
                     await jobs.handle_cancel_requests()
                     await jobs.restart_stalled()
                     await jobs.claim()
+                    if self.until_idle and await self._idle():
+                        self.svc.stopping.set()
+                        self.wake.set()
                     if (new_status := await self._status()) != status:
                         status = new_status
                         self.notify.status(status)
@@ -196,6 +208,14 @@ class Daemon:
             self.notify.stopping()
             await jobs.drain()
             tg.cancel_scope.cancel()
+
+    async def _idle(self) -> bool:
+        """Nothing runs, nothing waits to run again, the spool holds nothing to take."""
+        jobs = self.jobs
+        if len(jobs) or jobs.stalled or jobs.resuming or await self.spool.pending():
+            return False
+        states = await self.svc.store.job_states()
+        return not any(state in PROCESSING for state in states.values())
 
     async def _watch_spool(self) -> None:
         watch = SpoolWatch.open(self.spool.incoming)

@@ -1,4 +1,14 @@
-"""Fixtures that run the real thing: the daemon as a subprocess on a temporary root.
+"""Fixtures for the two layers of tests, on a temporary root.
+
+- In process (the default, fast): `await root.run_until_idle()` runs the daemon in the
+  test's event loop until nothing is left to do; `root.drop()` puts job files into its
+  spool; `await root.details()` reads a job as `archived show --json` does; assert on
+  log events with `structlog.testing.capture_logs()`; the `fake_activity` fixture
+  registers an activity driver whose outcome the test decides.
+- Acceptance, marked `slow`: the real daemon and CLI as subprocesses (`root.start()`,
+  `root.cli()`), for what only a process shows: signals, exit codes, systemd, crashes.
+  `wait_state` polls the database read-only. A test not marked `slow` that spawns
+  either fails at once (see `pytest_runtest_protocol`), so the layers stay apart.
 
 Nothing here sleeps to synchronise: `wait_until` polls a condition with a deadline.
 """
@@ -6,6 +16,7 @@ Nothing here sleeps to synchronise: `wait_until` polls a condition with a deadli
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -20,7 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+import structlog
+
+from archived import loader
+from archived.config import Config
+from archived.daemon import Daemon as InProcessDaemon
+from archived.spool import Spool
+from archived.store import StoreUnavailable
+from archived.store_open import open_state_reader, open_store
 
 MINISIGN = "minisign"
 
@@ -170,19 +190,74 @@ class Root:
             raise AssertionError(result.stderr)
         return result.stdout.split()
 
+    def load_config(self) -> Config:
+        return loader.load(self.config)
+
+    # -- in process --------------------------------------------------------------------
+
+    async def run_until_idle(self, timeout: float = 60) -> InProcessDaemon:
+        """The daemon, in this event loop, until nothing is left to do; it is returned
+        for its metrics and state."""
+        daemon = InProcessDaemon(self.load_config())
+        with anyio.fail_after(timeout):
+            await daemon.run_until_idle()
+        return daemon
+
+    def drop(self, *files: Path) -> list[str]:
+        """Job files into the spool as `archived submit` puts them, unchecked (the
+        daemon's own checks are what a test of a bad job file is about); their ids."""
+        spool = Spool(self.load_config().daemon.spool_dir)
+        spool.create()
+        return [
+            spool.submit(f.read_bytes(), ".toml" if f.suffix == ".toml" else ".json") for f in files
+        ]
+
+    async def details(self, job_id: str) -> dict[str, Any]:
+        """The job as `archived show --json` prints it."""
+        from archived.actions import job_details
+
+        store = await open_store(self.load_config(), create=False)
+        found = await job_details(store, job_id) if store is not None else None
+        if store is not None:
+            await store.close()
+        if found is None:
+            raise AssertionError(f"no job {job_id!r}")
+        return json.loads(json.dumps(found))  # type: ignore[no-any-return]
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        """The jobs as `archived jobs --json` lists them."""
+        store = await open_store(self.load_config(), create=False)
+        if store is None:
+            return []
+        try:
+            return json.loads(json.dumps([j.to_json() for j in await store.jobs(None)]))  # type: ignore[no-any-return]
+        finally:
+            await store.close()
+
+    # -- from outside ------------------------------------------------------------------
+
     def show(self, job_id: str) -> dict[str, Any]:
-        result = self.cli("show", job_id, "--json", check=True)
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
+        return anyio.run(self.details, job_id)
 
     def wait_state(self, job_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
-        def reached() -> dict[str, Any] | None:
-            result = self.cli("show", job_id, "--json")
-            if result.returncode != 0:
-                return None
-            job = json.loads(result.stdout)
-            return job if job["state"] in states else None
+        """Polls the queue read-only (SQLite `mode=ro`; one PostgreSQL connection) until
+        the job is in one of `states`; then the job as `show` has it."""
+        reader = open_state_reader(self.load_config())
 
-        return wait_until(reached, timeout, f"job {job_id} in {states}")  # type: ignore[no-any-return]
+        def reached() -> dict[str, Any] | None:
+            try:
+                found = reader.peek([job_id]).get(job_id)
+            except StoreUnavailable:
+                return None
+            if found is None or found[0].state not in states:
+                return None
+            job = self.show(job_id)
+            return job if job["state"] in states else None  # it may have moved on
+
+        try:
+            return wait_until(reached, timeout, f"job {job_id} in {states}")  # type: ignore[no-any-return]
+        finally:
+            reader.close()
 
     def archives(self, target: str) -> list[Path]:
         return sorted(self.targets[target].rglob("*.tar"))
@@ -287,6 +362,87 @@ def root(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Root]:
     for daemon in r.daemons:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.kill()
+
+
+# -- the layers: a test that is not marked slow spawns neither the daemon nor the CLI ---
+
+
+def spawns_archived(args: Any) -> bool:
+    """Whether a command line runs archived: `python -m archived...` or the script."""
+    if isinstance(args, str | bytes | os.PathLike):
+        args = [args]
+    words = [os.fsdecode(a) for a in args]
+    if len(words) == 1:
+        words = words[0].split()  # a shell line, or one program
+    if not words:
+        return False
+    after_m = [b for a, b in itertools.pairwise(words) if a == "-m"]
+    return Path(words[0]).name == "archived" or any(
+        m == "archived" or m.startswith("archived.") for m in after_m
+    )
+
+
+class _FastLayerPopen(subprocess.Popen):  # type: ignore[type-arg]
+    def __init__(self, args: Any, *rest: Any, **kw: Any) -> None:
+        if spawns_archived(args):
+            pytest.fail(
+                f"this test is not marked slow but spawns archived: {args!r}; run it in "
+                "process (root.run_until_idle) or mark it @pytest.mark.slow",
+                pytrace=False,
+            )
+        super().__init__(args, *rest, **kw)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    if item.get_closest_marker("slow") is not None:
+        return (yield)
+    real = subprocess.Popen
+    subprocess.Popen = _FastLayerPopen  # type: ignore[misc]
+    try:
+        return (yield)
+    finally:
+        subprocess.Popen = real  # type: ignore[misc]
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """A test that configures logging (the CLI's `run`, in process) leaves it as found:
+    loggers cached by that config would escape `capture_logs` in the next test."""
+    yield
+    structlog.reset_defaults()
+
+
+# -- a fake activity driver, registered through an entry point as a plugin's is ---------
+
+FAKE_DIST = """\
+Metadata-Version: 2.1
+Name: archived-fake-activity
+Version: 1
+"""
+
+
+@pytest.fixture
+def fake_activity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[type]:
+    """The activity driver `fake` (fake_driver.py), found through the entry point group
+    `archived.activity_drivers` of an installed distribution, as a plugin driver is.
+    Its `runs` count calls by activity name, for this test."""
+    import fake_driver
+
+    from archived import drivers
+
+    site = tmp_path / "site"
+    dist = site / "archived_fake_activity-1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(FAKE_DIST)
+    (dist / "entry_points.txt").write_text(
+        "[archived.activity_drivers]\nfake = fake_driver:FakeActivity\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    drivers._plugins.cache_clear()
+    fake_driver.FakeActivity.runs.clear()
+    yield fake_driver.FakeActivity
+    drivers._plugins.cache_clear()
 
 
 def tar_members(archive: Path) -> list[str]:

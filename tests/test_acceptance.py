@@ -14,6 +14,8 @@ import bagit
 import pytest
 from conftest import Root, both_backends, tar_members
 
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
+
 HAPPY_PATH = [
     "uninitialized",
     "queued",

@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import Root, wait_until
 
 from archived import loader
@@ -33,6 +34,7 @@ def damage(path: os.PathLike[str] | str, offset: int = 2000) -> bytes:
         return f.read()
 
 
+@pytest.mark.slow
 def test_audit_finds_a_damaged_copy_and_repairs_it_from_the_other(root: Root) -> None:
     root.start()
     job_id = completed_job(root)
@@ -58,6 +60,7 @@ def test_audit_finds_a_damaged_copy_and_repairs_it_from_the_other(root: Root) ->
     assert "audit findings" in root.cli("show", job_id).stdout
 
 
+@pytest.mark.slow
 def test_audit_repairs_a_missing_copy(root: Root) -> None:
     root.start()
     job_id = completed_job(root)
@@ -71,6 +74,7 @@ def test_audit_repairs_a_missing_copy(root: Root) -> None:
     assert root.show(job_id)["state"] == "completed"
 
 
+@pytest.mark.slow
 def test_with_every_copy_damaged_audit_reports_and_changes_nothing(root: Root) -> None:
     root.start()
     job_id = completed_job(root)
@@ -83,6 +87,7 @@ def test_with_every_copy_damaged_audit_reports_and_changes_nothing(root: Root) -
     assert sorted(results) == ["damaged", "damaged", "unrepaired", "unrepaired"]
 
 
+@pytest.mark.slow
 def test_the_daemon_audits_oldest_first_and_heals_on_its_own(root: Root) -> None:
     prom = root.path / "m.prom"
     root.write_config(
@@ -129,6 +134,7 @@ def metric(prom: os.PathLike[str] | str, line: str) -> bool:
     return any(name == sample and float(got) == float(value) for name, _, got in lines)
 
 
+@pytest.mark.slow
 def test_an_unreachable_target_is_told_from_damage_and_never_written_into(root: Root) -> None:
     prom = root.path / "m.prom"
     # `create = true`: a repair that did not tell "unmounted" from "missing" would make
@@ -187,6 +193,7 @@ def test_an_unreachable_target_is_told_from_damage_and_never_written_into(root: 
         wait_until(lambda line=line: metric(prom, line), 10, f"metrics: {line}")
 
 
+@pytest.mark.slow
 def test_a_fifo_in_place_of_an_archive_is_damage_not_a_hang(root: Root) -> None:
     root.start()
     job_id = completed_job(root)
@@ -203,6 +210,7 @@ def test_a_fifo_in_place_of_an_archive_is_damage_not_a_hang(root: Root) -> None:
     assert copies["primary"] == "repaired"
 
 
+@pytest.mark.slow
 def test_the_daemons_audit_does_not_hang_on_a_fifo(root: Root) -> None:
     root.write_config(audit={"interval": "200ms", "copies_per_round": 2})
     root.start()
@@ -218,6 +226,7 @@ def test_the_daemons_audit_does_not_hang_on_a_fifo(root: Root) -> None:
     assert archive.is_file()
 
 
+@pytest.mark.slow
 def test_enabling_audits_by_sighup_takes_effect_at_once_and_cli_audits_count(
     root: Root,
 ) -> None:

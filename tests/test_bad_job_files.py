@@ -1,14 +1,17 @@
 """Job files that cannot be accepted: never lost, never silently dropped, never fatal.
 
-Every bad kind is dropped straight into `spool/incoming/` of one running daemon (as
-cron would: written in `tmp/`, renamed into `incoming/`). Each must land in
+Every bad kind is dropped straight into `spool/incoming/` of one daemon's root (as
+cron would: written in `tmp/`, renamed into `incoming/`), which the daemon then works
+in process until idle. Each must land in
 `spool/corrupt/` unchanged, beside a one-line `.reason`, with a log line, while the
 daemon keeps going; a good job afterwards still completes. `archived submit`, on the
 same config, refuses the same regular files with exit code 2 and one line on stderr
 that gives the very reason the daemon gives, touching no spool directory. Spool entries
 with any name, and one that cannot be moved at all, do not stop the daemon. Last, the
 crash windows of the spool: a file in `active/` whose job is already in the database
-makes no second job; one whose job is not becomes a job.
+makes no second job; one whose job is not becomes a job. What needs the daemon running
+while the spool changes under it (an entry made unmovable, a folder removed) runs the
+daemon as a process: the `slow` tests.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import shutil
 import signal
 import stat
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Daemon, Root, minisign_keypair, wait_until
+from structlog.testing import capture_logs
 
+from archived.cli import main
 from archived.spool import SUBDIRS
 
 MAX_JOB_FILE_BYTES = 8192  # above 4300 digits, the longest int Python parses
@@ -400,13 +405,6 @@ def make_root(base: Path, site: Site, keys: tuple[Path, Path], targets: dict[str
     return root
 
 
-@dataclass
-class Running:
-    site: Site
-    root: Root
-    daemon: Daemon
-
-
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("bad-job-files")
@@ -432,16 +430,14 @@ def targets(site_dir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def running(
+def daemon_root(
     site_dir: Path, site: Site, keys: tuple[Path, Path], targets: dict[str, Path]
-) -> Iterator[Running]:
-    """One daemon for every case in this module."""
+) -> Root:
+    """One daemon's root (queue, spool) for every case in this module."""
     root = make_root(site_dir / "daemon", site, keys, targets)
-    daemon = root.start()
-    yield Running(site, root, daemon)
-    for d in root.daemons:
-        if d.proc is not None and d.proc.poll() is None:
-            d.kill()
+    for sub in SUBDIRS:
+        (root.spool / sub).mkdir(parents=True)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -455,6 +451,14 @@ def cli_root(site_dir: Path, site: Site, keys: tuple[Path, Path], targets: dict[
 
 def alive(daemon: Daemon) -> bool:
     return daemon.proc is not None and daemon.proc.poll() is None
+
+
+def submit(root: Root, path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`archived submit PATH` (its `main`, in process): exit code, stdout, stderr."""
+    capsys.readouterr()
+    code = main(["submit", str(path), "--config", str(root.config)])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def spool_listing(spool: Path) -> dict[str, list[str]]:
@@ -493,33 +497,25 @@ def drop(spool: Path, case: Case, site: Site) -> bytes:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_submit_and_daemon_refuse_bad_job_file_alike(
-    running: Running, cli_root: Root, case: Case
+async def test_submit_and_daemon_refuse_bad_job_file_alike(
+    daemon_root: Root, cli_root: Root, site: Site, case: Case, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    daemon, spool, site = running.daemon, running.root.spool, running.site
-    assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
-    submitted = submit_refused(cli_root, case, site)
+    spool = daemon_root.spool
+    submitted = submit_refused(cli_root, case, site, capsys)
     data = drop(spool, case, site)
     moved = spool / "corrupt" / case.filename
     reason = spool / "corrupt" / f"{case.filename}.reason"
 
-    def rejected() -> list[dict[str, Any]]:
-        assert alive(daemon), f"daemon died on {case.id}:\n{daemon.log_text()[-3000:]}"
-        if not (reason.exists() and os.path.lexists(moved)):
-            return []
-        return [
-            e
-            for e in daemon.events()
-            if e.get("event") == "job file rejected" and e.get("file") == case.filename
-        ]
-
-    (event,) = wait_until(rejected, 20, f"{case.filename} moved to corrupt/ and logged")
-
-    assert alive(daemon), f"daemon exited after {case.id}"
+    with capture_logs() as logs:
+        await daemon_root.run_until_idle()
+    (event,) = [
+        e for e in logs if e["event"] == "job file rejected" and e.get("file") == case.filename
+    ]
+    assert os.path.lexists(moved)
     text = reason.read_text()
     assert case.expected in text, f"{case.id}: reason {text!r} lacks {case.expected!r}"
     assert text.endswith("\n") and len(text.splitlines()) == 1, f"{case.id}: {text!r}"
-    assert event["level"] == "error"
+    assert event["log_level"] == "error"
     assert case.expected in event["reason"], event
     assert event["moved_to"] == str(moved), event
     path, line = submitted  # one validation: the very same verdict
@@ -542,16 +538,14 @@ def test_submit_and_daemon_refuse_bad_job_file_alike(
     assert left["tmp"] == []
 
 
-def test_good_job_after_the_bad_ones_completes(running: Running) -> None:
-    root, daemon = running.root, running.daemon
-    assert alive(daemon), f"daemon died:\n{daemon.log_text()[-3000:]}"
-    (job_id,) = root.submit(root.job_file("good-after-bad"))
-    job = root.wait_state(job_id, "completed", "failed", timeout=60)
+async def test_good_job_after_the_bad_ones_completes(daemon_root: Root) -> None:
+    root = daemon_root
+    (job_id,) = root.drop(root.job_file("good-after-bad"))
+    await root.run_until_idle()
+    job = await root.details(job_id)
     assert job["state"] == "completed", job
-    assert alive(daemon)
-    assert len(root.daemons) == 1, "the bad files were all handled by one daemon process"
     # no bad file (nor the symlink's valid target) became a job
-    listed = json.loads(root.cli("jobs", "--json", check=True).stdout)
+    listed = await root.jobs()
     assert [(j["id"], j["name"]) for j in listed] == [(job_id, "good-after-bad")]
     assert spool_listing(root.spool)["incoming"] == []
     assert spool_listing(root.spool)["active"] == []
@@ -585,11 +579,10 @@ def shown(raw: bytes) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def test_no_spool_entry_name_stops_the_daemon(running: Running) -> None:
+async def test_no_spool_entry_name_stops_the_daemon(daemon_root: Root) -> None:
     """Every name length 1..255 and odd bytes: each entry lands in corrupt/ with a reason,
     under a shortened name (the original in the .reason) where its own leaves no room."""
-    daemon, spool = running.daemon, os.fsencode(running.root.spool)
-    assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
+    spool = os.fsencode(daemon_root.spool)
     corrupt = os.path.join(spool, b"corrupt")
     before = set(os.listdir(corrupt))
     for raw in ODD_NAMES:
@@ -598,14 +591,9 @@ def test_no_spool_entry_name_stops_the_daemon(running: Running) -> None:
             f.write(NOT_A_JOB)
         os.rename(tmp, os.path.join(spool, b"incoming", raw))
 
-    def all_taken() -> bool:
-        assert alive(daemon), f"daemon died:\n{daemon.log_text()[-3000:]}"
-        left = os.listdir(os.path.join(spool, b"incoming")) + os.listdir(
-            os.path.join(spool, b"active")
-        )
-        return not left and len(set(os.listdir(corrupt)) - before) == 2 * len(ODD_NAMES)
-
-    wait_until(all_taken, 60, "every odd entry moved to corrupt/")
+    await daemon_root.run_until_idle()
+    left = os.listdir(os.path.join(spool, b"incoming")) + os.listdir(os.path.join(spool, b"active"))
+    assert left == []
     new = sorted(set(os.listdir(corrupt)) - before)
     moved = [n for n in new if not n.endswith(b".reason")]
     assert len(moved) == len(ODD_NAMES)
@@ -623,15 +611,16 @@ def test_no_spool_entry_name_stops_the_daemon(running: Running) -> None:
         (text,) = [t for t in reasons.values() if f"original name: {shown(raw)}\n" in t]
         assert len(raw) + len(b".reason") > 255, raw
         assert "not valid" in text.splitlines()[0], text
-    assert alive(daemon)
-    (job_id,) = running.root.submit(running.root.job_file("good-after-odd-names"))
-    assert running.root.wait_state(job_id, "completed", "failed")["state"] == "completed"
+    assert len(new) == 4 * len(ODD_NAMES) // 2
+    (job_id,) = daemon_root.drop(daemon_root.job_file("good-after-odd-names"))
+    await daemon_root.run_until_idle()
+    assert (await daemon_root.details(job_id))["state"] == "completed"
 
 
-def test_an_entry_that_cannot_be_moved_is_logged_once_and_skipped(running: Running) -> None:
+@pytest.mark.slow  # the entry is made unmovable while the daemon runs
+def test_an_entry_that_cannot_be_moved_is_logged_once_and_skipped(root: Root) -> None:
     """A mount point in incoming/ can be neither claimed nor moved to corrupt/ (EBUSY)."""
-    root, daemon = running.root, running.daemon
-    assert alive(daemon), f"daemon died on an earlier case:\n{daemon.log_text()[-3000:]}"
+    daemon = root.start()
     source = root.path / "mounted.json"
     source.write_bytes(NOT_A_JOB)
     entry = root.spool / "incoming" / "stuck.json"
@@ -669,7 +658,9 @@ def test_an_entry_that_cannot_be_moved_is_logged_once_and_skipped(running: Runni
 # -- `archived submit` ------------------------------------------------------------------
 
 
-def submit_refused(cli_root: Root, case: Case, site: Site) -> tuple[Path, str]:
+def submit_refused(
+    cli_root: Root, case: Case, site: Site, capsys: pytest.CaptureFixture[str]
+) -> tuple[Path, str]:
     """`submit` of the case's entry: refused with exit 2 and one line, the spool untouched.
     Returns the entry's path and that line."""
     path = cli_root.path / case.filename
@@ -677,36 +668,41 @@ def submit_refused(cli_root: Root, case: Case, site: Site) -> tuple[Path, str]:
     empty: dict[str, list[str]] = {sub: [] for sub in SUBDIRS}
     clear_spool(cli_root.spool)  # whatever an earlier (failed) case may have left
 
-    result = cli_root.cli("submit", str(path), timeout=30)
+    code, out, err = submit(cli_root, path, capsys)
 
-    assert result.returncode == 2, (case.id, result.returncode, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"{case.id}: stderr is not one line: {result.stderr!r}"
+    assert code == 2, (case.id, code, err)
+    lines = err.splitlines()
+    assert len(lines) == 1, f"{case.id}: stderr is not one line: {err!r}"
     assert str(path) in lines[0] and case.expected in lines[0], (case.id, lines[0])
-    assert "Traceback" not in result.stderr
-    assert result.stdout == "", f"{case.id}: printed a job id for a refused file"
+    assert "Traceback" not in err
+    assert out == "", f"{case.id}: printed a job id for a refused file"
     assert spool_listing(cli_root.spool) == empty, f"{case.id}: submit wrote into the spool"
     return path, lines[0]
 
 
-def test_submit_does_not_block_on_a_fifo(cli_root: Root) -> None:
+@pytest.mark.timeout(20)  # were it to block
+def test_submit_does_not_block_on_a_fifo(
+    cli_root: Root, capsys: pytest.CaptureFixture[str]
+) -> None:
     fifo = cli_root.path / "pipe.json"
     os.mkfifo(fifo)
     clear_spool(cli_root.spool)
-    result = cli_root.cli("submit", str(fifo), timeout=20)  # TimeoutExpired if it blocked
-    assert result.returncode == 2, result.stderr
-    assert "not a regular file" in result.stderr
+    code, _, err = submit(cli_root, fifo, capsys)
+    assert code == 2, err
+    assert "not a regular file" in err
     assert spool_listing(cli_root.spool)["incoming"] == []
 
 
-def test_submit_accepts_a_good_file_into_incoming(cli_root: Root) -> None:
+def test_submit_accepts_a_good_file_into_incoming(
+    cli_root: Root, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The control for the refusals above: the same root does take a valid job."""
     path = cli_root.job_file("control")
     clear_spool(cli_root.spool)
-    result = cli_root.cli("submit", str(path), timeout=30)
+    code, out, err = submit(cli_root, path, capsys)
     try:
-        assert result.returncode == 0, result.stderr
-        (job_id,) = result.stdout.split()
+        assert code == 0, err
+        (job_id,) = out.split()
         assert spool_listing(cli_root.spool)["incoming"] == [f"{job_id}.json"]
         assert (cli_root.spool / "incoming" / f"{job_id}.json").read_bytes() == path.read_bytes()
     finally:
@@ -716,13 +712,12 @@ def test_submit_accepts_a_good_file_into_incoming(cli_root: Root) -> None:
 # -- crash windows of the spool --------------------------------------------------------
 
 
-def test_reingested_active_file_does_not_make_a_second_job(root: Root) -> None:
-    daemon = root.start()
+async def test_reingested_active_file_does_not_make_a_second_job(root: Root) -> None:
     job_file = root.job_file("once")
-    (job_id,) = root.submit(job_file)
-    before = root.wait_state(job_id, "completed", "failed")
+    (job_id,) = root.drop(job_file)
+    await root.run_until_idle()
+    before = await root.details(job_id)
     assert before["state"] == "completed", before
-    assert daemon.stop() == 0
 
     # crash window: the job was inserted, but its file was not yet removed from active/
     active = root.spool / "active"
@@ -733,25 +728,24 @@ def test_reingested_active_file_does_not_make_a_second_job(root: Root) -> None:
     clash_bytes = root.job_file("clash").read_bytes()
     clash.write_bytes(clash_bytes)
 
-    second = root.start()
-    wait_until(lambda: not spent.exists() and not clash.exists(), 20, "active/ emptied")
+    with capture_logs() as logs:
+        await root.run_until_idle()
     assert os.listdir(active) == []
-    listed = json.loads(root.cli("jobs", "--json", check=True).stdout)
+    listed = await root.jobs()
     assert [j["id"] for j in listed] == [job_id], listed
-    after = root.show(job_id)
+    after = await root.details(job_id)
     assert after["state"] == "completed"
     assert after["history"] == before["history"], "the job was touched again"
     assert {t: len(root.archives(t)) for t in root.targets} == {t: 1 for t in root.targets}
-    assert not [e for e in second.events() if e.get("event") == "job queued"], (
+    assert not [e for e in logs if e["event"] == "job queued"], (
         "the re-ingested file was queued again"
     )
     reason = root.spool / "corrupt" / "clash.json.reason"
     assert f"job id {job_id} already exists" in reason.read_text()
     assert (root.spool / "corrupt" / "clash.json").read_bytes() == clash_bytes
-    assert alive(second)
 
 
-def test_leftover_active_file_without_a_job_becomes_one(root: Root) -> None:
+async def test_leftover_active_file_without_a_job_becomes_one(root: Root) -> None:
     # crash window: the file was renamed into active/, the job not yet inserted
     job_id = "0123456789ab"
     active = root.spool / "active"
@@ -759,20 +753,22 @@ def test_leftover_active_file_without_a_job_becomes_one(root: Root) -> None:
     leftover = active / f"{job_id}__leftover.json"
     leftover.write_bytes(root.job_file("leftover").read_bytes())
 
-    daemon = root.start()
-    job = root.wait_state(job_id, "completed", "failed")
+    with capture_logs() as logs:
+        await root.run_until_idle()
+    job = await root.details(job_id)
     assert job["state"] == "completed", job
     assert job["name"] == "leftover"
     assert not leftover.exists()
     assert os.listdir(active) == []
     assert os.listdir(root.spool / "corrupt") == []
-    listed = json.loads(root.cli("jobs", "--json", check=True).stdout)
+    listed = await root.jobs()
     assert [j["id"] for j in listed] == [job_id]
-    queued = [e for e in daemon.events() if e.get("event") == "job queued"]
+    queued = [e for e in logs if e["event"] == "job queued"]
     assert [(e["job_id"], e["file"]) for e in queued] == [(job_id, "leftover.json")]
     assert {t: len(root.archives(t)) for t in root.targets} == {t: 1 for t in root.targets}
 
 
+@pytest.mark.slow  # the folder goes while the daemon runs
 @pytest.mark.parametrize("removed", ["corrupt", "active", "tmp"])
 def test_a_spool_folder_removed_under_the_daemon_comes_back(root: Root, removed: str) -> None:
     """An operator's `rm -r spool/corrupt` (or active/, tmp/) while the daemon runs: the

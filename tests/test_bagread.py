@@ -356,6 +356,7 @@ def test_a_zip_whose_end_record_miscounts_its_entries(tmp_path: Path) -> None:
     assert "end record counts" in messages(check(out))[""]
 
 
+@pytest.mark.slow  # unzip on every byte: tens of seconds
 @pytest.mark.skipif(shutil.which("unzip") is None, reason="needs Info-ZIP's unzip")
 def test_any_byte_of_a_zip_damaged_is_found_or_harmless(tmp_path: Path) -> None:
     # What verify calls valid, unzip must extract whole and the same: a damaged byte
@@ -538,6 +539,7 @@ def peak_rss_kib(path: Path) -> int:
     return int(done.stdout)
 
 
+@pytest.mark.slow  # tens of thousands of members, measured in a process
 @pytest.mark.parametrize(
     ("make", "small", "large"),
     [(empty_members_tar, 10_000, 50_000), (empty_members_zip, 5_000, 25_000)],

@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Root, wait_until
+
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
 HOURS = "2h"
 

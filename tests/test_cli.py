@@ -17,6 +17,7 @@ from conftest import Root, run_cli, wait_until
 from archived.cli import main
 
 
+@pytest.mark.slow
 def test_check_config_accepts_a_good_config(root: Root) -> None:
     result = root.cli("check-config")
     assert result.returncode == 0, result.stderr
@@ -38,6 +39,7 @@ BAD_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
 def test_check_config_exits_78_with_one_line(tmp_path: Path, case: str) -> None:
     text, expected = BAD_CONFIGS[case]
@@ -193,6 +195,7 @@ def test_check_config_names_every_problem_on_its_own_line(
     assert two_schema_errors[0] == "78" and len(two_schema_errors) == 3, two_schema_errors
 
 
+@pytest.mark.slow
 def test_check_config_warns_of_a_missing_target_and_refuses_a_file_or_a_missing_key(
     root: Root,
 ) -> None:
@@ -213,6 +216,7 @@ def test_check_config_warns_of_a_missing_target_and_refuses_a_file_or_a_missing_
     assert result.returncode == 78 and "signing.key" in result.stderr
 
 
+@pytest.mark.slow
 def test_run_refuses_a_bad_config_with_78(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[nonsense]\n")
@@ -221,6 +225,7 @@ def test_run_refuses_a_bad_config_with_78(tmp_path: Path) -> None:
     assert "nonsense: unknown key" in result.stderr
 
 
+@pytest.mark.slow
 def test_keygen_makes_a_key_pair_minisign_can_use(tmp_path: Path) -> None:
     secret, public = tmp_path / "k.key", tmp_path / "k.pub"
     result = run_cli("keygen", "--secret", str(secret), "--public", str(public))
@@ -245,11 +250,13 @@ def test_keygen_makes_a_key_pair_minisign_can_use(tmp_path: Path) -> None:
     assert len(again.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], ["frobnicate"], ["submit"], ["show"], ["jobs", "--bogus"]])
 def test_usage_errors_exit_2(args: list[str]) -> None:
     assert run_cli(*args).returncode == 2
 
 
+@pytest.mark.slow
 def test_show_unknown_job_and_jobs_with_unknown_state(root: Root) -> None:
     result = root.cli("show", "nosuchjob")
     assert result.returncode == 1 and "no job 'nosuchjob'" in result.stderr
@@ -258,6 +265,7 @@ def test_show_unknown_job_and_jobs_with_unknown_state(root: Root) -> None:
     assert json.loads(root.cli("jobs", "--json", check=True).stdout) == []
 
 
+@pytest.mark.slow
 def test_verify_missing_path_and_bad_key(root: Root, tmp_path: Path) -> None:
     result = root.cli("verify", str(tmp_path / "nope.tar"))
     assert result.returncode == 2 and "no such file" in result.stderr
@@ -267,6 +275,7 @@ def test_verify_missing_path_and_bad_key(root: Root, tmp_path: Path) -> None:
     assert result.returncode == 2 and "--key" in result.stderr
 
 
+@pytest.mark.slow
 def test_second_daemon_on_the_same_state_dir_refuses(root: Root) -> None:
     first = root.start()
     second = root.cli("run", timeout=30)
@@ -275,6 +284,7 @@ def test_second_daemon_on_the_same_state_dir_refuses(root: Root) -> None:
     assert first.proc is not None and first.proc.poll() is None
 
 
+@pytest.mark.slow  # scripts/demo runs the daemon and the CLI
 @pytest.mark.timeout(300)
 def test_demo_script_runs_a_job_through_on_the_embedded_default(tmp_path: Path) -> None:
     """The README's first command, on a fresh data folder."""
@@ -301,6 +311,7 @@ def no_home(tmp_path: Path) -> dict[str, str]:
     return {"ARCHIVED_HOME": str(tmp_path / "home"), "ARCHIVED_CONFIG": ""}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_config_and_debug_work_before_or_after_the_subcommand(
     tmp_path: Path, no_home: dict[str, str], where: str
@@ -319,6 +330,7 @@ def test_config_and_debug_work_before_or_after_the_subcommand(
     assert not (tmp_path / "home").exists(), "the embedded default was used"
 
 
+@pytest.mark.slow
 def test_run_with_config_before_the_subcommand_uses_that_config(
     root: Root, no_home: dict[str, str]
 ) -> None:
@@ -351,6 +363,7 @@ def test_run_with_config_before_the_subcommand_uses_that_config(
 # -- submit --wait never hangs silently ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_submit_wait_says_when_no_daemon_runs_and_each_state_change(root: Root) -> None:
     stuck = root.job_file("stuck", not_before="2999-01-01T00:00:00Z")  # queued for good
     err = root.path / "wait.err"
@@ -386,6 +399,7 @@ def test_submit_wait_says_when_no_daemon_runs_and_each_state_change(root: Root) 
         assert time.monotonic() - began < 20
 
 
+@pytest.mark.slow
 def test_submit_wait_timeout_holds_while_the_database_is_locked(root: Root) -> None:
     daemon = root.start()
     (job_id,) = root.submit(root.job_file("done"))
@@ -407,6 +421,7 @@ def test_submit_wait_timeout_holds_while_the_database_is_locked(root: Root) -> N
     assert elapsed < 9, elapsed  # sqlite's own busy timeout is 10 s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["check-config"], ["jobs"], ["jobs", "--json"]])
 def test_a_reader_gone_is_sigpipe_not_an_error(root: Root, command: list[str]) -> None:
     """`archived jobs | head -1`: the shell's convention, exit 141 and nothing on stderr."""

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import Root
 
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
+
 # a sleep no other process on the machine runs: the orphan check below looks for exactly it
 HANG = f"60.{os.getpid()}"
 

@@ -13,6 +13,8 @@ from conftest import Root, both_backends, remount, wait_until
 
 from archived.failpoints import NAMES
 
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
+
 FAIL_PATH = ["error", "failure", "error_handling", "cleanup", "failed"]
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from conftest import Root
+
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
 
 def test_a_source_that_yields_nothing_fails_unless_allowed(root: Root) -> None:

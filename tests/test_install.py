@@ -24,6 +24,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.slow
 def test_init_makes_an_installation_the_daemon_runs_on_and_a_second_run_changes_nothing(
     tmp_path: Path,
 ) -> None:
@@ -78,6 +79,7 @@ def test_init_makes_an_installation_the_daemon_runs_on_and_a_second_run_changes_
             daemon.stop()
 
 
+@pytest.mark.slow
 def test_init_refuses_before_writing_anything_and_keeps_an_existing_key(tmp_path: Path) -> None:
     folder = tmp_path / "archived"
     disk = tmp_path / "offsite"

@@ -343,6 +343,7 @@ def test_untrusted_comment_is_not_covered(binary_pair: Pair) -> None:
     assert verify(secret.public_key(), MESSAGE, edited) == TRUSTED
 
 
+@pytest.mark.slow  # scrypt at minisign's own cost
 def test_encrypted_key_refused(tmp_path: Path) -> None:
     secret, public = tmp_path / "enc.key", tmp_path / "enc.pub"
     minisign("-G", "-p", public, "-s", secret, stdin="pw\npw\n")

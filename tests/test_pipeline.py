@@ -12,7 +12,10 @@ import os
 import tarfile
 from pathlib import Path
 
+import pytest
 from conftest import Root, wait_until
+
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
 
 def make_tree(root: Path, files: int, per_dir: int = 1000, size: int = 1024) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+import pytest
 from conftest import Root, wait_until
+
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
 
 def expire_now(root: Root, job_id: str) -> None:

@@ -160,6 +160,7 @@ def completed(root: Root, job_file: Path) -> dict[str, Any]:
     return job
 
 
+@pytest.mark.slow
 def test_a_job_is_stored_on_s3_and_reads_back_identical(
     root: Root, server: S3Server, bucket: str, creds_file: Path
 ) -> None:
@@ -186,6 +187,7 @@ def test_a_job_is_stored_on_s3_and_reads_back_identical(
     assert unfinished_uploads(server.endpoint, bucket) == []
 
 
+@pytest.mark.slow
 def test_a_large_archive_goes_up_in_parts_with_credentials_from_the_environment(
     root: Root, server: S3Server, bucket: str
 ) -> None:
@@ -212,6 +214,7 @@ def test_a_large_archive_goes_up_in_parts_with_credentials_from_the_environment(
     assert unfinished_uploads(server.endpoint, bucket) == []
 
 
+@pytest.mark.slow
 def test_an_unreachable_endpoint_is_retried_until_it_is_back(root: Root, bucket: str) -> None:
     flaky = S3Server()
     port = flaky.port
@@ -244,6 +247,7 @@ def test_an_unreachable_endpoint_is_retried_until_it_is_back(root: Root, bucket:
         back.stop()
 
 
+@pytest.mark.slow
 def test_a_bucket_gone_fails_the_job_at_once_with_the_service_error_code(
     root: Root, server: S3Server, bucket: str, creds_file: Path
 ) -> None:
@@ -263,6 +267,7 @@ def test_a_bucket_gone_fails_the_job_at_once_with_the_service_error_code(
     assert [p.name for p in root.archives("primary")] == [job["archive"]["name"]]
 
 
+@pytest.mark.slow
 def test_audit_finds_a_damaged_object_and_repairs_it_from_the_local_copy(
     root: Root, server: S3Server, bucket: str, creds_file: Path
 ) -> None:
@@ -297,6 +302,7 @@ def test_audit_finds_a_damaged_object_and_repairs_it_from_the_local_copy(
     assert results == ["damaged", "repaired", "missing", "repaired", "ok"]
 
 
+@pytest.mark.slow
 def test_retention_deletes_the_object(root: Root, server: S3Server, bucket: str) -> None:
     use_s3(root, server.endpoint, bucket, retention={"check_interval": "100ms"})
     root.start(env=env_credentials())
@@ -321,6 +327,7 @@ def test_retention_deletes_the_object(root: Root, server: S3Server, bucket: str)
     assert all(c["deleted_at"] for c in job["copies"])
 
 
+@pytest.mark.slow
 def test_an_object_uploaded_before_a_crash_is_adopted_not_uploaded_again(
     root: Root, server: S3Server, bucket: str
 ) -> None:
@@ -341,6 +348,7 @@ def test_an_object_uploaded_before_a_crash_is_adopted_not_uploaded_again(
     assert s3.head_object(Bucket=bucket, Key=key)["Metadata"]["sha256"] == job["archive"]["sha256"]
 
 
+@pytest.mark.slow
 def test_credentials_and_bucket_problems_are_config_errors(
     root: Root, server: S3Server, bucket: str, creds_file: Path
 ) -> None:
@@ -468,6 +476,7 @@ def test_options_are_checked() -> None:
             S3Options.model_validate(bad)
 
 
+@pytest.mark.slow
 def test_audit_tells_an_unreachable_endpoint_from_a_damaged_object(root: Root, bucket: str) -> None:
     far = S3Server()
     use_s3(root, far.endpoint, bucket)
@@ -507,6 +516,7 @@ class Gate:
         return gated
 
 
+@pytest.mark.slow
 def test_a_hold_placed_while_retention_waits_on_a_target_stops_the_rest_of_the_round(
     root: Root, bucket: str
 ) -> None:
@@ -544,6 +554,7 @@ def test_a_hold_placed_while_retention_waits_on_a_target_stops_the_rest_of_the_r
         slow.stop()
 
 
+@pytest.mark.slow
 def test_object_lock_keeps_each_copy_until_its_retention_and_holds_reach_the_bucket(
     root: Root, server: S3Server, bucket: str, creds_file: Path
 ) -> None:

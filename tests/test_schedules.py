@@ -8,7 +8,10 @@ import sqlite3
 import time
 from typing import Any
 
+import pytest
 from conftest import Root, wait_until
+
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
 EVERY_2S = "* * * * * */2"  # croniter's six fields: seconds last
 

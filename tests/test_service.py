@@ -69,6 +69,7 @@ def notify() -> Iterator[NotifySocket]:
     sock.close()
 
 
+@pytest.mark.slow
 def test_notify_sequence_start_reload_rejected_reload_stop(
     root: Root, notify: NotifySocket
 ) -> None:
@@ -97,6 +98,7 @@ def test_notify_sequence_start_reload_rejected_reload_stop(
     assert stopping > ready3
 
 
+@pytest.mark.slow
 def test_watchdog_pings_while_alive(root: Root, notify: NotifySocket) -> None:
     root.start(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"})
     first = notify.wait_for("WATCHDOG", "1")
@@ -105,6 +107,7 @@ def test_watchdog_pings_while_alive(root: Root, notify: NotifySocket) -> None:
     assert first < second < third
 
 
+@pytest.mark.slow
 def test_watchdog_stops_when_the_loop_is_stopped(root: Root, notify: NotifySocket) -> None:
     daemon = root.start(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"})
     notify.wait_for("WATCHDOG", "1")
@@ -119,6 +122,7 @@ def test_watchdog_stops_when_the_loop_is_stopped(root: Root, notify: NotifySocke
     notify.wait_for("WATCHDOG", "1", after=count)
 
 
+@pytest.mark.slow
 def test_no_notify_socket_means_no_messages(root: Root) -> None:
     daemon = root.start()
     (job_id,) = root.submit(root.job_file("quiet"))
@@ -126,6 +130,7 @@ def test_no_notify_socket_means_no_messages(root: Root) -> None:
     assert daemon.stop() == 0
 
 
+@pytest.mark.slow
 def test_reload_with_a_new_target_applies_to_new_jobs_only(
     root: Root, notify: NotifySocket
 ) -> None:
@@ -150,6 +155,7 @@ def test_reload_with_a_new_target_applies_to_new_jobs_only(
     assert len(list(third.rglob("*.tar"))) == 1
 
 
+@pytest.mark.slow
 def test_a_broken_config_on_reload_keeps_the_old_one(root: Root, notify: NotifySocket) -> None:
     daemon = root.start(env={"NOTIFY_SOCKET": notify.path})
     ready = notify.wait_for("READY", "1")
@@ -174,6 +180,7 @@ def test_a_broken_config_on_reload_keeps_the_old_one(root: Root, notify: NotifyS
     assert daemon.proc is not None and daemon.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_a_reload_to_an_unusable_target_is_rejected(root: Root, notify: NotifySocket) -> None:
     daemon = root.start(env={"NOTIFY_SOCKET": notify.path})
     ready = notify.wait_for("READY", "1")
@@ -192,6 +199,7 @@ def test_a_reload_to_an_unusable_target_is_rejected(root: Root, notify: NotifySo
     assert sorted(c["target"] for c in job["copies"]) == ["offsite", "primary"]
 
 
+@pytest.mark.slow
 def test_metrics_textfile_parses(root: Root) -> None:
     prom = root.path / "archived.prom"
     yearly = {  # appears now, fires next New Year: no job in this test
@@ -238,6 +246,7 @@ def test_metrics_textfile_parses(root: Root) -> None:
     assert written is not None and abs(time.time() - written) < 60
 
 
+@pytest.mark.slow
 def test_a_group_readable_signing_key_is_refused(root: Root) -> None:
     root.secret_key.chmod(0o640)
     result = root.cli("check-config")
@@ -247,6 +256,7 @@ def test_a_group_readable_signing_key_is_refused(root: Root) -> None:
     assert run.returncode == 78
 
 
+@pytest.mark.slow
 def test_the_signing_key_comes_from_credentials_directory(root: Root, tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
@@ -338,6 +348,7 @@ class OnTerminal:
         return code, self.proc.stdout.read().decode(), self.seen.decode()
 
 
+@pytest.mark.slow
 def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
     root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:8,store=delay:6"})
     waiting = OnTerminal(root, root.job_file("watched"))
@@ -379,6 +390,7 @@ def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
     assert frames[-1].startswith(f"{job_id}  completed  2 files, 293.0 KiB, 0:")
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once_and_the_next_start_resumes(root: Root) -> None:
     root.write_config(daemon={"shutdown_grace": "60s"})
     daemon = root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:60"})

@@ -18,6 +18,8 @@ import pytest
 from conftest import Daemon, Root, wait_until
 from psycopg.rows import dict_row
 
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
+
 on_postgres = pytest.mark.parametrize("root", ["postgres"], indirect=True)
 
 

@@ -8,7 +8,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 from conftest import Root
+
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
 WRITER = """
 import sqlite3, sys, time
@@ -91,6 +94,7 @@ def test_a_database_outside_the_roots_is_refused(root: Root, tmp_path: Path) -> 
 
 HOLDER = """
 import sqlite3, sys
+
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
 db.execute("BEGIN EXCLUSIVE")
 print("locked", flush=True)

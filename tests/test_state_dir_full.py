@@ -9,7 +9,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import Root, wait_until
+
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
 
 def fill(directory: Path) -> Path:

@@ -38,6 +38,7 @@ def verified(root: Root, archive: Path) -> bool:
     return result.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_vanished_target_makes_jobs_wait_and_the_daemon_start(root: Root) -> None:
     away = unplug(root, "offsite")
     check = root.cli("check-config")
@@ -64,6 +65,7 @@ def test_a_vanished_target_makes_jobs_wait_and_the_daemon_start(root: Root) -> N
     assert sorted(c["target"] for c in job["copies"]) == ["offsite", "primary"]
 
 
+@pytest.mark.slow
 def test_a_job_failing_on_an_unreachable_target_keeps_its_verified_copy(root: Root) -> None:
     root.write_config(retry=FAST_RETRY)
     root.start()
@@ -100,6 +102,7 @@ def test_a_job_failing_on_an_unreachable_target_keeps_its_verified_copy(root: Ro
     assert root.staging_leftovers() == []
 
 
+@pytest.mark.slow
 def test_a_canceled_job_removes_its_copies(root: Root) -> None:
     """The operator's cancel is the one way a verified copy of a failed job goes."""
     root.write_config(retry={"max_attempts": 100, "backoff": "100ms", "backoff_max": "300ms"})
@@ -117,6 +120,7 @@ def test_a_canceled_job_removes_its_copies(root: Root) -> None:
     assert job["copies"] == []
 
 
+@pytest.mark.slow
 def test_cleanup_never_gets_stuck_on_a_missing_target(root: Root) -> None:
     """A failed job's cleanup cannot remove what is on an unmounted disk: it retries, then
     records the leftover as an orphan, and the job reaches `failed`; the daemon removes
@@ -147,6 +151,7 @@ def test_cleanup_never_gets_stuck_on_a_missing_target(root: Root) -> None:
     assert any(e["kind"] == "orphan_removed" for e in job["events"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["transient:2", "error"])
 def test_errors_in_cleanup_never_fail_a_stored_job(root: Root, fault: str) -> None:
     root.write_config(retry=FAST_RETRY)
@@ -165,6 +170,7 @@ def test_errors_in_cleanup_never_fail_a_stored_job(root: Root, fault: str) -> No
         assert root.staging_leftovers() == []
 
 
+@pytest.mark.slow
 def test_an_empty_mount_point_is_not_a_target(root: Root) -> None:
     """With require_marker, a directory without the marker (an empty mount point, the
     disk not mounted on it) is waited for, and nothing is written into it."""
@@ -190,6 +196,7 @@ def test_an_empty_mount_point_is_not_a_target(root: Root) -> None:
     assert root.cli("check-config").stderr == ""
 
 
+@pytest.mark.slow
 def test_init_target_refuses_what_it_cannot_mark(root: Root) -> None:
     assert root.cli("init-target", "nosuch").returncode == 2
     unplug(root, "offsite")
@@ -198,6 +205,7 @@ def test_init_target_refuses_what_it_cannot_mark(root: Root) -> None:
     assert not root.targets["offsite"].exists()  # never made on the wrong disk
 
 
+@pytest.mark.slow
 def test_staging_space_is_checked_before_staging(root: Root, small_fs: Callable[..., Path]) -> None:
     """The sources need more than the staging file system has: the attempt fails as
     recoverable, saying how much, before a byte is staged; more room, and it goes on."""

@@ -11,6 +11,8 @@ from conftest import Root, minisign_keypair, wait_until
 from tsa import Tsa, openssl_verify
 from tsa import tsa as tsa_fixture  # noqa: F401  (registers the fixture named "tsa")
 
+pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
+
 TSR = "tagmanifest-sha256.txt.tsr"
 
 

@@ -199,6 +199,7 @@ def test_an_unsupported_manifest_beside_a_supported_one_is_named(tmp_path: Path)
     assert report.to_json()["verdict"] == "valid"
 
 
+@pytest.mark.slow
 def test_verify_json_and_exit_status_by_verdict(tmp_path: Path) -> None:
     def run(path: Path) -> tuple[int, dict[str, object]]:
         done = subprocess.run(

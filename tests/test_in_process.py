@@ -1,0 +1,43 @@
+"""The in-process layer itself: the daemon works its queue until idle in the test's
+event loop, its log is events, and a plugin activity driver is found by name."""
+
+from __future__ import annotations
+
+from conftest import Root, tar_members
+from structlog.testing import capture_logs
+
+
+async def test_a_job_is_archived_to_every_target_in_process(root: Root) -> None:
+    (job_id,) = root.drop(root.job_file("hello"))
+    with capture_logs() as logs:
+        await root.run_until_idle()
+    job = await root.details(job_id)
+    assert job["state"] == "completed", job["error"]
+    assert sorted(c["target"] for c in job["copies"]) == ["offsite", "primary"]
+    (archive,) = root.archives("primary")
+    assert any(m.endswith("/data/a/hello.txt") for m in tar_members(archive))
+    events = [e["event"] for e in logs]
+    assert {"job queued", "ready", "stopped"} <= set(events)
+    assert [e["on"] for e in logs if e["event"] == "transition"][-1] == "cleaned"
+    assert root.staging_leftovers() == []
+
+
+async def test_the_fake_driver_is_found_through_its_entry_point(
+    root: Root, fake_activity: type
+) -> None:
+    job = root.job_file(
+        "fake", activities=[{"name": "f", "driver": "fake", "files": {"x.txt": "x"}}]
+    )
+    (job_id,) = root.drop(job)
+    await root.run_until_idle()
+    assert (await root.details(job_id))["state"] == "completed"
+    assert fake_activity.runs == {"f": 1}
+    (archive,) = root.archives("primary")
+    assert any(m.endswith("/data/f/x.txt") for m in tar_members(archive))
+
+
+async def test_idle_with_nothing_to_do_returns_at_once(root: Root) -> None:
+    with capture_logs() as logs:
+        daemon = await root.run_until_idle(timeout=10)
+    assert not len(daemon.jobs)
+    assert [e["event"] for e in logs][-1] == "stopped"
