@@ -777,9 +777,10 @@ def test_a_spool_folder_removed_under_the_daemon_comes_back(root: Root, removed:
     shutil.rmtree(root.spool / removed)
     bad = root.spool / "incoming" / "bad.json"
     bad.write_bytes(NOT_A_JOB)
-    reason = root.spool / "corrupt" / "bad.json.reason"
-    wait_until(reason.exists, 20, f"bad.json moved to corrupt/ after {removed}/ was removed")
-    assert (root.spool / "corrupt" / "bad.json").read_bytes() == NOT_A_JOB
+    reason = root.spool / "corrupt" / "bad.json.reason"  # written before the file moves
+    moved = root.spool / "corrupt" / "bad.json"
+    wait_until(moved.exists, 20, f"bad.json moved to corrupt/ after {removed}/ was removed")
+    assert moved.read_bytes() == NOT_A_JOB and reason.exists()
     good = root.spool / "incoming" / "good.json"
     good.write_bytes(root.job_file("good").read_bytes())
     listed = wait_until(

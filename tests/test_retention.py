@@ -88,10 +88,13 @@ def test_an_unreachable_target_is_retried_and_nothing_is_claimed_deleted(root: R
         10,
         "the failure logged",
     )
-    job = root.show(job_id)
-    assert job["state"] == "completed"
-    deleted = {c["target"]: c["deleted_at"] for c in job["copies"]}
-    assert deleted["primary"] and deleted["offsite"] is None
+    def deletions() -> dict[str, str | None]:
+        return {c["target"]: c["deleted_at"] for c in root.show(job_id)["copies"]}
+
+    # the file goes before the queue records it: wait for the record
+    wait_until(lambda: deletions()["primary"], 10, "the deletion recorded")
+    assert deletions()["offsite"] is None
+    assert root.show(job_id)["state"] == "completed"
     # a restart in between: deletion picks up where it was
     assert daemon.stop() == 0
     parked.rename(offsite)
