@@ -283,7 +283,3 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if dupes := sorted({key for key in keys if keys.count(key) > 1}):
         raise ValueError(f"duplicate key {dupes[0]!r}")
     return dict(pairs)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

@@ -27,10 +27,6 @@ class Notifier:
         if watchdog_usec.isdigit() and (not watchdog_pid or watchdog_pid == str(os.getpid())):
             self.watchdog_seconds = int(watchdog_usec) / 1_000_000
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     def send(self, *lines: str) -> None:
         if self._address is None:
             return

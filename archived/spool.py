@@ -28,7 +28,6 @@ from .fileio import atomic_file
 # `archived submit` uses this module too, and an operator's shell waits for it to start.
 
 SUBDIRS = ("tmp", "incoming", "active", "corrupt")
-JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 _SUBMITTED = re.compile(r"^(?P<id>[0-9a-f]{12})\.(?:toml|json)$")
 _ACTIVE = re.compile(r"^(?P<id>[0-9a-f]{12})__(?P<name>.+)$", re.DOTALL)
 NAME_MAX = 255  # bytes in one file name, on every file system a spool is likely to be on

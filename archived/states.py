@@ -1,4 +1,4 @@
-"""The job state machine of the seed document "Archive Job States", as plain data.
+"""The job state machine, as plain data: states, events and the allowed transitions.
 
 Nothing in this module does I/O. The runner asks `next_state(state, event)` what
 comes next and records the answer; a transition missing from `TRANSITIONS` is a bug
@@ -50,9 +50,8 @@ class Event(StrEnum):
 
 S, E = State, Event
 
-# The phases whose errors are classified (the seed's critical section), and the event
-# that re-enters each one after a recoverable error.
-PHASES: tuple[State, ...] = (S.ACTIVITY_ARCHIVING, S.POST_PROCESSING, S.STORE)
+# The phases whose errors are classified, and the event that re-enters each one after a
+# recoverable error.
 RETRY_EVENT: dict[State, Event] = {
     S.ACTIVITY_ARCHIVING: E.RETRY_ACTIVITIES,
     S.POST_PROCESSING: E.RETRY_POST_PROCESSING,

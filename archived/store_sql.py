@@ -196,9 +196,6 @@ class SqlStore:
     async def jobs(self, state: str | None = None) -> list[JobSummary]:
         return [JobSummary.from_row(r) for r in await self.db.fetch("list_jobs", state=state)]
 
-    async def job_states(self) -> dict[str, State]:
-        return {r["id"]: State(r["state"]) for r in await self.db.fetch("job_ids")}
-
     async def tasks(self, job_id: str, kind: str | None = None) -> list[Task]:
         rows = await self.db.fetch("tasks", job_id=job_id)
         return [Task.from_row(r) for r in rows if kind is None or r["kind"] == kind]

@@ -1,4 +1,5 @@
-"""The seed's error diagram through the real daemon: failpoints, kill -9, retries, cancel."""
+"""The error paths of the state machine through the real daemon: failpoints, kill -9, retries,
+cancel."""
 
 from __future__ import annotations
 

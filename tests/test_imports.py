@@ -8,6 +8,7 @@ do not run and are left out.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "archived"
@@ -109,3 +110,42 @@ def test_the_graph_sees_function_local_and_relative_imports() -> None:
 def test_no_import_cycle() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def readme_layers() -> dict[str, int]:
+    """Each module's layer in the README's "Layout of the code", counted from the bottom."""
+    text = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("## Layout of the code") :]
+    layers: dict[str, int] = {}
+    level = -1
+    for line in table.splitlines():
+        if not line.startswith("| ") or line.startswith("| layer"):
+            continue
+        layer, modules, _ = (cell.strip() for cell in line.strip("|").split("|", 2))
+        level += bool(layer)
+        for name in re.findall(r"`([a-z_]+\.py|drivers/(?:[a-z_]+\.py)?)`", modules):
+            dotted = name.removesuffix(".py").removesuffix("/").replace("/", ".")
+            layers[f"archived.{dotted}"] = level
+    return layers
+
+
+def _layer(layers: dict[str, int], module: str) -> int | None:
+    while module not in layers and module.count(".") > 1:
+        module = module.rpartition(".")[0]  # a built-in driver: the layer of `drivers/`
+    return layers.get(module)
+
+
+def test_every_module_is_in_the_readme_and_imports_only_downwards() -> None:
+    layers = readme_layers()
+    graph = import_graph()
+    missing = [m for m in graph if m != "archived" and _layer(layers, m) is None]
+    assert not missing, f"not in the README's layout: {missing}"
+    upwards = [
+        f"{module} -> {imported}"
+        for module, imports in graph.items()
+        for imported in imports
+        if module != "archived"
+        and imported != "archived"
+        and (_layer(layers, imported) or 0) > (_layer(layers, module) or 0)
+    ]
+    assert not upwards, f"imports from a higher layer: {upwards}"

@@ -22,7 +22,7 @@ from archived.states import (
 
 S, E = State, Event
 
-# The seed's happy path, in order, and the error path to `failed`.
+# The happy path, in order, and the error path to `failed`.
 HAPPY = [
     (S.UNINITIALIZED, E.INITIALIZED, S.QUEUED),
     (S.QUEUED, E.TRIGGERED, S.ACTIVITY_ARCHIVING),

@@ -144,9 +144,6 @@ AND (owner IS NULL OR owner = :me);
 -- name: request_cancel
 UPDATE jobs SET cancel_requested = true, updated_at = :now WHERE id = :id;
 
--- name: job_ids
-SELECT id, state FROM jobs;
-
 -- name: count_by_state
 SELECT state, count(*) AS n FROM jobs GROUP BY state;
 

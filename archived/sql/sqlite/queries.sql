@@ -106,9 +106,6 @@ AND state IN (SELECT value FROM json_each(:states));
 -- name: request_cancel
 UPDATE jobs SET cancel_requested = 1, updated_at = :now WHERE id = :id;
 
--- name: job_ids
-SELECT id, state FROM jobs;
-
 -- name: count_by_state
 SELECT state, count(*) AS n FROM jobs GROUP BY state;
 
