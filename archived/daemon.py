@@ -214,8 +214,8 @@ class Daemon:
         jobs = self.jobs
         if len(jobs) or jobs.stalled or jobs.resuming or await self.spool.pending():
             return False
-        states = await self.svc.store.job_states()
-        return not any(state in PROCESSING for state in states.values())
+        counts = await self.svc.store.job_counts()
+        return not any(State(state) in PROCESSING for state, n in counts.items() if n)
 
     async def _watch_spool(self) -> None:
         watch = SpoolWatch.open(self.spool.incoming)
