@@ -193,7 +193,7 @@ def verify_path(
         return report
     try:
         report.bag = contents.name
-        _Checker(contents, report, policy, keys=keys, tsa_ca=tsa_ca).run()
+        _check(contents, report, policy, keys=keys, tsa_ca=tsa_ca)
     finally:
         contents.close()
     return report
@@ -209,18 +209,14 @@ class _Manifest:
     tag_entries: dict[str, bytes] = field(default_factory=dict)  # tag manifests: tag files
 
 
-class _Checker:
-    def __init__(
-        self,
-        contents: Contents,
-        report: Report,
-        policy: Policy,
-        *,
-        keys: list[PublicKey],
-        tsa_ca: list[x509.Certificate] | None,
-    ) -> None:
+class _Bag:
+    """One bag as it is read: its contents, what its tag files declared so far, and the
+    report its problems and warnings go to. The checks below work on it, in the order
+    `_check` calls them."""
+
+    def __init__(self, contents: Contents, report: Report, policy: Policy) -> None:
         self.contents, self.tags, self.index = contents, contents.tags, contents.index
-        self.report, self.policy, self.keys, self.tsa_ca = report, policy, keys, tsa_ca
+        self.report, self.policy = report, policy
         self.encoding = "utf-8"
         self.version: tuple[int, int] = (1, 0)
         self.missing: set[str] = set()  # required files already reported missing
@@ -228,11 +224,9 @@ class _Checker:
         self.info: dict[str, list[str]] = {}  # bag-info labels (lower case) and values
         self.oxum: tuple[str, int, int] | None = None  # as declared
         self.holes: list[tuple[str, int | None]] = []  # fetch.txt's files not present
-        self.absent_special: set[str] = set()  # special system files listed, not present
         self.tag_digests: dict[tuple[str, str], bytes] = {}
         self.info_name = "bag-info.txt"  # package-info.txt in 0.93 to 0.95
         self.unencoded: dict[str, list[tuple[int, str]]] = {}  # paths with a bare "%"
-        self.tag_forms: dict[str, str] | None = None  # tag files by NFC name, where one
 
     @property
     def strict(self) -> bool:
@@ -253,36 +247,6 @@ class _Checker:
             self.problem(path, message)
         else:
             self.warn(f"{path}: {message}")
-
-    def run(self) -> None:
-        self.report.files, self.report.bytes = self.index.totals()
-        self.report.warnings += self.contents.warnings
-        for path in self.index.duplicates():
-            self.problem(path, f"duplicate member in the {self.contents.container}")
-        self.check_bagit_txt()
-        self.check_serialization()
-        self.check_layout()
-        self.check_bag_info()
-        if self.policy.fetch:
-            self.check_fetch()
-        manifests = self.load_manifests()
-        self.index.resolve()
-        self.contents.complete(self.problem)
-        payload = [m for m in manifests if not m.tag]
-        tag = [m for m in manifests if m.tag]
-        self.check_payload(payload)
-        for manifest in manifests:
-            self.check_entries(manifest)
-        self.check_oxum()
-        for manifest in tag:
-            self.check_tag_manifest(manifest, payload)
-        self.check_names()
-        if self.policy.ours:
-            self.check_archived(tag)
-        elif self.announced_timestamp() and TIMESTAMP not in self.tags:
-            self.warn(f"{TIMESTAMP}: missing, though bag-info.txt says {TIMESTAMP_LABEL}: rfc3161")
-
-    # -- tag files as bytes and text ---------------------------------------------------
 
     def present(self, name: str, *, required: bool) -> bool:
         if name in self.tags:
@@ -340,235 +304,6 @@ class _Checker:
                 return None
         return self.tag_digests[key]
 
-    # -- 2.1.1 the bag declaration, 2.1.2 the payload directory --------------------------
-
-    def check_bagit_txt(self) -> None:
-        data = self.content("bagit.txt", required=True)
-        if data is None:
-            return
-        if data.startswith(codecs.BOM_UTF8):
-            self.problem("bagit.txt", "starts with a byte-order mark")
-            data = data[len(codecs.BOM_UTF8) :]
-        try:
-            lines = re.split(r"\r\n|\r|\n", data.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            self.problem("bagit.txt", f"not valid UTF-8: {exc.reason}")
-            return
-        if lines[-1] == "":
-            lines.pop()
-        tags: dict[str, str] = {}
-        loose: list[tuple[int, str]] = []  # more blanks than "Label: value"
-        other: list[tuple[int, str]] = []
-        for number, line in enumerate(lines, 1):
-            match = _BAGIT_LINE.fullmatch(line)
-            if not line.strip(" \t"):
-                self.warn(f"bagit.txt: line {number} is blank")
-                continue
-            if match is None:
-                other.append((number, line))
-                continue
-            label, value = match.groups()
-            if label in tags:
-                self.problem("bagit.txt", f"line {number}: {label} declared twice")
-            tags[label] = value
-            if not re.fullmatch(rf"{label}: \S+", line):
-                loose.append((number, line))
-        self.read_version(tags.get("BagIt-Version"))
-        for number, line in loose:
-            self.breach(
-                "bagit.txt",
-                f"line {number}: {line!r} is not exactly '<label>: <value>' (one space after "
-                "the colon, no other blanks)",
-            )
-        for number, line in other:  # "exactly two lines", in the drafts too (bagit-python)
-            self.problem(
-                "bagit.txt",
-                f"line {number}: {line!r} is not 'BagIt-Version: M.N' or "
-                "'Tag-File-Character-Encoding: ENCODING'; bagit.txt is exactly those two lines",
-            )
-        if list(tags) == ["Tag-File-Character-Encoding", "BagIt-Version"]:
-            self.breach("bagit.txt", "BagIt-Version must be the first line")
-        encoding = tags.get("Tag-File-Character-Encoding")
-        if encoding is None:
-            self.problem("bagit.txt", "does not declare Tag-File-Character-Encoding")
-            return
-        try:
-            # A text encoding: Python also names binary transforms (hex, rot13, zlib).
-            "".encode(encoding)
-            b"".decode(encoding)
-        except (LookupError, ValueError):
-            self.problem(
-                "bagit.txt", f"Tag-File-Character-Encoding {encoding!r} is not a character encoding"
-            )
-            return
-        self.encoding = encoding
-
-    def read_version(self, version: str | None) -> None:
-        if version is None:
-            self.problem("bagit.txt", "does not declare BagIt-Version")
-            return
-        self.report.version = version
-        found = _VERSION.fullmatch(version)
-        if found is None:
-            self.problem("bagit.txt", f"BagIt-Version {version!r} is not a M.N number")
-            return
-        number = (int(found.group(1)), int(found.group(2)))
-        if not (0, 93) <= number < (2, 0):
-            self.problem("bagit.txt", f"unsupported BagIt-Version {version}: I read 0.93 to 1.0")
-            return
-        self.version = number
-        if number not in _KNOWN_VERSIONS:
-            rules = "1.0" if number > (1, 0) else "0.97"
-            self.warn(f"bagit.txt: BagIt-Version {version} is not one I know; read as {rules}")
-
-    def check_serialization(self) -> None:
-        """A tar or zip unpacks to one directory, the bag, and nothing beside it: a MUST of
-        the BagIt drafts to 0.97 (section 4, "Serialization"), which RFC 8493 dropped (a
-        bag is what validates), so a warning for a 1.0 bag of another tool; our archives
-        keep it. What macOS's Archive Utility adds beside the bag (__MACOSX/) is an
-        operating system's leftover."""
-        outside: dict[str, list[tuple[str, str]]] = {}  # by the top directory they are in
-        for name, message in self.contents.shape:
-            if not name:
-                message += " (serialized from inside the bag directory); read as the bag"
-                self.draft_rule("", message, "one directory, the bag")
-            else:
-                outside.setdefault(name.strip("/").split("/")[0], []).append((name, message))
-        for top, found in outside.items():
-            path, message = found[0] if len(found) == 1 else (f"{top}/", f"{len(found)} members")
-            message = f"{message} {found[0][1]}"
-            if top == MACOS_ZIP_DIR and self.policy.forgive_os:
-                self.warn(f"{path}: {message}, left by macOS's Archive Utility; not read")
-            else:
-                self.draft_rule(path, message, "nothing but the bag directory")
-
-    def draft_rule(self, path: str, message: str, rule: str) -> None:
-        """A serialization rule of the drafts (0.97 section 4) that RFC 8493 dropped."""
-        if self.policy.draft_serialization or self.version < (1, 0):
-            must = f"a serialized bag must hold {rule} (BagIt 0.97 section 4)"
-            self.problem(path, f"{message}: {must}")
-        else:
-            self.warn(
-                f"{path or self.report.bag}: {message} (a serialized bag held {rule} until "
-                "BagIt 0.97; RFC 8493 has no such rule)"
-            )
-
-    def check_layout(self) -> None:
-        if "data" in self.tags:
-            self.problem("data", "is a file; the payload directory must be a directory")
-        elif not self.contents.data_dir and "data" not in self.contents.rejected:
-            self.problem("data", "payload directory missing")
-
-    # -- 2.2.2 bag-info.txt --------------------------------------------------------------
-
-    def check_bag_info(self) -> None:
-        # bagit-python and bagit-java read 0.93 to 0.95 bags' metadata from package-info.txt.
-        older = self.version < (0, 96)
-        name, other = ("package-info.txt", "bag-info.txt")[:: 1 if older else -1]
-        if name not in self.tags and other in self.tags:
-            self.warn(f"{other}: read as the metadata of a BagIt {self.report.version} bag")
-            name = other
-        self.info_name = name
-        if not self.present(name, required=False):
-            return
-        for label, value in self.metadata(name):
-            self.info.setdefault(label.lower(), []).append(value)
-        for key, label in (_ONCE | _SHOULD_BE_ONCE).items():
-            values = self.info.get(key, [])
-            if len(values) < 2:
-                continue
-            if key in _SHOULD_BE_ONCE:
-                if self.strict:
-                    self.warn(f"{name}: {label} appears more than once; it should not be repeated")
-            elif self.strict or len(set(values)) > 1:
-                self.problem(name, f"declares Payload-Oxum {len(values)} times: {values}")
-        oxums = self.info.get("payload-oxum", [])
-        if not oxums:
-            return
-        match = _OXUM.fullmatch(oxums[0])
-        if match is None:
-            self.problem(name, f"malformed Payload-Oxum {oxums[0]!r}: not <octets>.<files>")
-            return
-        self.oxum = (oxums[0], int(match.group(1)), int(match.group(2)))
-
-    def metadata(self, name: str) -> Iterator[tuple[str, str]]:
-        """(label, value) of each element: `Label: value` with one space or
-        tab after the colon in 1.0 (more blanks either side before 1.0), a value folded
-        onto lines that start with a space or tab."""
-        element: list[str] | None = None  # [label, value]
-        for number, line in self.lines(name, limit=TAG_FILE_LIMIT):
-            if not line.strip(" \t"):
-                continue
-            if line[0] in " \t":
-                if element is not None:
-                    element[1] += " " + line.strip(" \t")
-                    continue
-                self.breach(name, f"line {number}: starts with a blank, but continues nothing")
-                if self.strict:
-                    continue
-                line = line.lstrip(" \t")
-            if element is not None:
-                yield element[0], element[1]
-                element = None
-            label, colon, value = line.partition(":")
-            if not colon:
-                self.problem(name, f"line {number}: {line!r} is not 'Label: value'")
-            elif not label.strip(" \t"):
-                self.problem(name, f"line {number}: no label before the colon")
-            elif self.strict and label != label.rstrip(" \t"):
-                self.problem(name, f"line {number}: the label {label!r} ends with whitespace")
-            elif self.strict and not value.startswith((" ", "\t")):
-                self.problem(name, f"line {number}: no space or tab after the colon")
-            else:
-                element = [label.strip(" \t"), value.strip(" \t")]
-        if element is not None:
-            yield element[0], element[1]
-
-    def announced_timestamp(self) -> bool:
-        return "rfc3161" in self.info.get(TIMESTAMP_LABEL.lower(), [])
-
-    # -- 2.2.3 fetch.txt -------------------------------------------------------------------
-
-    def check_fetch(self) -> None:
-        if "fetch.txt" not in self.tags:
-            return
-        self.index.add_fetch(self.fetch_lines())
-        for path in self.index.fetch_repeated():
-            self.warn(f"{path}: listed twice in fetch.txt")
-        self.holes = self.index.holes()
-        if self.holes:
-            shown = ", ".join(p for p, _ in self.holes[:3]) + (
-                ", ..." if len(self.holes) > 3 else ""
-            )
-            self.problem(
-                "fetch.txt",
-                f"holey bag: {len(self.holes)} files listed here are not present, to be "
-                f"fetched ({shown}): the bag is incomplete",
-            )
-
-    def fetch_lines(self) -> Iterator[tuple[str, int | None]]:
-        for number, line in self.lines("fetch.txt"):
-            if not line.strip():
-                continue
-            match = _FETCH_LINE.fullmatch(line)
-            if match is None:
-                self.problem("fetch.txt", f"line {number}: not '<url> <length> <path>'")
-                continue
-            url, length, raw_path = match.groups()
-            if not _absolute_url(url):
-                self.problem("fetch.txt", f"line {number}: {url!r} is not an absolute URL")
-                continue
-            path = self.listed_path("fetch.txt", number, raw_path)
-            if path is None:
-                continue
-            if not is_payload(path):
-                self.problem(
-                    "fetch.txt", f"line {number}: {path} is not in the payload directory data/"
-                )
-                continue
-            yield path, None if length == "-" else int(length)
-        self.check_unencoded("fetch.txt")
-
     def listed_path(self, name: str, number: int, raw: str) -> str | None:
         """A path as a manifest or fetch.txt writes it, as a bag-relative path."""
         if self.version < (1, 0):
@@ -590,18 +325,299 @@ class _Checker:
                 f"{raw!r}); read as written",
             )
 
-    # -- 2.1.3 payload manifests, 2.2.1 tag manifests --------------------------------------
+    def announced_timestamp(self) -> bool:
+        return "rfc3161" in self.info.get(TIMESTAMP_LABEL.lower(), [])
+
+
+def _check(
+    contents: Contents,
+    report: Report,
+    policy: Policy,
+    *,
+    keys: list[PublicKey],
+    tsa_ca: list[x509.Certificate] | None,
+) -> None:
+    bag = _Bag(contents, report, policy)
+    report.files, report.bytes = contents.index.totals()
+    report.warnings += contents.warnings
+    for path in contents.index.duplicates():
+        bag.problem(path, f"duplicate member in the {contents.container}")
+    declaration = _Declaration(bag)
+    declaration.check_bagit_txt()
+    declaration.check_serialization()
+    declaration.check_layout()
+    declaration.check_bag_info()
+    listings = _Listings(bag)
+    if policy.fetch:
+        listings.check_fetch()
+    manifests = listings.load_manifests()
+    contents.index.resolve()
+    contents.complete(bag.problem)
+    payload = [m for m in manifests if not m.tag]
+    tag = [m for m in manifests if m.tag]
+    checks = _Payload(bag)
+    checks.check_payload(payload)
+    for manifest in manifests:
+        checks.check_entries(manifest)
+    checks.check_oxum()
+    for manifest in tag:
+        checks.check_tag_manifest(manifest, payload)
+    checks.check_names()
+    if policy.ours:
+        _Ours(bag, keys, tsa_ca).check_archived(tag)
+    elif bag.announced_timestamp() and TIMESTAMP not in contents.tags:
+        bag.warn(f"{TIMESTAMP}: missing, though bag-info.txt says {TIMESTAMP_LABEL}: rfc3161")
+
+
+class _Declaration:
+    """2.1.1 the bag declaration and 2.1.2 the payload directory, with the drafts'
+    serialization rules; 2.2.2 bag-info.txt."""
+
+    def __init__(self, bag: _Bag) -> None:
+        self.bag = bag
+
+    def check_bagit_txt(self) -> None:
+        data = self.bag.content("bagit.txt", required=True)
+        if data is None:
+            return
+        if data.startswith(codecs.BOM_UTF8):
+            self.bag.problem("bagit.txt", "starts with a byte-order mark")
+            data = data[len(codecs.BOM_UTF8) :]
+        try:
+            lines = re.split(r"\r\n|\r|\n", data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            self.bag.problem("bagit.txt", f"not valid UTF-8: {exc.reason}")
+            return
+        if lines[-1] == "":
+            lines.pop()
+        tags: dict[str, str] = {}
+        loose: list[tuple[int, str]] = []  # more blanks than "Label: value"
+        other: list[tuple[int, str]] = []
+        for number, line in enumerate(lines, 1):
+            match = _BAGIT_LINE.fullmatch(line)
+            if not line.strip(" \t"):
+                self.bag.warn(f"bagit.txt: line {number} is blank")
+                continue
+            if match is None:
+                other.append((number, line))
+                continue
+            label, value = match.groups()
+            if label in tags:
+                self.bag.problem("bagit.txt", f"line {number}: {label} declared twice")
+            tags[label] = value
+            if not re.fullmatch(rf"{label}: \S+", line):
+                loose.append((number, line))
+        self.read_version(tags.get("BagIt-Version"))
+        for number, line in loose:
+            self.bag.breach(
+                "bagit.txt",
+                f"line {number}: {line!r} is not exactly '<label>: <value>' (one space after "
+                "the colon, no other blanks)",
+            )
+        for number, line in other:  # "exactly two lines", in the drafts too (bagit-python)
+            self.bag.problem(
+                "bagit.txt",
+                f"line {number}: {line!r} is not 'BagIt-Version: M.N' or "
+                "'Tag-File-Character-Encoding: ENCODING'; bagit.txt is exactly those two lines",
+            )
+        if list(tags) == ["Tag-File-Character-Encoding", "BagIt-Version"]:
+            self.bag.breach("bagit.txt", "BagIt-Version must be the first line")
+        encoding = tags.get("Tag-File-Character-Encoding")
+        if encoding is None:
+            self.bag.problem("bagit.txt", "does not declare Tag-File-Character-Encoding")
+            return
+        try:
+            # A text encoding: Python also names binary transforms (hex, rot13, zlib).
+            "".encode(encoding)
+            b"".decode(encoding)
+        except (LookupError, ValueError):
+            self.bag.problem(
+                "bagit.txt", f"Tag-File-Character-Encoding {encoding!r} is not a character encoding"
+            )
+            return
+        self.bag.encoding = encoding
+
+    def read_version(self, version: str | None) -> None:
+        if version is None:
+            self.bag.problem("bagit.txt", "does not declare BagIt-Version")
+            return
+        self.bag.report.version = version
+        found = _VERSION.fullmatch(version)
+        if found is None:
+            self.bag.problem("bagit.txt", f"BagIt-Version {version!r} is not a M.N number")
+            return
+        number = (int(found.group(1)), int(found.group(2)))
+        if not (0, 93) <= number < (2, 0):
+            self.bag.problem(
+                "bagit.txt", f"unsupported BagIt-Version {version}: I read 0.93 to 1.0"
+            )
+            return
+        self.bag.version = number
+        if number not in _KNOWN_VERSIONS:
+            rules = "1.0" if number > (1, 0) else "0.97"
+            self.bag.warn(f"bagit.txt: BagIt-Version {version} is not one I know; read as {rules}")
+
+    def check_serialization(self) -> None:
+        """A tar or zip unpacks to one directory, the bag, and nothing beside it: a MUST of
+        the BagIt drafts to 0.97 (section 4, "Serialization"), which RFC 8493 dropped (a
+        bag is what validates), so a warning for a 1.0 bag of another tool; our archives
+        keep it. What macOS's Archive Utility adds beside the bag (__MACOSX/) is an
+        operating system's leftover."""
+        outside: dict[str, list[tuple[str, str]]] = {}  # by the top directory they are in
+        for name, message in self.bag.contents.shape:
+            if not name:
+                message += " (serialized from inside the bag directory); read as the bag"
+                self.draft_rule("", message, "one directory, the bag")
+            else:
+                outside.setdefault(name.strip("/").split("/")[0], []).append((name, message))
+        for top, found in outside.items():
+            path, message = found[0] if len(found) == 1 else (f"{top}/", f"{len(found)} members")
+            message = f"{message} {found[0][1]}"
+            if top == MACOS_ZIP_DIR and self.bag.policy.forgive_os:
+                self.bag.warn(f"{path}: {message}, left by macOS's Archive Utility; not read")
+            else:
+                self.draft_rule(path, message, "nothing but the bag directory")
+
+    def draft_rule(self, path: str, message: str, rule: str) -> None:
+        """A serialization rule of the drafts (0.97 section 4) that RFC 8493 dropped."""
+        if self.bag.policy.draft_serialization or self.bag.version < (1, 0):
+            must = f"a serialized bag must hold {rule} (BagIt 0.97 section 4)"
+            self.bag.problem(path, f"{message}: {must}")
+        else:
+            self.bag.warn(
+                f"{path or self.bag.report.bag}: {message} (a serialized bag held {rule} until "
+                "BagIt 0.97; RFC 8493 has no such rule)"
+            )
+
+    def check_layout(self) -> None:
+        if "data" in self.bag.tags:
+            self.bag.problem("data", "is a file; the payload directory must be a directory")
+        elif not self.bag.contents.data_dir and "data" not in self.bag.contents.rejected:
+            self.bag.problem("data", "payload directory missing")
+
+    def check_bag_info(self) -> None:
+        # bagit-python and bagit-java read 0.93 to 0.95 bags' metadata from package-info.txt.
+        older = self.bag.version < (0, 96)
+        name, other = ("package-info.txt", "bag-info.txt")[:: 1 if older else -1]
+        if name not in self.bag.tags and other in self.bag.tags:
+            self.bag.warn(f"{other}: read as the metadata of a BagIt {self.bag.report.version} bag")
+            name = other
+        self.bag.info_name = name
+        if not self.bag.present(name, required=False):
+            return
+        for label, value in self.metadata(name):
+            self.bag.info.setdefault(label.lower(), []).append(value)
+        for key, label in (_ONCE | _SHOULD_BE_ONCE).items():
+            values = self.bag.info.get(key, [])
+            if len(values) < 2:
+                continue
+            if key in _SHOULD_BE_ONCE:
+                if self.bag.strict:
+                    self.bag.warn(
+                        f"{name}: {label} appears more than once; it should not be repeated"
+                    )
+            elif self.bag.strict or len(set(values)) > 1:
+                self.bag.problem(name, f"declares Payload-Oxum {len(values)} times: {values}")
+        oxums = self.bag.info.get("payload-oxum", [])
+        if not oxums:
+            return
+        match = _OXUM.fullmatch(oxums[0])
+        if match is None:
+            self.bag.problem(name, f"malformed Payload-Oxum {oxums[0]!r}: not <octets>.<files>")
+            return
+        self.bag.oxum = (oxums[0], int(match.group(1)), int(match.group(2)))
+
+    def metadata(self, name: str) -> Iterator[tuple[str, str]]:
+        """(label, value) of each element: `Label: value` with one space or
+        tab after the colon in 1.0 (more blanks either side before 1.0), a value folded
+        onto lines that start with a space or tab."""
+        element: list[str] | None = None  # [label, value]
+        for number, line in self.bag.lines(name, limit=TAG_FILE_LIMIT):
+            if not line.strip(" \t"):
+                continue
+            if line[0] in " \t":
+                if element is not None:
+                    element[1] += " " + line.strip(" \t")
+                    continue
+                self.bag.breach(name, f"line {number}: starts with a blank, but continues nothing")
+                if self.bag.strict:
+                    continue
+                line = line.lstrip(" \t")
+            if element is not None:
+                yield element[0], element[1]
+                element = None
+            label, colon, value = line.partition(":")
+            if not colon:
+                self.bag.problem(name, f"line {number}: {line!r} is not 'Label: value'")
+            elif not label.strip(" \t"):
+                self.bag.problem(name, f"line {number}: no label before the colon")
+            elif self.bag.strict and label != label.rstrip(" \t"):
+                self.bag.problem(name, f"line {number}: the label {label!r} ends with whitespace")
+            elif self.bag.strict and not value.startswith((" ", "\t")):
+                self.bag.problem(name, f"line {number}: no space or tab after the colon")
+            else:
+                element = [label.strip(" \t"), value.strip(" \t")]
+        if element is not None:
+            yield element[0], element[1]
+
+
+class _Listings:
+    """2.2.3 fetch.txt, and the lines of 2.1.3 payload and 2.2.1 tag manifests, into the
+    payload index."""
+
+    def __init__(self, bag: _Bag) -> None:
+        self.bag = bag
+
+    def check_fetch(self) -> None:
+        if "fetch.txt" not in self.bag.tags:
+            return
+        self.bag.index.add_fetch(self.fetch_lines())
+        for path in self.bag.index.fetch_repeated():
+            self.bag.warn(f"{path}: listed twice in fetch.txt")
+        self.bag.holes = self.bag.index.holes()
+        if self.bag.holes:
+            shown = ", ".join(p for p, _ in self.bag.holes[:3]) + (
+                ", ..." if len(self.bag.holes) > 3 else ""
+            )
+            self.bag.problem(
+                "fetch.txt",
+                f"holey bag: {len(self.bag.holes)} files listed here are not present, to be "
+                f"fetched ({shown}): the bag is incomplete",
+            )
+
+    def fetch_lines(self) -> Iterator[tuple[str, int | None]]:
+        for number, line in self.bag.lines("fetch.txt"):
+            if not line.strip():
+                continue
+            match = _FETCH_LINE.fullmatch(line)
+            if match is None:
+                self.bag.problem("fetch.txt", f"line {number}: not '<url> <length> <path>'")
+                continue
+            url, length, raw_path = match.groups()
+            if not _absolute_url(url):
+                self.bag.problem("fetch.txt", f"line {number}: {url!r} is not an absolute URL")
+                continue
+            path = self.bag.listed_path("fetch.txt", number, raw_path)
+            if path is None:
+                continue
+            if not is_payload(path):
+                self.bag.problem(
+                    "fetch.txt", f"line {number}: {path} is not in the payload directory data/"
+                )
+                continue
+            yield path, None if length == "-" else int(length)
+        self.bag.check_unencoded("fetch.txt")
 
     def load_manifests(self) -> list[_Manifest]:
         manifests: list[_Manifest] = []
-        for name in sorted(self.tags):
+        for name in sorted(self.bag.tags):
             match = MANIFEST_NAME.fullmatch(name)
             if match is None:
                 continue
             tag, spelled = bool(match.group(1)), match.group(2)
             algo = algorithm(spelled)
             if algo is None:
-                self.warn(
+                self.bag.warn(
                     f"{name}: algorithm {spelled} not supported; its checksums are not checked"
                 )
             manifest = _Manifest(
@@ -609,14 +625,14 @@ class _Checker:
                 spelled,
                 algo,
                 tag,
-                self.index.add_manifest(name, algo.key if algo else None, tag=tag),
+                self.bag.index.add_manifest(name, algo.key if algo else None, tag=tag),
             )
-            self.index.add_entries(manifest.id, self.manifest_lines(manifest))
+            self.bag.index.add_entries(manifest.id, self.manifest_lines(manifest))
             manifests.append(manifest)
         if not any(not m.tag for m in manifests) and not any(
-            MANIFEST_NAME.fullmatch(n) for n in self.contents.rejected
+            MANIFEST_NAME.fullmatch(n) for n in self.bag.contents.rejected
         ):
-            self.problem("", "no payload manifest (manifest-<algorithm>.txt)")
+            self.bag.problem("", "no payload manifest (manifest-<algorithm>.txt)")
         return manifests
 
     def manifest_lines(self, manifest: _Manifest) -> Iterator[tuple[str, str, bytes]]:
@@ -626,15 +642,15 @@ class _Checker:
         length = manifest.algorithm.hex_length if manifest.algorithm else None
         starred = reworded = 0
         example = ("", "")  # the first path not written plainly, as written and as read
-        for number, line in self.lines(name):
+        for number, line in self.bag.lines(name):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             match = _MANIFEST_LINE.fullmatch(line)
             if match is None:
-                self.problem(name, f"line {number}: not '<checksum>  <path>'")
+                self.bag.problem(name, f"line {number}: not '<checksum>  <path>'")
                 continue
             checksum, raw = match.groups()
-            if self.version < (1, 0):
+            if self.bag.version < (1, 0):
                 raw = raw.strip()  # trailing blanks were not significant
                 if raw.startswith("*"):
                     starred += 1  # md5sum's mark of binary mode
@@ -644,11 +660,11 @@ class _Checker:
                 or len(checksum) % 2
                 or length not in (None, len(checksum))
             ):
-                self.problem(
+                self.bag.problem(
                     name, f"line {number}: {checksum!r} is not a {manifest.spelled} checksum"
                 )
                 continue
-            path = self.listed_path(name, number, raw)
+            path = self.bag.listed_path(name, number, raw)
             if path is None:
                 continue
             if path != decode_path(raw):
@@ -660,23 +676,25 @@ class _Checker:
                 self.tag_entry(manifest, number, path, digest)
                 continue
             if manifest.tag:
-                self.breach(
+                self.bag.breach(
                     name, f"line {number}: lists {path}, a payload file; a tag manifest must not"
                 )
-                if self.strict:
+                if self.bag.strict:
                     continue
             elif not is_payload(path):
-                self.problem(name, f"line {number}: {path} is not in the payload directory data/")
+                self.bag.problem(
+                    name, f"line {number}: {path} is not in the payload directory data/"
+                )
                 continue
             yield path, written, digest
-        self.check_unencoded(name)
+        self.bag.check_unencoded(name)
         if starred:
-            self.warn(
+            self.bag.warn(
                 f"{name}: {starred} lines mark the path with '*', as md5sum does for "
                 "binary mode; read without it"
             )
         if reworded:
-            self.warn(
+            self.bag.warn(
                 f"{name}: {reworded} paths not written as plain bag-relative paths "
                 f"(e.g. {example[0]!r}, read as {example[1]!r})"
             )
@@ -684,19 +702,29 @@ class _Checker:
     def tag_entry(self, manifest: _Manifest, number: int, path: str, digest: bytes) -> None:
         entries = manifest.tag_entries
         if (found := MANIFEST_NAME.fullmatch(path)) and found.group(1):
-            self.breach(
+            self.bag.breach(
                 manifest.name,
                 f"line {number}: lists {path}; a tag manifest must not list tag manifests",
             )
-            if self.strict:
+            if self.bag.strict:
                 return
         if path in entries:
             if entries[path] != digest:
-                self.problem(path, f"listed twice in {manifest.name} with different checksums")
+                self.bag.problem(path, f"listed twice in {manifest.name} with different checksums")
             else:
-                self.breach(path, f"listed twice in {manifest.name}")
+                self.bag.breach(path, f"listed twice in {manifest.name}")
             return
         entries[path] = digest
+
+
+class _Payload:
+    """Section 3: the payload and the tag files against the manifests, the
+    Payload-Oxum, and names that would collide on extraction."""
+
+    def __init__(self, bag: _Bag) -> None:
+        self.bag = bag
+        self.absent_special: set[str] = set()  # special system files listed, not present
+        self.tag_forms: dict[str, str] | None = None  # tag files by NFC name, where one
 
     def check_payload(self, manifests: list[_Manifest]) -> None:
         """Section 3: every payload file in every payload manifest (before 1.0: in one),
@@ -704,65 +732,65 @@ class _Checker:
         supported = [m.id for m in manifests if m.algorithm]
         if manifests and not supported:
             names = ", ".join(m.name for m in manifests)
-            self.report.unverifiable.append(
+            self.bag.report.unverifiable.append(
                 f"no manifest in a supported algorithm ({names}): no checksum could be checked"
             )
-        elif len(supported) < len(manifests) and not self.strict:
+        elif len(supported) < len(manifests) and not self.bag.strict:
             # Before 1.0 a file may be in one manifest only: it may be one we cannot check.
-            unchecked = sum(1 for _ in self.index.unlisted(supported))
+            unchecked = sum(1 for _ in self.bag.index.unlisted(supported))
             if unchecked:
-                self.report.unverifiable.append(
+                self.bag.report.unverifiable.append(
                     f"{unchecked} payload files are listed only in manifests in algorithms "
                     "not supported: their checksums could not be checked"
                 )
         unlisted: dict[str, list[str]] = {}
-        if self.strict:
+        if self.bag.strict:
             for manifest in manifests:
-                for path in self.index.unlisted([manifest.id]):
+                for path in self.bag.index.unlisted([manifest.id]):
                     unlisted.setdefault(path, []).append(manifest.name)
             for path, manifest_names in unlisted.items():
-                self.problem(path, f"not in {', '.join(manifest_names)}")
+                self.bag.problem(path, f"not in {', '.join(manifest_names)}")
         elif manifests:
-            for path in self.index.unlisted([m.id for m in manifests]):
-                self.problem(path, "not in any payload manifest")
+            for path in self.bag.index.unlisted([m.id for m in manifests]):
+                self.bag.problem(path, "not in any payload manifest")
         for manifest in manifests:
-            for path in self.index.fetched_not_listed(manifest.id):
-                self.problem(path, f"listed in fetch.txt but not in {manifest.name}")
+            for path in self.bag.index.fetched_not_listed(manifest.id):
+                self.bag.problem(path, f"listed in fetch.txt but not in {manifest.name}")
 
     def check_entries(self, manifest: _Manifest) -> None:
         """A manifest's payload lines against the payload: present, and the same digest."""
-        holes = {p for p, _ in self.holes}
-        for path, conflict in self.index.repeated(manifest.id):
+        holes = {p for p, _ in self.bag.holes}
+        for path, conflict in self.bag.index.repeated(manifest.id):
             if conflict:
-                self.problem(path, f"listed twice in {manifest.name} with different checksums")
+                self.bag.problem(path, f"listed twice in {manifest.name} with different checksums")
             else:
-                self.breach(path, f"listed twice in {manifest.name}")
-        for how, written, actual in self.index.renamed(manifest.id):
+                self.bag.breach(path, f"listed twice in {manifest.name}")
+        for how, written, actual in self.bag.index.renamed(manifest.id):
             if how == "form":
-                self.warn(
+                self.bag.warn(
                     f"{actual}: listed in {manifest.name} under another Unicode normalization"
                 )
             else:  # its '%25' is no encoding: "100%25" is the file's name (2.1.3)
-                self.breach(
+                self.bag.breach(
                     actual,
                     f"listed in {manifest.name} as {written!r}, with '%' not percent-encoded; "
                     "read as written",
                 )
-        for path, digest in self.index.unresolved(manifest.id):
-            if path in holes or path in self.contents.rejected:
+        for path, digest in self.bag.index.unresolved(manifest.id):
+            if path in holes or path in self.bag.contents.rejected:
                 continue
             why = self.excuse_absent(path, digest, manifest)
             if why is None:
-                self.problem(path, f"missing from payload (listed in {manifest.name})")
+                self.bag.problem(path, f"missing from payload (listed in {manifest.name})")
             else:
-                self.warn(f"{path}: {why} (listed in {manifest.name})")
+                self.bag.warn(f"{path}: {why} (listed in {manifest.name})")
         if manifest.algorithm is None:
             return
-        for path, expected, got in self.index.compared(manifest.id, manifest.algorithm.key):
+        for path, expected, got in self.bag.index.compared(manifest.id, manifest.algorithm.key):
             if got is None:
-                self.problem(path, f"not checked against {manifest.name}: it could not be read")
+                self.bag.problem(path, f"not checked against {manifest.name}: it could not be read")
             else:
-                self.problem(
+                self.bag.problem(
                     path, f"{manifest.spelled} mismatch: expected {expected.hex()}, got {got.hex()}"
                 )
 
@@ -770,14 +798,14 @@ class _Checker:
         """Why a listed file may be absent from another tool's bag, or None: it is
         missing. The manifest names it twice, and a file system that folds case or
         normalizes names kept one; or it is an operating system's file, dropped in a copy."""
-        if not self.policy.forgive_os:
+        if not self.bag.policy.forgive_os:
             return None
         form = unicodedata.normalize("NFC", path)
-        for other in self.index.names.alike(path):
-            found = self.index.lookup(other)
+        for other in self.bag.index.names.alike(path):
+            found = self.bag.index.lookup(other)
             if found is None or manifest.algorithm is None:
                 continue
-            if self.index.digest(found[0], manifest.algorithm.key) != expected:
+            if self.bag.index.digest(found[0], manifest.algorithm.key) != expected:
                 continue
             if unicodedata.normalize("NFC", other) == form:
                 return (
@@ -795,33 +823,33 @@ class _Checker:
         return None
 
     def check_oxum(self) -> None:
-        if self.oxum is None:
+        if self.bag.oxum is None:
             return
-        text, *declared = self.oxum
-        unknown = sum(n is None for _, n in self.holes)
+        text, *declared = self.bag.oxum
+        unknown = sum(n is None for _, n in self.bag.holes)
         if unknown:
-            self.warn(
-                f"{self.info_name}: Payload-Oxum {text} not checked: fetch.txt gives no "
+            self.bag.warn(
+                f"{self.bag.info_name}: Payload-Oxum {text} not checked: fetch.txt gives no "
                 f"length for {unknown} files not present"
             )
             return
         actual = [
-            self.report.bytes + sum(n or 0 for _, n in self.holes),
-            self.report.files + len(self.holes),
+            self.bag.report.bytes + sum(n or 0 for _, n in self.bag.holes),
+            self.bag.report.files + len(self.bag.holes),
         ]
         if declared == actual:
             return
         special = len(self.absent_special)
         if special and declared == [actual[0], actual[1] + special]:
             # Their sizes are unknown; the byte count must match without them.
-            self.warn(
-                f"{self.info_name}: Payload-Oxum {text} counts {special} special system "
+            self.bag.warn(
+                f"{self.bag.info_name}: Payload-Oxum {text} counts {special} special system "
                 "files that are not present"
             )
             return
-        where = " and fetch.txt" if self.holes else ""
-        self.problem(
-            self.info_name,
+        where = " and fetch.txt" if self.bag.holes else ""
+        self.bag.problem(
+            self.bag.info_name,
             f"Payload-Oxum {text} does not match the "
             f"payload{where}: {actual[0]} bytes in {actual[1]} files",
         )
@@ -832,7 +860,7 @@ class _Checker:
         entries = manifest.tag_entries
         for listed in payload:
             if listed.name not in entries:
-                self.breach(
+                self.bag.breach(
                     manifest.name,
                     f"does not list {listed.name}; a tag manifest must list every payload manifest",
                 )
@@ -840,31 +868,33 @@ class _Checker:
         for listed_as, expected in entries.items():
             path = self.tag_file(listed_as)
             if path is None:
-                if listed_as not in self.contents.rejected | self.missing:
-                    self.problem(listed_as, f"missing (listed in {manifest.name})")
+                if listed_as not in self.bag.contents.rejected | self.bag.missing:
+                    self.bag.problem(listed_as, f"missing (listed in {manifest.name})")
                 continue
             found.add(path)
             if path != listed_as:
-                self.warn(f"{path}: listed in {manifest.name} under another Unicode normalization")
+                self.bag.warn(
+                    f"{path}: listed in {manifest.name} under another Unicode normalization"
+                )
             if manifest.algorithm is None:
                 continue
-            got = self.tag_digest(path, manifest.algorithm)
+            got = self.bag.tag_digest(path, manifest.algorithm)
             if got is not None and got != expected:
-                self.problem(
+                self.bag.problem(
                     path,
                     f"{manifest.spelled} mismatch: expected {expected.hex()}, "
                     f"got {got.hex()} (per {manifest.name})",
                 )
-        if self.strict:
+        if self.bag.strict:
             left_out = [
                 n
-                for n in sorted(self.tags)
+                for n in sorted(self.bag.tags)
                 if n not in found
                 and not (MANIFEST_NAME.fullmatch(n) and n.startswith("tag"))
                 and n not in (SIGNATURE, TIMESTAMP)  # made after it, over it
             ]
             if left_out:
-                self.warn(
+                self.bag.warn(
                     f"{manifest.name} does not list {', '.join(left_out)}; a tag manifest "
                     "should list every tag file"
                 )
@@ -873,11 +903,11 @@ class _Checker:
         """The tag file a tag manifest's line names: by its name, else by Unicode
         normalization (macOS stores names decomposed; RFC 8493 section 6.1.1 asks for
         this tolerance) where that names one file."""
-        if listed in self.tags:
+        if listed in self.bag.tags:
             return listed
         if self.tag_forms is None:
             forms: dict[str, list[str]] = {}
-            for name in self.tags:
+            for name in self.bag.tags:
                 forms.setdefault(unicodedata.normalize("NFC", name), []).append(name)
             self.tag_forms = {form: names[0] for form, names in forms.items() if len(names) == 1}
         return self.tag_forms.get(unicodedata.normalize("NFC", listed))
@@ -885,65 +915,75 @@ class _Checker:
     def check_names(self) -> None:
         """Names that would collide on extraction; in another tool's bag, the files an
         operating system leaves in a folder."""
-        for group in self.index.names.groups():
-            self.warn(collision_warning(group))
-        if self.policy.forgive_os:
-            for path in self.index.paths():
+        for group in self.bag.index.names.groups():
+            self.bag.warn(collision_warning(group))
+        if self.bag.policy.forgive_os:
+            for path in self.bag.index.paths():
                 if _is_special(path):
-                    self.warn(
+                    self.bag.warn(
                         f"{path}: special system file in the payload (left by an operating "
                         "system, not usually content)"
                     )
 
-    # -- what makes it an archived archive -------------------------------------------------
+
+class _Ours:
+    """What makes it an archive of ours: its payload manifest, bag-info with
+    Payload-Oxum, nothing to fetch, the tag manifest, the event log, the signature and
+    the time-stamp token."""
+
+    def __init__(
+        self, bag: _Bag, keys: list[PublicKey], tsa_ca: list[x509.Certificate] | None
+    ) -> None:
+        self.bag, self.keys, self.tsa_ca = bag, keys, tsa_ca
 
     def check_archived(self, tagmanifests: list[_Manifest]) -> None:
         """What an archive of ours has beyond BagIt: its payload manifest, bag-info with
         Payload-Oxum, nothing to fetch, a tag manifest over its tag files and event log,
         signed, and the time-stamp token bag-info announces."""
-        self.present(MANIFEST, required=True)
-        if self.present(self.info_name, required=True) and "payload-oxum" not in self.info:
-            self.problem(self.info_name, "has no Payload-Oxum")
-        if "fetch.txt" in self.tags:
-            self.problem(
+        bag = self.bag
+        bag.present(MANIFEST, required=True)
+        if bag.present(bag.info_name, required=True) and "payload-oxum" not in bag.info:
+            bag.problem(bag.info_name, "has no Payload-Oxum")
+        if "fetch.txt" in self.bag.tags:
+            self.bag.problem(
                 "fetch.txt", "the bag lists files to fetch; only complete bags can be verified"
             )
         signed = next((m for m in tagmanifests if m.name == TAGMANIFEST), None)
         if signed is None:
-            self.present(TAGMANIFEST, required=True)
+            self.bag.present(TAGMANIFEST, required=True)
         else:
             for name in TAG_FILES:
                 if name not in signed.tag_entries:
-                    self.problem(
+                    self.bag.problem(
                         name, f"not covered by {TAGMANIFEST}, so not protected by the signature"
                     )
-            for name in sorted(self.tags):
+            for name in sorted(self.bag.tags):
                 if name not in signed.tag_entries and name not in (
                     *TAG_FILES,
                     TAGMANIFEST,
                     SIGNATURE,
                     TIMESTAMP,
                 ):
-                    self.warn(
+                    self.bag.warn(
                         f"{name}: not covered by {TAGMANIFEST}, so not protected by the signature"
                     )
         self.check_events()
-        message = self.content(TAGMANIFEST, required=False) if signed else None
+        message = self.bag.content(TAGMANIFEST, required=False) if signed else None
         self.check_signature(message)
-        if TIMESTAMP in self.tags:
+        if TIMESTAMP in self.bag.tags:
             if message is not None:
                 self.check_timestamp(message)
-        elif self.announced_timestamp() and TIMESTAMP not in self.contents.rejected:
-            self.problem(
+        elif self.bag.announced_timestamp() and TIMESTAMP not in self.bag.contents.rejected:
+            self.bag.problem(
                 TIMESTAMP,
                 f"missing, though bag-info.txt says the archive was time-stamped "
                 f"({TIMESTAMP_LABEL}: rfc3161)",
             )
 
     def check_events(self) -> None:
-        if not self.present(EVENTS, required=True):
+        if not self.bag.present(EVENTS, required=True):
             return
-        for number, line in self.lines(EVENTS, limit=TAG_FILE_LIMIT):
+        for number, line in self.bag.lines(EVENTS, limit=TAG_FILE_LIMIT):
             if not line.strip():
                 continue
             try:
@@ -951,24 +991,24 @@ class _Checker:
             except (ValueError, RecursionError):
                 event = None
             if not isinstance(event, dict):
-                self.problem(EVENTS, f"line {number} is not a JSON object")
+                self.bag.problem(EVENTS, f"line {number} is not a JSON object")
 
     def check_signature(self, message: bytes | None) -> None:
-        data = self.content(SIGNATURE, required=False)
+        data = self.bag.content(SIGNATURE, required=False)
         if data is None:
-            if SIGNATURE not in self.tags and SIGNATURE not in self.contents.rejected:
-                self.problem(SIGNATURE, "missing: the archive is not signed")
+            if SIGNATURE not in self.bag.tags and SIGNATURE not in self.bag.contents.rejected:
+                self.bag.problem(SIGNATURE, "missing: the archive is not signed")
             return
         if not self.keys:
-            self.problem(SIGNATURE, "no public key to check the signature against")
+            self.bag.problem(SIGNATURE, "no public key to check the signature against")
             return
         if message is None:
-            self.problem(SIGNATURE, f"cannot be checked without {TAGMANIFEST}")
+            self.bag.problem(SIGNATURE, f"cannot be checked without {TAGMANIFEST}")
             return
         try:
             signature = data.decode("utf-8")
         except UnicodeDecodeError:
-            self.problem(
+            self.bag.problem(
                 SIGNATURE, "signature does not verify: not a minisign signature (not UTF-8)"
             )
             return
@@ -979,22 +1019,23 @@ class _Checker:
             except MinisignError as exc:
                 errors.append(str(exc))
             else:
-                self.report.signed_by = key.key_id_hex
+                self.bag.report.signed_by = key.key_id_hex
                 return
-        self.problem(SIGNATURE, "signature does not verify: " + "; ".join(dict.fromkeys(errors)))
+        errors = list(dict.fromkeys(errors))
+        self.bag.problem(SIGNATURE, "signature does not verify: " + "; ".join(errors))
 
     def check_timestamp(self, message: bytes) -> None:
-        data = self.content(TIMESTAMP, required=False)
+        data = self.bag.content(TIMESTAMP, required=False)
         if data is None:
             return
         try:
             token = check_token(data, message, ca=self.tsa_ca)
         except TimestampRefused as exc:
-            self.problem(TIMESTAMP, f"time-stamp token does not verify: {exc}")
+            self.bag.problem(TIMESTAMP, f"time-stamp token does not verify: {exc}")
             return
-        self.report.timestamp = token.gen_time.isoformat().replace("+00:00", "Z")
+        self.bag.report.timestamp = token.gen_time.isoformat().replace("+00:00", "Z")
         if self.tsa_ca is None:
-            self.warn(
+            self.bag.warn(
                 f"{TIMESTAMP}: covers {TAGMANIFEST}, but no time-stamping CA was given "
                 "(--tsa-ca or signing.tsa_ca), so the authority's signature is not checked"
             )

@@ -1,0 +1,103 @@
+"""Intake in-process: job files in the spool into job rows on a real queue, or into
+corrupt/ with the reason; and a schedule's job, which wakes the poll loop."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import pytest
+from jobrows import write_config
+from structlog.testing import capture_logs
+
+from archived.config import Config
+from archived.intake import Intake, Pinned
+from archived.jobfile import parse_job
+from archived.keys import KeyRing
+from archived.phase import Services
+from archived.spool import Spool
+from archived.states import State
+from archived.store import ScheduleRun, open_store
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return write_config(tmp_path)
+
+
+@pytest.fixture
+def woken() -> list[int]:
+    """Each time intake woke the poll loop."""
+    return []
+
+
+@pytest.fixture
+async def intake(config: Config, woken: list[int]) -> AsyncIterator[Intake]:
+    store = await open_store(config)
+    assert store is not None
+    svc = Services(
+        store=store,
+        state_dir=config.daemon.state_dir,
+        keys=KeyRing(),
+        activity_slots=anyio.CapacityLimiter(1),
+        storage_slots=anyio.CapacityLimiter(1),
+        hash_threads=anyio.CapacityLimiter(1),
+    )
+    spool = Spool(config.daemon.spool_dir)
+    spool.create()
+    pinned = Pinned.of(config)
+    try:
+        yield Intake(spool, svc, lambda: pinned, lambda: woken.append(1))
+    finally:
+        await store.close()
+
+
+def job_file(config: Config, name: str = "nightly") -> bytes:
+    source = str(config.sources.allowed_roots[0])
+    activity = {"name": "a", "driver": "files", "path": source}
+    return json.dumps({"name": name, "activities": [activity]}).encode()
+
+
+async def test_a_job_file_becomes_a_queued_job(intake: Intake, config: Config) -> None:
+    job_id = intake.spool.submit(job_file(config), ".json")
+    with capture_logs() as events:
+        await intake.ingest()
+    job = await intake.svc.store.job(job_id)
+    assert job is not None and job.state == State.QUEUED and job.name == "nightly"
+    pinned = Pinned.of(config)
+    assert (job.config, job.config_digest) == (pinned.snapshot, pinned.digest)
+    tasks = sorted((t.kind, t.name) for t in await intake.svc.store.tasks(job_id))
+    assert tasks == [("activity", "a"), ("storage", "primary")]
+    assert await intake.spool.pending() == []
+    assert [e["event"] for e in events] == ["job queued"]
+
+
+async def test_a_bad_job_file_goes_to_corrupt_with_the_reason(
+    intake: Intake, config: Config
+) -> None:
+    job_id = intake.spool.submit(b'{"name": "x", "activities": []', ".json")
+    with capture_logs() as events:
+        await intake.ingest()
+    assert await intake.svc.store.job(job_id) is None
+    (reason,) = (config.daemon.spool_dir / "corrupt").glob(f"{job_id}.*.reason")
+    assert reason.read_text()
+    (event,) = events
+    assert event["event"] == "job file rejected" and event["log_level"] == "error"
+
+
+async def test_a_schedules_job_wakes_the_poll_loop(
+    intake: Intake, config: Config, woken: list[int]
+) -> None:
+    spec = parse_job(job_file(config, "from-cron"), "from-cron.json", config)
+    slot = datetime(2026, 1, 1, tzinfo=UTC)
+    run = ScheduleRun(schedule="nightly", slot=slot, result="created", job_id="s1", detail="")
+    assert await intake.create_scheduled(spec, "s1", "0" * 64, run)
+    job = await intake.svc.store.job("s1")
+    assert job is not None and job.state == State.QUEUED
+    assert woken == [1]
+    # the slot is taken: a second daemon's try inserts nothing
+    assert not await intake.create_scheduled(spec, "s2", "0" * 64, run)
+    assert await intake.svc.store.job("s2") is None
