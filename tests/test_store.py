@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from archived.states import State
-from archived.store import Job, NewJob, Store, utcnow
+from archived.store import Job, NewJob, Store, now_iso, peeked, utcnow
 from archived.store_sql import load_queries, migrations
 from archived.store_sqlite import SqliteConnector, SqliteStore
 
@@ -354,3 +354,12 @@ async def test_each_migration_keeps_every_row_written_before_it(tmp_path: Path) 
         assert all(len(t) == 27 and t.endswith("Z") for row in raw for t in row if t)
     finally:
         await store.close()
+
+
+def test_a_peek_that_sees_tasks_of_a_job_it_did_not_see_leaves_them_out() -> None:
+    """A state reader reads jobs, then tasks, in two statements: a job inserted between
+    the two has tasks but no row yet. `submit --wait` (and the tests' `wait_state`)
+    must not fail on it; the next peek sees both."""
+    task = {"job_id": "new", "kind": "activity", "name": "a", "state": "created"}
+    task |= {"attempts": 0, "error": None, "result": None, "updated_at": now_iso()}
+    assert peeked([], [task]) == {}
