@@ -38,6 +38,7 @@ import structlog
 from archived import config as configmod
 from archived.daemon import Daemon as InProcessDaemon
 from archived.spool import Spool
+from archived.states import State
 from archived.store import StateReader, StoreUnavailable, open_state_reader, open_store
 
 MINISIGN = "minisign"
@@ -254,8 +255,10 @@ class Root:
 
     # -- from outside ------------------------------------------------------------------
 
-    def show(self, job_id: str) -> dict[str, Any]:
-        return anyio.run(self.details, job_id)
+    def show(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
+        """The job as `archived show --json` prints it, once the daemon has taken it
+        from the spool (a test asks right after submitting it)."""
+        return self.wait_state(job_id, *State, timeout=timeout)
 
     def wait_state(self, job_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
         """Polls the queue read-only (SQLite `mode=ro`; one PostgreSQL connection) until
@@ -265,7 +268,7 @@ class Root:
         def reached() -> dict[str, Any] | None:
             if not in_state(reader, job_id, states):
                 return None
-            job = self.show(job_id)
+            job = anyio.run(self.details, job_id)
             return job if job["state"] in states else None  # it may have moved on
 
         try:
