@@ -223,12 +223,16 @@ class Root:
             raise AssertionError(f"no job {job_id!r}")
         return json.loads(json.dumps(found))  # type: ignore[no-any-return]
 
-    async def command(self, *args: str) -> int:
-        """`archived ARGS --config ...` through the CLI's `main` in a worker thread (it
-        runs an event loop of its own); its exit code, its output to `capsys`."""
+    def main(self, *args: str) -> int:
+        """`archived ARGS --config ...` through the CLI's `main`, in this process: its
+        exit code; its output goes to `capsys`."""
         from archived.cli import main
 
-        return await anyio.to_thread.run_sync(main, [*args, "--config", str(self.config)])
+        return main([*args, "--config", str(self.config)])
+
+    async def command(self, *args: str) -> int:
+        """`main` from async code: in a worker thread (it runs an event loop of its own)."""
+        return await anyio.to_thread.run_sync(self.main, *args)
 
     async def wait_for(self, job_id: str, *states: str, timeout: float = 30) -> dict[str, Any]:
         """The job, once in one of `states`: while `run_until_idle` runs in a task group.
