@@ -39,7 +39,8 @@ from archived import loader
 from archived.config import Config
 from archived.daemon import Daemon as InProcessDaemon
 from archived.spool import Spool
-from archived.store import StoreUnavailable
+from archived.states import State
+from archived.store import StateReader, StoreUnavailable
 from archived.store_open import open_state_reader, open_store
 
 MINISIGN = "minisign"
@@ -224,6 +225,30 @@ class Root:
             raise AssertionError(f"no job {job_id!r}")
         return json.loads(json.dumps(found))  # type: ignore[no-any-return]
 
+    def main(self, *args: str) -> int:
+        """`archived ARGS --config ...` through the CLI's `main`, in this process: its
+        exit code; its output goes to `capsys`."""
+        from archived.cli import main
+
+        return main([*args, "--config", str(self.config)])
+
+    async def command(self, *args: str) -> int:
+        """`main` from async code: in a worker thread (it runs an event loop of its own)."""
+        return await anyio.to_thread.run_sync(self.main, *args)
+
+    async def wait_for(self, job_id: str, *states: str, timeout: float = 30) -> dict[str, Any]:
+        """The job, once in one of `states`: while `run_until_idle` runs in a task group.
+        Polled read-only, as `wait_state` does (opening the store would race the
+        daemon's first migration)."""
+        reader = open_state_reader(self.load_config())
+        try:
+            with anyio.fail_after(timeout):
+                while not in_state(reader, job_id, states):  # quick, read-only
+                    await anyio.sleep(0.02)  # polling interval, not synchronisation
+        finally:
+            reader.close()
+        return await self.details(job_id)
+
     async def jobs(self) -> list[dict[str, Any]]:
         """The jobs as `archived jobs --json` lists them."""
         store = await open_store(self.load_config(), create=False)
@@ -236,8 +261,10 @@ class Root:
 
     # -- from outside ------------------------------------------------------------------
 
-    def show(self, job_id: str) -> dict[str, Any]:
-        return anyio.run(self.details, job_id)
+    def show(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
+        """The job as `archived show --json` prints it, once the daemon has taken it
+        from the spool (a test asks right after submitting it)."""
+        return self.wait_state(job_id, *State, timeout=timeout)
 
     def wait_state(self, job_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
         """Polls the queue read-only (SQLite `mode=ro`; one PostgreSQL connection) until
@@ -245,13 +272,9 @@ class Root:
         reader = open_state_reader(self.load_config())
 
         def reached() -> dict[str, Any] | None:
-            try:
-                found = reader.peek([job_id]).get(job_id)
-            except StoreUnavailable:
+            if not in_state(reader, job_id, states):
                 return None
-            if found is None or found[0].state not in states:
-                return None
-            job = self.show(job_id)
+            job = anyio.run(self.details, job_id)
             return job if job["state"] in states else None  # it may have moved on
 
         try:
@@ -268,6 +291,14 @@ class Root:
 
     def all_target_files(self) -> list[Path]:
         return sorted(p for t in self.targets.values() for p in t.rglob("*") if p.is_file())
+
+
+def in_state(reader: StateReader, job_id: str, states: tuple[str, ...]) -> bool:
+    try:
+        found = reader.peek([job_id]).get(job_id)
+    except StoreUnavailable:
+        return False
+    return found is not None and found[0].state in states
 
 
 class Daemon:
@@ -411,6 +442,36 @@ def _structlog_defaults() -> Iterator[None]:
     loggers cached by that config would escape `capture_logs` in the next test."""
     yield
     structlog.reset_defaults()
+
+
+class Failpoints:
+    """ARCHIVED_FAILPOINTS for the daemon in this process; and `at(name, fn)`: call `fn`
+    once when the job reaches that failpoint (what a test does to staging meanwhile)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from archived import failpoints
+
+        self._module, self._monkeypatch = failpoints, monkeypatch
+        self._calls: dict[str, Callable[[], Any]] = {}
+        reach = failpoints.reach
+
+        async def reach_and_call(name: str) -> None:
+            if (fn := self._calls.pop(name, None)) is not None:
+                await anyio.to_thread.run_sync(fn)
+            await reach(name)
+
+        monkeypatch.setattr(failpoints, "reach", reach_and_call)
+
+    def set(self, spec: str) -> None:
+        self._monkeypatch.setattr(self._module, "_points", self._module.parse(spec))
+
+    def at(self, name: str, fn: Callable[[], Any]) -> None:
+        self._calls[name] = fn
+
+
+@pytest.fixture
+def failpoints(monkeypatch: pytest.MonkeyPatch) -> Failpoints:
+    return Failpoints(monkeypatch)
 
 
 # -- a fake activity driver, registered through an entry point as a plugin's is ---------

@@ -1,4 +1,5 @@
-"""Activity driver `command` through the real daemon, with real programs."""
+"""Activity driver `command` with real programs, through the daemon in process; and a
+real pg_dump (slow)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Root
-
-pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
 # a sleep no other process on the machine runs: the orphan check below looks for exactly it
 HANG = f"60.{os.getpid()}"
@@ -35,7 +35,7 @@ def member_bytes(archive: Path, suffix: str) -> bytes:
 
 
 @pytest.fixture
-def commands(root: Root) -> Root:
+def commands(root: Root, monkeypatch: pytest.MonkeyPatch) -> Root:
     flag = root.path / "flaky.flag"
     root.write_config(
         retry={"max_attempts": 2, "backoff": "50ms", "backoff_max": "100ms"},
@@ -65,62 +65,66 @@ def commands(root: Root) -> Root:
             "env": {"GREETING": "hello"},
         },
     )
-    root.start(env={"SECRET": "from-the-daemons-environment"})
+    monkeypatch.setenv("SECRET", "from-the-daemons-environment")
     return root
 
 
-def test_stdout_becomes_the_artifact_and_stderr_the_event_log(commands: Root) -> None:
-    (job_id,) = commands.submit(command_job(commands, "dumped", "dump", output="grades.txt"))
-    job = commands.wait_state(job_id, "completed", "failed")
+async def run_job(root: Root, job: Path) -> dict[str, Any]:
+    """The job through the daemon (in process), as `show` has it then."""
+    (job_id,) = root.drop(job)
+    await root.run_until_idle()
+    return await root.details(job_id)
+
+
+async def test_stdout_becomes_the_artifact_and_stderr_the_event_log(commands: Root) -> None:
+    job = await run_job(commands, command_job(commands, "dumped", "dump", output="grades.txt"))
     assert job["state"] == "completed", job
     archive = commands.archives("primary")[0]
     assert member_bytes(archive, "/data/dump/grades.txt") == b"row1\nrow2\n"
     events = member_bytes(archive, "/archived-events.jsonl").decode()
     assert "stderr" in events and "note" in events
-    assert commands.cli("verify", "--key", str(commands.public_key), str(archive)).returncode == 0
+    assert await commands.command("verify", "--key", str(commands.public_key), str(archive)) == 0
 
 
-def test_allowed_args_are_passed_and_others_refused(commands: Root) -> None:
-    (job_id,) = commands.submit(command_job(commands, "withargs", "args", args=["--table=exams"]))
-    assert commands.wait_state(job_id, "completed")["state"] == "completed"
+async def test_allowed_args_are_passed_and_others_refused(
+    commands: Root, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = await run_job(commands, command_job(commands, "withargs", "args", args=["--table=exams"]))
+    assert job["state"] == "completed", job
     archive = commands.archives("primary")[0]
     assert member_bytes(archive, "/data/dump/args.out") == b"--table=exams\n"
-    refused = commands.cli(
-        "submit", str(command_job(commands, "evil", "args", args=["; rm -rf /"]))
-    )
-    assert refused.returncode == 2
-    assert "is not allowed for command 'args'" in refused.stderr
-    unknown = commands.cli("submit", str(command_job(commands, "nope", "rm")))
-    assert unknown.returncode == 2 and "unknown command 'rm'" in unknown.stderr
+    capsys.readouterr()
+    evil = command_job(commands, "evil", "args", args=["; rm -rf /"])
+    assert await commands.command("submit", str(evil)) == 2
+    assert "is not allowed for command 'args'" in capsys.readouterr().err
+    assert await commands.command("submit", str(command_job(commands, "nope", "rm"))) == 2
+    assert "unknown command 'rm'" in capsys.readouterr().err
 
 
-def test_a_clean_environment_plus_the_configured_env(commands: Root) -> None:
-    (job_id,) = commands.submit(command_job(commands, "env", "env"))
-    commands.wait_state(job_id, "completed")
+async def test_a_clean_environment_plus_the_configured_env(commands: Root) -> None:
+    job = await run_job(commands, command_job(commands, "env", "env"))
+    assert job["state"] == "completed", job
     out = member_bytes(commands.archives("primary")[0], "/data/dump/env.out")
     assert out == b"hello unset\n"  # the daemon's own SECRET does not leak in
 
 
-def test_a_failing_command_fails_the_job_with_its_message(commands: Root) -> None:
-    (job_id,) = commands.submit(command_job(commands, "failing", "fail"))
-    job = commands.wait_state(job_id, "failed", "completed")
+async def test_a_failing_command_fails_the_job_with_its_message(commands: Root) -> None:
+    job = await run_job(commands, command_job(commands, "failing", "fail"))
     assert job["state"] == "failed"
     assert "exited with 3: FATAL: no such database" in job["error"]
     assert [h["state"] for h in job["history"]].count("recoverable_error") == 0
     assert commands.all_target_files() == []
 
 
-def test_a_transient_exit_code_is_retried(commands: Root) -> None:
-    (job_id,) = commands.submit(command_job(commands, "flaky", "flaky"))
-    job = commands.wait_state(job_id, "completed", "failed")
+async def test_a_transient_exit_code_is_retried(commands: Root) -> None:
+    job = await run_job(commands, command_job(commands, "flaky", "flaky"))
     assert job["state"] == "completed", job
     assert [h["state"] for h in job["history"]].count("recoverable_error") == 1
     assert member_bytes(commands.archives("primary")[0], "/data/dump/flaky.out") == b"fine\n"
 
 
-def test_a_hanging_command_is_killed_at_its_timeout(commands: Root) -> None:
-    (job_id,) = commands.submit(command_job(commands, "hanging", "hang"))
-    job = commands.wait_state(job_id, "failed", "completed", timeout=60)
+async def test_a_hanging_command_is_killed_at_its_timeout(commands: Root) -> None:
+    job = await run_job(commands, command_job(commands, "hanging", "hang"))
     assert job["state"] == "failed"
     assert "timed out after 1s" in job["error"]
     assert [h["state"] for h in job["history"]].count("recoverable_error") == 1
@@ -128,16 +132,14 @@ def test_a_hanging_command_is_killed_at_its_timeout(commands: Root) -> None:
     assert orphans.stdout.strip() == ""
 
 
-def test_a_command_that_prints_nothing_is_an_error(commands: Root) -> None:
-    (job_id,) = commands.submit(command_job(commands, "silent", "silent"))
-    job = commands.wait_state(job_id, "failed", "completed")
+async def test_a_command_that_prints_nothing_is_an_error(commands: Root) -> None:
+    job = await run_job(commands, command_job(commands, "silent", "silent"))
     assert job["state"] == "failed"
     assert "printed nothing" in job["error"]
 
 
-def test_large_output_is_streamed_and_hashed(commands: Root) -> None:
-    (job_id,) = commands.submit(command_job(commands, "big", "big", output="random.bin"))
-    job = commands.wait_state(job_id, "completed", "failed", timeout=120)
+async def test_large_output_is_streamed_and_hashed(commands: Root) -> None:
+    job = await run_job(commands, command_job(commands, "big", "big", output="random.bin"))
     assert job["state"] == "completed", job
     archive = commands.archives("primary")[0]
     data = member_bytes(archive, "/data/dump/random.bin")
@@ -220,6 +222,7 @@ def postgres() -> Iterator[tuple[str, int]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_pg_dump_of_a_real_database(root: Root, postgres: tuple[str, int]) -> None:
     sock, port = postgres
     root.write_config(

@@ -1,5 +1,5 @@
-"""The error paths of the state machine through the real daemon: failpoints, kill -9, retries,
-cancel."""
+"""The state machine's error paths: failpoints, retries, cancel, timeouts (in process);
+kill -9, SIGTERM, a busy database and a full file system (the daemon as a process, `slow`)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
-from conftest import Root, both_backends, remount, wait_until
+from conftest import Failpoints, Root, both_backends, remount, wait_until
+from structlog.testing import capture_logs
 
 from archived.failpoints import NAMES
-
-pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
 FAIL_PATH = ["error", "failure", "error_handling", "cleanup", "failed"]
 
@@ -31,11 +31,25 @@ def assert_one_verified_copy_per_target(root: Root, job_id: str) -> None:
         assert len(archives) == 1, (name, archives)
         result = root.cli("verify", "--key", str(root.public_key), str(archives[0]))
         assert result.returncode == 0, result.stdout + result.stderr
+    assert_copies_in_place(root, job)
+
+
+async def assert_one_verified_copy_per_target_in_process(root: Root, job_id: str) -> None:
+    job = await root.details(job_id)
+    assert job["state"] == "completed", job
+    for name in root.targets:
+        (archive,) = root.archives(name)
+        assert await root.command("verify", "--key", str(root.public_key), str(archive)) == 0
+    assert_copies_in_place(root, job)
+
+
+def assert_copies_in_place(root: Root, job: dict) -> None:
     assert root.all_target_files() == sorted(p for n in root.targets for p in root.archives(n))
     assert root.staging_leftovers() == []
     assert sorted(c["target"] for c in job["copies"]) == sorted(root.targets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", sorted(NAMES))
 def test_kill_at_every_failpoint_then_resume(root: Root, point: str) -> None:
     daemon = root.start(env={"ARCHIVED_FAILPOINTS": f"{point}=kill"})
@@ -52,10 +66,13 @@ def test_kill_at_every_failpoint_then_resume(root: Root, point: str) -> None:
 
 
 @both_backends
-def test_transient_store_errors_are_retried_without_redoing_activities(root: Root) -> None:
-    root.start(env={"ARCHIVED_FAILPOINTS": "store=transient:2"})
-    (job_id,) = root.submit(root.job_file("flaky"))
-    job = root.wait_state(job_id, "completed", "failed")
+async def test_transient_store_errors_are_retried_without_redoing_activities(
+    root: Root, failpoints: Failpoints
+) -> None:
+    failpoints.set("store=transient:2")
+    (job_id,) = root.drop(root.job_file("flaky"))
+    await root.run_until_idle()
+    job = await root.details(job_id)
     assert job["state"] == "completed", job
     assert states(job).count("recoverable_error") == 2
     assert states(job).count("activity_archiving") == 1
@@ -63,15 +80,18 @@ def test_transient_store_errors_are_retried_without_redoing_activities(root: Roo
     activity = next(t for t in job["tasks"] if t["kind"] == "activity")
     assert activity["attempts"] == 1
     assert job["error"] is None
-    assert_one_verified_copy_per_target(root, job_id)
+    await assert_one_verified_copy_per_target_in_process(root, job_id)
 
 
-def test_a_fatal_error_fails_the_job_runs_the_hook_and_leaves_nothing(root: Root) -> None:
+async def test_a_fatal_error_fails_the_job_runs_the_hook_and_leaves_nothing(
+    root: Root, failpoints: Failpoints
+) -> None:
     hook_out = root.path / "hook.env"
     root.write_config(hooks={"on_failure": ["/bin/sh", "-c", f"env > {hook_out}"]})
-    root.start(env={"ARCHIVED_FAILPOINTS": "sign=error"})
-    (job_id,) = root.submit(root.job_file("doomed"))
-    job = root.wait_state(job_id, "failed", "completed")
+    failpoints.set("sign=error")
+    (job_id,) = root.drop(root.job_file("doomed"))
+    await root.run_until_idle()
+    job = await root.details(job_id)
     assert states(job)[-5:] == FAIL_PATH
     assert states(job).count("recoverable_error") == 0
     assert "post_processing" in job["error"] and "injected error" in job["error"]
@@ -89,24 +109,28 @@ def test_a_fatal_error_fails_the_job_runs_the_hook_and_leaves_nothing(root: Root
     assert job["copies"] == []
 
 
-def test_a_failing_hook_is_logged_and_does_not_loop(root: Root) -> None:
+async def test_a_failing_hook_is_logged_and_does_not_loop(
+    root: Root, failpoints: Failpoints
+) -> None:
     root.write_config(hooks={"on_failure": ["/bin/sh", "-c", "echo broken >&2; exit 3"]})
-    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "check_integrity=error"})
-    (job_id,) = root.submit(root.job_file("hookfail"))
-    job = root.wait_state(job_id, "failed")
+    failpoints.set("check_integrity=error")
+    (job_id,) = root.drop(root.job_file("hookfail"))
+    with capture_logs() as logs:
+        await root.run_until_idle()
+    job = await root.details(job_id)
+    assert job["state"] == "failed"
     assert states(job).count("error_handling") == 1
     reason = next(h["reason"] for h in job["history"] if h["state"] == "cleanup")
     assert "exit 3" in reason and "broken" in reason
-    assert any(
-        e.get("event") == "failure hook ran" and e.get("level") == "error" for e in daemon.events()
-    )
+    assert any(e["event"] == "failure hook ran" and e["log_level"] == "error" for e in logs)
 
 
-def test_retries_are_bounded_by_max_attempts(root: Root) -> None:
+async def test_retries_are_bounded_by_max_attempts(root: Root, failpoints: Failpoints) -> None:
     root.write_config(retry={"max_attempts": 3, "backoff": "50ms", "backoff_max": "100ms"})
-    root.start(env={"ARCHIVED_FAILPOINTS": "store=transient:100"})
-    (job_id,) = root.submit(root.job_file("hopeless"))
-    job = root.wait_state(job_id, "failed", "completed")
+    failpoints.set("store=transient:100")
+    (job_id,) = root.drop(root.job_file("hopeless"))
+    await root.run_until_idle()
+    job = await root.details(job_id)
     assert job["state"] == "failed"
     assert states(job).count("store") == 3
     assert states(job).count("recoverable_error") == 2
@@ -115,33 +139,35 @@ def test_retries_are_bounded_by_max_attempts(root: Root) -> None:
 
 
 @both_backends
-def test_a_missing_source_is_fatal_and_retry_runs_it_again(root: Root) -> None:
-    root.start()
-    (job_id,) = root.submit(
+async def test_a_missing_source_is_fatal_and_retry_runs_it_again(root: Root) -> None:
+    (job_id,) = root.drop(
         root.job_file(
             "later",
             activities=[{"name": "x", "driver": "files", "path": str(root.sources / "not-yet")}],
         )
     )
-    job = root.wait_state(job_id, "failed", "completed")
+    await root.run_until_idle()
+    job = await root.details(job_id)
     assert job["state"] == "failed"
     assert "does not exist" in job["error"]
     assert states(job).count("recoverable_error") == 0
     (root.sources / "not-yet").mkdir()
     (root.sources / "not-yet" / "f.txt").write_text("now here\n")
-    result = root.cli("retry", job_id)
-    assert result.returncode == 0, result.stderr
-    job = root.wait_state(job_id, "completed", timeout=60)
+    assert await root.command("retry", job_id) == 0
+    await root.run_until_idle()
+    job = await root.details(job_id)
+    assert job["state"] == "completed", job
     assert states(job).count("queued") == 2
-    assert_one_verified_copy_per_target(root, job_id)
-    assert root.cli("retry", job_id).returncode == 1  # completed jobs are not retried
+    await assert_one_verified_copy_per_target_in_process(root, job_id)
+    assert await root.command("retry", job_id) == 1  # completed jobs are not retried
 
 
-def test_job_timeout_fails_the_job_and_cleans_up(root: Root) -> None:
+async def test_job_timeout_fails_the_job_and_cleans_up(root: Root, failpoints: Failpoints) -> None:
     root.write_config(daemon={"job_timeout": "1s"})
-    root.start(env={"ARCHIVED_FAILPOINTS": "activity_archiving=delay:60"})
-    (job_id,) = root.submit(root.job_file("slow"))
-    job = root.wait_state(job_id, "failed", "completed", timeout=30)
+    failpoints.set("activity_archiving=delay:60")
+    (job_id,) = root.drop(root.job_file("slow"))
+    await root.run_until_idle()
+    job = await root.details(job_id)
     assert job["state"] == "failed"
     assert job["error"].startswith("timeout")
     failure = next(h for h in job["history"] if h["state"] == "failure")
@@ -150,27 +176,29 @@ def test_job_timeout_fails_the_job_and_cleans_up(root: Root) -> None:
 
 
 @both_backends
-def test_cancel_a_running_job(root: Root) -> None:
-    root.start(env={"ARCHIVED_FAILPOINTS": "activity_archiving=delay:60"})
-    (job_id,) = root.submit(root.job_file("stopme"))
-    root.wait_state(job_id, "activity_archiving")
-    result = root.cli("cancel", job_id)
-    assert result.returncode == 0, result.stderr
-    job = root.wait_state(job_id, "failed", "completed", timeout=30)
+async def test_cancel_a_running_job(root: Root, failpoints: Failpoints) -> None:
+    failpoints.set("activity_archiving=delay:60")
+    (job_id,) = root.drop(root.job_file("stopme"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(root.run_until_idle)
+        await root.wait_for(job_id, "activity_archiving")
+        assert await root.command("cancel", job_id) == 0
+    job = await root.details(job_id)
     assert job["state"] == "failed"
     failure = next(h for h in job["history"] if h["state"] == "failure")
     assert failure["reason"] == "canceled"
     assert "canceled" in job["error"]
-    assert root.cli("cancel", job_id).returncode == 1  # already final
+    assert await root.command("cancel", job_id) == 1  # already final
 
 
 @both_backends
-def test_cancel_a_queued_job(root: Root) -> None:
-    root.start()
-    (job_id,) = root.submit(root.job_file("notyet", not_before="2999-01-01T00:00:00Z"))
-    root.wait_state(job_id, "queued")
-    assert root.cli("cancel", job_id).returncode == 0
-    job = root.wait_state(job_id, "failed")
+async def test_cancel_a_queued_job(root: Root) -> None:
+    (job_id,) = root.drop(root.job_file("notyet", not_before="2999-01-01T00:00:00Z"))
+    await root.run_until_idle()  # queued, not due: nothing to do
+    assert (await root.details(job_id))["state"] == "queued"
+    assert await root.command("cancel", job_id) == 0
+    await root.run_until_idle()
+    job = await root.details(job_id)
     assert states(job) == [
         "uninitialized",
         "queued",
@@ -182,6 +210,7 @@ def test_cancel_a_queued_job(root: Root) -> None:
     assert job["history"][2]["reason"] == "canceled"
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_long_step_exits_and_resumes_without_spending_an_attempt(
     root: Root,
 ) -> None:
@@ -207,6 +236,7 @@ def small_target(root: Root, small_fs: Callable[..., Path]) -> Path:
     return small_fs(root.path / "small")
 
 
+@pytest.mark.slow
 def test_a_full_target_is_recoverable_and_other_jobs_go_on(root: Root, small_target: Path) -> None:
     root.targets["small"] = small_target
     root.write_config(retry={"max_attempts": 100, "backoff": "100ms", "backoff_max": "200ms"})
@@ -226,6 +256,7 @@ def test_a_full_target_is_recoverable_and_other_jobs_go_on(root: Root, small_tar
     assert len(list(small_target.rglob("*.tar"))) == 1
 
 
+@pytest.mark.slow
 def test_a_damaged_copy_in_place_is_replaced_and_stale_staging_removed(root: Root) -> None:
     stale = root.state_dir / "staging" / "0123456789ab"
     stale.mkdir(parents=True)
@@ -244,6 +275,7 @@ def test_a_damaged_copy_in_place_is_replaced_and_stale_staging_removed(root: Roo
     assert not stale.exists()
 
 
+@pytest.mark.slow
 def test_a_busy_database_does_not_crash_the_daemon(root: Root) -> None:
     import sqlite3
 
@@ -261,26 +293,29 @@ def test_a_busy_database_does_not_crash_the_daemon(root: Root) -> None:
 
 
 @pytest.mark.parametrize("tamper", ["extra", "appended", "truncated", "records"])
-def test_staged_artifacts_that_differ_from_their_records_fail_the_job(
-    root: Root, tamper: str
+async def test_staged_artifacts_that_differ_from_their_records_fail_the_job(
+    root: Root, tamper: str, failpoints: Failpoints
 ) -> None:
-    root.start(env={"ARCHIVED_FAILPOINTS": "check_integrity=delay:3"})
-    (job_id,) = root.submit(root.job_file("tampered"))
-    root.wait_state(job_id, "post_processing")
+    (job_id,) = root.drop(root.job_file("tampered"))
     staging = root.state_dir / "staging" / job_id
     fragment = staging / "parts" / "a.tar"
-    if tamper == "extra":
-        (staging / "parts" / "planted.tar").write_bytes(fragment.read_bytes())
-    elif tamper == "appended":
-        with open(fragment, "ab") as f:
-            f.write(bytes(512))
-    elif tamper == "truncated":
-        with open(fragment, "r+b") as f:
-            f.truncate(10)
-    else:
-        records = staging / "records" / "a.records"
-        records.write_text(records.read_text().splitlines(keepends=True)[0])
-    job = root.wait_state(job_id, "failed", "completed")
+
+    def damage() -> None:
+        if tamper == "extra":
+            (staging / "parts" / "planted.tar").write_bytes(fragment.read_bytes())
+        elif tamper == "appended":
+            with open(fragment, "ab") as f:
+                f.write(bytes(512))
+        elif tamper == "truncated":
+            with open(fragment, "r+b") as f:
+                f.truncate(10)
+        else:
+            records = staging / "records" / "a.records"
+            records.write_text(records.read_text().splitlines(keepends=True)[0])
+
+    failpoints.at("check_integrity", damage)
+    await root.run_until_idle()
+    job = await root.details(job_id)
     assert job["state"] == "failed"
     expected = {
         "extra": "staging holds planted.tar, which no activity wrote",
@@ -307,6 +342,7 @@ def _flip_a_byte_of(fragment: Path, member_suffix: str) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damaged", [False, True], ids=["intact", "damaged"])
 @pytest.mark.parametrize("point", ["check_integrity", "store"])
 def test_staging_from_before_the_machine_restarted_is_read_again(
@@ -333,6 +369,7 @@ def test_staging_from_before_the_machine_restarted_is_read_again(
         assert check["detail"]["reread_after_restart"] == ["a"]
 
 
+@pytest.mark.slow
 def test_a_staged_archive_that_changed_size_after_sign_fails_the_job(root: Root) -> None:
     daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store=kill"})
     (job_id,) = root.submit(root.job_file("grown"))
@@ -347,6 +384,7 @@ def test_a_staged_archive_that_changed_size_after_sign_fails_the_job(root: Root)
     assert root.all_target_files() == []
 
 
+@pytest.mark.slow
 def test_a_staged_archive_part_gone_before_store_fails_each_storage_task(root: Root) -> None:
     daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store=kill"})
     (job_id,) = root.submit(root.job_file("vanished"))

@@ -1,17 +1,14 @@
-"""Activity driver `files` through the real daemon: a source that yields nothing is an
+"""Activity driver `files` through the daemon (in process): a source that yields nothing is an
 error, not a completed empty bag, unless the activity says `allow_empty = true`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from conftest import Root
 
-pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
-
-def test_a_source_that_yields_nothing_fails_unless_allowed(root: Root) -> None:
+async def test_a_source_that_yields_nothing_fails_unless_allowed(root: Root) -> None:
     empty = root.sources / "empty"
     empty.mkdir()
     (root.sources / "tmp-only").mkdir()
@@ -20,7 +17,6 @@ def test_a_source_that_yields_nothing_fails_unless_allowed(root: Root) -> None:
     def activity(path: str, **extra: Any) -> dict[str, Any]:
         return {"name": "a", "driver": "files", "path": str(root.sources / path), **extra}
 
-    root.start()
     jobs = {
         "all-excluded": activity("a", exclude=["*"]),
         "empty-dir": activity("empty"),
@@ -28,9 +24,10 @@ def test_a_source_that_yields_nothing_fails_unless_allowed(root: Root) -> None:
         "empty-allowed": activity("empty", allow_empty=True),
     }
     ids = {
-        name: root.submit(root.job_file(name, activities=[spec]))[0] for name, spec in jobs.items()
+        name: root.drop(root.job_file(name, activities=[spec]))[0] for name, spec in jobs.items()
     }
-    done = {name: root.wait_state(job_id, "completed", "failed") for name, job_id in ids.items()}
+    await root.run_until_idle()
+    done = {name: await root.details(job_id) for name, job_id in ids.items()}
 
     for name in ("all-excluded", "empty-dir", "only-tmp-files"):
         job = done[name]

@@ -3,7 +3,11 @@ event loop, its log is events, and a plugin activity driver is found by name."""
 
 from __future__ import annotations
 
-from conftest import Root, tar_members
+import subprocess
+import sys
+
+import pytest
+from conftest import Root, spawns_archived, tar_members
 from structlog.testing import capture_logs
 
 
@@ -41,3 +45,17 @@ async def test_idle_with_nothing_to_do_returns_at_once(root: Root) -> None:
         daemon = await root.run_until_idle(timeout=10)
     assert not len(daemon.jobs)
     assert [e["event"] for e in logs][-1] == "stopped"
+
+
+def test_a_fast_test_that_spawns_archived_fails_at_once() -> None:
+    """The guard that keeps the layers apart: only tests marked slow start archived."""
+    for argv in (
+        [sys.executable, "-m", "archived", "--help"],
+        [sys.executable, "-m", "archived.cli"],
+        ["/usr/local/bin/archived", "run"],
+        "archived show x",
+    ):
+        with pytest.raises(pytest.fail.Exception, match="not marked slow"):
+            subprocess.run(argv, capture_output=True, timeout=10)
+    assert not spawns_archived(["minisign", "-G"])
+    assert subprocess.run([sys.executable, "-c", "pass"], timeout=30).returncode == 0

@@ -88,6 +88,7 @@ def test_an_unreachable_target_is_retried_and_nothing_is_claimed_deleted(root: R
         10,
         "the failure logged",
     )
+
     def deletions() -> dict[str, str | None]:
         return {c["target"]: c["deleted_at"] for c in root.show(job_id)["copies"]}
 

@@ -1,4 +1,5 @@
-"""Schedules through the real daemon: jobs by cron, one per slot, across restarts."""
+"""Schedules through the real daemon: jobs by cron, one per slot, across restarts (slow:
+a cron's slots take their time); and what the CLI says of schedules (in process)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from typing import Any
 
 import pytest
 from conftest import Root, wait_until
-
-pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
 
 EVERY_2S = "* * * * * */2"  # croniter's six fields: seconds last
 
@@ -36,6 +35,7 @@ def created(root: Root) -> list[dict[str, Any]]:
     return [r for r in runs(root) if r["result"] == "created"]
 
 
+@pytest.mark.slow
 def test_a_schedule_creates_one_job_per_slot(root: Root) -> None:
     root.write_config(schedules__nightly=schedule(root))
     root.start()
@@ -84,6 +84,7 @@ def miss_a_slot(root: Root, missed: str) -> float:
     return slot
 
 
+@pytest.mark.slow
 def test_missed_latest_runs_the_missed_slot_once_across_restarts(root: Root) -> None:
     slot = miss_a_slot(root, "latest")
     wait_until(lambda: len(created(root)) == 1, 30, "the missed slot's job")
@@ -97,6 +98,7 @@ def test_missed_latest_runs_the_missed_slot_once_across_restarts(root: Root) -> 
     assert len(json.loads(root.cli("jobs", "--json", check=True).stdout)) == 1
 
 
+@pytest.mark.slow
 def test_missed_skip_runs_nothing_for_a_slot_missed_while_down(root: Root) -> None:
     miss_a_slot(root, "skip")
     time.sleep(0.5)  # several ticks of the restarted daemon: nothing may appear
@@ -104,6 +106,7 @@ def test_missed_skip_runs_nothing_for_a_slot_missed_while_down(root: Root) -> No
     assert json.loads(root.cli("jobs", "--json", check=True).stdout) == []
 
 
+@pytest.mark.slow
 def test_unchanged_sources_are_skipped(root: Root) -> None:
     root.write_config(schedules__nightly=schedule(root, skip_unchanged=True))
     root.start()
@@ -117,6 +120,7 @@ def test_unchanged_sources_are_skipped(root: Root) -> None:
     wait_until(lambda: len(created(root)) > count, 30, "a job after the change")
 
 
+@pytest.mark.slow
 def test_a_schedule_added_by_reload(root: Root) -> None:
     daemon = root.start()
     root.write_config(schedules__later=schedule(root))
@@ -125,39 +129,42 @@ def test_a_schedule_added_by_reload(root: Root) -> None:
     assert created(root)[0]["schedule"] == "later"
 
 
-def test_schedules_lists_every_schedule_with_its_next_slot_before_any_ran(root: Root) -> None:
+def test_schedules_lists_every_schedule_with_its_next_slot_before_any_ran(
+    root: Root, capsys: pytest.CaptureFixture[str]
+) -> None:
     slot = int(time.time()) + 3600
     root.write_config(
         schedules__yearly=schedule(root, cron=once_at(slot)),
         schedules__typo=schedule(root, cron="*/2 * * * * *"),  # meant: every two seconds
     )
-    result = root.cli("schedules", check=True)  # no daemon has run, no database yet
-    lines = result.stdout.splitlines()
+    assert root.main("schedules") == 0  # no daemon has run, no database yet
+    lines = capsys.readouterr().out.splitlines()
     (yearly,) = [line for line in lines if line.startswith("yearly:")]
     assert f"next {iso_time(slot)} (in 59m)" in yearly or f"next {iso_time(slot)} (in 1h)" in yearly
     (typo,) = [line for line in lines if line.startswith("typo:")]
     assert "next " in typo  # seconds last: the slots are every second of every other minute
 
 
-def test_bad_schedules_are_config_errors(root: Root) -> None:
+def test_bad_schedules_are_config_errors(root: Root, capsys: pytest.CaptureFixture[str]) -> None:
     root.write_config(schedules__bad=schedule(root, cron="every tuesday"))
-    result = root.cli("check-config")
-    assert result.returncode == 78 and "not a valid cron expression" in result.stderr
+    assert root.main("check-config") == 78
+    assert "not a valid cron expression" in capsys.readouterr().err
     bad_job = schedule(root)
     bad_job["job"]["storage"] = ["nowhere"]
     root.write_config(schedules__bad=bad_job)
-    result = root.cli("check-config")
-    assert result.returncode == 78
-    assert "schedules.bad.job: storage: unknown storage target 'nowhere'" in result.stderr
+    assert root.main("check-config") == 78
+    assert "schedules.bad.job: storage: unknown storage target 'nowhere'" in capsys.readouterr().err
 
 
-def test_a_cron_that_never_fires_is_a_config_error(root: Root) -> None:
+def test_a_cron_that_never_fires_is_a_config_error(
+    root: Root, capsys: pytest.CaptureFixture[str]
+) -> None:
     """February 30th is a valid cron expression with no slot at all: the daemon would
     log a traceback every tick and never make a job."""
     root.write_config(schedules__never=schedule(root, cron="0 0 30 2 *"))
-    result = root.cli("check-config")
-    assert result.returncode == 78, result.stderr
-    assert "schedules.never" in result.stderr and "never" in result.stderr.split("cron")[-1]
+    assert root.main("check-config") == 78
+    err = capsys.readouterr().err
+    assert "schedules.never" in err and "never" in err.split("cron")[-1]
 
 
 def iso_time(seconds: float) -> str:

@@ -1,4 +1,5 @@
-"""Activity driver `sqlite`: a consistent snapshot while another process writes."""
+"""Activity driver `sqlite`, through the daemon in process: a consistent snapshot while
+another process writes."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+import anyio
 import pytest
-from conftest import Root
-
-pytestmark = pytest.mark.slow  # the acceptance layer: the daemon and the CLI as processes
+from conftest import Root, wait_until
 
 WRITER = """
 import sqlite3, sys, time
@@ -26,7 +26,19 @@ while True:
 """
 
 
-def test_snapshot_of_a_database_being_written(root: Root, tmp_path: Path) -> None:
+def written(path: Path) -> bool:
+    db = sqlite3.connect(path, timeout=5)
+    try:
+        return bool(db.execute("SELECT n FROM counter").fetchone()[0])
+    finally:
+        db.close()
+
+
+def db_job(root: Root, name: str, path: Path) -> Path:
+    return root.job_file(name, activities=[{"name": "db", "driver": "sqlite", "path": str(path)}])
+
+
+async def test_snapshot_of_a_database_being_written(root: Root, tmp_path: Path) -> None:
     db_path = root.sources / "live.db"
     db = sqlite3.connect(db_path)
     db.executescript(
@@ -38,13 +50,10 @@ def test_snapshot_of_a_database_being_written(root: Root, tmp_path: Path) -> Non
     db.close()
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db_path)])
     try:
-        root.start()
-        (job_id,) = root.submit(
-            root.job_file(
-                "snap", activities=[{"name": "db", "driver": "sqlite", "path": str(db_path)}]
-            )
-        )
-        job = root.wait_state(job_id, "completed", "failed", timeout=60)
+        wait_until(lambda: written(db_path), 30, "the writer busy")
+        (job_id,) = root.drop(db_job(root, "snap", db_path))
+        await root.run_until_idle()
+        job = await root.details(job_id)
     finally:
         writer.kill()
         writer.wait()
@@ -61,35 +70,27 @@ def test_snapshot_of_a_database_being_written(root: Root, tmp_path: Path) -> Non
     rows, counter = check.execute("SELECT count(*), (SELECT n FROM counter) FROM t").fetchone()
     assert counter > 0  # the writer was busy while the snapshot was taken
     assert rows == 5000 + counter  # one consistent state: every insert with its count
-    assert root.cli("verify", "--key", str(root.public_key), str(archive)).returncode == 0
+    assert await root.command("verify", "--key", str(root.public_key), str(archive)) == 0
 
 
-def test_a_file_that_is_not_a_database_fails(root: Root) -> None:
+async def test_a_file_that_is_not_a_database_fails(root: Root) -> None:
     bogus = root.sources / "notes.db"
     bogus.write_text("this is not a database, just text " * 100)
-    root.start()
-    (job_id,) = root.submit(
-        root.job_file("bogus", activities=[{"name": "db", "driver": "sqlite", "path": str(bogus)}])
-    )
-    job = root.wait_state(job_id, "failed", "completed")
+    (job_id,) = root.drop(db_job(root, "bogus", bogus))
+    await root.run_until_idle()
+    job = await root.details(job_id)
     assert job["state"] == "failed"
     assert "not a database" in job["error"]
     assert root.all_target_files() == []
 
 
-def test_a_database_outside_the_roots_is_refused(root: Root, tmp_path: Path) -> None:
+async def test_a_database_outside_the_roots_is_refused(
+    root: Root, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     outside = tmp_path / "elsewhere.db"
     sqlite3.connect(outside).close()
-    result = root.cli(
-        "submit",
-        str(
-            root.job_file(
-                "outside", activities=[{"name": "db", "driver": "sqlite", "path": str(outside)}]
-            )
-        ),
-    )
-    assert result.returncode == 2
-    assert "outside sources.allowed_roots" in result.stderr
+    assert await root.command("submit", str(db_job(root, "outside", outside))) == 2
+    assert "outside sources.allowed_roots" in capsys.readouterr().err
 
 
 HOLDER = """
@@ -103,7 +104,8 @@ db.execute("ROLLBACK")
 """
 
 
-def test_a_locked_database_is_waited_for_not_failed(root: Root) -> None:
+@pytest.mark.slow  # waits out the driver's busy timeout: about 15 s
+async def test_a_locked_database_is_waited_for_not_failed(root: Root) -> None:
     """Another program holds the database locked (a long write, a backup tool): the
     snapshot is tried again later, as with any error that may pass."""
     db_path = root.sources / "busy.db"
@@ -117,20 +119,19 @@ def test_a_locked_database_is_waited_for_not_failed(root: Root) -> None:
         text=True,
     )
     assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline() == "locked\n"
+    root.write_config(retry={"backoff": "200ms", "backoff_max": "1s", "max_attempts": 100})
+    (job_id,) = root.drop(db_job(root, "busy", db_path))
     try:
-        assert holder.stdout.readline() == "locked\n"
-        root.write_config(retry={"backoff": "200ms", "backoff_max": "1s", "max_attempts": 100})
-        root.start()
-        (job_id,) = root.submit(
-            root.job_file(
-                "busy", activities=[{"name": "db", "driver": "sqlite", "path": str(db_path)}]
-            )
-        )
-        job = root.wait_state(job_id, "recoverable_error", "failed", "completed", timeout=60)
-        assert job["state"] == "recoverable_error", job
-        assert "locked" in job["error"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(root.run_until_idle)
+            job = await root.wait_for(job_id, "recoverable_error", "failed", "completed")
+            assert job["state"] == "recoverable_error", job
+            assert "locked" in job["error"]
+            holder.stdin.close()
     finally:
-        holder.stdin.close()
+        if not holder.stdin.closed:
+            holder.stdin.close()
         holder.wait()
-    job = root.wait_state(job_id, "completed", "failed", timeout=60)
+    job = await root.details(job_id)
     assert job["state"] == "completed", job

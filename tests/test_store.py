@@ -7,11 +7,12 @@ import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from archived.states import State
-from archived.store import Job, NewJob, Store, utcnow
+from archived.store import Job, NewJob, Store, now_iso, peeked, utcnow
 from archived.store_sql import load_queries, migrations
 from archived.store_sqlite import SqliteConnector, SqliteStore
 
@@ -132,3 +133,233 @@ async def test_a_waiting_job_is_claimed_when_due_and_holds_nothing_before(
     assert claim.job.state == State.ACTIVITY_ARCHIVING and claim.job.retry_at is None
     reasons = [h.reason for h in await store.history("j1")]
     assert reasons[-1] == "backoff over: re-entering activity_archiving"
+
+
+# -- every migration, one at a time, over rows written in the form of their time ---------
+
+T0 = "2026-01-02T03:04:05+00:00"  # forms that older code wrote: offset, no fraction, ...
+T1 = "2026-01-02T03:04:06.500000Z"
+T2 = "2026-01-03T01:00:00.123456+00:00"
+KEYS = {  # each table's rows, told apart
+    "jobs": ("id",),
+    "tasks": ("job_id", "kind", "name"),
+    "history": ("seq",),
+    "events": ("seq",),
+    "copies": ("job_id", "target"),
+    "audits": ("seq",),
+    "audit_totals": ("result",),
+    "schedule_runs": ("schedule", "slot"),
+    "schedules_seen": ("schedule",),
+    "orphans": ("job_id", "target", "key"),
+}
+
+
+def job_row(job_id: str, state: str = "completed", **more: Any) -> tuple[str, dict[str, Any]]:
+    return "jobs", {
+        "id": job_id,
+        "name": f"job {job_id}",
+        "state": state,
+        "spec": "{}",
+        "spec_sha256": "-",
+        "config": "{}",
+        "config_digest": "d",
+        "created_at": T0,
+        "updated_at": T1,
+        **more,
+    }
+
+
+# What each migration's schema could hold that the one before could not, written right
+# after that migration: the next ones must keep all of it.
+ROWS_OF_THEIR_TIME: dict[int, list[tuple[str, dict[str, Any]]]] = {
+    1: [
+        job_row("j1", archive_name="a.tar", archive_size=10, started_at=T0),
+        (
+            "tasks",
+            {
+                "job_id": "j1",
+                "kind": "activity",
+                "name": "a",
+                "state": "completed",
+                "result": '{"files": 1}',
+                "updated_at": T1,
+            },
+        ),
+        ("history", {"job_id": "j1", "state": "queued", "at": T0, "reason": "accepted"}),
+        ("events", {"job_id": "j1", "at": T1, "kind": "warning", "detail": '{"message": "m"}'}),
+        (
+            "copies",
+            {
+                "job_id": "j1",
+                "target": "primary",
+                "path": "/p/a.tar",
+                "size": 10,
+                "sha256": "s",
+                "verified_at": T1,
+            },
+        ),
+        job_row("j2", "recoverable_error", retry_at=T2, phase="store", attempts=2),
+    ],
+    2: [
+        (
+            "tasks",
+            {
+                "job_id": "j2",
+                "kind": "storage",
+                "name": "primary",
+                "state": "executing",
+                "updated_at": T2,
+                "progress": '{"bytes": 5}',
+            },
+        )
+    ],
+    3: [
+        (
+            "copies",
+            {
+                "job_id": "j2",
+                "target": "offsite",
+                "path": "/o/a.tar",
+                "size": 10,
+                "sha256": "s",
+                "verified_at": T0,
+                "audited_at": T1,
+                "audit_result": "ok",
+            },
+        ),
+        (
+            "audits",
+            {
+                "job_id": "j1",
+                "target": "primary",
+                "at": T1,
+                "result": "damaged",
+                "detail": "sha256 differs",
+            },
+        ),
+    ],
+    4: [job_row("j3", expires_at=T2, legal_hold=1)],
+    5: [
+        (
+            "schedule_runs",
+            {
+                "schedule": "nightly",
+                "slot": T2,
+                "result": "created",
+                "job_id": "j3",
+                "fingerprint": "f",
+                "at": T2,
+            },
+        ),
+        ("schedules_seen", {"schedule": "nightly", "first_seen": T0}),
+    ],
+    6: [
+        (
+            "orphans",
+            {
+                "job_id": "j1",
+                "target": "offsite",
+                "key": "k/a.tar",
+                "reason": "gone",
+                "recorded_at": T1,
+            },
+        )
+    ],
+    7: [
+        job_row("j4", "cleanup", cleanup_attempts=2),
+        (
+            "audits",
+            {
+                "job_id": "j1",
+                "target": "offsite",
+                "at": T2,
+                "result": "unreachable",
+                "detail": "no answer",
+            },
+        ),
+    ],
+    8: [  # the form of today: fixed-width UTC
+        job_row(
+            "j5",
+            "store",
+            owner="host",
+            lease_until="2026-01-03T01:00:30.000000Z",
+            created_at="2026-01-03T01:00:00.000000Z",
+            updated_at="2026-01-03T01:00:00.000000Z",
+        )
+    ],
+}
+
+
+def same(value: Any) -> Any:
+    """A value as a migration may rewrite it without changing it: times to the instant."""
+    if isinstance(value, str) and len(value) >= 19 and value[4] == "-" and value[10] == "T":
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return value
+
+
+def snapshot(path: Path) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    found = {
+        table: {
+            tuple(same(row[k]) for k in keys): {k: same(row[k]) for k in row.keys()}  # noqa: SIM118
+            for row in db.execute(f"SELECT * FROM {table}")
+        }
+        for table, keys in KEYS.items()
+        if table in tables
+    }
+    db.close()
+    return found
+
+
+async def test_each_migration_keeps_every_row_written_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "archived.db"
+    numbers = [number for number, _ in migrations("sqlite")]
+    assert sorted(ROWS_OF_THEIR_TIME) == numbers, "a new migration: add the rows of its time"
+    before: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
+    for number in numbers:
+        connector = await SqliteConnector.open_at(path, upto=number)
+        await connector.close()
+        after = snapshot(path)
+        for table, rows in before.items():
+            for key, row in rows.items():
+                assert key in after[table], f"migration {number} lost {table} {key}"
+                kept = {k: after[table][key][k] for k in row}
+                assert kept == row, f"migration {number} changed {table} {key}"
+        db = sqlite3.connect(path, isolation_level=None)
+        for table, values in ROWS_OF_THEIR_TIME[number]:
+            names = ", ".join(values)
+            marks = ", ".join("?" * len(values))
+            db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", tuple(values.values()))
+        db.close()
+        before = snapshot(path)
+
+    store = await SqliteStore.open(path, "host")  # the last migration already ran
+    try:
+        assert {j.id for j in await store.jobs()} == {"j1", "j2", "j3", "j4", "j5"}
+        waits = await store.job("j2")
+        assert waits is not None and waits.waiting
+        assert waits.retry_at == datetime(2026, 1, 3, 1, 0, 0, 123456, tzinfo=UTC)
+        held = await store.job("j3")
+        assert held is not None and held.legal_hold and held.expires_at is not None
+        assert [a.result for a in await store.audits("j1")] == ["damaged", "unreachable"]
+        (orphan,) = await store.orphans("j1")
+        assert orphan.recorded_at == datetime(2026, 1, 2, 3, 4, 6, 500000, tzinfo=UTC)
+        (run,) = await store.schedule_runs("nightly", 10)
+        assert run.job_id == "j3" and run.slot == datetime(2026, 1, 3, 1, 0, 0, 123456, tzinfo=UTC)
+        raw = sqlite3.connect(path).execute("SELECT created_at, retry_at FROM jobs").fetchall()
+        assert all(len(t) == 27 and t.endswith("Z") for row in raw for t in row if t)
+    finally:
+        await store.close()
+
+
+def test_a_peek_that_sees_tasks_of_a_job_it_did_not_see_leaves_them_out() -> None:
+    """A state reader reads jobs, then tasks, in two statements: a job inserted between
+    the two has tasks but no row yet. `submit --wait` (and the tests' `wait_state`)
+    must not fail on it; the next peek sees both."""
+    task = {"job_id": "new", "kind": "activity", "name": "a", "state": "created"}
+    task |= {"attempts": 0, "error": None, "result": None, "updated_at": now_iso()}
+    assert peeked([], [task]) == {}
