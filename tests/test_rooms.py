@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "archived"
 README = PACKAGE.parent / "README.md"
 MAX_CLASS_LINES = 300
 # Not split yet (issue 14): they may shrink, not grow past these.
-NOT_YET_SPLIT = {"store_sql.py: SqlStore": 560, "drivers/s3.py: S3Driver": 520}
+NOT_YET_SPLIT = {"store_sql.py: SqlStore": 560}
 
 
 def modules() -> list[Path]:
