@@ -1,0 +1,113 @@
+"""The steps of a job this daemon runs, each in a transaction on a job it owns:
+transitions, updates, its tasks (with the copy a storage task made), events, a copy
+forgotten, an orphan recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .states import Event, State
+from .store import NewCopy, utcnow
+from .store_sqlbase import SqlBase
+
+
+class StepOps(SqlBase):
+    """A running job's steps, on a job this daemon owns (LeaseLost otherwise)."""
+
+    async def transition(
+        self, job_id: str, state: State, event: str, reason: str, **fields: Any
+    ) -> State:
+        async with self._owned(job_id) as tx:
+            return await self._transition(tx, job_id, state, Event(event), reason, **fields)
+
+    async def update_job(self, job_id: str, **fields: Any) -> None:
+        async with self._owned(job_id) as tx:
+            await self._update(tx, job_id, fields)
+
+    async def sync_storage_tasks(self, job_id: str, targets: Iterable[str]) -> None:
+        wanted = sorted(targets)
+        async with self._owned(job_id) as tx:
+            await tx.run("drop_unstarted_storage_tasks", job_id=job_id, targets=wanted)
+            for target in wanted:
+                await tx.run(
+                    "insert_task_if_missing",
+                    job_id=job_id,
+                    kind="storage",
+                    name=target,
+                    now=utcnow(),
+                )
+
+    async def start_task(self, job_id: str, kind: str, name: str) -> None:
+        async with self._owned(job_id) as tx:
+            await tx.run("start_task", job_id=job_id, kind=kind, name=name, now=utcnow())
+
+    async def finish_task(
+        self,
+        job_id: str,
+        kind: str,
+        name: str,
+        *,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        copy: NewCopy | None = None,
+    ) -> None:
+        now = utcnow()
+        async with self._owned(job_id) as tx:
+            if copy is not None:
+                await tx.run(
+                    "upsert_copy",
+                    job_id=job_id,
+                    target=name,
+                    path=copy.path,
+                    size=copy.size,
+                    sha256=copy.sha256,
+                    now=now,
+                )
+            await tx.run(
+                "finish_task",
+                job_id=job_id,
+                kind=kind,
+                name=name,
+                state="failed" if error is not None else "completed",
+                error=error,
+                result=None if result is None else json.dumps(result),
+                now=now,
+            )
+
+    async def task_progress(self, job_id: str, kind: str, name: str, progress: str) -> None:
+        async with self._owned(job_id) as tx:
+            await tx.run("task_progress", job_id=job_id, kind=kind, name=name, progress=progress)
+
+    async def abandon_tasks(self, job_id: str) -> None:
+        async with self._owned(job_id) as tx:
+            await tx.run("abandon_tasks", job_id=job_id, now=utcnow())
+
+    async def finish_step(
+        self,
+        job_id: str,
+        step: str,
+        fields: Mapping[str, Any],
+        events: Iterable[tuple[str, dict[str, Any]]],
+    ) -> None:
+        async with self._owned(job_id) as tx:
+            await self._update(tx, job_id, {"step": step, **fields})
+            for kind, detail in events:
+                await self._event(tx, job_id, kind, detail)
+
+    async def add_event(self, job_id: str, kind: str, detail: Mapping[str, Any]) -> None:
+        async with self._owned(job_id) as tx:
+            await self._event(tx, job_id, kind, detail)
+
+    async def forget_copy(self, job_id: str, target: str) -> None:
+        async with self._owned(job_id) as tx:
+            await tx.run("delete_copy", job_id=job_id, target=target)
+
+    async def record_orphan(self, job_id: str, target: str, key: str, reason: str) -> None:
+        async with self._owned(job_id) as tx:
+            await self._orphan(tx, job_id, target, key, reason)
+            await self._event(
+                tx, job_id, "orphan", {"target": target, "key": key, "reason": reason}
+            )
