@@ -8,9 +8,9 @@ its text.
 
 Group commit: each COMMIT waits for the disk (`synchronous = FULL`), and a daemon's
 runners write many small transactions at once. The ones that queue up for the write
-lock while another runs share its database transaction, each inside its own
-SAVEPOINT (an error undoes that one alone), and then one COMMIT: one flush for all of
-them. Nobody returns before that COMMIT: a transaction reported done is durable. If
+lock while another runs share its database transaction, each after the first inside
+its own SAVEPOINT (an error undoes that one alone), and then one COMMIT: one flush for
+all of them. A transaction with nobody waiting behind it commits at once. Nobody returns before that COMMIT: a transaction reported done is durable. If
 the COMMIT fails, every member of the group gets the error (none of them is kept).
 Reads go to the second connection, which sees committed data only.
 """
@@ -138,42 +138,50 @@ class SqliteConnector:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
-        """One SAVEPOINT in the group's BEGIN IMMEDIATE ... COMMIT, all of it shielded;
+        """A member of the group's BEGIN IMMEDIATE ... COMMIT, all of it shielded;
         undone on error. Returns once the group's COMMIT is on disk (see above)."""
         async with self._lock:
             with anyio.CancelScope(shield=True):
-                if self._group is None:
-                    await self._begin()
-                    self._group = _Group()
                 group = self._group
-                await self._db.execute("SAVEPOINT tx")
+                joined = group is not None
+                if group is None:  # the first member: undone by a ROLLBACK of it all
+                    await self._begin()
+                    group = self._group = _Group()
+                else:  # a later one: by a ROLLBACK TO its savepoint
+                    await self._db.execute("SAVEPOINT tx")
                 try:
                     yield SqliteTx(self._db)
                 except BaseException:
-                    await self._undo(group)
+                    await self._undo(group, joined)
                     raise
-                await self._db.execute("RELEASE tx")
+                if joined:
+                    await self._db.execute("RELEASE tx")
                 group.waiting += 1
-        # Let those queued for the lock meanwhile join the group; the first member to
-        # get the lock back commits for all (a lone transaction commits at once).
-        with anyio.CancelScope(shield=True):
-            async with self._lock:
-                if not group.done:
-                    await self._commit(group)
+                if not self._lock.statistics().tasks_waiting:
+                    await self._commit(group)  # nobody else is coming: at once
+        if not group.done:
+            # Those queued for the lock meanwhile join the group; the first member to
+            # get the lock back commits for all.
+            with anyio.CancelScope(shield=True):
+                async with self._lock:
+                    if not group.done:
+                        await self._commit(group)
         if group.error is not None:
             raise group.failed()
 
-    async def _undo(self, group: _Group) -> None:
+    async def _undo(self, group: _Group, joined: bool) -> None:
         """The failed member's statements gone, the group's others kept; if SQLite
         itself ended the transaction (full, I/O error), the whole group is lost."""
-        if self._db.in_transaction:
+        if not joined:
+            assert not group.waiting  # it held the lock since its BEGIN
+        elif not self._db.in_transaction:
+            group.error = sqlite3.OperationalError("the transaction was rolled back")
+        else:
             try:
                 await self._db.execute("ROLLBACK TO tx")
                 await self._db.execute("RELEASE tx")
             except sqlite3.Error as exc:
                 group.error = exc
-        else:
-            group.error = sqlite3.OperationalError("the transaction was rolled back")
         if group.error is not None or not group.waiting:  # nothing left to commit
             self._group, group.done = None, True
             if self._db.in_transaction:
