@@ -5,8 +5,8 @@
 
 N jobs (default 300), each one 1 KiB file to two localdir targets. Timed, in one run:
 
-  script    one `bash -c` loop doing, job after job, what bench/run.py's script does
-            (tar, sha256sum, minisign -S, cp to two targets, sync, sha256sum read-back)
+  script    a bash loop running bench/run.py's operator script once per job, job after
+            job (tar, sha256sum, minisign -S, cp to two targets, sync, sha256sum read-back)
   sqlite    N job files renamed into one daemon's spool at once; until all N are
             `completed` (the default queue: SQLite in the state dir)
   pgK       the same against K daemons (K = 1, 2, 3; own state dirs and spools, the
@@ -22,6 +22,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -35,25 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as common  # noqa: E402  (bench/run.py: tools, the machine, the operator's script)
 
-LOOP = (
-    r"""
+# The operator's script of bench/run.py, once per job, job after job.
+LOOP = r"""
 set -euo pipefail
-n=$1 data=$2 stage=$3 t1=$4 t2=$5 key=$6
+n=$1 data=$2 stage=$3 t1=$4 t2=$5 key=$6 script=$7
 for ((i = 0; i < n; i++)); do
   j=$(printf 'j%04d' "$i")
-  cd "$data/$j"
-  tar -cf "$stage/$j.tar" src
-  find src -type f -print0 | xargs -0 sha256sum > "$stage/$j.sha256"
-  minisign -S -s "$key" -m "$stage/$j.sha256"
-  cp "$stage/$j.tar" "$stage/$j.sha256" "$stage/$j.sha256.minisig" "$t1/"
-  cp "$stage/$j.tar" "$stage/$j.sha256" "$stage/$j.sha256.minisig" "$t2/"
-  sync
-  sums=$(sha256sum "$t1/$j.tar" "$t2/$j.tar")
-  [ "$(cut -d' ' -f1 <<<"$sums" | sort -u | wc -l)" = 1 ] || { echo "copies differ" >&2; exit 1; }
-  rm -f "$stage/$j.tar" "$stage/$j.sha256" "$stage/$j.sha256.minisig"
+  mkdir "$t1/$j" "$t2/$j"
+  bash -c "$script" script "$data/$j" "$stage" "$t1/$j" "$t2/$j" "$key" > /dev/null
 done
 """
-)
 
 
 def generate(data: Path, jobs: int) -> None:
@@ -188,6 +180,14 @@ class Daemons:
                 proc.kill()
                 proc.wait()
 
+    def cpu(self) -> float:
+        """User + system seconds the daemons used so far."""
+        total = 0
+        for proc in self.procs:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
     def alive(self) -> None:
         for config, proc in zip(self.configs, self.procs, strict=True):
             if proc.poll() is not None:
@@ -259,21 +259,30 @@ def _tail(path: Path, n: int = 30) -> str:
     return "\n".join(_lines(path)[-n:])
 
 
-def time_script(work: Path, data: Path, jobs: int, key: Path) -> float:
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def time_script(work: Path, data: Path, jobs: int, key: Path) -> tuple[float, float]:
+    """Wall seconds, and CPU seconds of every process the loop ran."""
     stage, t1, t2 = work / "script" / "stage", work / "script" / "t1", work / "script" / "t2"
     common.empty(stage, t1, t2)
     common.sync()
     argv = ["bash", "-c", LOOP, "loop", str(jobs), str(data), str(stage), str(t1), str(t2)]
-    dt = common.timed([*argv, str(key)], "script")
-    if len(list(t1.glob("*.tar"))) != jobs or len(list(t2.glob("*.tar"))) != jobs:
+    cpu = children_cpu()
+    dt = common.timed([*argv, str(key), common.SCRIPT], "script")
+    cpu = children_cpu() - cpu
+    if len(list(t1.glob("*/x.tar"))) != jobs or len(list(t2.glob("*/x.tar"))) != jobs:
         raise common.BenchError("script: archives missing")
     common.empty(stage, t1, t2)
-    return dt
+    return dt, cpu
 
 
 def time_daemons(
     exe: str, work: Path, data: Path, jobs: int, count: int, url: str, rnd: int, name: str
-) -> float:
+) -> tuple[float, float]:
+    """Wall seconds, and CPU seconds of the daemons (PostgreSQL's own not counted)."""
     fleet = Daemons(exe, work / "daemons" / name, count, url, data)
     try:
         fleet.start()
@@ -284,10 +293,12 @@ def time_daemons(
         before = fleet.states().get("completed", 0)
         common.empty(fleet.t1, fleet.t2)
         common.sync()
+        cpu = fleet.cpu()
         t0 = fleet.drop(data, names, f"r{rnd}")
         dt = fleet.wait_all(before + jobs, t0)
+        cpu = fleet.cpu() - cpu
         fleet.check_copies(jobs)
-        return dt
+        return dt, cpu
     finally:
         fleet.stop()
         shutil.rmtree(work / "daemons" / name, ignore_errors=True)
@@ -305,6 +316,7 @@ def main() -> int:
     cluster: Cluster | None = None
     failed = None
     times: dict[str, list[float]] = {w: [] for w in wanted}
+    cpus: dict[str, list[float]] = {w: [] for w in wanted}
     try:
         common.need_tools()
         exe = common.find_archived()
@@ -320,15 +332,21 @@ def main() -> int:
             k = rnd % len(wanted)
             for who in wanted[k:] + wanted[:k]:  # the order rotates per round
                 if who == "script":
-                    dt = time_script(work, data, args.jobs, key)
+                    dt, cpu = time_script(work, data, args.jobs, key)
                 elif who == "sqlite":
-                    dt = time_daemons(exe, work, data, args.jobs, 1, "", rnd, who)
+                    dt, cpu = time_daemons(exe, work, data, args.jobs, 1, "", rnd, who)
                 else:
                     assert cluster is not None
                     url = cluster.new_database()
-                    dt = time_daemons(exe, work, data, args.jobs, int(who[2:]), url, rnd, who)
+                    count = int(who[2:])
+                    dt, cpu = time_daemons(exe, work, data, args.jobs, count, url, rnd, who)
                 times[who].append(dt)
-                print(f"  round {rnd + 1}/{args.rounds}  {who:<7}{dt:8.2f}s", flush=True)
+                cpus[who].append(cpu)
+                print(
+                    f"  round {rnd + 1}/{args.rounds}  {who:<7}{dt:8.2f}s  cpu {cpu:6.2f}s "
+                    f"load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
     except common.BenchError as exc:
         failed = str(exc)
     except KeyboardInterrupt:
@@ -343,11 +361,12 @@ def main() -> int:
     med = {w: statistics.median(v) for w, v in times.items()}
     print(f"\n==== {args.jobs} tiny jobs (1 x 1 KiB, two localdir targets); median of "
           f"{args.rounds} ====")  # fmt: skip
-    print(f"  {'':<9}{'median s':>9}{'jobs/s':>9}{'x script':>10}   runs")
+    print(f"  {'':<9}{'median s':>9}{'jobs/s':>9}{'x script':>10}{'cpu ms/job':>12}   runs")
     for w, v in times.items():
         ratio = f"{med[w] / med['script']:9.2f}x" if "script" in med else ""
         runs = " ".join(f"{x:.2f}" for x in v)
-        print(f"  {w:<9}{med[w]:9.2f}{args.jobs / med[w]:9.1f}{ratio:>10}   {runs}")
+        cpu = statistics.median(cpus[w]) / args.jobs * 1000
+        print(f"  {w:<9}{med[w]:9.2f}{args.jobs / med[w]:9.1f}{ratio:>10}{cpu:12.1f}   {runs}")
     if "pg1" in med and "pg3" in med:
         print(f"  pg3/pg1 throughput  {med['pg1'] / med['pg3']:.2f}x")
     return 0
