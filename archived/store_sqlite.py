@@ -10,9 +10,11 @@ Group commit: each COMMIT waits for the disk (`synchronous = FULL`), and a daemo
 runners write many small transactions at once. The ones that queue up for the write
 lock while another runs share its database transaction, each after the first inside
 its own SAVEPOINT (an error undoes that one alone), and then one COMMIT: one flush for
-all of them. A transaction with nobody waiting behind it commits at once. Nobody returns before that COMMIT: a transaction reported done is durable. If
-the COMMIT fails, every member of the group gets the error (none of them is kept).
-Reads go to the second connection, which sees committed data only.
+all of them. A transaction with nobody waiting behind it commits at once. Nobody
+returns before that COMMIT: a transaction reported done is durable. If the COMMIT
+fails, or SQLite itself rolls the transaction back (disk full, I/O error), every member
+of the group gets that error and none of them is kept. Reads go to the second
+connection, which sees committed data only.
 """
 
 from __future__ import annotations
@@ -151,8 +153,8 @@ class SqliteConnector:
                     await self._db.execute("SAVEPOINT tx")
                 try:
                     yield SqliteTx(self._db)
-                except BaseException:
-                    await self._undo(group, joined)
+                except BaseException as exc:
+                    await self._undo(group, joined, exc)
                     raise
                 if joined:
                     await self._db.execute("RELEASE tx")
@@ -169,13 +171,17 @@ class SqliteConnector:
         if group.error is not None:
             raise group.failed()
 
-    async def _undo(self, group: _Group, joined: bool) -> None:
+    async def _undo(self, group: _Group, joined: bool, exc: BaseException) -> None:
         """The failed member's statements gone, the group's others kept; if SQLite
         itself ended the transaction (full, I/O error), the whole group is lost."""
         if not joined:
             assert not group.waiting  # it held the lock since its BEGIN
-        elif not self._db.in_transaction:
-            group.error = sqlite3.OperationalError("the transaction was rolled back")
+        elif not self._db.in_transaction:  # the others get the error that ended it
+            group.error = (
+                exc
+                if isinstance(exc, sqlite3.Error)
+                else sqlite3.OperationalError("the transaction was rolled back")
+            )
         else:
             try:
                 await self._db.execute("ROLLBACK TO tx")

@@ -123,6 +123,35 @@ async def test_a_failed_commit_fails_every_member_and_keeps_none(tmp_path: Path)
     await db.close()
 
 
+async def test_a_group_that_sqlite_rolled_back_fails_every_member_in_it(
+    tmp_path: Path,
+) -> None:
+    """As on a full disk: a statement's error ends the whole transaction. Its members
+    get that error (with its SQLite error name); the next transaction starts afresh."""
+    db = await opened(tmp_path / "q.db")
+    outcome: dict[int, str] = {}
+
+    async def insert(n: int) -> None:
+        try:
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO t (n) VALUES (:n)", {"n": n})
+                if n == 1:
+                    await tx.execute("ROLLBACK", {})  # what SQLite does on SQLITE_FULL
+                    full = sqlite3.OperationalError("database or disk is full")
+                    full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+                    raise full
+            outcome[n] = "done"
+        except sqlite3.OperationalError as exc:
+            outcome[n] = exc.sqlite_errorname  # type: ignore[attr-defined]
+
+    async with anyio.create_task_group() as tg:
+        for n in range(3):
+            tg.start_soon(insert, n)
+    assert outcome == {0: "SQLITE_FULL", 1: "SQLITE_FULL", 2: "done"}
+    assert rows(tmp_path / "q.db") == [2]
+    await db.close()
+
+
 async def test_reads_see_committed_data_only(tmp_path: Path) -> None:
     db = await opened(tmp_path / "q.db")
     async with db.transaction() as tx:
