@@ -11,12 +11,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
 import pytest
 
-from archived.store_sqlite import SqliteConnector
+from archived.store_sqlite import SqliteConnector, SqliteTx
 
 SCHEMA = (
     "CREATE TABLE t (n INTEGER PRIMARY KEY)",
@@ -65,26 +66,39 @@ async def test_concurrent_transactions_share_one_commit(tmp_path: Path) -> None:
     await db.close()
 
 
-async def test_an_error_undoes_its_own_transaction_and_keeps_the_others(tmp_path: Path) -> None:
-    db = await opened(tmp_path / "q.db")
-    before = db.commits
+async def concurrently(
+    db: SqliteConnector, count: int, then: Callable[[SqliteTx, int], Awaitable[None]]
+) -> dict[int, str]:
+    """`count` transactions at once, each inserting its number and then doing `then`;
+    what became of each: "done", or the SQLite name (else the type) of its error."""
     outcome: dict[int, str] = {}
 
-    async def insert(n: int) -> None:
+    async def one(n: int) -> None:
         try:
             async with db.transaction() as tx:
                 await tx.execute("INSERT INTO t (n) VALUES (:n)", {"n": n})
-                await tx.execute("INSERT INTO t (n) VALUES (:n)", {"n": n + 100})
-                if n == 2:
-                    raise Boom
+                await then(tx, n)
             outcome[n] = "done"
-        except Boom:
-            outcome[n] = "failed"
+        except Exception as exc:
+            outcome[n] = getattr(exc, "sqlite_errorname", type(exc).__name__)
 
     async with anyio.create_task_group() as tg:
-        for n in range(5):
-            tg.start_soon(insert, n)
-    assert outcome == {0: "done", 1: "done", 2: "failed", 3: "done", 4: "done"}
+        for n in range(count):
+            tg.start_soon(one, n)
+    return outcome
+
+
+async def test_an_error_undoes_its_own_transaction_and_keeps_the_others(tmp_path: Path) -> None:
+    db = await opened(tmp_path / "q.db")
+    before = db.commits
+
+    async def second_row(tx: SqliteTx, n: int) -> None:
+        await tx.execute("INSERT INTO t (n) VALUES (:n)", {"n": n + 100})
+        if n == 2:
+            raise Boom
+
+    outcome = await concurrently(db, 5, second_row)
+    assert outcome == {0: "done", 1: "done", 2: "Boom", 3: "done", 4: "done"}
     assert rows(tmp_path / "q.db") == [0, 1, 3, 4, 100, 101, 103, 104]
     assert db.commits - before == 1
     with pytest.raises(Boom):  # a failing transaction alone leaves no transaction open
@@ -100,22 +114,13 @@ async def test_an_error_undoes_its_own_transaction_and_keeps_the_others(tmp_path
 async def test_a_failed_commit_fails_every_member_and_keeps_none(tmp_path: Path) -> None:
     """A deferred foreign key makes the group's COMMIT itself fail."""
     db = await opened(tmp_path / "q.db")
-    outcome: dict[int, str] = {}
 
-    async def insert(n: int) -> None:
-        try:
-            async with db.transaction() as tx:
-                await tx.execute("INSERT INTO t (n) VALUES (:n)", {"n": n})
-                if n == 1:  # no such parent: checked at COMMIT
-                    await tx.execute("INSERT INTO child (p) VALUES (42)", {})
-            outcome[n] = "done"
-        except sqlite3.IntegrityError:
-            outcome[n] = "failed"
+    async def orphan_child(tx: SqliteTx, n: int) -> None:
+        if n == 1:  # no such parent: checked at COMMIT
+            await tx.execute("INSERT INTO child (p) VALUES (42)", {})
 
-    async with anyio.create_task_group() as tg:
-        for n in range(3):
-            tg.start_soon(insert, n)
-    assert outcome == {0: "failed", 1: "failed", 2: "failed"}
+    outcome = await concurrently(db, 3, orphan_child)
+    assert set(outcome.values()) == {"SQLITE_CONSTRAINT_FOREIGNKEY"}, outcome
     assert rows(tmp_path / "q.db") == []
     async with db.transaction() as tx:  # and the next one goes through
         await tx.execute("INSERT INTO t (n) VALUES (9)", {})
@@ -129,24 +134,15 @@ async def test_a_group_that_sqlite_rolled_back_fails_every_member_in_it(
     """As on a full disk: a statement's error ends the whole transaction. Its members
     get that error (with its SQLite error name); the next transaction starts afresh."""
     db = await opened(tmp_path / "q.db")
-    outcome: dict[int, str] = {}
 
-    async def insert(n: int) -> None:
-        try:
-            async with db.transaction() as tx:
-                await tx.execute("INSERT INTO t (n) VALUES (:n)", {"n": n})
-                if n == 1:
-                    await tx.execute("ROLLBACK", {})  # what SQLite does on SQLITE_FULL
-                    full = sqlite3.OperationalError("database or disk is full")
-                    full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
-                    raise full
-            outcome[n] = "done"
-        except sqlite3.OperationalError as exc:
-            outcome[n] = exc.sqlite_errorname  # type: ignore[attr-defined]
+    async def disk_full(tx: SqliteTx, n: int) -> None:
+        if n == 1:
+            await tx.execute("ROLLBACK", {})  # what SQLite does on SQLITE_FULL
+            full = sqlite3.OperationalError("database or disk is full")
+            full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+            raise full
 
-    async with anyio.create_task_group() as tg:
-        for n in range(3):
-            tg.start_soon(insert, n)
+    outcome = await concurrently(db, 3, disk_full)
     assert outcome == {0: "SQLITE_FULL", 1: "SQLITE_FULL", 2: "done"}
     assert rows(tmp_path / "q.db") == [2]
     await db.close()
