@@ -68,6 +68,7 @@ class JobContext:
             svc.state_dir / "staging" / self.id, [a.name for a in self.spec.activities]
         )
         self.attempt_begun = False  # this step counted an attempt (see runner.py)
+        self.counted: State | None = None  # the transition into this phase counted one
 
     @property
     def store(self) -> Store:
@@ -95,11 +96,23 @@ class JobContext:
         waits in the queue meanwhile, holding no slot: the claim takes it when due."""
         return self.retry.next_try(failed, utcnow(), random.random())
 
-    async def begin_attempt(self, phase: State) -> None:
-        """Count an attempt of `phase` before doing anything, so a crash counts too."""
+    def attempt_fields(self, phase: State) -> dict[str, Any]:
+        """The job's fields that count one more attempt of `phase`."""
         attempts = self.job.attempts + 1 if self.job.phase == phase else 1
-        await self.store.update_job(self.id, phase=phase.value, attempts=attempts)
-        self.job = self.job.replace(phase=phase.value, attempts=attempts)
+        return {"phase": phase.value, "attempts": attempts}
+
+    async def begin_attempt(self, phase: State) -> None:
+        """Count an attempt of `phase` before doing anything, so a crash counts too;
+        already done if the runner counted it in the transition into `phase` (one
+        commit less per phase)."""
+        if self.counted == phase and self.job.phase == phase:
+            attempts = self.job.attempts
+        else:
+            fields = self.attempt_fields(phase)
+            await self.store.update_job(self.id, **fields)
+            attempts = fields["attempts"]
+            self.job = self.job.replace(phase=phase.value, attempts=attempts)
+        self.counted = None
         self.attempt_begun = True
         if not self.retry.allows(attempts):
             raise AttemptsExhausted(f"{phase}: {attempts - 1} attempts used up")

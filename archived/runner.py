@@ -30,7 +30,7 @@ from .copies import StorePhase
 from .errors import Kind, classify, describe
 from .phase import AttemptsExhausted, JobContext, Outcome, Services
 from .postprocess import PostProcessing
-from .states import FINAL, RETRY_EVENT, STOPPABLE, Event, State
+from .states import FINAL, PHASES, RETRY_EVENT, STOPPABLE, Event, State, next_state
 from .store import Job, LeaseLost, StaleState, lease_lost, utcnow
 
 __all__ = ["JobRunner", "Services"]
@@ -93,13 +93,20 @@ class JobRunner:
             self.svc.metrics.step(state, time.monotonic() - began)
             if outcome is None:
                 return  # shutting down: the next start resumes from this state
+            fields = outcome.fields
+            entered = next_state(state, outcome.event)
+            if entered in PHASES and entered != state:  # its attempt counted in this commit
+                fields = fields | self.ctx.attempt_fields(entered)
+            self.ctx.counted = None
             try:
                 new = await self.svc.store.transition(
-                    self.id, state, outcome.event, outcome.reason, **outcome.fields
+                    self.id, state, outcome.event, outcome.reason, **fields
                 )
             except StaleState:
                 log.warning("job moved under us; re-reading")
                 new = state
+            else:
+                self.ctx.counted = entered if entered in PHASES else None
             structlog.contextvars.bind_contextvars(state=new.value)
             self.svc.metrics.transition(new)
             if new == State.COMPLETED:
@@ -113,6 +120,10 @@ class JobRunner:
             job = await self.svc.store.job(self.id)
             assert job is not None
             self.job = job
+        if self.ctx.counted is not None and self.state == self.ctx.counted:
+            # stopped between the transition that counted the phase's attempt and the
+            # phase itself: shutdown is not the phase's fault, give the attempt back
+            await self.svc.store.update_job(self.id, attempts=self.job.attempts - 1)
 
     def lose(self) -> None:
         """Another daemon owns the job now: stop at once, write nothing more."""

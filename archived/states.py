@@ -52,6 +52,8 @@ S, E = State, Event
 
 # The phases whose errors are classified, and the event that re-enters each one after a
 # recoverable error.
+# the phases that count attempts (retry.max_attempts each)
+PHASES: tuple[State, ...] = (S.ACTIVITY_ARCHIVING, S.POST_PROCESSING, S.STORE)
 RETRY_EVENT: dict[State, Event] = {
     S.ACTIVITY_ARCHIVING: E.RETRY_ACTIVITIES,
     S.POST_PROCESSING: E.RETRY_POST_PROCESSING,

@@ -1,14 +1,26 @@
 """The SQLite backend: `<state_dir>/archived.db`, one daemon, through aiosqlite.
 
-One connection, WAL, and every write in an explicit `BEGIN IMMEDIATE` transaction
-behind one lock, shielded from cancellation: a cancelled await does not stop the
-statement already running in aiosqlite's thread, so we never walk away from one.
-Busy or locked is told by the error's `sqlite_errorname`, not by its text.
+WAL, one connection for writes and one for reads. Every write is an explicit
+`BEGIN IMMEDIATE` transaction behind one lock, shielded from cancellation: a cancelled
+await does not stop the statement already running in aiosqlite's thread, so we never
+walk away from one. Busy or locked is told by the error's `sqlite_errorname`, not by
+its text.
+
+Group commit: each COMMIT waits for the disk (`synchronous = FULL`), and a daemon's
+runners write many small transactions at once. The ones that queue up for the write
+lock while another runs share its database transaction, each after the first inside
+its own SAVEPOINT (an error undoes that one alone), and then one COMMIT: one flush for
+all of them. A transaction with nobody waiting behind it commits at once. Nobody
+returns before that COMMIT: a transaction reported done is durable. If the COMMIT
+fails, or SQLite itself rolls the transaction back (disk full, I/O error), every member
+of the group gets that error and none of them is kept. Reads go to the second
+connection, which sees committed data only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -62,10 +74,25 @@ class SqliteTx:
         return count
 
 
+class _Group:
+    """Transactions sharing one BEGIN ... COMMIT."""
+
+    def __init__(self) -> None:
+        self.waiting = 0  # members done with their statements, waiting for the COMMIT
+        self.done = False
+        self.error: BaseException | None = None  # the COMMIT's, or what undid them all
+
+    def failed(self) -> BaseException:
+        assert self.error is not None
+        return copy.copy(self.error)  # each member raises its own (own traceback)
+
+
 class SqliteConnector:
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._db, self._reader = db, reader
         self._lock = anyio.Lock()
+        self._group: _Group | None = None
+        self.commits = 0  # COMMITs that reached the disk (tests and benchmarks)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteConnector:
@@ -75,18 +102,25 @@ class SqliteConnector:
     async def open_at(cls, path: Path, upto: int | None = None) -> SqliteConnector:
         """Opened and migrated (up to migration `upto`: tests of the migrations)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA busy_timeout = 10000")
+        db = await cls._connect(path)
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA synchronous = FULL")
         await db.execute("PRAGMA foreign_keys = ON")
-        connector = cls(db)
+        reader = await cls._connect(path)
+        connector = cls(db, reader)
         await connector.migrate(upto)
         return connector
 
+    @staticmethod
+    async def _connect(path: Path) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA busy_timeout = 10000")
+        return db
+
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
+            await self._reader.close()
             await self._db.close()
 
     async def migrate(self, upto: int | None = None) -> None:
@@ -106,22 +140,70 @@ class SqliteConnector:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
-        """BEGIN IMMEDIATE ... COMMIT, all of it shielded; ROLLBACK on error."""
+        """A member of the group's BEGIN IMMEDIATE ... COMMIT, all of it shielded;
+        undone on error. Returns once the group's COMMIT is on disk (see above)."""
         async with self._lock:
             with anyio.CancelScope(shield=True):
-                await self._begin()
+                group = self._group
+                joined = group is not None
+                if group is None:  # the first member: undone by a ROLLBACK of it all
+                    await self._begin()
+                    group = self._group = _Group()
+                else:  # a later one: by a ROLLBACK TO its savepoint
+                    await self._db.execute("SAVEPOINT tx")
                 try:
                     yield SqliteTx(self._db)
-                except BaseException:
+                except BaseException as exc:
+                    await self._undo(group, joined, exc)
+                    raise
+                if joined:
+                    await self._db.execute("RELEASE tx")
+                group.waiting += 1
+                if not self._lock.statistics().tasks_waiting:
+                    await self._commit(group)  # nobody else is coming: at once
+        if not group.done:
+            # Those queued for the lock meanwhile join the group; the first member to
+            # get the lock back commits for all.
+            with anyio.CancelScope(shield=True):
+                async with self._lock:
+                    if not group.done:
+                        await self._commit(group)
+        if group.error is not None:
+            raise group.failed()
+
+    async def _undo(self, group: _Group, joined: bool, exc: BaseException) -> None:
+        """The failed member's statements gone, the group's others kept; if SQLite
+        itself ended the transaction (full, I/O error), the whole group is lost."""
+        if not joined:
+            assert not group.waiting  # it held the lock since its BEGIN
+        elif not self._db.in_transaction:  # the others get the error that ended it
+            group.error = (
+                exc
+                if isinstance(exc, sqlite3.Error)
+                else sqlite3.OperationalError("the transaction was rolled back")
+            )
+        else:
+            try:
+                await self._db.execute("ROLLBACK TO tx")
+                await self._db.execute("RELEASE tx")
+            except sqlite3.Error as exc:
+                group.error = exc
+        if group.error is not None or not group.waiting:  # nothing left to commit
+            self._group, group.done = None, True
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
                     await self._db.execute("ROLLBACK")
-                    raise
-                try:
-                    await self._db.execute("COMMIT")
-                except sqlite3.Error:  # full, I/O error: SQLite may have kept it open
-                    if self._db.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            await self._db.execute("ROLLBACK")
-                    raise
+
+    async def _commit(self, group: _Group) -> None:
+        self._group, group.done = None, True
+        try:
+            await self._db.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:  # full, I/O error: SQLite may have kept it open
+            group.error = exc
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
 
     async def _begin(self) -> None:
         delay = 0.01
@@ -139,7 +221,8 @@ class SqliteConnector:
         return await self.fetch_sql(Q[query], **params)
 
     async def fetch_sql(self, sql: str, **params: Any) -> list[dict[str, Any]]:
-        async with self._lock, self._db.execute(sql, _params(params)) as cur:
+        """On the reading connection: what is committed, without waiting for writers."""
+        async with self._reader.execute(sql, _params(params)) as cur:
             return [dict(r) for r in await cur.fetchall()]
 
 
