@@ -125,18 +125,30 @@ class SqliteConnector:
 
     async def migrate(self, upto: int | None = None) -> None:
         """Every migration after the database's user_version (up to `upto`), each in
-        its own transaction with the version it reaches."""
-        async with self._db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = row[0] if row else 0
+        its own transaction with the version it reaches. Another process may migrate the
+        same new database at the same time (the daemon's first start and an `archived
+        show`): the one that waited for the other's transaction finds its migration
+        failed on what is now there, and the version past it: that one is done."""
+        version = await self._version()
         for number, script in migrations("sqlite"):
             if number <= version or (upto is not None and number > upto):
                 continue
             async with self._lock:
                 with anyio.CancelScope(shield=True):
-                    await self._db.executescript(
-                        f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
-                    )
+                    try:
+                        await self._db.executescript(
+                            f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+                        )
+                    except sqlite3.Error:
+                        if self._db.in_transaction:
+                            await self._db.execute("ROLLBACK")
+                        if await self._version() < number:
+                            raise
+
+    async def _version(self) -> int:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from archived.states import State
@@ -363,3 +364,30 @@ def test_a_peek_that_sees_tasks_of_a_job_it_did_not_see_leaves_them_out() -> Non
     task = {"job_id": "new", "kind": "activity", "name": "a", "state": "created"}
     task |= {"attempts": 0, "error": None, "result": None, "updated_at": now_iso()}
     assert peeked([], [task]) == {}
+
+
+async def test_two_openers_of_a_new_database_migrate_it_once(tmp_path: Path) -> None:
+    """The daemon's first start and an `archived show` at that moment: both find no
+    schema and migrate; the second waits for the first and finds its work done, not
+    "table jobs already exists"."""
+    path = tmp_path / "archived.db"
+    opened: list[SqliteConnector] = []
+
+    async def open_one() -> None:
+        opened.append(await SqliteConnector.open_at(path))
+
+    for _ in range(3):  # a race: give it a few chances to show
+        path.unlink(missing_ok=True)
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(open_one)
+        for connector in opened:
+            await connector.close()
+        opened.clear()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == max(
+            n for n, _ in migrations("sqlite")
+        )
+    finally:
+        db.close()
