@@ -20,7 +20,8 @@ from archived.keys import KeyRing
 from archived.phase import Services
 from archived.spool import Spool
 from archived.states import State
-from archived.store import ScheduleRun, open_store
+from archived.store import ScheduleRun
+from archived.store_open import open_store
 
 
 @pytest.fixture
