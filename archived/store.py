@@ -524,7 +524,8 @@ def peeked(
     """A StateReader's rows (tasks with their job_id) as typed rows, by job."""
     found: dict[str, tuple[Job, list[Task]]] = {r["id"]: (Job.from_row(r), []) for r in jobs}
     for row in tasks:
-        found[row["job_id"]][1].append(Task.from_row(row))
+        if row["job_id"] in found:  # not a job queued between the reader's two reads
+            found[row["job_id"]][1].append(Task.from_row(row))
     return found
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from archived.states import State
-from archived.store import Job, NewJob, Store, utcnow
+from archived.store import Job, NewJob, Store, peeked, utcnow
 from archived.store_sql import load_queries, migrations
 from archived.store_sqlite import SqliteConnector, SqliteStore
 
@@ -132,3 +132,18 @@ async def test_a_waiting_job_is_claimed_when_due_and_holds_nothing_before(
     assert claim.job.state == State.ACTIVITY_ARCHIVING and claim.job.retry_at is None
     reasons = [h.reason for h in await store.history("j1")]
     assert reasons[-1] == "backoff over: re-entering activity_archiving"
+
+
+def test_a_peek_leaves_out_tasks_whose_job_it_did_not_read() -> None:
+    """A reader reads jobs, then tasks: a job queued between the two reads has tasks and
+    no job yet. It is not there for this peek (submit --wait looks again), not a KeyError."""
+    task = {
+        "job_id": "new",
+        "kind": "storage",
+        "name": "primary",
+        "state": "created",
+        "attempts": 0,
+        "error": None,
+        "result": None,
+    }
+    assert peeked([], [task]) == {}
