@@ -214,15 +214,19 @@ class Root:
 
     async def details(self, job_id: str) -> dict[str, Any]:
         """The job as `archived show --json` prints it."""
+        found = await self._details(job_id)
+        if found is None:
+            raise AssertionError(f"no job {job_id!r}")
+        return found
+
+    async def _details(self, job_id: str) -> dict[str, Any] | None:
         from archived.actions import job_details
 
         store = await open_store(self.load_config(), create=False)
         found = await job_details(store, job_id) if store is not None else None
         if store is not None:
             await store.close()
-        if found is None:
-            raise AssertionError(f"no job {job_id!r}")
-        return json.loads(json.dumps(found))  # type: ignore[no-any-return]
+        return None if found is None else json.loads(json.dumps(found))
 
     async def jobs(self) -> list[dict[str, Any]]:
         """The jobs as `archived jobs --json` lists them."""
@@ -236,8 +240,13 @@ class Root:
 
     # -- from outside ------------------------------------------------------------------
 
-    def show(self, job_id: str) -> dict[str, Any]:
-        return anyio.run(self.details, job_id)
+    def show(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
+        """The job as `archived show --json` prints it. One just submitted may still be
+        in the spool, not yet in the queue, while the daemon is busy: it is waited for."""
+        found: dict[str, Any] = wait_until(
+            lambda: anyio.run(self._details, job_id), timeout, f"job {job_id} in the queue"
+        )
+        return found
 
     def wait_state(self, job_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
         """Polls the queue read-only (SQLite `mode=ro`; one PostgreSQL connection) until
