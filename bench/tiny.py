@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as common  # noqa: E402  (bench/run.py: tools, the machine, the operator's script)
+import run as common  # (bench/run.py: tools, the machine, the operator's script)
 
 # The operator's script of bench/run.py, once per job, job after job.
 LOOP = r"""
