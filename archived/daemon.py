@@ -24,13 +24,13 @@ from .housekeeping import Housekeeping
 from .intake import Intake, Once, Pinned
 from .keys import KeyRing, load_signing_key
 from .lock import lock_state_dir
+from .moments import iso_seconds, utcnow
 from .notify import Notifier
 from .phase import Services
 from .running import RunningJobs
 from .schedules import Scheduler
 from .spool import Spool
 from .states import PROCESSING, State
-from .store import now_iso
 from .store_open import open_store
 from .timestamp import load_ca_bundle
 from .wakeup import SpoolWatch
@@ -254,7 +254,7 @@ class Daemon:
 
     async def _reload(self) -> None:
         path = self.config.source
-        stamp = now_iso()[:19] + "Z"
+        stamp = iso_seconds(utcnow())
         try:
             if path is None:
                 raise ConfigError("running on the embedded default: there is no file to reload")
