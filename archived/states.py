@@ -52,13 +52,13 @@ S, E = State, Event
 
 # The phases whose errors are classified, and the event that re-enters each one after a
 # recoverable error.
-# the phases that count attempts (retry.max_attempts each)
-PHASES: tuple[State, ...] = (S.ACTIVITY_ARCHIVING, S.POST_PROCESSING, S.STORE)
 RETRY_EVENT: dict[State, Event] = {
     S.ACTIVITY_ARCHIVING: E.RETRY_ACTIVITIES,
     S.POST_PROCESSING: E.RETRY_POST_PROCESSING,
     S.STORE: E.RETRY_STORE,
 }
+# The same phases, which count attempts (retry.max_attempts each).
+PHASES: tuple[State, ...] = tuple(RETRY_EVENT)
 
 _STOP = {E.CANCELED: S.FAILURE, E.TIMED_OUT: S.FAILURE}  # allowed from every processing state
 # A job whose owner's lease lapsed: the phases need the dead host's staging, so they start
