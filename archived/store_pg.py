@@ -76,7 +76,14 @@ class PgTx:
     def __init__(self, conn: psycopg.AsyncConnection[dict[str, Any]]) -> None:
         self._conn = conn
 
-    async def run(self, query: str, **params: Any) -> int:
+    async def run(self, query: str, **params: Any) -> None:
+        await self._conn.execute(Q[query], params)
+
+    async def must_change(self, query: str, stale: BaseException, **params: Any) -> None:
+        if await self.count(query, **params) != 1:
+            raise stale
+
+    async def count(self, query: str, **params: Any) -> int:
         cur = await self._conn.execute(Q[query], params)
         return cur.rowcount
 
@@ -84,9 +91,8 @@ class PgTx:
         cur = await self._conn.execute(Q[query], params)
         return await cur.fetchall()
 
-    async def execute(self, sql: str, params: Mapping[str, Any]) -> int:
-        cur = await self._conn.execute(_psycopg(sql), dict(params))
-        return cur.rowcount
+    async def execute(self, sql: str, params: Mapping[str, Any]) -> None:
+        await self._conn.execute(_psycopg(sql), dict(params))
 
 
 class PgConnector:

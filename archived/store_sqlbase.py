@@ -44,14 +44,24 @@ PROCESSING_STATES = sorted(PROCESSING)
 class Tx(Protocol):
     """The statements of one open transaction."""
 
-    async def run(self, query: str, **params: Any) -> int:
-        """A named query; the rows it changed."""
+    async def run(self, query: str, **params: Any) -> None:
+        """A named write. A backend may hold it back until the transaction's next read
+        or its end (SQLite sends them all at once), so its error may come then."""
+        ...
+
+    async def must_change(self, query: str, stale: BaseException, **params: Any) -> None:
+        """A named write that must change exactly one row: `stale` is raised if not (at
+        the latest when the transaction ends; it is undone then)."""
+        ...
+
+    async def count(self, query: str, **params: Any) -> int:
+        """A named write, now; the rows it changed."""
         ...
 
     async def all(self, query: str, **params: Any) -> list[dict[str, Any]]: ...
 
-    async def execute(self, sql: str, params: Mapping[str, Any]) -> int:
-        """SQL made here from known column names (with `:name` parameters)."""
+    async def execute(self, sql: str, params: Mapping[str, Any]) -> None:
+        """SQL made here from known column names (with `:name` parameters), as `run`."""
         ...
 
 
@@ -93,9 +103,14 @@ class SqlBase:
         if to_state in FINAL | IDLE:  # no daemon runs it now
             fields |= {"owner": None, "lease_until": None}
         now = utcnow()
-        changed = await tx.run("set_state", id=job_id, from_state=state, to_state=to_state, now=now)
-        if changed != 1:
-            raise StaleState(f"job {job_id} is no longer {state}")
+        await tx.must_change(
+            "set_state",
+            StaleState(f"job {job_id} is no longer {state}"),
+            id=job_id,
+            from_state=state,
+            to_state=to_state,
+            now=now,
+        )
         await self._update(tx, job_id, fields)
         await self._history(tx, job_id, to_state, reason, now)
         return to_state
@@ -127,7 +142,7 @@ class SqlBase:
         )
 
     async def _schedule_run(self, tx: Tx, run: ScheduleRun) -> bool:
-        inserted = await tx.run(
+        inserted = await tx.count(
             "insert_schedule_run",
             schedule=run.schedule,
             slot=run.slot,

@@ -138,6 +138,7 @@ async def test_a_group_that_sqlite_rolled_back_fails_every_member_in_it(
     async def disk_full(tx: SqliteTx, n: int) -> None:
         if n == 1:
             await tx.execute("ROLLBACK", {})  # what SQLite does on SQLITE_FULL
+            await tx.all("ping")  # a read sends the writes that wait
             full = sqlite3.OperationalError("database or disk is full")
             full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
             raise full
@@ -145,6 +146,56 @@ async def test_a_group_that_sqlite_rolled_back_fails_every_member_in_it(
     outcome = await concurrently(db, 3, disk_full)
     assert outcome == {0: "SQLITE_FULL", 1: "SQLITE_FULL", 2: "done"}
     assert rows(tmp_path / "q.db") == [2]
+    await db.close()
+
+
+async def test_a_write_that_must_change_a_row_undoes_its_member_alone(tmp_path: Path) -> None:
+    """`must_change` is checked when the member's statements reach SQLite (at its end):
+    the member that changed nothing raises its error and is undone; the group's
+    others commit."""
+    db = await opened(tmp_path / "q.db")
+
+    async def bump(tx: SqliteTx, n: int) -> None:
+        await tx.execute("INSERT INTO t (n) VALUES (:n)", {"n": n + 10})
+        if n == 1:  # no such copy: stale
+            await tx.must_change("delete_copy", Boom("gone"), job_id="none", target="t")
+
+    before = db.commits
+    outcome = await concurrently(db, 3, bump)
+    assert outcome == {0: "done", 1: "Boom", 2: "done"}
+    assert rows(tmp_path / "q.db") == [0, 2, 10, 12]
+    assert db.commits - before == 1
+    await db.close()
+
+
+async def test_a_transaction_alone_is_one_trip_to_the_database_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BEGIN, its writes and the COMMIT go to aiosqlite's thread at once; a read in
+    between takes what waits with it."""
+    import archived.store_sqlite as store_sqlite
+
+    db = await opened(tmp_path / "q.db")
+    trips: list[int] = []
+    hop = store_sqlite._in_db_thread
+
+    def counted(
+        conn: object, fn: Callable[..., object], batch: list[object], *rest: object
+    ) -> object:
+        trips.append(len(batch))
+        return hop(conn, fn, batch, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_sqlite, "_in_db_thread", counted)
+    async with db.transaction() as tx:
+        for n in range(5):
+            await tx.execute("INSERT INTO t (n) VALUES (:n)", {"n": n})
+    assert trips == [6]  # BEGIN and five INSERTs; the COMMIT with them
+    async with db.transaction() as tx:
+        await tx.execute("INSERT INTO t (n) VALUES (5)", {})
+        assert len(await tx.all("ping")) == 1
+        await tx.execute("INSERT INTO t (n) VALUES (6)", {})
+    assert trips == [6, 3, 1]
+    assert rows(tmp_path / "q.db") == list(range(7))
     await db.close()
 
 
