@@ -23,7 +23,7 @@ from typing import Any
 
 from . import __version__
 from .errors import IntegrityError
-from .fileio import BUFFER_SIZE, atomic_file, file_sha256, hash_file
+from .fileio import BUFFER_SIZE, file_sha256, hash_file, scratch_file
 from .tarformat import padding, tar_header
 
 BAGIT_TXT = "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
@@ -76,16 +76,18 @@ class Oxum:
 
 
 def write_tag(path: Path, data: bytes) -> None:
-    """A tag file of the bag in staging, whole or not at all. Its directory is not
-    fsynced: a staging area a crash interrupted is made again."""
-    with atomic_file(path, sync_dir=False) as f:
+    """A tag file of the bag in staging: neither fsynced nor renamed into place. The
+    step that writes it runs again after a crash of the daemon, and post-processing
+    from its start after a restart of the machine; once sealed, only the head made of
+    the tag files (fsynced) is read."""
+    with scratch_file(path) as f:
         f.write(data)
 
 
 def write_payload_manifest(bag_dir: Path, records: Iterable[Path]) -> Oxum:
     """manifest-sha256.txt from the activity records, streamed; returns Payload-Oxum."""
     total = count = 0
-    with atomic_file(bag_dir / MANIFEST, sync_dir=False) as out:
+    with scratch_file(bag_dir / MANIFEST) as out:
         for sha256, size, path in record_fields(records):
             out.write(f"{sha256}  {path}".encode())
             total += int(size)
@@ -182,10 +184,12 @@ class Packed:
 def write_head(bag_dir: Path, bag_name: str, out: Path) -> None:
     """The members that open the archive: the tag files, then the `data/` directory.
 
-    The payload members follow in the activities' fragments, then `END`.
+    The payload members follow in the activities' fragments, then `END`. Fsynced with
+    its directory: what the sealed archive is made of must survive a restart of the
+    machine (the fragments are read again then, and `END` is written again).
     """
     mtime = int(time.time())
-    with atomic_file(out, sync_dir=False) as f:
+    with scratch_file(out, durable=True) as f:
         for name in SEALED_TAG_FILES:
             path = bag_dir / name
             if not path.exists():

@@ -24,6 +24,7 @@ from .phase import JobContext, Outcome
 from .retention import expiry, hold_copies
 from .states import Event, State
 from .store import Copy, NewCopy
+from .tarformat import END
 
 log = structlog.get_logger(component="copies")
 
@@ -50,10 +51,8 @@ class StorePhase:
         else:
             parts = staging.archive_parts()
             if await ctx.reverify_after_restart(await ctx.activity_results()):
-                # the tag files are fsynced, the head made of them is not: make it again
-                await anyio.to_thread.run_sync(
-                    bag.write_head, staging.bag_dir, ctx.bag_name, staging.head
-                )
+                # the head is fsynced when sealed, `END` is not: write it again
+                await anyio.to_thread.run_sync(bag.write_tag, staging.end, END)
         digest: Digest = Future()
         # locked (where a target can) until the job's retention passes, never later
         lock = Lock(

@@ -72,6 +72,22 @@ def atomic_file(
         fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def scratch_file(path: Path, *, durable: bool = False) -> Iterator[BinaryIO]:
+    """`path` written afresh (mode 0600, a symbolic link there not followed), in place:
+    for staging, where whoever wrote it writes it again after a crash, so a partly
+    written file needs no temporary name. `durable`: fsynced, and its directory too,
+    before the block returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb", buffering=BUFFER_SIZE) as f:
+        yield f
+        if durable:
+            f.flush()
+            os.fsync(fd)
+    if durable:
+        fsync_dir(path.parent)
+
+
 def _link_new(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)

@@ -18,15 +18,17 @@ from pathlib import Path
 CACHE_KIB = 1024
 
 
-def temporary_db(path: Path | None = None) -> sqlite3.Connection:
+def temporary_db(path: Path | None = None, *, memory: bool = False) -> sqlite3.Connection:
     """A private SQLite database in a temporary file, deleted when it is closed (at
-    `path`, if given: the caller deletes it).
+    `path`, if given: the caller deletes it), or all in memory (`memory`: for a few
+    names, where a file would cost more than the names).
 
     Nothing in it must survive a crash, so it keeps no journal and never syncs.
     """
     if path is not None:
         path.unlink(missing_ok=True)  # from an earlier try
-    db = sqlite3.connect(path or "", isolation_level=None, check_same_thread=False)
+    where = ":memory:" if memory else str(path or "")
+    db = sqlite3.connect(where, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode = OFF")
     db.execute("PRAGMA synchronous = OFF")
     db.execute("PRAGMA temp_store = FILE")
@@ -43,13 +45,19 @@ class Collisions:
     """Names that would collide on extraction, from any number of names.
 
     `add()` them, then read `groups()`; `alike()` gives the names that collide with one
-    name. Uses `db` (a `temporary_db()`) if given, else a database of its own, in a
-    file at `path` if given.
+    name. Uses `db` (a `temporary_db()`) if given, else a database of its own: in
+    memory with `memory`, else in a file (at `path` if given).
     """
 
-    def __init__(self, db: sqlite3.Connection | None = None, *, path: Path | None = None) -> None:
-        self.owned, self.path = db is None, path
-        self.db = temporary_db(path) if db is None else db
+    def __init__(
+        self,
+        db: sqlite3.Connection | None = None,
+        *,
+        path: Path | None = None,
+        memory: bool = False,
+    ) -> None:
+        self.owned, self.path = db is None, None if memory else path
+        self.db = temporary_db(self.path, memory=memory) if db is None else db
         # `fold` is NULL where it equals the name (most names): half the file.
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS names (path TEXT PRIMARY KEY, fold TEXT) WITHOUT ROWID"

@@ -30,6 +30,9 @@ log = structlog.get_logger(component="postprocess")
 
 POST_STEPS = ("check_integrity", "calculate_checksums", "sign")
 COLLISIONS_SHOWN = 100  # sets of colliding names a job's warning event lists
+# Records up to this size (about 40,000 payload files) look for colliding names in
+# memory; more in a file in staging, so memory stays flat.
+NAMES_IN_MEMORY = 4 * 1024 * 1024
 
 
 class PostProcessing:
@@ -47,6 +50,12 @@ class PostProcessing:
         await ctx.begin_attempt(State.POST_PROCESSING)
         done = ctx.job.step
         start = POST_STEPS.index(done) + 1 if done in POST_STEPS else 0
+        if 0 < start < len(POST_STEPS) and ctx.staging.staged_before_restart(
+            await ctx.activity_results()
+        ):
+            # the tag files the steps done wrote are not fsynced: all of them again
+            log.warning("the machine restarted during post-processing: it starts over")
+            start = 0
         for step in POST_STEPS[start:]:
             await failpoints.reach(step)
             self.step_events = []
@@ -123,7 +132,8 @@ class PostProcessing:
                 timestamped=bool(ctx.config.signing.tsa_url),
             )
             bag.write_tag_files(staging.bag_dir, info=info)
-            with Collisions(path=staging.names_db) as names:
+            few = sum(os.stat(r).st_size for r in staging.records()) <= NAMES_IN_MEMORY
+            with Collisions(path=staging.names_db, memory=few) as names:
                 names.add(bag.payload_paths(staging.records()))
                 return oxum, list(names.groups())
 

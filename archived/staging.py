@@ -5,8 +5,10 @@ tar fragment), `records/<activity>.records` (sha256, size and path of each file 
 wrote), `bag/` (the tag files), `head.tar` (their tar members) and `end.tar`; the
 archive is the concatenation of head, fragments and end, in that order.
 
-Staging is not fsynced: a fragment written before the machine last started may have
-holes, so it is re-read against its records before it is used (`reverify_after_restart`).
+Staging is not fsynced, but for the sealed head: a fragment written before the machine
+last started may have holes, so it is re-read against its records before it is used
+(`reverify_after_restart`); the tag files are made again (post-processing starts over),
+and `END` is written again.
 """
 
 from __future__ import annotations
@@ -105,14 +107,19 @@ class Staging:
             path.unlink(missing_ok=True)
         writer.records_path.with_name(writer.records_path.name + ".part").unlink(missing_ok=True)
 
+    @staticmethod
+    def staged_before_restart(reported: dict[str, dict[str, Any]]) -> list[str]:
+        """The activities whose staging was written before the machine last started."""
+        boot = boot_id()
+        return [name for name, result in reported.items() if result.get("boot") != boot]
+
     async def reverify_after_restart(
         self, job_id: str, reported: dict[str, dict[str, Any]], limiter: anyio.CapacityLimiter
     ) -> list[str]:
         """Re-read, against their records, the fragments written before the machine
         last started: staging is not fsynced, so they may have holes. Returns the
         activities re-read; IntegrityError names the first file that does not match."""
-        boot = boot_id()
-        stale = [name for name, result in reported.items() if result.get("boot") != boot]
+        stale = self.staged_before_restart(reported)
         for name in stale:
             log.warning("the machine restarted since this activity ran: re-reading", activity=name)
             try:

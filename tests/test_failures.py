@@ -370,6 +370,37 @@ def test_staging_from_before_the_machine_restarted_is_read_again(
 
 
 @pytest.mark.slow
+def test_post_processing_starts_over_after_the_machine_restarted_in_it(root: Root) -> None:
+    """The tag files are not fsynced: after a restart of the machine between two steps,
+    post-processing does them all again, from re-reading the fragments on."""
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "sign=kill"})
+    (job_id,) = root.submit(root.job_file("rebooted"))
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    bag_dir = root.state_dir / "staging" / job_id / "bag"
+    (bag_dir / "bag-info.txt").write_bytes(bytes(40))  # as a lost write leaves it
+    restarted = root.start(env={"ARCHIVED_BOOT_ID": "a later start of the machine"})
+    job = root.wait_state(job_id, "completed", "failed")
+    assert "post-processing: it starts over" in restarted.log_text()
+    assert_one_verified_copy_per_target(root, job_id)
+    checks = [e["detail"] for e in job["events"] if e["kind"] == "check_integrity"]
+    assert len(checks) == 2 and checks[1]["reread_after_restart"] == ["a"], checks
+
+
+@pytest.mark.slow
+def test_end_of_the_archive_is_written_again_after_the_machine_restarted(root: Root) -> None:
+    """`END` is not fsynced when sealed (the head is): after a restart of the machine
+    it is written again before the copies are made."""
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store=kill"})
+    (job_id,) = root.submit(root.job_file("rebooted"))
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    end = root.state_dir / "staging" / job_id / "end.tar"
+    end.write_bytes(b"\xff" * len(end.read_bytes()))  # the size kept, the bytes not
+    root.start(env={"ARCHIVED_BOOT_ID": "a later start of the machine"})
+    root.wait_state(job_id, "completed", "failed")
+    assert_one_verified_copy_per_target(root, job_id)
+
+
+@pytest.mark.slow
 def test_a_staged_archive_that_changed_size_after_sign_fails_the_job(root: Root) -> None:
     daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store=kill"})
     (job_id,) = root.submit(root.job_file("grown"))
