@@ -106,13 +106,14 @@ class Activities:
         return {**result, "boot": boot_id()}
 
     async def _report_progress(self, name: str, writer: ArtifactWriter) -> None:
-        """At once and then every second, how far the task has come against what its
-        driver knew of the source, for `archived show` and `archived submit --wait`."""
+        """Every second, how far the task has come against what its driver knew of the
+        source, for `archived show` and `archived submit --wait`. Not at once: a task done
+        within the second (most, in a burst of small jobs) costs no commit for it."""
         since = now_iso()
         estimate = self.estimates.get(name, Estimate(0))
         while True:
+            await anyio.sleep(1)
             report = Report(
                 writer.files, writer.moved, estimate.files, estimate.bytes, since, now_iso()
             )
             await self.ctx.store.task_progress(self.ctx.id, "activity", name, report.dumps())
-            await anyio.sleep(1)

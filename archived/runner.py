@@ -99,13 +99,16 @@ class JobRunner:
                 fields = fields | self.ctx.attempt_fields(entered)
             self.ctx.counted = None
             try:
-                new = await self.svc.store.transition(
+                job = await self.svc.store.transition(
                     self.id, state, outcome.event, outcome.reason, **fields
                 )
             except StaleState:
                 log.warning("job moved under us; re-reading")
-                new = state
+                moved = await self.svc.store.job(self.id)
+                assert moved is not None
+                job, new = moved, state
             else:
+                new = job.state
                 self.ctx.counted = entered if entered in PHASES else None
             structlog.contextvars.bind_contextvars(state=new.value)
             self.svc.metrics.transition(new)
@@ -117,8 +120,6 @@ class JobRunner:
                 on=outcome.event.value,
                 reason=outcome.reason,
             )
-            job = await self.svc.store.job(self.id)
-            assert job is not None
             self.job = job
         if self.ctx.counted is not None and self.state == self.ctx.counted:
             # stopped between the transition that counted the phase's attempt and the

@@ -413,7 +413,10 @@ class Store(Protocol):
     # -- a job this daemon runs
     async def transition(
         self, job_id: str, state: State, event: str, reason: str, **fields: Any
-    ) -> State: ...
+    ) -> Job:
+        """The job moved from `state` by `event`, as it is now; StaleState if it moved."""
+        ...
+
     async def update_job(self, job_id: str, **fields: Any) -> None:
         """Set job columns that are not its state (attempts, cleanup_attempts, ...)."""
         ...

@@ -91,6 +91,9 @@ class PgTx:
         cur = await self._conn.execute(Q[query], params)
         return await cur.fetchall()
 
+    async def rows_later(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        return await self.all(query, **params)
+
     async def execute(self, sql: str, params: Mapping[str, Any]) -> None:
         await self._conn.execute(_psycopg(sql), dict(params))
 

@@ -60,6 +60,12 @@ class Tx(Protocol):
 
     async def all(self, query: str, **params: Any) -> list[dict[str, Any]]: ...
 
+    async def rows_later(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        """A named read that goes with the writes before it: the list it returns is
+        filled by the time the transaction ends (at once where writes are not held
+        back)."""
+        ...
+
     async def execute(self, sql: str, params: Mapping[str, Any]) -> None:
         """SQL made here from known column names (with `:name` parameters), as `run`."""
         ...

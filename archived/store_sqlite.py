@@ -57,13 +57,18 @@ def _params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class _Statement:
-    __slots__ = ("params", "sql", "stale")
+    __slots__ = ("into", "params", "sql", "stale")
 
     def __init__(
-        self, sql: str, params: Mapping[str, Any], stale: BaseException | None = None
+        self,
+        sql: str,
+        params: Mapping[str, Any],
+        stale: BaseException | None = None,
+        into: list[dict[str, Any]] | None = None,
     ) -> None:
         self.sql, self.params = sql, params
         self.stale = stale  # raised unless the statement changes exactly one row
+        self.into = into  # filled with the rows it reads
 
 
 def _in_db_thread(db: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Any:
@@ -96,6 +101,11 @@ class SqliteTx:
 
     async def must_change(self, query: str, stale: BaseException, **params: Any) -> None:
         self._pending.append(_Statement(Q[query], _params(params), stale))
+
+    async def rows_later(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        self._pending.append(_Statement(Q[query], _params(params), into=rows))
+        return rows
 
     async def count(self, query: str, **params: Any) -> int:
         return int((await self._flush(_Statement(Q[query], _params(params))))[1])
@@ -141,7 +151,9 @@ class SqliteTx:
                 count = cur.rowcount
                 if statement.stale is not None and count != 1:
                     raise statement.stale
-                if fetch and statement is batch[-1]:
+                if statement.into is not None:
+                    statement.into[:] = [dict(r) for r in cur.fetchall()]
+                elif fetch and statement is batch[-1]:
                     rows = [dict(r) for r in cur.fetchall()]
             finally:
                 cur.close()

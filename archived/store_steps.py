@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .states import Event, State
-from .store import NewCopy, utcnow
+from .store import Job, NewCopy, utcnow
 from .store_sqlbase import SqlBase
 
 
@@ -19,9 +19,11 @@ class StepOps(SqlBase):
 
     async def transition(
         self, job_id: str, state: State, event: str, reason: str, **fields: Any
-    ) -> State:
+    ) -> Job:
         async with self._owned(job_id) as tx:
-            return await self._transition(tx, job_id, state, Event(event), reason, **fields)
+            await self._transition(tx, job_id, state, Event(event), reason, **fields)
+            rows = await tx.rows_later("get_job", id=job_id)  # with them: no read after
+        return Job.from_row(rows[0])
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
         async with self._owned(job_id) as tx:
