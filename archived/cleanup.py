@@ -20,7 +20,7 @@ from . import children, failpoints, orphans
 from .errors import Kind, classify, describe
 from .phase import JobContext, Outcome
 from .retention import expiry
-from .states import Event
+from .states import Event, State
 from .store import utcnow
 
 log = structlog.get_logger(component="cleanup")
@@ -64,9 +64,14 @@ async def cleanup(ctx: JobContext) -> Outcome:
 
     A job whose copies were stored stays `completed`.
     """
-    attempt = ctx.job.cleanup_attempts + 1  # counted before anything, as phases are
-    await ctx.store.update_job(ctx.id, cleanup_attempts=attempt)
-    ctx.job = ctx.job.replace(cleanup_attempts=attempt)
+    # counted before anything, as phases are; by the transition into cleanup, if it could
+    if ctx.counted == State.CLEANUP:
+        attempt = ctx.job.cleanup_attempts
+    else:
+        attempt = ctx.job.cleanup_attempts + 1
+        await ctx.store.update_job(ctx.id, cleanup_attempts=attempt)
+        ctx.job = ctx.job.replace(cleanup_attempts=attempt)
+    ctx.counted = None
     last = ctx.retry.last(attempt)
     failed = bool(ctx.job.error)
     # what an earlier attempt left on the targets (one taken over from a dead daemon)

@@ -97,9 +97,10 @@ class JobContext:
         return self.retry.next_try(failed, utcnow(), random.random())
 
     def attempt_fields(self, phase: State) -> dict[str, Any]:
-        """The job's fields that count one more attempt of `phase`."""
-        attempts = self.job.attempts + 1 if self.job.phase == phase else 1
-        return {"phase": phase.value, "attempts": attempts}
+        """The job's fields that count one more attempt of `phase` (of cleanup: its own)."""
+        if phase == State.CLEANUP:
+            return {"cleanup_attempts": self.job.cleanup_attempts + 1}
+        return self.job.attempt_fields(phase)
 
     async def begin_attempt(self, phase: State) -> None:
         """Count an attempt of `phase` before doing anything, so a crash counts too;

@@ -39,9 +39,10 @@ log = structlog.get_logger(component="runner")
 
 
 class JobRunner:
-    def __init__(self, svc: Services, job: Job) -> None:
+    def __init__(self, svc: Services, job: Job, counted: State | None = None) -> None:
         self.svc = svc
         self.ctx = JobContext(svc, job)
+        self.ctx.counted = counted  # the claim counted the attempt of the job's phase
         self.id = job.id
         self.config = self.ctx.config
         self.last_error: BaseException | None = None
@@ -95,7 +96,8 @@ class JobRunner:
                 return  # shutting down: the next start resumes from this state
             fields = outcome.fields
             entered = next_state(state, outcome.event)
-            if entered in PHASES and entered != state:  # its attempt counted in this commit
+            counts = entered in PHASES or entered == State.CLEANUP
+            if counts and entered != state:  # its attempt counted in this commit
                 fields = fields | self.ctx.attempt_fields(entered)
             self.ctx.counted = None
             try:
@@ -109,7 +111,7 @@ class JobRunner:
                 job, new = moved, state
             else:
                 new = job.state
-                self.ctx.counted = entered if entered in PHASES else None
+                self.ctx.counted = entered if counts else None
             structlog.contextvars.bind_contextvars(state=new.value)
             self.svc.metrics.transition(new)
             if new == State.COMPLETED:
@@ -122,9 +124,13 @@ class JobRunner:
             )
             self.job = job
         if self.ctx.counted is not None and self.state == self.ctx.counted:
-            # stopped between the transition that counted the phase's attempt and the
-            # phase itself: shutdown is not the phase's fault, give the attempt back
-            await self.svc.store.update_job(self.id, attempts=self.job.attempts - 1)
+            # stopped between the transition (or the claim) that counted the phase's
+            # attempt and the phase itself: shutdown is not the phase's fault, give the
+            # attempt back
+            back = {
+                k: n - 1 for k, n in self.ctx.attempt_fields(self.state).items() if k != "phase"
+            }
+            await self.svc.store.update_job(self.id, **back)
 
     def lose(self) -> None:
         """Another daemon owns the job now: stop at once, write nothing more."""

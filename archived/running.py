@@ -85,7 +85,8 @@ class RunningJobs:
             if claim is None:
                 return
             self._claimed(claim)
-            self.start(claim.job)
+            counted = State.ACTIVITY_ARCHIVING if claim.how == "triggered" else None
+            self.start(claim.job, counted)
 
     def _ours_in_flight(self, job: Job) -> bool:
         """In a processing state, not waiting to retry (the claim takes it when due), not
@@ -110,9 +111,9 @@ class RunningJobs:
         if claim.how != "resumed":
             self.svc.metrics.transition(job.state)
 
-    def start(self, job: Job) -> None:
+    def start(self, job: Job, counted: State | None = None) -> None:
         job_id = job.id
-        runner = JobRunner(self.svc, job)
+        runner = JobRunner(self.svc, job, counted)
         self.runners[job_id] = runner
         whole = self.whole_job[job_id] = runner.whole = anyio.CancelScope()
 

@@ -133,6 +133,11 @@ class Job(_Row):
     def replace(self, **changes: Any) -> Job:
         return type(self)(**{**self.__dict__, **changes})
 
+    def attempt_fields(self, phase: State) -> dict[str, Any]:
+        """The fields that count one more attempt of `phase`."""
+        attempts = self.attempts + 1 if self.phase == phase else 1
+        return {"phase": phase.value, "attempts": attempts}
+
     @property
     def key(self) -> str:
         """Where its archive lies on a target."""

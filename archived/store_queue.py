@@ -101,6 +101,8 @@ class QueueOps(SqlBase):
                     config=config,
                     config_digest=config_digest,
                     started_at=job.started_at or utcnow(),
+                    # its first phase's attempt, counted in this commit (see runner.py)
+                    **job.attempt_fields(State.ACTIVITY_ARCHIVING),
                 )
             elif job.owner in (None, self.host_id) or not self.shared:
                 how, previous = (
@@ -122,8 +124,8 @@ class QueueOps(SqlBase):
                 how, previous = "taken_over", job.owner
                 await self._take_over(tx, job)
             await self._hold(tx, job.id)
-            rows = await tx.all("get_job", id=job.id)
-            return Claim(Job.from_row(rows[0]), how, previous)
+            rows = await tx.rows_later("get_job", id=job.id)
+        return Claim(Job.from_row(rows[0]), how, previous)
 
     async def _take_over(self, tx: Tx, job: Job) -> None:
         """The job of a daemon whose lease lapsed. Its staging was on that host: the

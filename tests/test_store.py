@@ -136,6 +136,22 @@ async def test_a_waiting_job_is_claimed_when_due_and_holds_nothing_before(
     assert reasons[-1] == "backoff over: re-entering activity_archiving"
 
 
+async def test_the_claim_counts_the_first_phase_attempt_in_its_commit(store: Store) -> None:
+    """No commit of its own for the attempt of activity_archiving: the claim counts it."""
+    await store.insert_job(
+        NewJob("j1", "one", "{}", "-", "{}", "d", None, (("activity", "a"),)), reason="new"
+    )
+    claim = await store.claim_next("{}", "d")
+    assert claim is not None and claim.how == "triggered"
+    assert (claim.job.state, claim.job.phase, claim.job.attempts) == (
+        State.ACTIVITY_ARCHIVING,
+        State.ACTIVITY_ARCHIVING.value,
+        1,
+    )
+    stored = await store.job("j1")
+    assert stored is not None and (stored.phase, stored.attempts) == ("activity_archiving", 1)
+
+
 # -- every migration, one at a time, over rows written in the form of their time ---------
 
 T0 = "2026-01-02T03:04:05+00:00"  # forms that older code wrote: offset, no fraction, ...
