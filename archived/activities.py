@@ -62,24 +62,24 @@ class Activities:
         drivers know of their sources is kept: their progress is shown against it."""
         ctx = self.ctx
         pending = [t.name for t in await ctx.tasks("activity") if t.state != "completed"]
-        needed = 0
-        for name in pending:
-            await anyio.to_thread.run_sync(Staging.clear_activity, self._writer(name))
-            estimate = await anyio.to_thread.run_sync(
-                self._driver(name).estimate,
-                f"{ctx.bag_name}/data/{name}/",
-                limiter=ctx.svc.hash_threads,
-            )
-            if estimate is not None:
-                self.estimates[name] = estimate
-                needed += estimate.staged
-        if needed:
-            await anyio.to_thread.run_sync(ctx.staging.require_space, needed)
+        work = [(name, self._writer(name), self._driver(name)) for name in pending]
+
+        def measure() -> None:  # one trip to a worker thread for all of them
+            needed = 0
+            for name, writer, driver in work:
+                Staging.clear_activity(writer)  # what an unfinished earlier try left
+                estimate = driver.estimate(f"{ctx.bag_name}/data/{name}/")
+                if estimate is not None:
+                    self.estimates[name] = estimate
+                    needed += estimate.staged
+            if needed:
+                ctx.staging.require_space(needed)
+
+        await anyio.to_thread.run_sync(measure, limiter=ctx.svc.hash_threads)
 
     async def _activity(self, name: str) -> dict[str, Any]:
         ctx = self.ctx
-        writer = self._writer(name)
-        await anyio.to_thread.run_sync(Staging.clear_activity, writer)
+        writer = self._writer(name)  # cleared by _check_staging_space, just before
         driver = self._driver(name)
         activity = ActivityContext(ctx.id, ctx.config, writer, ctx.svc.hash_threads)
         error: Exception | None = None

@@ -19,6 +19,7 @@ import structlog
 from . import bag, failpoints
 from .errors import IntegrityError
 from .fileio import parts_size
+from .minisign import SecretKey
 from .moments import compact, iso, utcnow
 from .names import Collisions
 from .phase import JobContext, Outcome
@@ -177,22 +178,31 @@ class PostProcessing:
             bag.write_tag(staging.end, END)
             return parts_size(staging.archive_parts())
 
-        manifest = await anyio.to_thread.run_sync(sign_manifest, limiter=ctx.svc.hash_threads)
-        token = None
         signing = ctx.config.signing
-        if signing.tsa_url:
-            assert signing.tsa_ca is not None  # the config requires it with tsa_url
-            stamped = await request_token(
-                signing.tsa_url, manifest, ca=signing.tsa_ca, timeout=signing.tsa_timeout
-            )
-            token = stamped.response
-            self._step_event(
-                "timestamp",
-                tsa=signing.tsa_url,
-                gen_time=iso(stamped.gen_time),
-                serial=stamped.serial,
-            )
-        size = await anyio.to_thread.run_sync(seal, token, limiter=ctx.svc.hash_threads)
+        if not signing.tsa_url:  # no time-stamp to wait for: one trip to a thread
+
+            def sign_and_seal() -> int:
+                sign_manifest()
+                return seal(None)
+
+            size = await anyio.to_thread.run_sync(sign_and_seal, limiter=ctx.svc.hash_threads)
+            return self._sealed(bag_name, size, secret)
+        manifest = await anyio.to_thread.run_sync(sign_manifest, limiter=ctx.svc.hash_threads)
+        assert signing.tsa_ca is not None  # the config requires it with tsa_url
+        stamped = await request_token(
+            signing.tsa_url, manifest, ca=signing.tsa_ca, timeout=signing.tsa_timeout
+        )
+        self._step_event(
+            "timestamp",
+            tsa=signing.tsa_url,
+            gen_time=iso(stamped.gen_time),
+            serial=stamped.serial,
+        )
+        size = await anyio.to_thread.run_sync(seal, stamped.response, limiter=ctx.svc.hash_threads)
+        return self._sealed(bag_name, size, secret)
+
+    @staticmethod
+    def _sealed(bag_name: str, size: int, secret: SecretKey) -> dict[str, Any]:
         log.info(
             "archive sealed",
             archive=bag_name + ".tar",
