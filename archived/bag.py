@@ -76,10 +76,8 @@ class Oxum:
 
 
 def write_tag(path: Path, data: bytes) -> None:
-    """A tag file of the bag in staging: neither fsynced nor renamed into place. The
-    step that writes it runs again after a crash of the daemon, and post-processing
-    from its start after a restart of the machine; once sealed, only the head made of
-    the tag files (fsynced) is read."""
+    """A small file in staging (`END`): neither fsynced nor renamed into place; it is
+    written again after a restart of the machine."""
     with scratch_file(path) as f:
         f.write(data)
 
@@ -114,25 +112,32 @@ def bag_info(
     return "\n".join(lines) + "\n"
 
 
-def write_tag_files(bag_dir: Path, *, info: str) -> None:
-    write_tag(bag_dir / "bagit.txt", BAGIT_TXT.encode())
-    write_tag(bag_dir / "bag-info.txt", info.encode("utf-8"))
-
-
-def write_events(bag_dir: Path, events: Iterable[dict[str, Any]]) -> None:
+def tag_files(info: str, events: Iterable[dict[str, Any]]) -> dict[str, bytes]:
+    """bagit.txt, bag-info.txt and the event log: small, made in memory, never staged
+    as files of their own (they go into the head, which is)."""
     lines = "".join(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in events)
-    write_tag(bag_dir / EVENTS, lines.encode("utf-8"))
+    return {
+        "bagit.txt": BAGIT_TXT.encode(),
+        "bag-info.txt": info.encode("utf-8"),
+        EVENTS: lines.encode("utf-8"),
+    }
 
 
-def write_tag_manifest(bag_dir: Path) -> bytes:
-    """tagmanifest-sha256.txt over the tag files; returns its bytes, which get signed."""
+def sign_tags(tags: dict[str, bytes], bag_dir: Path, sign: Callable[[bytes], str]) -> bytes:
+    """tagmanifest-sha256.txt over the tag files (the payload manifest, which grows with
+    the files, streamed from `bag_dir`) and its signature `sign` makes, added to `tags`;
+    returns the tag manifest: what is signed, and what a time-stamp is asked for."""
     lines = []
     for name in TAG_FILES:
-        digest, _ = file_sha256(bag_dir / name)  # the manifest grows with the files: stream it
+        if name in tags:
+            digest = hashlib.sha256(tags[name]).hexdigest()
+        else:
+            digest, _ = file_sha256(bag_dir / name)
         lines.append(f"{digest}  {name}\n")
-    data = "".join(lines).encode()
-    write_tag(bag_dir / TAGMANIFEST, data)
-    return data
+    manifest = "".join(lines).encode()
+    tags[TAGMANIFEST] = manifest
+    tags[SIGNATURE] = sign(manifest).encode()
+    return manifest
 
 
 def verify_fragment(
@@ -181,8 +186,9 @@ class Packed:
     size: int
 
 
-def write_head(bag_dir: Path, bag_name: str, out: Path) -> None:
-    """The members that open the archive: the tag files, then the `data/` directory.
+def write_head(bag_dir: Path, tags: dict[str, bytes], bag_name: str, out: Path) -> None:
+    """The members that open the archive: the tag files (from `tags`, else from
+    `bag_dir`: the payload manifest), then the `data/` directory.
 
     The payload members follow in the activities' fragments, then `END`. Fsynced with
     its directory: what the sealed archive is made of must survive a restart of the
@@ -191,10 +197,14 @@ def write_head(bag_dir: Path, bag_name: str, out: Path) -> None:
     mtime = int(time.time())
     with scratch_file(out, durable=True) as f:
         for name in SEALED_TAG_FILES:
-            path = bag_dir / name
-            if not path.exists():
+            if name in tags:
+                f.write(tar_header(f"{bag_name}/{name}", len(tags[name]), mtime))
+                f.write(tags[name])
+                f.write(padding(len(tags[name])))
+                continue
+            if name != MANIFEST:
                 continue  # the time-stamp token, when no TSA is configured
-            with open(path, "rb") as src:
+            with open(bag_dir / name, "rb") as src:
                 st = os.fstat(src.fileno())
                 f.write(tar_header(f"{bag_name}/{name}", st.st_size, int(st.st_mtime)))
                 shutil.copyfileobj(src, f, BUFFER_SIZE)

@@ -90,7 +90,7 @@ class PostProcessing:
         """
         staging = self.ctx.staging
         fragments = {staging.fragment(a).name for a in staging.activities}
-        extra = sorted(set(os.listdir(staging.parts_dir)) - fragments)
+        extra = sorted(staging.fragments_found() - fragments)
         if extra:
             raise IntegrityError(f"staging holds {extra[0]}, which no activity wrote")
         files = total = 0
@@ -123,16 +123,7 @@ class PostProcessing:
         staging = ctx.staging
 
         def write() -> tuple[bag.Oxum, list[list[str]]]:
-            staging.bag_dir.mkdir(parents=True, exist_ok=True)
             oxum = bag.write_payload_manifest(staging.bag_dir, staging.records())
-            info = bag.bag_info(
-                job_id=ctx.id,
-                bagging_date=datetime.now(UTC).date().isoformat(),
-                oxum=oxum,
-                metadata=ctx.spec.metadata,
-                timestamped=bool(ctx.config.signing.tsa_url),
-            )
-            bag.write_tag_files(staging.bag_dir, info=info)
             few = sum(os.stat(r).st_size for r in staging.records()) <= NAMES_IN_MEMORY
             with Collisions(path=staging.names_db, memory=few) as names:
                 names.add(bag.payload_paths(staging.records()))
@@ -157,24 +148,26 @@ class PostProcessing:
         stamp = compact(utcnow())
         secret = ctx.svc.keys.secret(ctx.config)
         events = await self._event_log()
+        oxum = bag.Oxum(ctx.job.payload_bytes or 0, ctx.job.payload_files or 0)
+        info = bag.bag_info(
+            job_id=ctx.id,
+            bagging_date=datetime.now(UTC).date().isoformat(),
+            oxum=oxum,
+            metadata=ctx.spec.metadata,
+            timestamped=bool(ctx.config.signing.tsa_url),
+        )
+        tags = bag.tag_files(info, events)
+        comment = f"archived job {ctx.id} bag {bag_name} timestamp {stamp}"
 
         def sign_manifest() -> bytes:
-            bag.write_events(staging.bag_dir, events)
-            manifest = bag.write_tag_manifest(staging.bag_dir)
-            signature = secret.sign(
-                manifest,
-                trusted_comment=(f"archived job {ctx.id} bag {bag_name} timestamp {stamp}"),
+            return bag.sign_tags(
+                tags, staging.bag_dir, lambda data: secret.sign(data, trusted_comment=comment)
             )
-            bag.write_tag(staging.bag_dir / bag.SIGNATURE, signature.encode())
-            return manifest
 
         def seal(token: bytes | None) -> int:
-            stale = staging.bag_dir / bag.TIMESTAMP  # from an earlier try of this step
-            if token is None:
-                stale.unlink(missing_ok=True)
-            else:
-                bag.write_tag(stale, token)
-            bag.write_head(staging.bag_dir, bag_name, staging.head)
+            if token is not None:
+                tags[bag.TIMESTAMP] = token
+            bag.write_head(staging.bag_dir, tags, bag_name, staging.head)
             bag.write_tag(staging.end, END)
             return parts_size(staging.archive_parts())
 

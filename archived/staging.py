@@ -1,9 +1,9 @@
 """One job's staging area: where its archive is put together before it is stored.
 
-Layout under `<state_dir>/staging/<job id>/`: `parts/<activity>.tar` (each activity's
-tar fragment), `records/<activity>.records` (sha256, size and path of each file it
-wrote), `bag/` (the tag files), `head.tar` (their tar members) and `end.tar`; the
-archive is the concatenation of head, fragments and end, in that order.
+Layout of `<state_dir>/staging/<job id>/`, one folder: `<activity>.part.tar` (each
+activity's tar fragment), `<activity>.records` (sha256, size and path of each file it
+wrote), `manifest-sha256.txt`, `head.tar` (the tag files' tar members) and `end.tar`;
+the archive is the concatenation of head, fragments and end, in that order.
 
 Staging is not fsynced, but for the sealed head: a fragment written before the machine
 last started may have holes, so it is re-read against its records before it is used
@@ -31,6 +31,12 @@ from .fileio import require_space
 
 log = structlog.get_logger(component="staging")
 
+# An activity's tar fragment: `<activity>.part.tar`, never `head.tar`, `end.tar` or
+# `archive.tar`, whatever the activity's name. One folder a job, no more: on a busy
+# disk each new folder and file costs (ext4 looks for a free inode past the ones just
+# freed), and a burst of small jobs makes and removes many.
+FRAGMENT = ".part.tar"
+
 
 def boot_id() -> str:
     """Which start of the machine this is (Linux); staging from another may have holes."""
@@ -49,15 +55,7 @@ class Staging:
 
     @property
     def bag_dir(self) -> Path:
-        return self.root / "bag"  # the tag files
-
-    @property
-    def records_dir(self) -> Path:
-        return self.root / "records"  # per activity: sha256 size path
-
-    @property
-    def parts_dir(self) -> Path:
-        return self.root / "parts"  # per activity: its tar fragment
+        return self.root  # the payload manifest (the other tag files are in memory)
 
     @property
     def head(self) -> Path:
@@ -76,10 +74,16 @@ class Staging:
         return self.root / "archive.tar"  # the archive fetched back from a kept copy
 
     def fragment(self, activity: str) -> Path:
-        return self.parts_dir / f"{activity}.tar"
+        return self.root / f"{activity}{FRAGMENT}"
+
+    def fragments_found(self) -> set[str]:
+        """The tars staging holds besides the head, the end and a restored archive:
+        fragments, whoever wrote them."""
+        ours = {self.head.name, self.end.name, self.restored.name}
+        return {n for n in os.listdir(self.root) if n.endswith(".tar") and n not in ours}
 
     def records_of(self, activity: str) -> Path:
-        return self.records_dir / f"{activity}.records"
+        return self.root / f"{activity}.records"
 
     def records(self) -> list[Path]:
         return [self.records_of(a) for a in self.activities]

@@ -298,11 +298,11 @@ async def test_staged_artifacts_that_differ_from_their_records_fail_the_job(
 ) -> None:
     (job_id,) = root.drop(root.job_file("tampered"))
     staging = root.state_dir / "staging" / job_id
-    fragment = staging / "parts" / "a.tar"
+    fragment = staging / "a.part.tar"
 
     def damage() -> None:
         if tamper == "extra":
-            (staging / "parts" / "planted.tar").write_bytes(fragment.read_bytes())
+            (staging / "planted.tar").write_bytes(fragment.read_bytes())
         elif tamper == "appended":
             with open(fragment, "ab") as f:
                 f.write(bytes(512))
@@ -310,7 +310,7 @@ async def test_staged_artifacts_that_differ_from_their_records_fail_the_job(
             with open(fragment, "r+b") as f:
                 f.truncate(10)
         else:
-            records = staging / "records" / "a.records"
+            records = staging / "a.records"
             records.write_text(records.read_text().splitlines(keepends=True)[0])
 
     failpoints.at("check_integrity", damage)
@@ -351,7 +351,7 @@ def test_staging_from_before_the_machine_restarted_is_read_again(
     daemon = root.start(env={"ARCHIVED_FAILPOINTS": f"{point}=kill"})
     (job_id,) = root.submit(root.job_file("rebooted"))
     assert daemon.wait_exit(60) == -signal.SIGKILL
-    fragment = root.state_dir / "staging" / job_id / "parts" / "a.tar"
+    fragment = root.state_dir / "staging" / job_id / "a.part.tar"
     if damaged:
         _flip_a_byte_of(fragment, "/data/a/sub/data.bin")
     restarted = root.start(env={"ARCHIVED_BOOT_ID": "a later start of the machine"})
@@ -376,8 +376,8 @@ def test_post_processing_starts_over_after_the_machine_restarted_in_it(root: Roo
     daemon = root.start(env={"ARCHIVED_FAILPOINTS": "sign=kill"})
     (job_id,) = root.submit(root.job_file("rebooted"))
     assert daemon.wait_exit(60) == -signal.SIGKILL
-    bag_dir = root.state_dir / "staging" / job_id / "bag"
-    (bag_dir / "bag-info.txt").write_bytes(bytes(40))  # as a lost write leaves it
+    manifest = root.state_dir / "staging" / job_id / "manifest-sha256.txt"
+    manifest.write_bytes(bytes(len(manifest.read_bytes())))  # as a lost write leaves it
     restarted = root.start(env={"ARCHIVED_BOOT_ID": "a later start of the machine"})
     job = root.wait_state(job_id, "completed", "failed")
     assert "post-processing: it starts over" in restarted.log_text()

@@ -65,8 +65,8 @@ def test_small_files_are_batched_into_one_fragment(root: Root) -> None:
     staging = root.state_dir / "staging" / job_id
     staged = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
     # one fragment and one records file for the activity, however many files it holds
-    assert staged == ["parts/m.tar", "records/m.records"]
-    with tarfile.open(staging / "parts" / "m.tar") as fragment:
+    assert staged == ["m.part.tar", "m.records"]
+    with tarfile.open(staging / "m.part.tar") as fragment:
         names = fragment.getnames()
     assert len(names) == files
     assert names[0].endswith(f"/data/m/d000/f{0:06d}.bin")

@@ -211,15 +211,13 @@ def test_what_the_writer_and_packer_write_verifies(tmp_path: Path, key: SecretKe
     records = [w.records_path for w in writers]
     oxum = packer.write_payload_manifest(bag_dir, records)
     assert (oxum.files, oxum.bytes) == (9, sum(r["bytes"] for r in results))
-    packer.write_tag_files(
-        bag_dir,
-        info=packer.bag_info(job_id="job-1", bagging_date="2024-01-01", oxum=oxum, metadata={}),
+    tags = packer.tag_files(
+        packer.bag_info(job_id="job-1", bagging_date="2024-01-01", oxum=oxum, metadata={}),
+        [{"event": "created"}],
     )
-    packer.write_events(bag_dir, [{"event": "created"}])
-    signed = packer.write_tag_manifest(bag_dir)
-    (bag_dir / SIGNATURE).write_text(key.sign(signed, trusted_comment="job-1"))
+    packer.sign_tags(tags, bag_dir, lambda data: key.sign(data, trusted_comment="job-1"))
     head, end = tmp_path / "head.tar", tmp_path / "end.tar"
-    packer.write_head(bag_dir, BAG, head)
+    packer.write_head(bag_dir, tags, BAG, head)
     end.write_bytes(END)
     archive = [head, parts / "docs.tar", parts / "logs.tar", end]
     out_tar = tmp_path / "out.tar"
