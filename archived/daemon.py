@@ -37,6 +37,10 @@ from .wakeup import SpoolWatch
 
 log = structlog.get_logger(component="daemon")
 
+# The STATUS= line systemd shows: counted at most this often (seconds), not at every turn
+# of the poll loop, which a burst of small jobs turns hundreds of times a second.
+STATUS_EVERY = 1.0
+
 
 async def check_targets(config: Config) -> tuple[list[str], list[str]]:
     """Problems (the target can never work as configured) and warnings (it cannot be
@@ -182,7 +186,7 @@ class Daemon:
             tg.start_soon(self._reloader)
             tg.start_soon(self._watch_spool)
             self.housekeeping.start(tg, self.notify)
-            status = ""
+            status, status_due = "", 0.0
             scheduler = Scheduler(self.svc.store, self.intake.create_scheduled)
             while not self.svc.stopping.is_set():
                 try:
@@ -194,9 +198,11 @@ class Daemon:
                     if self.until_idle and await self._idle():
                         self.svc.stopping.set()
                         self.wake.set()
-                    if (new_status := await self._status()) != status:
-                        status = new_status
-                        self.notify.status(status)
+                    if anyio.current_time() >= status_due:  # a count over every job: not
+                        status_due = anyio.current_time() + STATUS_EVERY  # each turn
+                        if (new_status := await self._status()) != status:
+                            status = new_status
+                            self.notify.status(status)
                     self.queue_problem.over("")
                 except Exception as exc:  # the queue's disk full, its server gone: wait
                     if classify(exc) != Kind.RECOVERABLE:
