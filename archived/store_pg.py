@@ -73,18 +73,30 @@ def _key(task: str) -> int:
 
 
 class PgTx:
-    def __init__(self, conn: psycopg.AsyncConnection[dict[str, Any]]) -> None:
-        self._conn = conn
+    """One transaction's statements. Inside `PgConnector.transaction` the connection is
+    in pipeline mode: writes are sent without waiting for their results, which come
+    with the next read or the COMMIT: a transition is two round trips to the server (the
+    lease check, then the rest with the COMMIT), not seven. The checks of `must_change`
+    and the rows of `rows_later` are settled by `finish()`, before the COMMIT."""
+
+    def __init__(
+        self,
+        conn: psycopg.AsyncConnection[dict[str, Any]],
+        pipeline: psycopg.AsyncPipeline | None = None,
+    ) -> None:
+        self._conn, self._pipeline = conn, pipeline
+        self._checks: list[tuple[psycopg.AsyncCursor[dict[str, Any]], BaseException]] = []
+        self._later: list[tuple[psycopg.AsyncCursor[dict[str, Any]], list[dict[str, Any]]]] = []
 
     async def run(self, query: str, **params: Any) -> None:
         await self._conn.execute(Q[query], params)
 
     async def must_change(self, query: str, stale: BaseException, **params: Any) -> None:
-        if await self.count(query, **params) != 1:
-            raise stale
+        self._checks.append((await self._conn.execute(Q[query], params), stale))
 
     async def count(self, query: str, **params: Any) -> int:
         cur = await self._conn.execute(Q[query], params)
+        await self._sync()
         return cur.rowcount
 
     async def all(self, query: str, **params: Any) -> list[dict[str, Any]]:
@@ -92,10 +104,27 @@ class PgTx:
         return await cur.fetchall()
 
     async def rows_later(self, query: str, **params: Any) -> list[dict[str, Any]]:
-        return await self.all(query, **params)
+        rows: list[dict[str, Any]] = []
+        self._later.append((await self._conn.execute(Q[query], params), rows))
+        return rows
 
     async def execute(self, sql: str, params: Mapping[str, Any]) -> None:
         await self._conn.execute(_psycopg(sql), dict(params))
+
+    async def finish(self) -> None:
+        """The results of what was sent: StaleState (or what `must_change` was given)
+        raised here undoes the transaction."""
+        if self._checks or self._later:
+            await self._sync()
+        for cur, stale in self._checks:
+            if cur.rowcount != 1:
+                raise stale
+        for cur, rows in self._later:
+            rows[:] = await cur.fetchall()
+
+    async def _sync(self) -> None:
+        if self._pipeline is not None:
+            await self._pipeline.sync()
 
 
 class PgConnector:
@@ -164,8 +193,14 @@ class PgConnector:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PgTx]:
         with anyio.CancelScope(shield=True):
-            async with self.pool.connection() as conn, conn.transaction():
-                yield PgTx(conn)
+            async with (
+                self.pool.connection() as conn,
+                conn.pipeline() as pipeline,
+                conn.transaction(),
+            ):
+                tx = PgTx(conn, pipeline)
+                yield tx
+                await tx.finish()
 
     async def fetch(self, query: str, **params: Any) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn:
