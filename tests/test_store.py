@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from archived.states import State
-from archived.store import Job, NewJob, Store, now_iso, peeked, utcnow
+from archived.store import Job, NewJob, StaleState, Store, now_iso, peeked, utcnow
 from archived.store_sql import load_queries, migrations
 from archived.store_sqlite import SqliteConnector, SqliteStore
 
@@ -150,6 +150,25 @@ async def test_the_claim_counts_the_first_phase_attempt_in_its_commit(store: Sto
     )
     stored = await store.job("j1")
     assert stored is not None and (stored.phase, stored.attempts) == ("activity_archiving", 1)
+
+
+async def test_a_transition_from_a_state_the_job_left_changes_nothing(store: Store) -> None:
+    """StaleState, and the transaction undone: no history row, no field changed (the
+    check goes with the writes, not before them)."""
+    await store.insert_job(
+        NewJob("j1", "one", "{}", "-", "{}", "d", None, (("activity", "a"),)), reason="new"
+    )
+    assert await store.claim_next("{}", "d") is not None  # activity_archiving, ours
+    before = await store.history("j1")
+    with pytest.raises(StaleState, match="no longer post_processing"):
+        await store.transition(
+            "j1", State.POST_PROCESSING, "error", "boom", error="should not be kept"
+        )
+    job = await store.job("j1")
+    assert job is not None and (job.state, job.error) == (State.ACTIVITY_ARCHIVING, None)
+    assert await store.history("j1") == before
+    moved = await store.transition("j1", State.ACTIVITY_ARCHIVING, "done", "by hand")
+    assert moved.state == State.POST_PROCESSING
 
 
 # -- every migration, one at a time, over rows written in the form of their time ---------
