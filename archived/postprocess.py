@@ -1,10 +1,12 @@
 """The `post_processing` phase: integrity, checksums, signature and time-stamp.
 
 Three steps, each committed with its result and the events it logs (`finish_step`), so
-a restarted job skips the steps done: `check_integrity` (staging holds what the tasks
-reported), `calculate_checksums` (payload manifest, bag-info, names that collide on
-extraction), `sign` (events log, tag manifest, minisign signature, the RFC 3161
-time-stamp if configured, and the tar's head and end: the archive is sealed).
+a restarted job skips the steps done (all of them again after a restart of the machine:
+the payload manifest in staging is not fsynced): `check_integrity` (staging holds what
+the tasks reported), `calculate_checksums` (the payload manifest, names that collide on
+extraction), `sign` (bag-info, events log, tag manifest, minisign signature, made in
+memory; the RFC 3161 time-stamp if configured; the tar's head, fsynced, and end: the
+archive is sealed).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class PostProcessing:
         if 0 < start < len(POST_STEPS) and ctx.staging.staged_before_restart(
             await ctx.activity_results()
         ):
-            # the tag files the steps done wrote are not fsynced: all of them again
+            # the payload manifest a step done wrote is not fsynced: all of them again
             log.warning("the machine restarted during post-processing: it starts over")
             start = 0
         for step in POST_STEPS[start:]:
