@@ -215,8 +215,8 @@ class Daemon:
                     if classify(exc) != Kind.RECOVERABLE:
                         raise
                     self.queue_problem.say("", "the queue cannot be written now; waiting", exc)
-                with anyio.move_on_after(self.config.daemon.poll_interval):
-                    await self.wake.wait()
+                with anyio.move_on_after(max(0.0, full_due - anyio.current_time())):
+                    await self.wake.wait()  # a full turn at least every poll_interval
                 self.wake = anyio.Event()
             self.notify.stopping()
             await jobs.drain()
@@ -270,6 +270,7 @@ class Daemon:
                 await self._reload()
             finally:
                 self.notify.ready(await self._status())
+                self._news()  # a full turn: the schedules may have changed
 
     async def _reload(self) -> None:
         path = self.config.source

@@ -98,8 +98,8 @@ class JobContext:
 
     def attempt_fields(self, phase: State) -> dict[str, Any]:
         """The job's fields that count one more attempt of `phase` (of cleanup: its own)."""
-        if phase == State.CLEANUP:
-            return {"cleanup_attempts": self.job.cleanup_attempts + 1}
+        if phase == State.CLEANUP:  # and no wait left from before (a canceled retry's)
+            return {"cleanup_attempts": self.job.cleanup_attempts + 1, "retry_at": None}
         return self.job.attempt_fields(phase)
 
     async def begin_attempt(self, phase: State) -> None:

@@ -93,11 +93,12 @@ class JobRunner:
             outcome = await self._guarded_step(state)
             self.svc.metrics.step(state, time.monotonic() - began)
             if outcome is None:
-                return  # shutting down: the next start resumes from this state
+                break  # shutting down: the next start resumes from this state
             fields = outcome.fields
             entered = next_state(state, outcome.event)
-            counts = entered in PHASES or entered == State.CLEANUP
-            if counts and entered != state:  # its attempt counted in this commit
+            # its attempt counted in this commit (not when it stays: a retry counts its own)
+            counts = (entered in PHASES or entered == State.CLEANUP) and entered != state
+            if counts:
                 fields = fields | self.ctx.attempt_fields(entered)
             self.ctx.counted = None
             try:
@@ -127,10 +128,8 @@ class JobRunner:
             # stopped between the transition (or the claim) that counted the phase's
             # attempt and the phase itself: shutdown is not the phase's fault, give the
             # attempt back
-            back = {
-                k: n - 1 for k, n in self.ctx.attempt_fields(self.state).items() if k != "phase"
-            }
-            await self.svc.store.update_job(self.id, **back)
+            field = "cleanup_attempts" if self.state == State.CLEANUP else "attempts"
+            await self.svc.store.update_job(self.id, **{field: getattr(self.job, field) - 1})
 
     def lose(self) -> None:
         """Another daemon owns the job now: stop at once, write nothing more."""

@@ -210,6 +210,29 @@ async def test_cancel_a_queued_job(root: Root) -> None:
     assert job["history"][2]["reason"] == "canceled"
 
 
+@both_backends
+async def test_cancel_a_job_waiting_to_retry_cleans_up_at_once(
+    root: Root, failpoints: Failpoints
+) -> None:
+    """Its wait for the next attempt is over with the cancel: cleanup does not wait
+    for it (nor count its attempt twice)."""
+    root.write_config(retry={"backoff": "1h", "backoff_max": "1h"})
+    failpoints.set("activity_archiving=transient:1")
+    (job_id,) = root.drop(root.job_file("waiting"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(root.run_until_idle)
+        await root.wait_for(job_id, "recoverable_error")
+        assert await root.command("cancel", job_id) == 0
+    job = await root.details(job_id)
+    assert states(job)[-5:] == [
+        "recoverable_error",
+        "failure",
+        "error_handling",
+        "cleanup",
+        "failed",
+    ]
+
+
 @pytest.mark.slow
 def test_sigterm_during_a_long_step_exits_and_resumes_without_spending_an_attempt(
     root: Root,
