@@ -25,6 +25,7 @@ from .notify import Notifier
 from .orphans import remove_orphans
 from .phase import Services
 from .retention import expire_due
+from .staging import Staging
 from .states import FINAL, State
 
 log = structlog.get_logger(component="housekeeping")
@@ -139,3 +140,7 @@ class Housekeeping:
             if stale:
                 log.info("removing stale staging", job_id=entry.name)
                 await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
+            elif only is None and await anyio.to_thread.run_sync(
+                Staging.adopt_earlier_layout, entry
+            ):
+                log.info("staging of an earlier version moved into this layout", job_id=entry.name)

@@ -97,6 +97,30 @@ class Staging:
             self.fragment(activity), bag_name, activity, self.records_of(activity)
         )
 
+    @staticmethod
+    def adopt_earlier_layout(root: Path) -> bool:
+        """Staging an earlier version made (`parts/<activity>.tar`, `records/`, `bag/`)
+        moved into this layout, for a job that was in flight across the upgrade: the
+        fragments, records and payload manifest kept, the other tag files dropped (they
+        are made at `sign`). Whether there was any."""
+        moved = False
+        for folder, suffix in (("parts", FRAGMENT), ("records", ".records")):
+            old = root / folder
+            if not old.is_dir():
+                continue
+            for entry in old.iterdir():
+                if entry.name.endswith(".tar" if folder == "parts" else ".records"):
+                    entry.rename(root / (entry.name.rsplit(".", 1)[0] + suffix))
+            shutil.rmtree(old)
+            moved = True
+        bag_dir = root / "bag"
+        if bag_dir.is_dir():
+            if (bag_dir / bag.MANIFEST).is_file():
+                (bag_dir / bag.MANIFEST).rename(root / bag.MANIFEST)
+            shutil.rmtree(bag_dir)
+            moved = True
+        return moved
+
     def require_space(self, needed: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         require_space(self.root, needed, "staging")

@@ -423,6 +423,34 @@ def test_end_of_the_archive_is_written_again_after_the_machine_restarted(root: R
     assert_one_verified_copy_per_target(root, job_id)
 
 
+def _as_an_earlier_version_staged_it(staging: Path) -> None:
+    """The layout before one folder a job: parts/, records/ and bag/ (tag files)."""
+    (staging / "parts").mkdir()
+    (staging / "records").mkdir()
+    (staging / "bag").mkdir()
+    (staging / "a.part.tar").rename(staging / "parts" / "a.tar")
+    (staging / "a.records").rename(staging / "records" / "a.records")
+    manifest = staging / "manifest-sha256.txt"
+    if manifest.exists():
+        manifest.rename(staging / "bag" / "manifest-sha256.txt")
+    (staging / "bag" / "bagit.txt").write_text("BagIt-Version: 1.0\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["check_integrity", "sign", "store"])
+def test_a_job_in_flight_across_the_upgrade_of_the_staging_layout_completes(
+    root: Root, point: str
+) -> None:
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": f"{point}=kill"})
+    (job_id,) = root.submit(root.job_file("upgraded"))
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    staging = root.state_dir / "staging" / job_id
+    _as_an_earlier_version_staged_it(staging)
+    root.start()
+    root.wait_state(job_id, "completed", "failed")
+    assert_one_verified_copy_per_target(root, job_id)
+
+
 @pytest.mark.slow
 def test_a_staged_archive_that_changed_size_after_sign_fails_the_job(root: Root) -> None:
     daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store=kill"})
