@@ -7,11 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from archived import loader
 from archived.config import Config
 from archived.intake import Pinned
 from archived.jobfile import parse_job
+from archived.keys import KeyRing
 from archived.minisign import write_key_pair
+from archived.phase import Services
 from archived.states import Event, State
 from archived.store import Job, NewJob, Store
 
@@ -35,6 +39,18 @@ def write_config(root: Path, **daemon: Any) -> Config:
         f"[storage.primary]\ndriver = 'localdir'\npath = {json.dumps(str(root / 'target'))}\n"
     )
     return loader.load(path)
+
+
+def services(store: Store, config: Config) -> Services:
+    """What a daemon's parts share, one slot of each kind."""
+    return Services(
+        store=store,
+        state_dir=config.daemon.state_dir,
+        keys=KeyRing(),
+        activity_slots=anyio.CapacityLimiter(1),
+        storage_slots=anyio.CapacityLimiter(1),
+        hash_threads=anyio.CapacityLimiter(1),
+    )
 
 
 async def queued(store: Store, config: Config, job_id: str) -> Job:

@@ -8,13 +8,11 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import anyio
 import pytest
-from jobrows import write_config
+from jobrows import services, write_config
 
 from archived.config import Config
 from archived.intake import Intake, Pinned
-from archived.keys import KeyRing
 from archived.phase import Services
 from archived.runner import JobRunner
 from archived.spool import Spool
@@ -27,22 +25,15 @@ async def svc(tmp_path: Path) -> AsyncIterator[Services]:
     config: Config = write_config(tmp_path)
     store = await open_store(config)
     assert store is not None
-    services = Services(
-        store=store,
-        state_dir=config.daemon.state_dir,
-        keys=KeyRing(),
-        activity_slots=anyio.CapacityLimiter(1),
-        storage_slots=anyio.CapacityLimiter(1),
-        hash_threads=anyio.CapacityLimiter(1),
-    )
+    shared = services(store, config)
     spool = Spool(config.daemon.spool_dir)
     spool.create()
     activity = {"name": "a", "driver": "files", "path": str(config.sources.allowed_roots[0])}
     spool.submit(json.dumps({"name": "j", "activities": [activity]}).encode(), ".json")
     pinned = Pinned.of(config)
-    await Intake(spool, services, lambda: pinned, lambda: None).ingest()
+    await Intake(spool, shared, lambda: pinned, lambda: None).ingest()
     try:
-        yield services
+        yield shared
     finally:
         await store.close()
 

@@ -8,16 +8,13 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import anyio
 import pytest
-from jobrows import write_config
+from jobrows import services, write_config
 from structlog.testing import capture_logs
 
 from archived.config import Config
 from archived.intake import Intake, Pinned
 from archived.jobfile import parse_job
-from archived.keys import KeyRing
-from archived.phase import Services
 from archived.spool import Spool
 from archived.states import State
 from archived.store import ScheduleRun
@@ -39,14 +36,7 @@ def woken() -> list[int]:
 async def intake(config: Config, woken: list[int]) -> AsyncIterator[Intake]:
     store = await open_store(config)
     assert store is not None
-    svc = Services(
-        store=store,
-        state_dir=config.daemon.state_dir,
-        keys=KeyRing(),
-        activity_slots=anyio.CapacityLimiter(1),
-        storage_slots=anyio.CapacityLimiter(1),
-        hash_threads=anyio.CapacityLimiter(1),
-    )
+    svc = services(store, config)
     spool = Spool(config.daemon.spool_dir)
     spool.create()
     pinned = Pinned.of(config)
