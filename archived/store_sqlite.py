@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
@@ -36,6 +37,7 @@ from .store import TABLES, Job, StoreUnavailable, Task, iso, peeked
 from .store_sql import SqlStore, load_queries, migrations
 
 Q = load_queries("sqlite")
+T = TypeVar("T")
 _BUSY = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
 
 
@@ -54,6 +56,26 @@ def _param(value: Any) -> Any:
 
 def _params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {name: _param(value) for name, value in params.items()}
+
+
+async def _while_busy(
+    attempt: Callable[[], Awaitable[T]],
+    again: Callable[[], bool] = lambda: True,
+    patience: float = math.inf,
+) -> T:
+    """`attempt()`, tried again after a growing pause (10 ms doubling to 1 s) while SQLite
+    answers busy or locked and `again()` allows it; for at most `patience` seconds of
+    pauses, then its error."""
+    delay = waited = 0.01
+    while True:
+        try:
+            return await attempt()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or not again() or waited > patience:
+                raise
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+        waited += delay
 
 
 class _Statement:
@@ -126,18 +148,14 @@ class SqliteTx:
         batch, self._pending = self._pending, []
         if last is not None:
             batch.append(last)
-        delay = 0.01
-        while True:
-            try:
-                done: tuple[list[dict[str, Any]], int, sqlite3.Error | None]
-                done = await _in_db_thread(self._db, self._run, batch, last is not None, commit)
-                return done
-            except sqlite3.OperationalError as exc:
-                if self.ran or not _busy(exc):
-                    raise
-            # BEGIN IMMEDIATE: busy_timeout ran out, another process writes for long
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        done: tuple[list[dict[str, Any]], int, sqlite3.Error | None]
+        # BEGIN IMMEDIATE again while busy (busy_timeout ran out: another process writes
+        # for long); never once a statement ran
+        done = await _while_busy(
+            lambda: _in_db_thread(self._db, self._run, batch, last is not None, commit),
+            lambda: not self.ran,
+        )
+        return done
 
     def _run(
         self, conn: sqlite3.Connection, batch: list[_Statement], fetch: bool, commit: bool
@@ -195,16 +213,8 @@ class SqliteConnector:
         """Opened and migrated (up to migration `upto`: tests of the migrations)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await cls._connect(path)
-        delay = 0.01
-        while True:  # a new database's first openers at once: SQLite does not wait here
-            try:
-                await db.execute("PRAGMA journal_mode = WAL")
-                break
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc) or delay > 5:
-                    raise
-            await anyio.sleep(delay)
-            delay *= 2
+        # a new database's first openers at once: SQLite does not wait here
+        await _while_busy(lambda: db.execute("PRAGMA journal_mode = WAL"), patience=10.0)
         await db.execute("PRAGMA synchronous = FULL")
         await db.execute("PRAGMA foreign_keys = ON")
         reader = await cls._connect(path)
