@@ -24,7 +24,6 @@ from .phase import JobContext, Outcome
 from .retention import expiry, hold_copies
 from .states import Event, State
 from .store import Copy, NewCopy
-from .tarformat import END
 
 log = structlog.get_logger(component="copies")
 
@@ -52,7 +51,7 @@ class StorePhase:
             parts = staging.archive_parts()
             if await ctx.reverify_after_restart(await ctx.activity_results()):
                 # the head is fsynced when sealed, `END` is not: write it again
-                await anyio.to_thread.run_sync(bag.write_tag, staging.end, END)
+                await anyio.to_thread.run_sync(staging.write_end)
         digest: Digest = Future()
         # locked (where a target can) until the job's retention passes, never later
         lock = Lock(

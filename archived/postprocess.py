@@ -26,7 +26,6 @@ from .moments import compact, iso, utcnow
 from .names import Collisions
 from .phase import JobContext, Outcome
 from .states import Event, State
-from .tarformat import END
 from .timestamp import request_token
 
 log = structlog.get_logger(component="postprocess")
@@ -170,7 +169,7 @@ class PostProcessing:
             if token is not None:
                 tags[bag.TIMESTAMP] = token
             bag.write_head(staging.bag_dir, tags, bag_name, staging.head)
-            bag.write_tag(staging.end, END)
+            staging.write_end()
             return parts_size(staging.archive_parts())
 
         signing = ctx.config.signing

@@ -28,6 +28,7 @@ from . import bag
 from .artifacts import ArtifactWriter
 from .errors import IntegrityError, describe
 from .fileio import require_space
+from .tarformat import END
 
 log = structlog.get_logger(component="staging")
 
@@ -91,6 +92,11 @@ class Staging:
     def archive_parts(self) -> list[Path]:
         """The files whose concatenation is the archive, in order."""
         return [self.head, *(self.fragment(a) for a in self.activities), self.end]
+
+    def write_end(self) -> None:
+        """The two zero blocks that end the archive (not fsynced: written again after a
+        restart of the machine)."""
+        bag.write_tag(self.end, END)
 
     def writer(self, activity: str, bag_name: str) -> ArtifactWriter:
         return ArtifactWriter(
