@@ -175,15 +175,21 @@ async def test_job_timeout_fails_the_job_and_cleans_up(root: Root, failpoints: F
     assert root.staging_leftovers() == []
 
 
+async def canceled_in(root: Root, name: str, state: str) -> tuple[str, dict]:
+    """A job dropped and run until idle, `archived cancel`ed once it is in `state`:
+    its id and what became of it."""
+    (job_id,) = root.drop(root.job_file(name))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(root.run_until_idle)
+        await root.wait_for(job_id, state)
+        assert await root.command("cancel", job_id) == 0
+    return job_id, await root.details(job_id)
+
+
 @both_backends
 async def test_cancel_a_running_job(root: Root, failpoints: Failpoints) -> None:
     failpoints.set("activity_archiving=delay:60")
-    (job_id,) = root.drop(root.job_file("stopme"))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(root.run_until_idle)
-        await root.wait_for(job_id, "activity_archiving")
-        assert await root.command("cancel", job_id) == 0
-    job = await root.details(job_id)
+    job_id, job = await canceled_in(root, "stopme", "activity_archiving")
     assert job["state"] == "failed"
     failure = next(h for h in job["history"] if h["state"] == "failure")
     assert failure["reason"] == "canceled"
@@ -218,12 +224,7 @@ async def test_cancel_a_job_waiting_to_retry_cleans_up_at_once(
     for it (nor count its attempt twice)."""
     root.write_config(retry={"backoff": "1h", "backoff_max": "1h"})
     failpoints.set("activity_archiving=transient:1")
-    (job_id,) = root.drop(root.job_file("waiting"))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(root.run_until_idle)
-        await root.wait_for(job_id, "recoverable_error")
-        assert await root.command("cancel", job_id) == 0
-    job = await root.details(job_id)
+    _, job = await canceled_in(root, "waiting", "recoverable_error")
     assert states(job)[-5:] == [
         "recoverable_error",
         "failure",
