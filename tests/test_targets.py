@@ -263,3 +263,22 @@ async def test_the_staging_estimate_covers_what_is_staged(tmp_path: Path) -> Non
         == (writer.files, writer.total_bytes)
         == (5, 3 * 1024 * 1024 + 5706)
     )
+
+
+def test_a_write_cut_short_leaves_nothing_its_retry_keeps(tmp_path: Path) -> None:
+    """What an interrupted write of an archive left under a temporary name goes before
+    the next try; another archive's temporary file, and everything else, stays."""
+    from archived.drivers.localdir import LocalDirDriver, _tmp_name
+
+    final = tmp_path / "b.tar"
+    mine = [_tmp_name(final), _tmp_name(final)]
+    others = [
+        _tmp_name(tmp_path / "a-b.tar"),  # its name ends like ours
+        tmp_path / ".archived-tmp-b.tar",
+        tmp_path / "x-b.tar",
+        tmp_path / "a-b.tar",
+    ]
+    for path in mine + others:
+        path.write_bytes(b"partial")
+    LocalDirDriver._discard_partial(final)
+    assert sorted(tmp_path.iterdir()) == sorted(others)
