@@ -22,7 +22,7 @@ from .phase import JobContext, Outcome
 from .progress import Report
 from .staging import Staging, boot_id
 from .states import Event, State
-from .store import now_iso
+from .store import Task, now_iso
 
 log = structlog.get_logger(component="activities")
 
@@ -37,16 +37,21 @@ class Activities:
         await ctx.begin_attempt(State.ACTIVITY_ARCHIVING)
         # The job may start on a newer config than it was accepted under (SIGHUP).
         check_against(ctx.spec, ctx.config)
-        await self._sync_storage_tasks()
+        tasks = await ctx.tasks()
+        await self._sync_storage_tasks(tasks)
         await failpoints.reach("activity_archiving")
-        await self._check_staging_space()
-        await ctx.run_tasks("activity", ctx.svc.activity_slots, self._activity)
+        pending = [t.name for t in tasks if t.kind == "activity" and t.state != "completed"]
+        await self._check_staging_space(pending)
+        await ctx.run_tasks("activity", ctx.svc.activity_slots, self._activity, pending=pending)
         return Outcome(Event.DONE, "every activity task completed")
 
-    async def _sync_storage_tasks(self) -> None:
-        """One storage task per target the job stores to under the config it runs on."""
+    async def _sync_storage_tasks(self, tasks: list[Task]) -> None:
+        """One storage task per target the job stores to under the config it runs on
+        (no commit when they are there already, as they are on a job's first start)."""
         ctx = self.ctx
-        await ctx.store.sync_storage_tasks(ctx.id, ctx.spec.targets(ctx.config))
+        wanted = ctx.spec.targets(ctx.config)
+        if {t.name for t in tasks if t.kind == "storage"} != set(wanted):
+            await ctx.store.sync_storage_tasks(ctx.id, wanted)
 
     def _driver(self, name: str) -> ActivityDriver:
         activity = next(a for a in self.ctx.spec.activities if a.name == name)
@@ -56,12 +61,11 @@ class Activities:
     def _writer(self, name: str) -> ArtifactWriter:
         return self.ctx.staging.writer(name, self.ctx.bag_name)
 
-    async def _check_staging_space(self) -> None:
+    async def _check_staging_space(self, pending: list[str]) -> None:
         """NoSpace (recoverable) before anything is staged, when the staging file system
-        has less room than the unfinished activities' sources will take there. What the
+        has less room than the `pending` activities' sources will take there. What the
         drivers know of their sources is kept: their progress is shown against it."""
         ctx = self.ctx
-        pending = [t.name for t in await ctx.tasks("activity") if t.state != "completed"]
         work = [(name, self._writer(name), self._driver(name)) for name in pending]
 
         def measure() -> None:  # one trip to a worker thread for all of them

@@ -48,9 +48,13 @@ class Services:
 
 @dataclass(frozen=True)
 class Outcome:
+    """The event the runner commits, with the job's fields and the events to record
+    in the same transaction (a phase's last step rides with it: one commit less)."""
+
     event: Event
     reason: str
     fields: dict[str, Any] = field(default_factory=dict)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 class AttemptsExhausted(Exception):
@@ -69,6 +73,7 @@ class JobContext:
         )
         self.attempt_begun = False  # this step counted an attempt (see runner.py)
         self.counted: State | None = None  # the transition into this phase counted one
+        self._activity_results: dict[str, dict[str, Any]] | None = None
 
     @property
     def store(self) -> Store:
@@ -121,11 +126,15 @@ class JobContext:
     async def event(self, kind: str, **detail: Any) -> None:
         await self.store.add_event(self.id, kind, detail)
 
-    async def tasks(self, kind: str) -> list[Task]:
+    async def tasks(self, kind: str | None = None) -> list[Task]:
         return await self.store.tasks(self.id, kind)
 
     async def activity_results(self) -> dict[str, dict[str, Any]]:
-        return {t.name: t.result or {} for t in await self.tasks("activity")}
+        """What each activity task reported when it finished: read once, after the
+        activity phase (post-processing and store ask for it up to three times)."""
+        if self._activity_results is None:
+            self._activity_results = {t.name: t.result or {} for t in await self.tasks("activity")}
+        return self._activity_results
 
     async def reverify_after_restart(self, reported: dict[str, dict[str, Any]]) -> list[str]:
         return await self.staging.reverify_after_restart(self.id, reported, self.svc.hash_threads)
@@ -136,13 +145,19 @@ class JobContext:
         slots: anyio.CapacityLimiter,
         work: Callable[[str], Awaitable[dict[str, Any]]],
         copy: Callable[[dict[str, Any]], NewCopy] | None = None,
+        *,
+        pending: list[str] | None = None,
     ) -> None:
-        """Run every unfinished task of `kind` concurrently; raise the first failure.
+        """Run every unfinished task of `kind` (or the `pending` ones, if the caller read
+        them already) concurrently; raise the first failure.
 
         `copy` makes the copy a finished storage task wrote of its result, recorded in
         the transaction that marks the task done.
         """
-        pending = [t.name for t in await self.tasks(kind) if t.state != "completed"]
+        if kind == "activity":
+            self._activity_results = None  # they change: read again when asked for
+        if pending is None:
+            pending = [t.name for t in await self.tasks(kind) if t.state != "completed"]
         failures: list[BaseException] = []
         store = self.store
 

@@ -1,12 +1,12 @@
 """The `post_processing` phase: integrity, checksums, signature and time-stamp.
 
-Three steps, each committed with its result and the events it logs (`finish_step`), so
-a restarted job skips the steps done (all of them again after a restart of the machine:
-the payload manifest in staging is not fsynced): `check_integrity` (staging holds what
-the tasks reported), `calculate_checksums` (the payload manifest, names that collide on
-extraction), `sign` (bag-info, events log, tag manifest, minisign signature, made in
-memory; the RFC 3161 time-stamp if configured; the tar's head, fsynced, and end: the
-archive is sealed).
+Three steps, each committed with its result and the events it logs (`finish_step`; the
+last one with the transition out of the phase), so a restarted job skips the steps done
+(all of them again after a restart of the machine: the payload manifest in staging is
+not fsynced): `check_integrity` (staging holds what the tasks reported),
+`calculate_checksums` (the payload manifest, names that collide on extraction), `sign`
+(bag-info, events log, tag manifest, minisign signature, made in memory; the RFC 3161
+time-stamp if configured; the tar's head, fsynced, and end: the archive is sealed).
 """
 
 from __future__ import annotations
@@ -58,14 +58,21 @@ class PostProcessing:
             # the payload manifest a step done wrote is not fsynced: all of them again
             log.warning("the machine restarted during post-processing: it starts over")
             start = 0
+        fields: dict[str, Any] = {}
         for step in POST_STEPS[start:]:
             await failpoints.reach(step)
             self.step_events = []
-            fields = await getattr(self, step)()
-            await ctx.store.finish_step(ctx.id, step, fields, self.step_events)
-            ctx.job = ctx.job.replace(step=step, **fields)
+            fields = {"step": step, **await getattr(self, step)()}
+            if step != POST_STEPS[-1]:  # the last is committed with the transition
+                await ctx.store.finish_step(ctx.id, step, fields, self.step_events)
+                ctx.job = ctx.job.replace(**fields)
             log.info("post-processing step done", step=step)
-        return Outcome(Event.DONE, "integrity checked, checksums calculated, signed")
+        return Outcome(
+            Event.DONE,
+            "integrity checked, checksums calculated, signed",
+            fields,
+            self.step_events if fields else [],
+        )
 
     async def check_integrity(self) -> dict[str, Any]:
         ctx = self.ctx

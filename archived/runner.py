@@ -103,7 +103,7 @@ class JobRunner:
             self.ctx.counted = None
             try:
                 job = await self.svc.store.transition(
-                    self.id, state, outcome.event, outcome.reason, **fields
+                    self.id, state, outcome.event, outcome.reason, events=outcome.events, **fields
                 )
             except StaleState:
                 log.warning("job moved under us; re-reading")

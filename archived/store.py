@@ -417,9 +417,17 @@ class Store(Protocol):
 
     # -- a job this daemon runs
     async def transition(
-        self, job_id: str, state: State, event: str, reason: str, **fields: Any
+        self,
+        job_id: str,
+        state: State,
+        event: str,
+        reason: str,
+        *,
+        events: Iterable[tuple[str, dict[str, Any]]] = (),
+        **fields: Any,
     ) -> Job:
-        """The job moved from `state` by `event`, as it is now; StaleState if it moved."""
+        """The job moved from `state` by `event` (and `events` recorded with it), as it
+        is now; StaleState if it moved."""
         ...
 
     async def update_job(self, job_id: str, **fields: Any) -> None:

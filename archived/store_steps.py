@@ -18,10 +18,19 @@ class StepOps(SqlBase):
     """A running job's steps, on a job this daemon owns (LeaseLost otherwise)."""
 
     async def transition(
-        self, job_id: str, state: State, event: str, reason: str, **fields: Any
+        self,
+        job_id: str,
+        state: State,
+        event: str,
+        reason: str,
+        *,
+        events: Iterable[tuple[str, dict[str, Any]]] = (),
+        **fields: Any,
     ) -> Job:
         async with self._owned(job_id) as tx:
             await self._transition(tx, job_id, state, Event(event), reason, **fields)
+            for kind, detail in events:
+                await self._event(tx, job_id, kind, detail)
             rows = await tx.rows_later("get_job", id=job_id)  # with them: no read after
         return Job.from_row(rows[0])
 

@@ -59,3 +59,45 @@ def test_a_fast_test_that_spawns_archived_fails_at_once() -> None:
             subprocess.run(argv, capture_output=True, timeout=10)
     assert not spawns_archived(["minisign", "-G"])
     assert subprocess.run([sys.executable, "-c", "pass"], timeout=30).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "queued_for", [["primary", "gone"], ["primary"], ["offsite", "primary"]], ids=str
+)
+async def test_a_job_stores_to_the_targets_of_the_config_it_starts_on(
+    root: Root, queued_for: list[str]
+) -> None:
+    """Accepted when the targets were others (a reload since): its storage tasks follow
+    the config it runs on, a target gone is dropped and a new one added."""
+    from archived.intake import Pinned
+    from archived.jobfile import parse_job
+    from archived.store import NewJob
+    from archived.store_open import open_store
+
+    config = root.load_config()
+    data = root.job_file("moved").read_bytes()
+    spec = parse_job(data, "moved.json", config)
+    pinned = Pinned.of(config)
+    store = await open_store(config)
+    assert store is not None
+    tasks = (("activity", "a"), *(("storage", t) for t in queued_for))
+    new = NewJob(
+        "0123456789ab",
+        spec.name,
+        spec.model_dump_json(),
+        "0" * 64,
+        pinned.snapshot,
+        pinned.digest,
+        None,
+        tasks,
+    )
+    assert await store.insert_job(new, reason="test")
+    await store.close()
+    await root.run_until_idle()
+    job = await root.details("0123456789ab")
+    assert job["state"] == "completed", job["error"]
+    assert sorted(t["name"] for t in job["tasks"] if t["kind"] == "storage") == [
+        "offsite",
+        "primary",
+    ]
+    assert sorted(c["target"] for c in job["copies"]) == ["offsite", "primary"]
