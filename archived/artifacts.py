@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from . import cpus
 from .errors import TransientError
 from .fileio import BUFFER_SIZE, copy_parts, write_all
 from .tarformat import BLOCK, padding, tar_header
@@ -114,22 +115,23 @@ class ArtifactWriter:
         hasher = self._hash_thread()
         digest, left, turn = hashlib.sha256(), size, 0
         hashing: Future[None] | None = None
-        try:
-            while left:
-                buffer = self._buffers[turn][: min(left, BUFFER_SIZE)]
-                n = source.readinto(buffer)  # type: ignore[attr-defined]
-                if not n:
-                    raise SourceChanged(f"{relpath} changed while being archived (shrank)")
-                block = buffer[:n]
-                hashed = hasher.submit(digest.update, block)
-                write_all(self._fd, block)
-                self.moved += n
+        with cpus.bulk(size):
+            try:
+                while left:
+                    buffer = self._buffers[turn][: min(left, BUFFER_SIZE)]
+                    n = source.readinto(buffer)  # type: ignore[attr-defined]
+                    if not n:
+                        raise SourceChanged(f"{relpath} changed while being archived (shrank)")
+                    block = buffer[:n]
+                    hashed = hasher.submit(digest.update, block)
+                    write_all(self._fd, block)
+                    self.moved += n
+                    if hashing is not None:
+                        hashing.result()  # the other buffer is free again
+                    hashing, turn, left = hashed, turn ^ 1, left - n
+            finally:
                 if hashing is not None:
-                    hashing.result()  # the other buffer is free again
-                hashing, turn, left = hashed, turn ^ 1, left - n
-        finally:
-            if hashing is not None:
-                hashing.result()
+                    hashing.result()
         self._end_member(relpath, digest.hexdigest(), size)
 
     @contextmanager
@@ -200,7 +202,10 @@ class ArtifactWriter:
 
     def _hash_thread(self) -> ThreadPoolExecutor:
         if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="archived-hash")
+            # it only hashes files of HASH_ASIDE and more: on every CPU (cpus.py)
+            self._hasher = ThreadPoolExecutor(
+                1, thread_name_prefix="archived-hash", initializer=cpus.widen
+            )
         return self._hasher
 
     def _record(self, relpath: str, sha256: str | Future[str], size: int) -> None:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from . import cpus
+
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 STDERR_LIMIT = 64 * 1024  # the tail of a program's stderr that is kept
 _POLL = 0.1  # how often a wait looks at the program and at `check`
@@ -44,15 +46,16 @@ class Child:
         cwd: Path | None = None,
         capture_stdout: bool = False,
     ) -> None:
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-        )
+        with cpus.everywhere():  # the program inherits it: all the CPUs, not ours
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         _live.add(self.proc.pid)
         self._tail: deque[bytes] = deque()
         self._drain = threading.Thread(target=self._keep_tail, daemon=True)

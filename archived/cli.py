@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import anyio
 
-from . import __version__, loader, progress
+from . import __version__, cpus, loader, progress
 from .config import Config, parse_duration
 from .errors import ArchivedError, ConfigError, JobFileError
 from .states import FINAL, State
@@ -50,6 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     log.configure(debug=args.debug)
     config = _load_config(args)
+    if config.daemon.pin_cpu:  # before any thread is made: they all inherit it
+        cpus.pin()
     anyio.run(Daemon(config).run, backend="asyncio")
     return EXIT_OK
 

@@ -87,6 +87,7 @@ class DaemonConfig(Section):
     max_concurrent_jobs: StrictInt = Field(default=4, ge=1)
     shutdown_grace: Annotated[Duration, within(0, HOUR)] = 30.0
     job_timeout: Annotated[Duration, within(1, 365 * DAY)] = 6 * 3600.0
+    pin_cpu: bool = True  # the daemon's threads on one CPU, bulk work on all (cpus.py)
 
 
 class LimitsConfig(Section):

@@ -16,7 +16,7 @@ import signal
 import anyio
 import structlog
 
-from . import children, loader, preflight
+from . import children, cpus, loader, preflight
 from .config import Config
 from .drivers import open_storage
 from .errors import ArchivedError, ConfigError, Kind, TargetUnavailable, classify
@@ -182,6 +182,7 @@ class Daemon:
                 targets=sorted(self.config.storage),
                 host_id=store.host_id,
                 queue="postgresql" if store.shared else "sqlite",
+                cpu=cpus.pinned(),  # its threads' CPU (cpus.py); None: not pinned
             )
             self.notify.ready(await self._status())
             tg.start_soon(self._reloader)

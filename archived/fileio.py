@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import cpus
 from .errors import NoSpace, StorageError
 
 BUFFER_SIZE = 1024 * 1024
@@ -122,7 +123,7 @@ def hash_file(
     """Feed the file at `path` (or an open descriptor, closed after) to `digest` through
     `buffer`; returns its size."""
     size = 0
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0) as f, cpus.bulk(os.fstat(f.fileno()).st_size):
         while n := f.readinto(buffer):
             check()
             digest.update(buffer[:n])
@@ -196,15 +197,16 @@ def copy_parts(parts: Parts, dst_fd: int) -> None:
     for part in parts:
         with open(part, "rb", buffering=0) as f:
             size = remaining = os.fstat(f.fileno()).st_size
-            try:
-                while remaining and (n := os.copy_file_range(f.fileno(), dst_fd, remaining)):
-                    remaining -= n
-            except OSError:  # not on this file system: copy through user space
-                buffer = buffer or memoryview(bytearray(BUFFER_SIZE))
-                f.seek(size - remaining)
-                while n := f.readinto(buffer):
-                    write_all(dst_fd, buffer[:n])
-                    remaining -= n
+            with cpus.bulk(size):
+                try:
+                    while remaining and (n := os.copy_file_range(f.fileno(), dst_fd, remaining)):
+                        remaining -= n
+                except OSError:  # not on this file system: copy through user space
+                    buffer = buffer or memoryview(bytearray(BUFFER_SIZE))
+                    f.seek(size - remaining)
+                    while n := f.readinto(buffer):
+                        write_all(dst_fd, buffer[:n])
+                        remaining -= n
             if remaining:
                 raise StorageError(f"{part} shrank while it was being copied", recoverable=True)
 

@@ -118,6 +118,7 @@ spool_dir = {_toml(lay.spool_dir)}
 # max_concurrent_jobs = 4
 # shutdown_grace = "30s"
 # job_timeout = "6h"
+# pin_cpu = true                        # threads on one CPU; bulk work on all (README)
 
 [signing]
 # minisign secret key (mode 0600); its public half beside it, .pub, is what others

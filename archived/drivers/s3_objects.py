@@ -17,6 +17,7 @@ import anyio
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .. import cpus
 from ..errors import StorageError
 from ..fileio import BUFFER_SIZE, Parts, read_parts
 from .s3_client import Bucket, MiB, describe, error_code, is_missing
@@ -30,9 +31,10 @@ BATCH = 8 * MiB  # read-back bytes hashed (or written) per trip to a worker thre
 
 def _read_part(archive: Parts, offset: int, length: int, digest: Any) -> tuple[bytes, str]:
     """One part of the archive and its Content-MD5; updates the running sha256."""
-    data = read_parts(archive, offset, length)
-    digest.update(data)
-    md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+    with cpus.bulk(length):
+        data = read_parts(archive, offset, length)
+        digest.update(data)
+        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
     return data, md5
 
 

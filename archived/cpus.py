@@ -1,0 +1,99 @@
+"""The daemon's threads on one CPU; a thread moving bulk data on all of them.
+
+The daemon's Python runs in several threads: the event loop, aiosqlite's, the worker
+threads of small steps. Only one of them runs Python at a time (the GIL). Spread over
+several CPUs, each hand-over of the GIL, each wake-up of a waiting thread, crosses CPUs,
+and on a virtual machine a cross-CPU wake-up is expensive: a burst of tiny jobs took 22%
+less CPU and 10% less time on one CPU (bench/tiny.py, two vCPUs: 32 ms CPU a job
+spread over both, 25 ms on one). So at start the daemon's threads are pinned to one CPU, the one the process runs
+on then (the scheduler just picked it), and every thread made later inherits that.
+
+Hashing and copying large files needs no GIL and gains from more CPUs: a thread that
+moves at least `BULK` bytes at once runs on every CPU the process was allowed, for that
+long (`bulk()`), and the helper threads that only ever hash big blocks always do
+(`widen()`). Without this a 100 MiB archive took 26% longer.
+
+The programs the daemon starts (`command` activities, the failure hook) get every CPU.
+
+`[daemon] pin_cpu = false` leaves every thread on every allowed CPU, as does an
+allowance of one CPU only (systemd's `CPUAffinity=`, `taskset`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+BULK = 4 * 1024 * 1024  # from this many bytes at once a thread uses every CPU
+
+_allowed: frozenset[int] | None = None  # every CPU the process may use, once pinned
+_cpu: int | None = None  # the one its threads run on
+
+
+def current_cpu() -> int:
+    """The CPU the calling thread runs on now."""
+    with open("/proc/thread-self/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[36])
+
+
+def pin() -> int | None:
+    """The calling thread, and each thread it starts from now on, on one CPU of those
+    allowed: the one it runs on. None (and nothing changed) if only one is allowed."""
+    global _allowed, _cpu
+    allowed = frozenset(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return None
+    cpu = current_cpu()
+    if cpu not in allowed:  # not yet moved after an affinity change
+        cpu = min(allowed)
+    os.sched_setaffinity(0, {cpu})
+    _allowed, _cpu = allowed, cpu
+    return cpu
+
+
+def pinned() -> int | None:
+    """The CPU the daemon's threads are pinned to, or None."""
+    return _cpu
+
+
+def unpin() -> None:
+    """The calling thread back on every allowed CPU, and pinning over (tests)."""
+    global _allowed, _cpu
+    if _allowed is not None:
+        os.sched_setaffinity(0, _allowed)
+    _allowed = _cpu = None
+
+
+def widen() -> None:
+    """The calling thread on every allowed CPU: for threads that only move bulk data
+    (an executor's `initializer`)."""
+    if _allowed is not None:
+        os.sched_setaffinity(0, _allowed)
+
+
+@contextmanager
+def everywhere() -> Iterator[None]:
+    """The calling thread on every allowed CPU meanwhile, then back where it was; what
+    it starts then (a thread, a program) keeps every CPU."""
+    allowed = _allowed
+    if allowed is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, allowed)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextmanager
+def bulk(nbytes: int) -> Iterator[None]:
+    """`everywhere()` while the calling thread moves `nbytes`, if that is at least
+    `BULK`. Three system calls: nothing next to 4 MiB."""
+    if nbytes < BULK:
+        yield
+        return
+    with everywhere():
+        yield
