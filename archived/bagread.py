@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol, cast
 
+from . import cpus
 from .bagindex import PayloadIndex, Rehash
 
 CHUNK = 1024 * 1024
@@ -149,7 +150,10 @@ def _update(hashers: list[Hasher], data: memoryview) -> None:
         return
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1))
+        # it only hashes big chunks: on every CPU, in a daemon that pins its threads too
+        _pool = ThreadPoolExecutor(
+            max_workers=max(1, (os.cpu_count() or 2) - 1), initializer=cpus.widen
+        )
     others = [_pool.submit(h.update, data) for h in hashers[1:]]
     hashers[0].update(data)
     for done in others:
