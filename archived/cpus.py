@@ -22,6 +22,7 @@ allowance of one CPU only (systemd's `CPUAffinity=`, `taskset`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,17 +39,29 @@ def current_cpu() -> int:
         return int(f.read().rsplit(b")", 1)[1].split()[36])
 
 
+def _set(cpus: frozenset[int] | set[int]) -> None:
+    """The calling thread on `cpus`, if the system lets it: pinning only saves CPU time,
+    so a refusal is no error. (The allowed CPUs may have changed under the daemon, e.g.
+    a cgroup's cpuset: EINVAL; a seccomp filter may forbid the call: EPERM.)"""
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, cpus)
+
+
 def pin() -> int | None:
     """The calling thread, and each thread it starts from now on, on one CPU of those
-    allowed: the one it runs on. None (and nothing changed) if only one is allowed."""
+    allowed: the one it runs on. None (and nothing changed) if only one is allowed, or
+    if the system does not let it (not Linux, no /proc, a seccomp filter)."""
     global _allowed, _cpu
-    allowed = frozenset(os.sched_getaffinity(0))
-    if len(allowed) < 2:
+    try:
+        allowed = frozenset(os.sched_getaffinity(0))
+        if len(allowed) < 2:
+            return None
+        cpu = current_cpu()
+        if cpu not in allowed:  # not yet moved after an affinity change
+            cpu = min(allowed)
+        os.sched_setaffinity(0, {cpu})
+    except (OSError, AttributeError, ValueError, IndexError):
         return None
-    cpu = current_cpu()
-    if cpu not in allowed:  # not yet moved after an affinity change
-        cpu = min(allowed)
-    os.sched_setaffinity(0, {cpu})
     _allowed, _cpu = allowed, cpu
     return cpu
 
@@ -62,15 +75,15 @@ def unpin() -> None:
     """The calling thread back on every allowed CPU, and pinning over (tests)."""
     global _allowed, _cpu
     if _allowed is not None:
-        os.sched_setaffinity(0, _allowed)
+        _set(_allowed)
     _allowed = _cpu = None
 
 
 def widen() -> None:
     """The calling thread on every allowed CPU: for threads that only move bulk data
-    (an executor's `initializer`)."""
+    (an executor's `initializer`; it never raises, or the executor would be broken)."""
     if _allowed is not None:
-        os.sched_setaffinity(0, _allowed)
+        _set(_allowed)
 
 
 @contextmanager
@@ -81,12 +94,16 @@ def everywhere() -> Iterator[None]:
     if allowed is None:
         yield
         return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, allowed)
+    try:
+        before = os.sched_getaffinity(0)
+    except OSError:
+        yield
+        return
+    _set(allowed)
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        _set(before)
 
 
 @contextmanager

@@ -28,9 +28,9 @@ class StepOps(SqlBase):
         **fields: Any,
     ) -> Job:
         async with self._owned(job_id) as tx:
-            await self._transition(tx, job_id, state, Event(event), reason, **fields)
-            for kind, detail in events:
+            for kind, detail in events:  # what happened before the move, first
                 await self._event(tx, job_id, kind, detail)
+            await self._transition(tx, job_id, state, Event(event), reason, **fields)
             rows = await tx.rows_later("get_job", id=job_id)  # with them: no read after
         return Job.from_row(rows[0])
 

@@ -144,6 +144,33 @@ def _cpu_list(text: str) -> frozenset[int]:
     return frozenset(found)
 
 
+@several
+def test_a_refused_change_of_cpus_breaks_nothing(tmp_path: Path) -> None:
+    """The CPUs allowed changed under the daemon (a cgroup's cpuset): widening a thread
+    fails (EINVAL, for real: no such CPU); hashing, a pool widened by its initializer
+    and a program started go on where they are."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from archived import children
+
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(cpus.BULK))
+
+    def refused() -> tuple[frozenset[int], frozenset[int], int, int, int | None]:
+        cpus.pin()
+        one = affinity()
+        cpus._allowed = frozenset({max(ALLOWED) + 4096})
+        size = file_sha256(big)[1]
+        with ThreadPoolExecutor(1, initializer=cpus.widen) as pool:
+            answer = pool.submit(lambda: 42).result()
+        code, _ = children.run(["true"], env={"PATH": os.defpath}, timeout=30)
+        return one, affinity(), size, answer, code
+
+    one, after, size, answer, code = in_a_thread(refused)
+    assert after == one and len(one) == 1
+    assert (size, answer, code) == (cpus.BULK, 42, 0)
+
+
 def test_one_allowed_cpu_is_left_alone() -> None:
     def one() -> tuple[int | None, frozenset[int], frozenset[int]]:
         os.sched_setaffinity(0, {min(ALLOWED)})

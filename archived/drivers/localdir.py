@@ -40,8 +40,9 @@ from .base import NO_LOCK, Digest, DriverOptions, Lock, StorageDriver, StoredCop
 TMP_PREFIX = ".archived-tmp-"
 # fsync of a copy runs here while the copy is read back. Shared and long-lived: a pool
 # made per copy started and joined a thread for each, ~0.3 ms of a tiny job's ~30 ms.
-# A put waits for a free worker when more copies than this are made at once.
-_SYNCER = ThreadPoolExecutor(8, thread_name_prefix="archived-fsync")
+# Threads are made only when all are busy; the bound is high because an fsync on a
+# dead hard-mounted NFS target never returns, and must not hold up the others.
+_SYNCER = ThreadPoolExecutor(256, thread_name_prefix="archived-fsync")
 MARKER = ".archived-target"  # in a target's root: "this is the target, not a mount point"
 # errors of a root that is there no more, beyond the recoverable ones
 _GONE = frozenset({errno.ENOENT, errno.ENOTCONN, errno.EHOSTDOWN, errno.ENODEV, errno.ENXIO})
