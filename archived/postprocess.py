@@ -71,7 +71,7 @@ class PostProcessing:
             Event.DONE,
             "integrity checked, checksums calculated, signed",
             fields,
-            self.step_events if fields else [],
+            self.step_events,  # the last step's (none if every step was done before)
         )
 
     async def check_integrity(self) -> dict[str, Any]:

@@ -50,20 +50,12 @@ def affinity() -> frozenset[int]:
 def test_pinned_threads_and_the_threads_they_start_share_one_cpu() -> None:
     def pinned() -> tuple[int | None, frozenset[int], frozenset[int]]:
         cpu = cpus.pin()
-        return cpu, affinity(), in_a_thread_without_unpin(affinity)
+        return cpu, affinity(), in_a_thread(affinity)
 
     cpu, mine, child = in_a_thread(pinned)
     assert cpu in ALLOWED
     assert mine == child == {cpu}
     assert affinity() == ALLOWED  # the test's own thread untouched
-
-
-def in_a_thread_without_unpin(fn: Callable[[], Any]) -> Any:
-    out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(fn()))
-    thread.start()
-    thread.join()
-    return out[0]
 
 
 @several

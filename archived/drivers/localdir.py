@@ -38,6 +38,7 @@ from ..fileio import (
 from .base import NO_LOCK, Digest, DriverOptions, Lock, StorageDriver, StoredCopy, copy_problem
 
 TMP_PREFIX = ".archived-tmp-"
+_TOKEN_BYTES = 6  # a temporary name's random part: twice as many hex digits
 # fsync of a copy runs here while the copy is read back. Shared and long-lived: a pool
 # made per copy started and joined a thread for each, ~0.3 ms of a tiny job's ~30 ms.
 # Threads are made only when all are busy; the bound is high because an fsync on a
@@ -58,7 +59,7 @@ class LocalDirOptions(DriverOptions):
 
 def _tmp_name(final: Path) -> Path:
     """Where `final` is written before it is renamed into place (see _discard_partial)."""
-    return final.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{final.name}"
+    return final.parent / f"{TMP_PREFIX}{secrets.token_hex(_TOKEN_BYTES)}-{final.name}"
 
 
 class LocalDirDriver(StorageDriver):
@@ -232,7 +233,7 @@ class LocalDirDriver(StorageDriver):
                 for e in entries
                 if e.name.startswith(TMP_PREFIX)
                 and e.name.endswith(ending)
-                and len(e.name) == len(TMP_PREFIX) + 12 + len(ending)
+                and len(e.name) == len(TMP_PREFIX) + 2 * _TOKEN_BYTES + len(ending)
             ]
         for leftover in leftovers:
             with contextlib.suppress(FileNotFoundError):
