@@ -53,8 +53,11 @@ def services(store: Store, config: Config) -> Services:
     )
 
 
-async def queued(store: Store, config: Config, job_id: str) -> Job:
-    """A job queued as a job file would have been, over the config's first source root."""
+async def queued(
+    store: Store, config: Config, job_id: str, targets: tuple[str, ...] = ("primary",)
+) -> Job:
+    """A job queued as a job file would have been, over the config's first source root,
+    with a storage task for each of `targets`."""
     pinned = Pinned.of(config)
     source = str(config.sources.allowed_roots[0])
     data = json.dumps(
@@ -69,7 +72,7 @@ async def queued(store: Store, config: Config, job_id: str) -> Job:
         config=pinned.snapshot,
         config_digest=pinned.digest,
         not_before=None,
-        tasks=(("activity", "a"), ("storage", "primary")),
+        tasks=(("activity", "a"), *(("storage", t) for t in targets)),
     )
     assert await store.insert_job(new, reason="test")
     job = await store.job(job_id)

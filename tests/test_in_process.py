@@ -69,29 +69,13 @@ async def test_a_job_stores_to_the_targets_of_the_config_it_starts_on(
 ) -> None:
     """Accepted when the targets were others (a reload since): its storage tasks follow
     the config it runs on, a target gone is dropped and a new one added."""
-    from archived.intake import Pinned
-    from archived.jobfile import parse_job
-    from archived.store import NewJob
+    from jobrows import queued
+
     from archived.store_open import open_store
 
-    config = root.load_config()
-    data = root.job_file("moved").read_bytes()
-    spec = parse_job(data, "moved.json", config)
-    pinned = Pinned.of(config)
-    store = await open_store(config)
+    store = await open_store(root.load_config())
     assert store is not None
-    tasks = (("activity", "a"), *(("storage", t) for t in queued_for))
-    new = NewJob(
-        "0123456789ab",
-        spec.name,
-        spec.model_dump_json(),
-        "0" * 64,
-        pinned.snapshot,
-        pinned.digest,
-        None,
-        tasks,
-    )
-    assert await store.insert_job(new, reason="test")
+    await queued(store, root.load_config(), "0123456789ab", tuple(queued_for))
     await store.close()
     await root.run_until_idle()
     job = await root.details("0123456789ab")
