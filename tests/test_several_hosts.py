@@ -87,7 +87,10 @@ def test_three_daemons_share_one_queue(root: Root) -> None:
             },
         )
     slow = {"ARCHIVED_FAILPOINTS": "activity_task=delay:3"}  # host2 is killed amid a job
-    daemons = [hosts[0].start(), hosts[1].start(env=slow), hosts[2].start()]
+    # the others take a second a job, so the queue outlasts host2's first jobs (fast
+    # daemons emptied it before host2 finished one, and it never ran a second)
+    paced = {"ARCHIVED_FAILPOINTS": "activity_task=delay:1"}
+    daemons = [hosts[0].start(env=paced), hosts[1].start(env=slow), hosts[2].start(env=paced)]
     for n, host in enumerate(hosts):
         host.submit(*(host.job_file(f"j{n}-{i}", activities=small) for i in range(20)))
 
