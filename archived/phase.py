@@ -29,7 +29,7 @@ from .moments import compact
 from .retry import RetryPolicy
 from .staging import Staging
 from .states import Event, State
-from .store import Job, NewCopy, Store, Task, lease_lost, storage_key, utcnow
+from .store import Job, NewCopy, NewEvent, Store, Task, lease_lost, storage_key, utcnow
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Outcome:
     event: Event
     reason: str
     fields: dict[str, Any] = field(default_factory=dict)
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    events: list[NewEvent] = field(default_factory=list)
 
 
 class AttemptsExhausted(Exception):

@@ -1,12 +1,14 @@
 """The `post_processing` phase: integrity, checksums, signature and time-stamp.
 
-Three steps, each committed with its result and the events it logs (`finish_step`; the
-last one with the transition out of the phase), so a restarted job skips the steps done
-(all of them again after a restart of the machine: the payload manifest in staging is
-not fsynced): `check_integrity` (staging holds what the tasks reported),
+Three steps: `check_integrity` (staging holds what the tasks reported),
 `calculate_checksums` (the payload manifest, names that collide on extraction), `sign`
 (bag-info, events log, tag manifest, minisign signature, made in memory; the RFC 3161
 time-stamp if configured; the tar's head, fsynced, and end: the archive is sealed).
+Their results and the events they log are committed at once, with the transition out of
+the phase: a job stopped within it does it all again. That costs a small job two commits
+less, and a job of 200,000 files 0.15 s more when it happens; what may take long, the
+time-stamp, is the last step anyway. A job an earlier version left with its first steps
+committed one by one (`step`) skips those.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .moments import compact, iso, utcnow
 from .names import Collisions
 from .phase import JobContext, Outcome
 from .states import Event, State
+from .store import NewEvent
 from .timestamp import request_token
 
 log = structlog.get_logger(component="postprocess")
@@ -40,12 +43,12 @@ NAMES_IN_MEMORY = 4 * 1024 * 1024
 class PostProcessing:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        self.step_events: list[tuple[str, dict[str, Any]]] = []
+        self.step_events: list[NewEvent] = []
 
     def _step_event(self, kind: str, **detail: Any) -> None:
-        """An event committed with the post-processing step that logs it (once, even if
-        the daemon dies in between and the step runs again)."""
-        self.step_events.append((kind, detail))
+        """An event committed with the transition out of the phase (once, even if the
+        daemon dies in between and the phase runs again)."""
+        self.step_events.append(NewEvent(kind, detail, utcnow()))
 
     async def run(self) -> Outcome:
         ctx = self.ctx
@@ -61,17 +64,11 @@ class PostProcessing:
         fields: dict[str, Any] = {}
         for step in POST_STEPS[start:]:
             await failpoints.reach(step)
-            self.step_events = []
-            fields = {"step": step, **await getattr(self, step)()}
-            if step != POST_STEPS[-1]:  # the last is committed with the transition
-                await ctx.store.finish_step(ctx.id, step, fields, self.step_events)
-                ctx.job = ctx.job.replace(**fields)
+            fields |= {"step": step, **await getattr(self, step)()}
+            ctx.job = ctx.job.replace(**fields)  # in memory: committed with the transition
             log.info("post-processing step done", step=step)
         return Outcome(
-            Event.DONE,
-            "integrity checked, checksums calculated, signed",
-            fields,
-            self.step_events,  # the last step's (none if every step was done before)
+            Event.DONE, "integrity checked, checksums calculated, signed", fields, self.step_events
         )
 
     async def check_integrity(self) -> dict[str, Any]:
@@ -221,5 +218,7 @@ class PostProcessing:
             for h in history
         ]
         lines += [{"type": e.kind, "at": iso(e.at), **e.detail} for e in events]
+        # this run's steps': committed with the transition, at these times
+        lines += [{"type": e.kind, "at": iso(e.at), **e.detail} for e in self.step_events]
         lines.append({"type": "sign", "at": iso(utcnow()), "algorithm": "ed25519-minisign"})
         return sorted(lines, key=lambda e: str(e["at"]))

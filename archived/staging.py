@@ -13,6 +13,7 @@ and `END` is written again.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tarfile
@@ -43,6 +44,12 @@ def boot_id() -> str:
     """Which start of the machine this is (Linux); staging from another may have holes."""
     if override := os.environ.get("ARCHIVED_BOOT_ID"):  # tests: as if the machine restarted
         return override
+    return _machine_boot_id()
+
+
+@functools.cache
+def _machine_boot_id() -> str:
+    """Read once: it cannot change while this process runs."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:

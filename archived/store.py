@@ -228,6 +228,15 @@ class Copy(_Row):
 
 
 @dataclass(frozen=True)
+class NewEvent:
+    """An event to record with a transition, at the time it happened."""
+
+    kind: str
+    detail: dict[str, Any]
+    at: datetime
+
+
+@dataclass(frozen=True)
 class NewCopy:
     """What a storage task wrote: recorded with the task that wrote it."""
 
@@ -423,7 +432,7 @@ class Store(Protocol):
         event: str,
         reason: str,
         *,
-        events: Iterable[tuple[str, dict[str, Any]]] = (),
+        events: Iterable[NewEvent] = (),
         **fields: Any,
     ) -> Job:
         """The job moved from `state` by `event` (and `events` recorded with it), as it
@@ -451,16 +460,6 @@ class Store(Protocol):
 
     async def task_progress(self, job_id: str, kind: str, name: str, progress: str) -> None: ...
     async def abandon_tasks(self, job_id: str) -> None: ...
-    async def finish_step(
-        self,
-        job_id: str,
-        step: str,
-        fields: Mapping[str, Any],
-        events: Iterable[tuple[str, dict[str, Any]]],
-    ) -> None:
-        """A post-processing step done: its fields and the events it logged, at once."""
-        ...
-
     async def add_event(self, job_id: str, kind: str, detail: Mapping[str, Any]) -> None: ...
     async def forget_copy(self, job_id: str, target: str) -> None: ...
     async def record_orphan(self, job_id: str, target: str, key: str, reason: str) -> None: ...

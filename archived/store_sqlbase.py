@@ -133,11 +133,18 @@ class SqlBase:
         assignments = ", ".join(f"{column} = :{column}" for column in sorted(fields))
         await tx.execute(f"UPDATE jobs SET {assignments} WHERE id = :id", {**fields, "id": job_id})
 
-    async def _event(self, tx: Tx, job_id: str, kind: str, detail: Mapping[str, Any]) -> None:
+    async def _event(
+        self,
+        tx: Tx,
+        job_id: str,
+        kind: str,
+        detail: Mapping[str, Any],
+        at: datetime | None = None,
+    ) -> None:
         await tx.run(
             "insert_event",
             job_id=job_id,
-            now=utcnow(),
+            now=at or utcnow(),
             kind=kind,
             detail=json.dumps(detail, sort_keys=True),
         )

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .states import Event, State
-from .store import Job, NewCopy, utcnow
+from .store import Job, NewCopy, NewEvent, utcnow
 from .store_sqlbase import SqlBase
 
 
@@ -24,12 +24,12 @@ class StepOps(SqlBase):
         event: str,
         reason: str,
         *,
-        events: Iterable[tuple[str, dict[str, Any]]] = (),
+        events: Iterable[NewEvent] = (),
         **fields: Any,
     ) -> Job:
         async with self._owned(job_id) as tx:
-            for kind, detail in events:  # what happened before the move, first
-                await self._event(tx, job_id, kind, detail)
+            for logged in events:  # what happened before the move, first
+                await self._event(tx, job_id, logged.kind, logged.detail, logged.at)
             await self._transition(tx, job_id, state, Event(event), reason, **fields)
             rows = await tx.rows_later("get_job", id=job_id)  # with them: no read after
         return Job.from_row(rows[0])
@@ -95,18 +95,6 @@ class StepOps(SqlBase):
     async def abandon_tasks(self, job_id: str) -> None:
         async with self._owned(job_id) as tx:
             await tx.run("abandon_tasks", job_id=job_id, now=utcnow())
-
-    async def finish_step(
-        self,
-        job_id: str,
-        step: str,
-        fields: Mapping[str, Any],
-        events: Iterable[tuple[str, dict[str, Any]]],
-    ) -> None:
-        async with self._owned(job_id) as tx:
-            await self._update(tx, job_id, {"step": step, **fields})
-            for kind, detail in events:
-                await self._event(tx, job_id, kind, detail)
 
     async def add_event(self, job_id: str, kind: str, detail: Mapping[str, Any]) -> None:
         async with self._owned(job_id) as tx:

@@ -101,6 +101,12 @@ def test_job_with_two_activities_lands_signed_on_both_targets(root: Root, tmp_pa
     ]
     assert [e["state"] for e in events if e["type"] == "transition"] == HAPPY_PATH[:4]
     assert any(e["type"] == "check_integrity" and e["result"] == "ok" for e in events)
+    # post-processing's events, logged in the bag before they were committed, at the
+    # times the queue has them
+    steps = ("check_integrity", "calculate_checksums")
+    logged = [(e["type"], e["at"]) for e in events if e["type"] in steps]
+    assert logged == [(e["kind"], e["at"]) for e in job["events"] if e["kind"] in steps]
+    assert len(logged) == 2
 
     # the signature verifies with the minisign binary and the key pair it made
     subprocess.run(

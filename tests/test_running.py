@@ -87,6 +87,27 @@ def test_pinned_digest_is_the_configs() -> None:
     assert (pinned.snapshot, pinned.digest) == (config.snapshot(), config.digest)
 
 
+def test_a_jobs_config_is_validated_once_per_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job after job runs on the same snapshot: it is validated once, not per job."""
+    config = write_config(tmp_path)
+    other = loader.embedded_default()
+    validated = []
+    validate = Config.model_validate
+
+    def counted(data: Any) -> Config:
+        validated.append(1)
+        return validate(data)
+
+    monkeypatch.setattr(Config, "model_validate", counted)
+    first = Config.from_snapshot(config.snapshot())
+    assert Config.from_snapshot(config.snapshot()) is first
+    assert first.snapshot() == config.snapshot()
+    assert Config.from_snapshot(other.snapshot()).snapshot() == other.snapshot()
+    assert len(validated) == 2
+
+
 async def left_in_flight(config: Config, count: int) -> list[str]:
     """`count` jobs a previous run of the daemon left in a processing state."""
     store = await open_store(config)
