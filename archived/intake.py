@@ -2,7 +2,9 @@
 
 `Intake.ingest()` claims every entry of the spool's incoming/, reads and parses it, and
 inserts the job, queued, with the config it will run on; what can never be a job goes to
-corrupt/ with the reason. An error with one entry is about that entry only: one that may
+corrupt/ with the reason. Entries are taken in batches (claimed and read in one trip to
+a thread, their jobs inserted at once so that their transactions share a commit, their
+files removed in one trip): a burst of small jobs spends its time on the jobs. An error with one entry is about that entry only: one that may
 pass (EMFILE, ENOSPC, EBUSY, the queue's disk full) leaves it for the next poll, said
 once for as long as it lasts (`Once`).
 """
@@ -10,7 +12,7 @@ once for as long as it lasts (`Once`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import anyio
@@ -21,11 +23,41 @@ from .errors import JobFileError, Kind, classify, describe
 from .jobfile import JobSpec, parse_job, read_job_file
 from .moments import iso_seconds
 from .phase import Services
-from .spool import Claimed, Spool, new_job_id, printable
+from .spool import Claimed, Spool, new_job_id, printable, submitted_id
 from .states import State
-from .store import NewJob, ScheduleRun, as_datetime
+from .store import Job, NewJob, ScheduleRun, as_datetime
 
 log = structlog.get_logger(component="intake")
+
+# Spool entries taken at once (see Intake._ingest_batch).
+BATCH = 32
+
+
+def _batches(names: list[str]) -> Iterator[list[str]]:
+    """`names` in order, in batches of at most BATCH, none holding two names of one job
+    id (`<id>.toml` and `<id>.json`): the second must find the first one's job."""
+    batch: list[str] = []
+    ids: set[str] = set()
+    for name in names:
+        job_id = submitted_id(name)
+        if len(batch) == BATCH or job_id in ids:
+            yield batch
+            batch, ids = [], set()
+        batch.append(name)
+        if job_id is not None:
+            ids.add(job_id)
+    if batch:
+        yield batch
+
+
+@dataclass(frozen=True)
+class _Taken:
+    """A spool entry claimed and read (`data`), or what went wrong (`error`): claiming
+    it (the entry still in incoming/) or reading it."""
+
+    claimed: Claimed
+    error: Exception | None = None
+    data: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -68,11 +100,24 @@ class Intake:
         self.pinned = pinned  # the config in force: it changes on reload
         self.wake = wake
         self.once = Once()  # by spool entry name
+        self.rejecting = anyio.Lock()
 
     async def ingest_leftovers(self) -> None:
         """Entries claimed before a crash, or left by an error worth another try."""
+        limit = self.pinned().config.limits.max_job_file_bytes
         for claimed in await self.spool.leftovers():
-            await self._accept_or_reject(claimed)
+            try:
+                data = await anyio.to_thread.run_sync(read_job_file, claimed.path, limit)
+                known = await self.svc.store.job(claimed.job_id)
+            except JobFileError as exc:
+                await self._reject_or_keep(claimed, str(exc))
+                continue
+            except Exception as exc:
+                await self._cannot_take(claimed, exc)
+                continue
+            spent: list[Claimed] = []
+            await self._accept_or_reject(claimed, data, known, spent)
+            await self._spent(spent)
 
     async def ingest(self) -> None:
         """Take every entry of incoming/; an error with one is about that entry only."""
@@ -83,17 +128,63 @@ class Intake:
             self.once.say("", "cannot read the spool; trying again", exc, file="")
             await anyio.to_thread.run_sync(self.spool.create)  # an operator removed a folder?
             return
-        for name in names:
+        for batch in _batches(names):
             if self.svc.stopping.is_set():
                 return
+            await self._ingest_batch(batch)
+
+    async def _ingest_batch(self, names: list[str]) -> None:
+        """Entries claimed and read in one trip to a thread; their jobs inserted at once,
+        in the entries' order (their transactions share a commit: see store_sqlite.py),
+        and their files removed in one trip once the jobs are in the queue."""
+        limit = self.pinned().config.limits.max_job_file_bytes
+        taken = await anyio.to_thread.run_sync(self._take, names, limit)
+        read = [t.claimed.job_id for t in taken if t.data is not None]
+        known = await self.svc.store.jobs_by_id(read) if read else {}
+        spent: list[Claimed] = []
+        async with anyio.create_task_group() as tg:
+            for t in taken:  # in order: each job's created_at is read before its first wait
+                if t.data is not None:
+                    tg.start_soon(
+                        self._accept_or_reject,
+                        t.claimed,
+                        t.data,
+                        known.get(t.claimed.job_id),
+                        spent,
+                    )
+                elif isinstance(t.error, JobFileError):  # claimed, but not a job file
+                    tg.start_soon(self._reject_or_keep, t.claimed, str(t.error))
+                else:
+                    assert t.error is not None
+                    tg.start_soon(self._cannot_take, t.claimed, t.error)
+        await self._spent(spent)
+
+    def _take(self, names: list[str], limit: int) -> list[_Taken]:
+        """In a thread: each entry claimed (moved into active/), then read."""
+        taken = []
+        for name in names:
             try:
-                claimed = await self.spool.claim(name)
+                claimed = self.spool.claim(name)
             except OSError as exc:
-                entry = Claimed(self.spool.incoming / name, new_job_id(), name)
-                await self._cannot_take(entry, exc)
+                taken.append(_Taken(Claimed(self.spool.incoming / name, new_job_id(), name), exc))
                 continue
-            if claimed is not None:
-                await self._accept_or_reject(claimed)
+            if claimed is None:  # gone: taken by someone else, or removed
+                continue
+            try:
+                taken.append(_Taken(claimed, data=read_job_file(claimed.path, limit)))
+            except (JobFileError, OSError) as exc:
+                taken.append(_Taken(claimed, exc))
+        return taken
+
+    async def _spent(self, spent: list[Claimed]) -> None:
+        """The files of jobs now in the queue removed; if that fails they stay in active/,
+        and the next poll finds their jobs queued and removes them then."""
+        if not spent:
+            return
+        try:
+            await self.spool.done(*spent)
+        except OSError as exc:
+            self.once.say("", "cannot remove a spool entry whose job is queued", exc, file="")
 
     async def create_scheduled(
         self, spec: JobSpec, job_id: str, digest: str, run: ScheduleRun
@@ -109,11 +200,19 @@ class Intake:
         self.wake()
         return made
 
-    async def _accept_or_reject(self, claimed: Claimed) -> None:
+    async def _accept_or_reject(
+        self, claimed: Claimed, data: bytes, known: Job | None, spent: list[Claimed]
+    ) -> None:
         try:
-            await self._accept(claimed)
+            await self._accept(claimed, data, known, spent)
         except Exception as exc:
             await self._cannot_take(claimed, exc)
+
+    async def _reject_or_keep(self, entry: Claimed, reason: str) -> None:
+        try:
+            await self._reject(entry, reason)
+        except Exception as exc:
+            await self._cannot_take(entry, exc)
 
     async def _cannot_take(self, entry: Claimed, exc: Exception) -> None:
         """Into corrupt/ with the reason, unless the error may pass (EMFILE, ENOSPC, EBUSY,
@@ -139,31 +238,25 @@ class Intake:
                 name, "cannot move a spool entry to corrupt/", again, file=printable(name)
             )
 
-    async def _accept(self, claimed: Claimed) -> None:
-        """Turn a claimed spool file into a queued job, or move it to corrupt/."""
-        store, config = self.svc.store, self.pinned().config
-        try:
-            data = await anyio.to_thread.run_sync(
-                read_job_file, claimed.path, config.limits.max_job_file_bytes
-            )
-        except JobFileError as exc:
-            await self._reject(claimed, str(exc))
-            return
+    async def _accept(
+        self, claimed: Claimed, data: bytes, known: Job | None, spent: list[Claimed]
+    ) -> None:
+        """Turn a claimed spool file into a queued job (its file then `spent`), or move it
+        to corrupt/. `known`: the job of its id already in the queue."""
         digest = hashlib.sha256(data).hexdigest()
-        known = await store.job(claimed.job_id)
         if known is not None:
             if known.spec_sha256 == digest:
-                await self.spool.done(claimed)  # inserted before a crash; the file is spent
+                spent.append(claimed)  # inserted before a crash; the file is spent
             else:
                 await self._reject(claimed, f"job id {claimed.job_id} already exists")
             return
         try:
-            spec = parse_job(data, claimed.original_name, config)
+            spec = parse_job(data, claimed.original_name, self.pinned().config)
         except JobFileError as exc:
             await self._reject(claimed, str(exc))
             return
         await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
-        await self.spool.done(claimed)
+        spent.append(claimed)
         self.once.over(claimed.original_name)
         log.info(
             "job queued",
@@ -202,7 +295,11 @@ class Intake:
         return True
 
     async def _reject(self, entry: Claimed, reason: str) -> None:
-        target = await self.spool.reject(entry, reason)
+        # one at a time: the entries of a batch are taken at once, and two of them may
+        # be meant for one name in corrupt/ (long names shortened alike), which the
+        # first to get there takes
+        async with self.rejecting:
+            target = await self.spool.reject(entry, reason)
         self.once.over(entry.original_name)
         log.error(
             "job file rejected",

@@ -39,6 +39,12 @@ def new_job_id() -> str:
     return secrets.token_hex(6)
 
 
+def submitted_id(name: str) -> str | None:
+    """The job id an `archived submit`'s file name carries (`<id>.toml`), or None."""
+    match = _SUBMITTED.match(name)
+    return match["id"] if match else None
+
+
 def fit(name: str, limit: int) -> str:
     """`name`, or if it is longer than `limit` bytes, its start and end joined by `~`."""
     if len(os.fsencode(name)) <= limit:
@@ -80,21 +86,26 @@ class Spool:
 
     async def pending(self) -> list[str]:
         """Names in incoming/, oldest first; hidden names (being written) are left alone."""
-        import aiofiles.os
+        import anyio
 
-        names = [n for n in await aiofiles.os.listdir(self.incoming) if not n.startswith(".")]
+        return await anyio.to_thread.run_sync(self._pending)  # one trip, however many
+
+    def _pending(self) -> list[str]:
         stamped = []
-        for name in names:
-            try:
-                st = await aiofiles.os.stat(self.incoming / name, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            except OSError:  # claiming it will meet the error, and deal with it
-                stamped.append((0, name))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                continue  # an operator's folder, not a job file
-            stamped.append((st.st_mtime_ns, name))
+        with os.scandir(self.incoming) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError:  # claiming it will meet the error, and deal with it
+                    stamped.append((0, entry.name))
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    continue  # an operator's folder, not a job file
+                stamped.append((st.st_mtime_ns, entry.name))
         return [name for _, name in sorted(stamped)]
 
     async def leftovers(self) -> list[Claimed]:
@@ -107,18 +118,34 @@ class Spool:
                 found.append(Claimed(self.active / name, match["id"], match["name"]))
         return found
 
-    async def claim(self, name: str) -> Claimed | None:
-        """Move incoming/NAME into active/ under its job id; None if it vanished."""
-        import aiofiles.os
-
-        match = _SUBMITTED.match(name)
-        job_id = match["id"] if match else new_job_id()
+    def claim(self, name: str) -> Claimed | None:
+        """Move incoming/NAME into active/ under its job id; None if it vanished. Blocking:
+        intake claims a batch of entries in one trip to a thread."""
+        job_id = submitted_id(name) or new_job_id()
+        source = self.incoming / name
         target = self.active / f"{job_id}__{fit(name, NAME_MAX - _TAGGED)}"
         try:
-            await self._again_without_folders(aiofiles.os.rename, self.incoming / name, target)
+            try:
+                os.rename(source, target)
+            except FileNotFoundError:
+                if not os.path.lexists(source):
+                    raise
+                self.create()  # a folder of the spool was removed under the daemon
+                os.rename(source, target)
         except FileNotFoundError:
             return None
         return Claimed(target, job_id, name)
+
+    async def done(self, *claimed: Claimed) -> None:
+        """The entries' jobs are in the queue: their files are spent. One trip."""
+        import anyio
+
+        def unlink() -> None:
+            for entry in claimed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+        await anyio.to_thread.run_sync(unlink)
 
     async def _again_without_folders(self, move: Any, source: Path, *args: Any) -> Any:
         """`move(source, ...)`; when it fails with ENOENT although `source` is there, one
@@ -132,11 +159,6 @@ class Spool:
                 raise
         await anyio.to_thread.run_sync(self.create)
         return await move(source, *args)
-
-    async def done(self, claimed: Claimed) -> None:
-        import aiofiles.os
-
-        await aiofiles.os.unlink(claimed.path)
 
     async def reject(self, entry: Claimed, reason: str) -> Path:
         """Move the entry, unchanged, to corrupt/ beside a .reason file; returns its path.

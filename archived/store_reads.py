@@ -4,6 +4,7 @@ events, copies, orphans and audits; counts by state, audit totals, the queue's d
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 
 from .store import (
@@ -27,6 +28,10 @@ class JobReads(SqlBase):
     async def job(self, job_id: str) -> Job | None:
         rows = await self.db.fetch("get_job", id=job_id)
         return Job.from_row(rows[0]) if rows else None
+
+    async def jobs_by_id(self, ids: Collection[str]) -> dict[str, Job]:
+        rows = await self.db.fetch("jobs_by_id", ids=list(ids))
+        return {r["id"]: Job.from_row(r) for r in rows}
 
     async def jobs(self, state: str | None = None) -> list[JobSummary]:
         return [JobSummary.from_row(r) for r in await self.db.fetch("list_jobs", state=state)]

@@ -4,6 +4,7 @@ corrupt/ with the reason; and a schedule's job, which wakes the poll loop."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,3 +93,48 @@ async def test_a_schedules_job_wakes_the_poll_loop(
     # the slot is taken: a second daemon's try inserts nothing
     assert not await intake.create_scheduled(spec, "s2", "0" * 64, run)
     assert await intake.svc.store.job("s2") is None
+
+
+async def test_a_burst_of_job_files_is_queued_in_their_order_sharing_commits(
+    intake: Intake, config: Config
+) -> None:
+    """Intake takes entries in batches: their jobs' transactions share a commit, and the
+    jobs are queued in the order of their files (oldest first)."""
+    ids = []
+    for i in range(40):
+        job_id = intake.spool.submit(job_file(config, f"j{i}"), ".json")
+        os.utime(intake.spool.incoming / f"{job_id}.json", ns=(i * 10**9, i * 10**9))
+        ids.append(job_id)
+    connector = intake.svc.store.sqlite  # type: ignore[attr-defined]
+    commits = connector.commits
+    with capture_logs() as events:
+        await intake.ingest()
+    assert [e["event"] for e in events] == ["job queued"] * 40
+    jobs = [await intake.svc.store.job(job_id) for job_id in ids]
+    assert all(j is not None and j.state == State.QUEUED for j in jobs)
+    created = [j.created_at for j in jobs if j is not None]
+    assert created == sorted(created) and len(set(created)) == 40
+    assert connector.commits - commits <= 40 // 8, connector.commits - commits
+    assert await intake.spool.pending() == []
+    assert list(intake.spool.active.iterdir()) == []
+
+
+async def test_two_files_of_one_job_id_in_one_burst_make_one_job(
+    intake: Intake, config: Config
+) -> None:
+    """`<id>.json` and `<id>.toml` taken in one poll: the second finds the first's job
+    (the same bytes: spent; other bytes: corrupt/, the id exists)."""
+    data = job_file(config)
+    first = intake.spool.submit(data, ".json")
+    (intake.spool.incoming / f"{first}.toml").write_bytes(data)
+    second = intake.spool.submit(data, ".json")
+    (intake.spool.incoming / f"{second}.toml").write_bytes(job_file(config, "other"))
+    with capture_logs() as events:
+        await intake.ingest()
+    assert [e["event"] for e in events].count("job queued") == 2
+    (rejected,) = [e for e in events if e["event"] == "job file rejected"]
+    assert rejected["file"] == f"{second}.toml" and "already exists" in rejected["reason"]
+    assert await intake.spool.pending() == [] and list(intake.spool.active.iterdir()) == []
+    for job_id in (first, second):
+        job = await intake.svc.store.job(job_id)
+        assert job is not None and job.name == "nightly"
