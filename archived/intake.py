@@ -4,9 +4,10 @@
 inserts the job, queued, with the config it will run on; what can never be a job goes to
 corrupt/ with the reason. Entries are taken in batches (claimed and read in one trip to
 a thread, their jobs inserted at once so that their transactions share a commit, their
-files removed in one trip): a burst of small jobs spends its time on the jobs. An error with one entry is about that entry only: one that may
-pass (EMFILE, ENOSPC, EBUSY, the queue's disk full) leaves it for the next poll, said
-once for as long as it lasts (`Once`).
+files removed in one trip): a burst of small jobs spends its time on the jobs. An error
+with one entry is about that entry only: one that may pass (EMFILE, ENOSPC, EBUSY, the
+queue's disk full) leaves it for the next poll, said once for as long as it lasts
+(`Once`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from .config import Config
 from .drivers import open_storage
@@ -55,6 +56,10 @@ class Outcome:
     reason: str
     fields: dict[str, Any] = field(default_factory=dict)
     events: list[NewEvent] = field(default_factory=list)
+
+
+# How long a task runs before its start is committed (see JobContext._started_later).
+START_AFTER = 1.0
 
 
 class AttemptsExhausted(Exception):
@@ -139,6 +144,35 @@ class JobContext:
     async def reverify_after_restart(self, reported: dict[str, dict[str, Any]]) -> list[str]:
         return await self.staging.reverify_after_restart(self.id, reported, self.svc.hash_threads)
 
+    def _started_later(self, tg: TaskGroup, kind: str, name: str) -> Callable[[], Awaitable[bool]]:
+        """The task's start (`executing`, its attempt counted) committed once it has run
+        START_AFTER seconds: one done sooner (most, in a burst of small jobs) is counted
+        when it finishes, a commit less; one a crash cuts short before then runs again
+        uncounted. Returns what the task calls when done: whether its start was
+        committed, after waiting for that commit if it is under way."""
+        waiting = anyio.CancelScope()
+        marked = anyio.Event()
+        started = False
+
+        async def mark() -> None:
+            nonlocal started
+            try:
+                with waiting:
+                    await anyio.sleep(START_AFTER)
+                if not waiting.cancel_called:  # not done meanwhile: committed before it is
+                    await self.store.start_task(self.id, kind, name)
+                    started = True
+            finally:
+                marked.set()
+
+        async def done() -> bool:
+            waiting.cancel()
+            await marked.wait()
+            return started
+
+        tg.start_soon(mark)
+        return done
+
     async def run_tasks(
         self,
         kind: str,
@@ -163,17 +197,22 @@ class JobContext:
 
         async def one(name: str) -> None:
             async with slots:
-                await store.start_task(self.id, kind, name)
+                started = self._started_later(tg, kind, name)
                 try:
                     result = await work(name)
                 except Exception as exc:
                     if lease_lost(exc):
                         raise
                     failures.append(exc)
-                    await store.finish_task(self.id, kind, name, error=describe(exc))
+                    error = describe(exc)
+                    await store.finish_task(
+                        self.id, kind, name, error=error, started=await started()
+                    )
                     return
                 made = copy(result) if copy is not None else None
-                await store.finish_task(self.id, kind, name, result=result, copy=made)
+                await store.finish_task(
+                    self.id, kind, name, result=result, copy=made, started=await started()
+                )
 
         async with anyio.create_task_group() as tg:
             for name in pending:

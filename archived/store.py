@@ -458,8 +458,10 @@ class Store(Protocol):
         error: str | None = None,
         result: dict[str, Any] | None = None,
         copy: NewCopy | None = None,
+        started: bool = True,
     ) -> None:
-        """Completed with `result` (and the copy a storage task wrote), or failed."""
+        """Completed with `result` (and the copy a storage task wrote), or failed; its
+        attempt counted here unless `start_task` was committed for it."""
         ...
 
     async def task_progress(self, job_id: str, kind: str, name: str, progress: str) -> None: ...

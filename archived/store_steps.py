@@ -64,6 +64,7 @@ class StepOps(SqlBase):
         error: str | None = None,
         result: dict[str, Any] | None = None,
         copy: NewCopy | None = None,
+        started: bool = True,
     ) -> None:
         now = utcnow()
         async with self._owned(job_id) as tx:
@@ -86,6 +87,7 @@ class StepOps(SqlBase):
                 error=error,
                 result=None if result is None else json.dumps(result),
                 now=now,
+                counted=0 if started else 1,
             )
 
     async def task_progress(self, job_id: str, kind: str, name: str, progress: str) -> None:

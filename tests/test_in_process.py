@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
+import anyio
 import pytest
-from conftest import Root, spawns_archived, tar_members
+from conftest import Failpoints, Root, spawns_archived, tar_members
 from structlog.testing import capture_logs
 
 
@@ -85,3 +87,39 @@ async def test_a_job_stores_to_the_targets_of_the_config_it_starts_on(
         "primary",
     ]
     assert sorted(c["target"] for c in job["copies"]) == ["offsite", "primary"]
+
+
+async def test_a_task_is_shown_started_once_it_has_run_a_second(
+    root: Root, failpoints: Failpoints
+) -> None:
+    """A task done within a second (here: the copies) has no commit of its start, and
+    is counted once when it finishes; one that runs longer (the activity, delayed) is
+    `executing` meanwhile, counted once too."""
+    failpoints.set("activity_task=delay:3")
+    (job_id,) = root.drop(root.job_file("slow"))
+    seen: list[dict[str, Any]] = []
+
+    async def watch() -> None:
+        while True:
+            try:
+                job = await root.details(job_id)
+            except AssertionError:  # not taken in yet
+                job = {"tasks": []}
+            tasks = {t["name"]: t for t in job["tasks"]}
+            if tasks.get("a", {}).get("state") == "executing":
+                seen.append(tasks["a"])
+                return
+            await anyio.sleep(0.05)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        await root.run_until_idle()
+    assert seen and seen[0]["attempts"] == 1, seen
+    job = await root.details(job_id)
+    assert job["state"] == "completed", job["error"]
+    counted = sorted((t["name"], t["state"], t["attempts"]) for t in job["tasks"])
+    assert counted == [
+        ("a", "completed", 1),
+        ("offsite", "completed", 1),
+        ("primary", "completed", 1),
+    ]

@@ -64,7 +64,9 @@ UPDATE tasks SET state = 'executing', attempts = attempts + 1, error = NULL, upd
 WHERE job_id = :job_id AND kind = :kind AND name = :name;
 
 -- name: finish_task
-UPDATE tasks SET state = :state, error = :error, result = :result, updated_at = :now
+-- `counted`: 1 when the task's start was not committed (it ran less than a second)
+UPDATE tasks SET state = :state, error = :error, result = :result, updated_at = :now,
+                 attempts = attempts + :counted
 WHERE job_id = :job_id AND kind = :kind AND name = :name;
 
 -- name: copies
