@@ -91,7 +91,6 @@ class ArtifactWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         self._fd = os.open(self.fragment, flags, 0o600)
         self._records = open(self._records_part, "w", encoding="utf-8")  # noqa: SIM115
-        self._buffers = (memoryview(bytearray(BUFFER_SIZE)), memoryview(bytearray(BUFFER_SIZE)))
 
     def add(self, relpath: str, data: bytes, mtime: float) -> None:
         """A whole small file at once. (Runs once a file: kept lean.)"""
@@ -113,6 +112,10 @@ class ArtifactWriter:
         # sha256 and write() both release the GIL: one block is hashed in a helper
         # thread while it is written and the next is read (two buffers, taking turns)
         hasher = self._hash_thread()
+        if not self._buffers:  # the first large file: small ones go through `_pending`
+            # made when needed: two zeroed MiB at once are fresh pages from the kernel,
+            # ~1 ms, which a job of small files (most) would spend for nothing
+            self._buffers = (memoryview(bytearray(BUFFER_SIZE)), memoryview(bytearray(BUFFER_SIZE)))
         digest, left, turn = hashlib.sha256(), size, 0
         hashing: Future[None] | None = None
         with cpus.bulk(size):

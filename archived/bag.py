@@ -217,6 +217,6 @@ def write_head(bag_dir: Path, tags: dict[str, bytes], bag_name: str, out: Path) 
 
 def digest(parts: Iterable[Path], check: Callable[[], None] = lambda: None) -> Packed:
     """The sha256 and size of the archive the concatenation of `parts` is."""
-    sha, buffer = hashlib.sha256(), memoryview(bytearray(BUFFER_SIZE))
-    size = sum(hash_file(part, sha, buffer, check) for part in parts)
+    sha = hashlib.sha256()
+    size = sum(hash_file(part, sha, check=check) for part in parts)
     return Packed(sha.hexdigest(), size)

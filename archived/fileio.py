@@ -114,20 +114,31 @@ def require_space(directory: Path, needed: int, what: str) -> None:
         raise NoSpace(f"{what}: needs {needed} bytes, has {has} on {directory}")
 
 
+def read_buffer(size: int) -> memoryview:
+    """A buffer to read `size` bytes through: BUFFER_SIZE, or for less, that and one byte
+    more (one read takes it all, the next sees the end). A zeroed MiB allocated while
+    another is in use is fresh pages from the kernel, 0.1 to 1 ms: more than reading and
+    hashing a small file, and a small job reads several."""
+    return memoryview(bytearray(min(BUFFER_SIZE, size + 1)))
+
+
 def hash_file(
     path: Path | str | int,
     digest: Any,
-    buffer: memoryview,
+    buffer: memoryview | None = None,
     check: Callable[[], None] = lambda: None,
 ) -> int:
     """Feed the file at `path` (or an open descriptor, closed after) to `digest` through
-    `buffer`; returns its size."""
+    `buffer` (one its size needs, if not given); returns its size."""
     size = 0
-    with open(path, "rb", buffering=0) as f, cpus.bulk(os.fstat(f.fileno()).st_size):
-        while n := f.readinto(buffer):
-            check()
-            digest.update(buffer[:n])
-            size += n
+    with open(path, "rb", buffering=0) as f:
+        length = os.fstat(f.fileno()).st_size
+        buffer = read_buffer(length) if buffer is None else buffer
+        with cpus.bulk(length):
+            while n := f.readinto(buffer):
+                check()
+                digest.update(buffer[:n])
+                size += n
     return size
 
 
@@ -161,7 +172,7 @@ def open_regular(path: Path | str) -> int:
 def file_sha256(path: Path | str) -> tuple[str, int]:
     """The sha256 and size of a regular file, read once in large blocks."""
     digest = hashlib.sha256()
-    size = hash_file(open_regular(path), digest, memoryview(bytearray(BUFFER_SIZE)))
+    size = hash_file(open_regular(path), digest)
     return digest.hexdigest(), size
 
 
