@@ -84,12 +84,23 @@ def write_tag(path: Path, data: bytes) -> None:
 
 def write_payload_manifest(bag_dir: Path, records: Iterable[Path]) -> Oxum:
     """manifest-sha256.txt from the activity records, streamed; returns Payload-Oxum."""
-    total = count = 0
     with scratch_file(bag_dir / MANIFEST) as out:
-        for sha256, size, path in record_fields(records):
-            out.write(f"{sha256}  {path}".encode())
-            total += int(size)
-            count += 1
+        return _payload_manifest(records, out.write)
+
+
+def payload_manifest(records: Iterable[Path]) -> tuple[bytes, Oxum]:
+    """manifest-sha256.txt from the activity records, in memory (a small job's)."""
+    lines: list[bytes] = []
+    oxum = _payload_manifest(records, lines.append)
+    return b"".join(lines), oxum
+
+
+def _payload_manifest(records: Iterable[Path], write: Callable[[bytes], object]) -> Oxum:
+    total = count = 0
+    for sha256, size, path in record_fields(records):
+        write(f"{sha256}  {path}".encode())
+        total += int(size)
+        count += 1
     return Oxum(total, count)
 
 

@@ -2,7 +2,8 @@
 
 Layout of `<state_dir>/staging/<job id>/`, one folder: `<activity>.part.tar` (each
 activity's tar fragment), `<activity>.records` (sha256, size and path of each file it
-wrote), `manifest-sha256.txt`, `head.tar` (the tag files' tar members) and `end.tar`;
+wrote), `manifest-sha256.txt` (a large job's; a small one's is made in memory),
+`head.tar` (the tag files' tar members) and `end.tar`;
 the archive is the concatenation of head, fragments and end, in that order.
 
 Staging is not fsynced, but for the sealed head: a fragment written before the machine

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import anyio
+import bagit
 import pytest
 from conftest import Failpoints, Root, spawns_archived, tar_members
 from structlog.testing import capture_logs
@@ -123,3 +126,40 @@ async def test_a_task_is_shown_started_once_it_has_run_a_second(
         ("offsite", "completed", 1),
         ("primary", "completed", 1),
     ]
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["in-memory", "staged"])
+async def test_the_payload_manifest_made_in_memory_or_staged_makes_one_bag(
+    root: Root,
+    monkeypatch: pytest.MonkeyPatch,
+    failpoints: Failpoints,
+    tmp_path: Path,
+    staged: bool,
+) -> None:
+    """A small job's payload manifest is made in memory, a large one's streamed to
+    staging: either way the archive holds the same valid bag."""
+    from archived import postprocess
+
+    if staged:
+        monkeypatch.setattr(postprocess, "MANIFEST_IN_MEMORY", -1)
+    (job_id,) = root.drop(root.job_file("manifest"))
+    found = []
+    manifest = root.state_dir / "staging" / job_id / "manifest-sha256.txt"
+    failpoints.at("store", lambda: found.append(manifest.exists()))
+    await root.run_until_idle()
+    assert found == [staged]
+    job = await root.details(job_id)
+    assert job["state"] == "completed", job["error"]
+    (archive,) = root.archives("primary")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "extract", filter="data")
+    (bag_dir,) = (tmp_path / "extract").iterdir()
+    bagit.Bag(str(bag_dir)).validate()
+    lines = (bag_dir / "manifest-sha256.txt").read_text().splitlines()
+    assert sorted(line.split("  ", 1)[1] for line in lines) == sorted(
+        str(p.relative_to(bag_dir)) for p in (bag_dir / "data").rglob("*") if p.is_file()
+    )
+    (oxum,) = [
+        e["detail"]["payload_oxum"] for e in job["events"] if e["kind"] == "calculate_checksums"
+    ]
+    assert len(lines) == int(oxum.split(".")[1]) > 0
