@@ -75,13 +75,6 @@ class Oxum:
         return f"{self.bytes}.{self.files}"
 
 
-def write_tag(path: Path, data: bytes) -> None:
-    """A small file in staging (`END`): neither fsynced nor renamed into place; it is
-    written again after a restart of the machine."""
-    with scratch_file(path) as f:
-        f.write(data)
-
-
 def write_payload_manifest(bag_dir: Path, records: Iterable[Path]) -> Oxum:
     """manifest-sha256.txt from the activity records, streamed; returns Payload-Oxum."""
     with scratch_file(bag_dir / MANIFEST) as out:

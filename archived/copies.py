@@ -49,9 +49,10 @@ class StorePhase:
             parts = [await self._restore_archive(kept)]
         else:
             parts = staging.archive_parts()
-            if await ctx.reverify_after_restart(await ctx.activity_results()):
-                # the head is fsynced when sealed, `END` is not: write it again
-                await anyio.to_thread.run_sync(staging.write_end)
+            await ctx.reverify_after_restart(await ctx.activity_results())
+            # the head was fsynced when sealed; `END`, shared, is made again if it is
+            # gone (an operator's clean-up of staging) or damaged
+            await anyio.to_thread.run_sync(staging.ensure_end)
         digest: Digest = Future()
         # locked (where a target can) until the job's retention passes, never later
         lock = Lock(

@@ -131,8 +131,8 @@ class Housekeeping:
             return
         store = self.svc.store
         for entry in staging.iterdir():
-            if only is not None and entry.name != only:
-                continue
+            if (only is not None and entry.name != only) or not entry.is_dir():
+                continue  # (a file: the archives' shared end)
             job = await store.job(entry.name)
             stale = job is None or job.state in FINAL
             if store.shared and job is not None:

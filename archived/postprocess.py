@@ -185,7 +185,7 @@ class PostProcessing:
             if token is not None:
                 tags[bag.TIMESTAMP] = token
             bag.write_head(staging.bag_dir, tags, bag_name, staging.head)
-            staging.write_end()
+            staging.ensure_end()
             return parts_size(staging.archive_parts())
 
         signing = ctx.config.signing

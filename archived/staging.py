@@ -2,14 +2,15 @@
 
 Layout of `<state_dir>/staging/<job id>/`, one folder: `<activity>.part.tar` (each
 activity's tar fragment), `<activity>.records` (sha256, size and path of each file it
-wrote), `manifest-sha256.txt` (a large job's; a small one's is made in memory),
-`head.tar` (the tag files' tar members) and `end.tar`;
-the archive is the concatenation of head, fragments and end, in that order.
+wrote), `manifest-sha256.txt` (a large job's; a small one's is made in memory) and
+`head.tar` (the tag files' tar members); beside the jobs' folders, `end.tar`, the two
+zero blocks that end every archive, one file for all the jobs. The archive is the
+concatenation of head, fragments and end, in that order.
 
-Staging is not fsynced, but for the sealed head: a fragment written before the machine
-last started may have holes, so it is re-read against its records before it is used
-(`reverify_after_restart`); the tag files are made again (post-processing starts over),
-and `END` is written again.
+Staging is not fsynced, but for the sealed head and the end: a fragment written before
+the machine last started may have holes, so it is re-read against its records before it
+is used (`reverify_after_restart`); the tag files are made again (post-processing starts
+over).
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ import structlog
 from . import bag
 from .artifacts import ArtifactWriter
 from .errors import IntegrityError, describe
-from .fileio import require_space
+from .fileio import atomic_file, require_space
 from .tarformat import END
 
 log = structlog.get_logger(component="staging")
 
-# An activity's tar fragment: `<activity>.part.tar`, never `head.tar`, `end.tar` or
-# `archive.tar`, whatever the activity's name. One folder a job, no more: on a busy
-# disk each new folder and file costs (ext4 looks for a free inode past the ones just
-# freed), and a burst of small jobs makes and removes many.
+# An activity's tar fragment: `<activity>.part.tar`, never `head.tar`, `end.tar` (a job's
+# own, before the end was shared) or `archive.tar`, whatever the activity's name. One
+# folder a job, no more: on a busy disk each new folder and file costs (ext4 looks for a
+# free inode past the ones just freed), and a burst of small jobs makes and removes many.
 FRAGMENT = ".part.tar"
+END_NAME = "end.tar"
 
 
 def boot_id() -> str:
@@ -72,7 +74,10 @@ class Staging:
 
     @property
     def end(self) -> Path:
-        return self.root / "end.tar"
+        """Shared by the jobs of this state directory: one file less to make and remove
+        a job (each new file costs ext4 a search for a free inode past those freed in
+        the last seconds, and a burst of small jobs frees thousands)."""
+        return self.root.parent / END_NAME
 
     @property
     def names_db(self) -> Path:
@@ -88,7 +93,7 @@ class Staging:
     def fragments_found(self) -> set[str]:
         """The tars staging holds besides the head, the end and a restored archive:
         fragments, whoever wrote them."""
-        ours = {self.head.name, self.end.name, self.restored.name}
+        ours = {self.head.name, END_NAME, self.restored.name}
         return {n for n in os.listdir(self.root) if n.endswith(".tar") and n not in ours}
 
     def records_of(self, activity: str) -> Path:
@@ -101,10 +106,18 @@ class Staging:
         """The files whose concatenation is the archive, in order."""
         return [self.head, *(self.fragment(a) for a in self.activities), self.end]
 
-    def write_end(self) -> None:
-        """The two zero blocks that end the archive (not fsynced: written again after a
-        restart of the machine)."""
-        bag.write_tag(self.end, END)
+    def ensure_end(self) -> None:
+        """The two zero blocks that end the archive, in place: written (fsynced, whole)
+        when missing or not what they must be; else left alone (a read, no new file)."""
+        try:
+            with open(self.end, "rb") as f:
+                if f.read(len(END) + 1) == END:
+                    return
+        except FileNotFoundError:
+            pass
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.end) as f:
+            f.write(END)
 
     def writer(self, activity: str, bag_name: str) -> ArtifactWriter:
         return ArtifactWriter(

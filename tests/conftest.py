@@ -286,8 +286,10 @@ class Root:
         return sorted(self.targets[target].rglob("*.tar"))
 
     def staging_leftovers(self) -> list[Path]:
+        """What staging holds besides `end.tar`, which every archive shares."""
         staging = self.state_dir / "staging"
-        return sorted(staging.iterdir()) if staging.exists() else []
+        found = sorted(staging.iterdir()) if staging.exists() else []
+        return [p for p in found if p.name != "end.tar"]
 
     def all_target_files(self) -> list[Path]:
         return sorted(p for t in self.targets.values() for p in t.rglob("*") if p.is_file())

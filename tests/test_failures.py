@@ -418,12 +418,13 @@ def test_post_processing_is_one_commit_and_starts_over_after_a_kill_in_it(root: 
 
 @pytest.mark.slow
 def test_end_of_the_archive_is_written_again_after_the_machine_restarted(root: Root) -> None:
-    """`END` is not fsynced when sealed (the head is): after a restart of the machine
-    it is written again before the copies are made."""
+    """`END` (one file for every job's archive) found damaged after a restart of the
+    machine is written again before the copies are made."""
     daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store=kill"})
     (job_id,) = root.submit(root.job_file("rebooted"))
     assert daemon.wait_exit(60) == -signal.SIGKILL
-    end = root.state_dir / "staging" / job_id / "end.tar"
+    assert not (root.state_dir / "staging" / job_id / "end.tar").exists()
+    end = root.state_dir / "staging" / "end.tar"
     end.write_bytes(b"\xff" * len(end.read_bytes()))  # the size kept, the bytes not
     root.start(env={"ARCHIVED_BOOT_ID": "a later start of the machine"})
     root.wait_state(job_id, "completed", "failed")
@@ -478,12 +479,25 @@ def test_a_staged_archive_part_gone_before_store_fails_each_storage_task(root: R
     daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store=kill"})
     (job_id,) = root.submit(root.job_file("vanished"))
     assert daemon.wait_exit(60) == -signal.SIGKILL
-    (root.state_dir / "staging" / job_id / "end.tar").unlink()
+    (root.state_dir / "staging" / job_id / "a.part.tar").unlink()
     root.start()
     job = root.wait_state(job_id, "failed", "completed")
     assert job["state"] == "failed"
-    assert "end.tar" in job["error"]
+    assert "a.part.tar" in job["error"]
     storage = [t for t in job["tasks"] if t["kind"] == "storage"]
     assert {t["state"] for t in storage} == {"failed"}
-    assert all("end.tar" in t["error"] for t in storage)
+    assert all("a.part.tar" in t["error"] for t in storage)
     assert root.all_target_files() == []
+
+
+@pytest.mark.slow
+def test_the_shared_end_removed_before_store_is_made_again(root: Root) -> None:
+    """An operator who clears staging of `end.tar` while a job waits to store (here:
+    the daemon killed meanwhile) loses no job: the end is made again before the copies."""
+    daemon = root.start(env={"ARCHIVED_FAILPOINTS": "store=kill"})
+    (job_id,) = root.submit(root.job_file("cleared"))
+    assert daemon.wait_exit(60) == -signal.SIGKILL
+    (root.state_dir / "staging" / "end.tar").unlink()
+    root.start()
+    root.wait_state(job_id, "completed", "failed")
+    assert_one_verified_copy_per_target(root, job_id)

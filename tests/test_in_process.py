@@ -163,3 +163,25 @@ async def test_the_payload_manifest_made_in_memory_or_staged_makes_one_bag(
         e["detail"]["payload_oxum"] for e in job["events"] if e["kind"] == "calculate_checksums"
     ]
     assert len(lines) == int(oxum.split(".")[1]) > 0
+
+
+async def test_every_archive_ends_with_the_one_shared_end(root: Root) -> None:
+    """The two zero blocks that end an archive are one file beside the jobs' staging,
+    made by the first job sealed, written again by the next one when found damaged,
+    and left alone by the sweep of stale staging."""
+    end = root.state_dir / "staging" / "end.tar"
+    (first,) = root.drop(root.job_file("first"))
+    await root.run_until_idle()
+    assert end.read_bytes() == bytes(1024)
+    end.write_bytes(b"\xff" * 1024)  # as a lost write might leave it
+    (second,) = root.drop(root.job_file("second"))
+    with capture_logs() as logs:
+        await root.run_until_idle()
+    assert "removing stale staging" not in [e["event"] for e in logs]
+    assert end.read_bytes() == bytes(1024)
+    assert list((root.state_dir / "staging").iterdir()) == [end]
+    for job_id in (first, second):
+        assert (await root.details(job_id))["state"] == "completed"
+    for archive in root.archives("primary"):
+        assert archive.read_bytes().endswith(bytes(1024))
+        assert any(m.endswith("/bagit.txt") for m in tar_members(archive))

@@ -112,7 +112,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_files(root: Root) -> None:
     assert grown < 200 * (large - small) // 1024, (
         f"peak RSS grew by {grown} KiB for {large - small} more files"
     )
-    wait_until(lambda: not any((root.state_dir / "staging").iterdir()), 10, "staging emptied")
+    wait_until(lambda: not root.staging_leftovers(), 10, "staging emptied")
     assert os.path.exists(f"/proc/{pid}")
 
 
