@@ -13,6 +13,7 @@ import anyio
 import pytest
 from jobrows import in_flight, write_config
 
+from archived import config as config_module
 from archived import loader
 from archived.config import Config
 from archived.daemon import Daemon
@@ -60,20 +61,26 @@ async def running(config: Config) -> AsyncIterator[Daemon]:
             daemon.wake.set()
 
 
+def counted(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    """One item a call of `owner.name`, from now on."""
+    calls: list[int] = []
+    original = getattr(owner, name)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 async def test_a_poll_turn_does_not_serialize_the_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The config a job is triggered on is serialized once per load, not twice a turn."""
     config = write_config(tmp_path)
     turns = Turns(monkeypatch)
-    calls = []
-    snapshot = Config.snapshot
-
-    def counted(self: Config) -> str:
-        calls.append(1)
-        return snapshot(self)
-
-    monkeypatch.setattr(Config, "snapshot", counted)
+    calls = counted(monkeypatch, Config, "snapshot")
     async with running(config):
         await turns.wait(2)
         calls.clear()
@@ -93,14 +100,8 @@ def test_a_jobs_config_is_validated_once_per_snapshot(
     """Job after job runs on the same snapshot: it is validated once, not per job."""
     config = write_config(tmp_path)
     other = loader.embedded_default()
-    validated = []
-    validate = Config.model_validate
-
-    def counted(data: Any) -> Config:
-        validated.append(1)
-        return validate(data)
-
-    monkeypatch.setattr(Config, "model_validate", counted)
+    config_module._from_snapshot.cache_clear()  # as another test may have left it
+    validated = counted(monkeypatch, Config, "model_validate")
     first = Config.from_snapshot(config.snapshot())
     assert Config.from_snapshot(config.snapshot()) is first
     assert first.snapshot() == config.snapshot()
