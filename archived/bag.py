@@ -196,7 +196,7 @@ def write_head(bag_dir: Path, tags: dict[str, bytes], bag_name: str, out: Path) 
 
     The payload members follow in the activities' fragments, then `END`. Fsynced with
     its directory: what the sealed archive is made of must survive a restart of the
-    machine (the fragments are read again then, and `END` is written again).
+    machine (the fragments are read again then; `END`, shared, is fsynced when made).
     """
     mtime = int(time.time())
     with scratch_file(out, durable=True) as f:

@@ -116,10 +116,11 @@ def require_space(directory: Path, needed: int, what: str) -> None:
 
 def read_buffer(size: int) -> memoryview:
     """A buffer to read `size` bytes through: BUFFER_SIZE, or for less, that and one byte
-    more (one read takes it all, the next sees the end). A zeroed MiB allocated while
-    another is in use is fresh pages from the kernel, 0.1 to 1 ms: more than reading and
-    hashing a small file, and a small job reads several."""
-    return memoryview(bytearray(min(BUFFER_SIZE, size + 1)))
+    more (one read takes it all, the next sees the end), but not below 64 KiB (a size a
+    file system reports wrong, 0 on some FUSE mounts, costs no read a byte). A zeroed
+    MiB allocated while another is in use is fresh pages from the kernel, 0.1 to 1 ms:
+    more than reading and hashing a small file, and a small job reads several."""
+    return memoryview(bytearray(min(BUFFER_SIZE, max(size + 1, 64 * 1024))))
 
 
 def hash_file(

@@ -25,7 +25,7 @@ from .notify import Notifier
 from .orphans import remove_orphans
 from .phase import Services
 from .retention import expire_due
-from .staging import Staging
+from .staging import END_NAME, Staging
 from .states import FINAL, State
 
 log = structlog.get_logger(component="housekeeping")
@@ -131,6 +131,8 @@ class Housekeeping:
             return
         store = self.svc.store
         for entry in staging.iterdir():
+            if only is None and entry.name.startswith(f".{END_NAME}.") and entry.is_file():
+                entry.unlink(missing_ok=True)  # the shared end's, from a write cut short
             if (only is not None and entry.name != only) or not entry.is_dir():
                 continue  # (a file: the archives' shared end)
             job = await store.job(entry.name)

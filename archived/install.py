@@ -110,7 +110,7 @@ def render(lay: Layout) -> str:
 # reads it again on SIGHUP (`systemctl reload archived`).
 
 [daemon]
-# archived.db (queue and history), staging/<job id>/, archived.lock
+# archived.db (queue and history), staging/ (<job id>/, end.tar), archived.lock
 state_dir = {_toml(lay.state_dir)}
 # tmp/ incoming/ active/ corrupt/: job files are dropped into incoming/
 spool_dir = {_toml(lay.spool_dir)}

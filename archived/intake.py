@@ -20,7 +20,7 @@ import anyio
 import structlog
 
 from .config import Config
-from .errors import JobFileError, Kind, classify, describe
+from .errors import JobFileError, Kind, TransientError, classify, describe
 from .jobfile import JobSpec, parse_job, read_job_file
 from .moments import iso_seconds
 from .phase import Services
@@ -102,6 +102,10 @@ class Intake:
         self.wake = wake
         self.once = Once()  # by spool entry name
         self.rejecting = anyio.Lock()
+        # a batch's inserts at once: SQLite's share a commit; PostgreSQL's each take one
+        # of the pool's connections, so fewer there (the runners and the lease's
+        # heartbeat need theirs)
+        self.inserting = anyio.CapacityLimiter(4 if svc.store.shared else BATCH)
 
     async def ingest_leftovers(self) -> None:
         """Entries claimed before a crash, or left by an error worth another try."""
@@ -141,7 +145,11 @@ class Intake:
         limit = self.pinned().config.limits.max_job_file_bytes
         taken = await anyio.to_thread.run_sync(self._take, names, limit)
         read = [t.claimed.job_id for t in taken if t.data is not None]
-        known = await self.svc.store.jobs_by_id(read) if read else {}
+        try:
+            known = await self.svc.store.jobs_by_id(read) if read else {}
+        except Exception as exc:  # the entries wait in active/: the next poll's leftovers
+            self.once.say("", "cannot read the queue; the spool waits", exc, file="")
+            return
         spent: list[Claimed] = []
         async with anyio.create_task_group() as tg:
             for t in taken:  # in order: each job's created_at is read before its first wait
@@ -163,17 +171,17 @@ class Intake:
     def _take(self, names: list[str], limit: int) -> list[_Taken]:
         """In a thread: each entry claimed (moved into active/), then read."""
         taken = []
-        for name in names:
+        for name in names:  # an error is about its entry only, whatever it is
             try:
                 claimed = self.spool.claim(name)
-            except OSError as exc:
+            except Exception as exc:
                 taken.append(_Taken(Claimed(self.spool.incoming / name, new_job_id(), name), exc))
                 continue
             if claimed is None:  # gone: taken by someone else, or removed
                 continue
             try:
                 taken.append(_Taken(claimed, data=read_job_file(claimed.path, limit)))
-            except (JobFileError, OSError) as exc:
+            except Exception as exc:
                 taken.append(_Taken(claimed, exc))
         return taken
 
@@ -256,7 +264,12 @@ class Intake:
         except JobFileError as exc:
             await self._reject(claimed, str(exc))
             return
-        await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
+        try:
+            async with self.inserting:
+                await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
+        except Exception as exc:
+            # the queue's error, not the file's: it waits in active/ for the next poll
+            raise TransientError(f"the queue: {describe(exc)}") from exc
         spent.append(claimed)
         self.once.over(claimed.original_name)
         log.info(

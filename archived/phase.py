@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 from anyio.abc import TaskGroup
 
 from .config import Config
@@ -31,6 +32,8 @@ from .retry import RetryPolicy
 from .staging import Staging
 from .states import Event, State
 from .store import Job, NewCopy, NewEvent, Store, Task, lease_lost, storage_key, utcnow
+
+log = structlog.get_logger(component="phase")
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Services:
 @dataclass(frozen=True)
 class Outcome:
     """The event the runner commits, with the job's fields and the events to record
-    in the same transaction (a phase's last step rides with it: one commit less)."""
+    in the same transaction (post-processing's steps ride with it: two commits less)."""
 
     event: Event
     reason: str
@@ -79,6 +82,8 @@ class JobContext:
         self.attempt_begun = False  # this step counted an attempt (see runner.py)
         self.counted: State | None = None  # the transition into this phase counted one
         self._activity_results: dict[str, dict[str, Any]] | None = None
+        # tasks running whose start is not committed yet (kind, name): see _started_later
+        self.unstarted: set[tuple[str, str]] = set()
 
     @property
     def store(self) -> Store:
@@ -153,6 +158,7 @@ class JobContext:
         waiting = anyio.CancelScope()
         marked = anyio.Event()
         started = False
+        self.unstarted.add((kind, name))  # cut short meanwhile: abandon_tasks counts it
 
         async def mark() -> None:
             nonlocal started
@@ -162,6 +168,9 @@ class JobContext:
                 if not waiting.cancel_called:  # not done meanwhile: committed before it is
                     await self.store.start_task(self.id, kind, name)
                     started = True
+                    self.unstarted.discard((kind, name))
+            except Exception as exc:  # the queue's: the task goes on, its end counts it
+                log.warning("cannot record that a task started", task=name, error=describe(exc))
             finally:
                 marked.set()
 
@@ -204,15 +213,21 @@ class JobContext:
                     if lease_lost(exc):
                         raise
                     failures.append(exc)
-                    error = describe(exc)
-                    await store.finish_task(
-                        self.id, kind, name, error=error, started=await started()
-                    )
+                    with anyio.CancelScope(shield=True):  # what the task did, recorded
+                        counted = await started()
+                        await store.finish_task(
+                            self.id, kind, name, error=describe(exc), started=counted
+                        )
+                        self.unstarted.discard((kind, name))
                     return
                 made = copy(result) if copy is not None else None
-                await store.finish_task(
-                    self.id, kind, name, result=result, copy=made, started=await started()
-                )
+                # done: recorded (with its copy) even if the job is canceled meanwhile
+                with anyio.CancelScope(shield=True):
+                    counted = await started()
+                    await store.finish_task(
+                        self.id, kind, name, result=result, copy=made, started=counted
+                    )
+                    self.unstarted.discard((kind, name))
 
         async with anyio.create_task_group() as tg:
             for name in pending:

@@ -58,6 +58,7 @@ class PostProcessing:
 
     async def run(self) -> Outcome:
         ctx = self.ctx
+        self.step_events, self.manifest = [], None  # a run again (StaleState) starts afresh
         await ctx.begin_attempt(State.POST_PROCESSING)
         done = ctx.job.step
         start = POST_STEPS.index(done) + 1 if done in POST_STEPS else 0

@@ -3,7 +3,7 @@
 `JobRunner.run()` reads the job's state, calls that state's handler, and commits the
 transition the handler's event leads to (see states.py). Because every step starts
 from what the database says, a restarted daemon resumes a job by simply running it
-again: finished tasks are skipped, finished post-processing steps are skipped.
+again: finished tasks are skipped (post-processing, committed whole, runs again whole).
 
 The runner keeps the loop: states, attempts, the deadline and the operator's cancel,
 and which error leads where. The phases live in their own modules (activities.py,
@@ -176,7 +176,8 @@ class JobRunner:
         return None
 
     async def _abandon_executing_tasks(self) -> None:
-        await self.svc.store.abandon_tasks(self.id)
+        await self.svc.store.abandon_tasks(self.id, sorted(self.ctx.unstarted))
+        self.ctx.unstarted.clear()
 
     async def _step(self, state: State) -> Outcome | None:
         handler = self.handlers[state]

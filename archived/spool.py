@@ -88,32 +88,15 @@ class Spool:
         """Names in incoming/, oldest first; hidden names (being written) are left alone."""
         import anyio
 
-        return await anyio.to_thread.run_sync(self._pending)  # one trip, however many
-
-    def _pending(self) -> list[str]:
-        stamped = []
-        with os.scandir(self.incoming) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                except OSError:  # claiming it will meet the error, and deal with it
-                    stamped.append((0, entry.name))
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    continue  # an operator's folder, not a job file
-                stamped.append((st.st_mtime_ns, entry.name))
-        return [name for _, name in sorted(stamped)]
+        return await anyio.to_thread.run_sync(_oldest_first, self.incoming)  # one trip
 
     async def leftovers(self) -> list[Claimed]:
-        """Files a crashed daemon had claimed but not finished with."""
-        import aiofiles.os
+        """Files a crashed daemon had claimed but not finished with, oldest first (as
+        they came in: a claim keeps a file's time; a batch of them may be left)."""
+        import anyio
 
         found = []
-        for name in sorted(await aiofiles.os.listdir(self.active)):
+        for name in await anyio.to_thread.run_sync(_oldest_first, self.active):
             if match := _ACTIVE.match(name):
                 found.append(Claimed(self.active / name, match["id"], match["name"]))
         return found
@@ -197,6 +180,27 @@ class Spool:
         with atomic_file(self.incoming / name, 0o640, tmp=self.tmp / name) as f:
             f.write(data)
         return job_id
+
+
+def _oldest_first(folder: Path) -> list[str]:
+    """The names in `folder` but hidden ones (being written) and folders (an operator's),
+    oldest first (by modification time, then name)."""
+    stamped = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError:  # claiming it will meet the error, and deal with it
+                stamped.append((0, entry.name))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            stamped.append((st.st_mtime_ns, entry.name))
+    return [name for _, name in sorted(stamped)]
 
 
 def _write_reason(path: Path, text: str, tmp: Path) -> None:

@@ -113,7 +113,7 @@ class Staging:
             with open(self.end, "rb") as f:
                 if f.read(len(END) + 1) == END:
                     return
-        except FileNotFoundError:
+        except OSError:  # gone, unreadable (an operator's file in its place): replaced
             pass
         self.root.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(self.end) as f:

@@ -94,9 +94,12 @@ class StepOps(SqlBase):
         async with self._owned(job_id) as tx:
             await tx.run("task_progress", job_id=job_id, kind=kind, name=name, progress=progress)
 
-    async def abandon_tasks(self, job_id: str) -> None:
+    async def abandon_tasks(self, job_id: str, unstarted: Iterable[tuple[str, str]] = ()) -> None:
+        now = utcnow()
         async with self._owned(job_id) as tx:
-            await tx.run("abandon_tasks", job_id=job_id, now=utcnow())
+            for kind, name in unstarted:  # cut short before their start was committed
+                await tx.run("start_task", job_id=job_id, kind=kind, name=name, now=now)
+            await tx.run("abandon_tasks", job_id=job_id, now=now)
 
     async def add_event(self, job_id: str, kind: str, detail: Mapping[str, Any]) -> None:
         async with self._owned(job_id) as tx:

@@ -168,12 +168,14 @@ async def test_the_payload_manifest_made_in_memory_or_staged_makes_one_bag(
 async def test_every_archive_ends_with_the_one_shared_end(root: Root) -> None:
     """The two zero blocks that end an archive are one file beside the jobs' staging,
     made by the first job sealed, written again by the next one when found damaged,
-    and left alone by the sweep of stale staging."""
+    and left alone by the sweep of stale staging (which removes a write of it cut
+    short)."""
     end = root.state_dir / "staging" / "end.tar"
     (first,) = root.drop(root.job_file("first"))
     await root.run_until_idle()
     assert end.read_bytes() == bytes(1024)
     end.write_bytes(b"\xff" * 1024)  # as a lost write might leave it
+    (end.parent / ".end.tar.0123456789ab.tmp").write_bytes(b"")  # a write cut short
     (second,) = root.drop(root.job_file("second"))
     with capture_logs() as logs:
         await root.run_until_idle()
@@ -185,3 +187,61 @@ async def test_every_archive_ends_with_the_one_shared_end(root: Root) -> None:
     for archive in root.archives("primary"):
         assert archive.read_bytes().endswith(bytes(1024))
         assert any(m.endswith("/bagit.txt") for m in tar_members(archive))
+
+
+async def test_a_task_canceled_before_its_start_was_recorded_is_failed_and_counted(
+    root: Root, failpoints: Failpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task cut short (here by `archived cancel`) before its start was committed is
+    recorded as one that ran: failed, `cut short`, one attempt."""
+    from archived import phase
+    from archived.store_open import open_store
+
+    monkeypatch.setattr(phase, "START_AFTER", 600.0)  # its start is never committed
+    failpoints.set("activity_task=delay:30")
+    (job_id,) = root.drop(root.job_file("canceled"))
+
+    async def cancel_once_running() -> None:
+        while True:
+            try:
+                job = await root.details(job_id)
+            except AssertionError:  # not taken in yet
+                job = {"state": "uninitialized"}
+            if job["state"] == "activity_archiving":
+                break
+            await anyio.sleep(0.02)
+        store = await open_store(root.load_config(), create=False)
+        assert store is not None
+        await store.request_cancel(job_id)
+        await store.close()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancel_once_running)
+        await root.run_until_idle()
+    job = await root.details(job_id)
+    assert job["state"] == "failed" and "canceled" in job["error"], job["error"]
+    (task,) = [t for t in job["tasks"] if t["name"] == "a"]
+    assert (task["state"], task["error"], task["attempts"]) == ("failed", "cut short", 1)
+
+
+async def test_a_task_whose_start_cannot_be_recorded_runs_on_and_is_counted_at_its_end(
+    root: Root, failpoints: Failpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue refusing the record of a task's start (a second in) stops no task: the
+    job completes, and each task's end counts its attempt."""
+    from archived import phase
+    from archived.store_steps import StepOps
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the queue refused it")
+
+    monkeypatch.setattr(phase, "START_AFTER", 0.05)
+    monkeypatch.setattr(StepOps, "start_task", refused)
+    failpoints.set("activity_task=delay:1")
+    (job_id,) = root.drop(root.job_file("unrecorded"))
+    with capture_logs() as logs:
+        await root.run_until_idle()
+    job = await root.details(job_id)
+    assert job["state"] == "completed", job["error"]
+    assert {t["attempts"] for t in job["tasks"]} == {1}
+    assert "cannot record that a task started" in [e["event"] for e in logs]

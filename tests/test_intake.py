@@ -138,3 +138,48 @@ async def test_two_files_of_one_job_id_in_one_burst_make_one_job(
     for job_id in (first, second):
         job = await intake.svc.store.job(job_id)
         assert job is not None and job.name == "nightly"
+
+
+async def test_entries_a_crash_left_claimed_are_queued_oldest_first(
+    intake: Intake, config: Config
+) -> None:
+    """A batch claimed before a crash is taken again in the order the files came in
+    (their times), not in the order of the job ids their names now start with."""
+    ids = ["f" * 12, "a" * 12, "c" * 12]
+    for i, job_id in enumerate(ids):
+        path = intake.spool.active / f"{job_id}__j{i}.json"
+        path.write_bytes(job_file(config, f"j{i}"))
+        os.utime(path, ns=(i * 10**9, i * 10**9))
+    await intake.ingest()
+    jobs = [await intake.svc.store.job(job_id) for job_id in ids]
+    created = [j.created_at for j in jobs if j is not None]
+    assert len(created) == 3 and created == sorted(created), created
+    assert list(intake.spool.active.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing", ["insert_job", "jobs_by_id"])
+async def test_an_error_of_the_queue_keeps_the_job_files_for_the_next_poll(
+    intake: Intake, config: Config, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """Whatever the queue answers (here: an error no class makes recoverable), the
+    files wait in the spool, none goes to corrupt/, intake does not raise, and the next
+    poll queues them."""
+    store = intake.svc.store
+    ids = [intake.spool.submit(job_file(config, f"j{i}"), ".json") for i in range(3)]
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the connection went away")
+
+    monkeypatch.setattr(store, failing, broken)
+    with capture_logs() as events:
+        await intake.ingest()
+    assert [e["event"] for e in events if e["log_level"] == "error"]
+    assert "job file rejected" not in [e["event"] for e in events]
+    assert list((config.daemon.spool_dir / "corrupt").iterdir()) == []
+    assert len(list(intake.spool.active.iterdir())) == 3
+    monkeypatch.undo()
+    await intake.ingest()
+    for job_id in ids:
+        job = await store.job(job_id)
+        assert job is not None and job.state == State.QUEUED
+    assert list(intake.spool.active.iterdir()) == []
