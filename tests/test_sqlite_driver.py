@@ -13,6 +13,8 @@ import anyio
 import pytest
 from conftest import Root, wait_until
 
+from archived.drivers import sqlite as sqlite_driver
+
 WRITER = """
 import sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
@@ -105,9 +107,12 @@ db.execute("ROLLBACK")
 
 
 @pytest.mark.slow  # waits out the driver's busy timeout: about 15 s
-async def test_a_locked_database_is_waited_for_not_failed(root: Root) -> None:
+async def test_a_locked_database_is_waited_for_not_failed(
+    root: Root, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another program holds the database locked (a long write, a backup tool): the
     snapshot is tried again later, as with any error that may pass."""
+    monkeypatch.setattr(sqlite_driver, "LOCK_WAIT", 1.0)  # 10 s in one attempt, by default
     db_path = root.sources / "busy.db"
     db = sqlite3.connect(db_path)
     db.executescript("CREATE TABLE t (n INTEGER); INSERT INTO t VALUES (1);")
