@@ -350,7 +350,7 @@ class OnTerminal:
 
 @pytest.mark.slow
 def test_operator_view_of_a_running_and_a_finished_job(root: Root) -> None:
-    root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:8,store=delay:6"})
+    root.start(env={"ARCHIVED_FAILPOINTS": "activity_task=delay:5,store=delay:3"})
     waiting = OnTerminal(root, root.job_file("watched"))
     job_id = waiting.job_id
     root.wait_state(job_id, "activity_archiving")
