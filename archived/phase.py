@@ -52,13 +52,12 @@ class Services:
 
 @dataclass(frozen=True)
 class Outcome:
-    """The event the runner commits, with the job's fields and the events to record
-    in the same transaction (post-processing's steps ride with it: two commits less)."""
+    """The event the runner commits, with the job's fields (and, in the same
+    transaction, the events the step logged: `JobContext.events`)."""
 
     event: Event
     reason: str
     fields: dict[str, Any] = field(default_factory=dict)
-    events: list[NewEvent] = field(default_factory=list)
 
 
 # How long a task runs before its start is committed (see JobContext._started_later).
@@ -84,6 +83,9 @@ class JobContext:
         self._activity_results: dict[str, dict[str, Any]] | None = None
         # tasks running whose start is not committed yet (kind, name): see _started_later
         self.unstarted: set[tuple[str, str]] = set()
+        # what a step logged, recorded with the transition that ends it, whichever it is
+        # (done, an error, a cancel): post-processing's steps, committed together
+        self.events: list[NewEvent] = []
 
     @property
     def store(self) -> Store:

@@ -48,17 +48,16 @@ MANIFEST_IN_MEMORY = 1024 * 1024
 class PostProcessing:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        self.step_events: list[NewEvent] = []
         self.manifest: bytes | None = None  # the payload manifest, if made in memory
 
     def _step_event(self, kind: str, **detail: Any) -> None:
-        """An event committed with the transition out of the phase (once, even if the
-        daemon dies in between and the phase runs again)."""
-        self.step_events.append(NewEvent(kind, detail, utcnow()))
+        """An event committed with the transition that ends the phase, whichever: once,
+        even if the daemon dies in between and the phase runs again."""
+        self.ctx.events.append(NewEvent(kind, detail, utcnow()))
 
     async def run(self) -> Outcome:
         ctx = self.ctx
-        self.step_events, self.manifest = [], None  # a run again (StaleState) starts afresh
+        self.manifest = None  # a run again (after StaleState) starts afresh
         await ctx.begin_attempt(State.POST_PROCESSING)
         done = ctx.job.step
         start = POST_STEPS.index(done) + 1 if done in POST_STEPS else 0
@@ -74,9 +73,7 @@ class PostProcessing:
             fields |= {"step": step, **await getattr(self, step)()}
             ctx.job = ctx.job.replace(**fields)  # in memory: committed with the transition
             log.info("post-processing step done", step=step)
-        return Outcome(
-            Event.DONE, "integrity checked, checksums calculated, signed", fields, self.step_events
-        )
+        return Outcome(Event.DONE, "integrity checked, checksums calculated, signed", fields)
 
     async def check_integrity(self) -> dict[str, Any]:
         ctx = self.ctx
@@ -232,6 +229,6 @@ class PostProcessing:
         ]
         lines += [{"type": e.kind, "at": iso(e.at), **e.detail} for e in events]
         # this run's steps': committed with the transition, at these times
-        lines += [{"type": e.kind, "at": iso(e.at), **e.detail} for e in self.step_events]
+        lines += [{"type": e.kind, "at": iso(e.at), **e.detail} for e in ctx.events]
         lines.append({"type": "sign", "at": iso(utcnow()), "algorithm": "ed25519-minisign"})
         return sorted(lines, key=lambda e: str(e["at"]))

@@ -101,9 +101,10 @@ class JobRunner:
             if counts:
                 fields = fields | self.ctx.attempt_fields(entered)
             self.ctx.counted = None
+            events, self.ctx.events = self.ctx.events, []
             try:
                 job = await self.svc.store.transition(
-                    self.id, state, outcome.event, outcome.reason, events=outcome.events, **fields
+                    self.id, state, outcome.event, outcome.reason, events=events, **fields
                 )
             except StaleState:
                 log.warning("job moved under us; re-reading")

@@ -245,3 +245,19 @@ async def test_a_task_whose_start_cannot_be_recorded_runs_on_and_is_counted_at_i
     assert job["state"] == "completed", job["error"]
     assert {t["attempts"] for t in job["tasks"]} == {1}
     assert "cannot record that a task started" in [e["event"] for e in logs]
+
+
+async def test_what_post_processing_logged_is_recorded_when_it_fails_too(
+    root: Root, failpoints: Failpoints
+) -> None:
+    """Post-processing's events go with the transition that ends it, whichever: a
+    `sign` that fails once leaves its attempt's check on record, and the retry's."""
+    root.write_config(retry={"backoff": "100ms", "backoff_max": "200ms"})
+    failpoints.set("sign=transient:1")
+    (job_id,) = root.drop(root.job_file("twice"))
+    await root.run_until_idle()
+    job = await root.details(job_id)
+    assert job["state"] == "completed", job["error"]
+    kinds = [e["kind"] for e in job["events"]]
+    assert kinds.count("check_integrity") == 2, kinds
+    assert kinds.count("calculate_checksums") == 2, kinds
