@@ -118,7 +118,14 @@ def _queue_may_pass(exc: BaseException) -> bool:
     if isinstance(name, str):
         return name in RECOVERABLE_SQLITE or name.startswith("SQLITE_IOERR_")
     state = getattr(exc, "sqlstate", None)
-    return isinstance(state, str) and state[:2] in RECOVERABLE_SQLSTATE_CLASSES
+    if isinstance(state, str):
+        return state[:2] in RECOVERABLE_SQLSTATE_CLASSES
+    # psycopg's own: the connection lost or never made (the server gone, a pool timeout)
+    # has no SQLSTATE; its class is OperationalError (psycopg is an optional import)
+    return any(
+        c.__name__ == "OperationalError" and c.__module__.startswith("psycopg")
+        for c in type(exc).__mro__
+    )
 
 
 def describe(exc: BaseException) -> str:

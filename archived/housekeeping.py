@@ -9,6 +9,7 @@ each audit and retention round.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections.abc import Callable
@@ -132,7 +133,8 @@ class Housekeeping:
         store = self.svc.store
         for entry in staging.iterdir():
             if only is None and entry.name.startswith(f".{END_NAME}.") and entry.is_file():
-                entry.unlink(missing_ok=True)  # the shared end's, from a write cut short
+                with contextlib.suppress(OSError):  # the shared end's, from a write cut short
+                    entry.unlink()
             if (only is not None and entry.name != only) or not entry.is_dir():
                 continue  # (a file: the archives' shared end)
             job = await store.job(entry.name)

@@ -51,6 +51,10 @@ def _batches(names: list[str]) -> Iterator[list[str]]:
         yield batch
 
 
+class QueueDown(Exception):
+    """The queue could not be read: intake stops for this poll, files where they are."""
+
+
 @dataclass(frozen=True)
 class _Taken:
     """A spool entry claimed and read (`data`), or what went wrong (`error`): claiming
@@ -108,35 +112,49 @@ class Intake:
         self.inserting = anyio.CapacityLimiter(4 if svc.store.shared else BATCH)
 
     async def ingest_leftovers(self) -> None:
-        """Entries claimed before a crash, or left by an error worth another try."""
+        """Entries claimed before a crash, or left by an error worth another try.
+        QueueDown if the queue cannot be read: they wait where they are."""
         limit = self.pinned().config.limits.max_job_file_bytes
         for claimed in await self.spool.leftovers():
+            if self.svc.stopping.is_set():
+                return
             try:
                 data = await anyio.to_thread.run_sync(read_job_file, claimed.path, limit)
-                known = await self.svc.store.job(claimed.job_id)
             except JobFileError as exc:
                 await self._reject_or_keep(claimed, str(exc))
                 continue
             except Exception as exc:
                 await self._cannot_take(claimed, exc)
                 continue
+            known = await self._known([claimed.job_id])
             spent: list[Claimed] = []
-            await self._accept_or_reject(claimed, data, known, spent)
+            await self._accept_or_reject(claimed, data, known.get(claimed.job_id), spent)
             await self._spent(spent)
+
+    async def _known(self, ids: list[str]) -> dict[str, Job]:
+        """The jobs of `ids` already in the queue; QueueDown if it cannot be read."""
+        try:
+            return await self.svc.store.jobs_by_id(ids) if ids else {}
+        except Exception as exc:
+            raise QueueDown(describe(exc)) from exc
 
     async def ingest(self) -> None:
         """Take every entry of incoming/; an error with one is about that entry only."""
         try:
             await self.ingest_leftovers()
             names = await self.spool.pending()
+            for batch in _batches(names):
+                if self.svc.stopping.is_set():
+                    return
+                await self._ingest_batch(batch)
+        except QueueDown as exc:  # what was claimed waits in active/ for the next poll
+            self.once.say("queue", "cannot read the queue; the spool waits", exc, file="")
+            return
         except OSError as exc:
             self.once.say("", "cannot read the spool; trying again", exc, file="")
             await anyio.to_thread.run_sync(self.spool.create)  # an operator removed a folder?
             return
-        for batch in _batches(names):
-            if self.svc.stopping.is_set():
-                return
-            await self._ingest_batch(batch)
+        self.once.over("queue")
 
     async def _ingest_batch(self, names: list[str]) -> None:
         """Entries claimed and read in one trip to a thread; their jobs inserted at once,
@@ -144,15 +162,10 @@ class Intake:
         and their files removed in one trip once the jobs are in the queue."""
         limit = self.pinned().config.limits.max_job_file_bytes
         taken = await anyio.to_thread.run_sync(self._take, names, limit)
-        read = [t.claimed.job_id for t in taken if t.data is not None]
-        try:
-            known = await self.svc.store.jobs_by_id(read) if read else {}
-        except Exception as exc:  # the entries wait in active/: the next poll's leftovers
-            self.once.say("", "cannot read the queue; the spool waits", exc, file="")
-            return
+        known = await self._known([t.claimed.job_id for t in taken if t.data is not None])
         spent: list[Claimed] = []
         async with anyio.create_task_group() as tg:
-            for t in taken:  # in order: each job's created_at is read before its first wait
+            for t in taken:  # in order: the limiter lets them insert first in, first out
                 if t.data is not None:
                     tg.start_soon(
                         self._accept_or_reject,
@@ -264,12 +277,8 @@ class Intake:
         except JobFileError as exc:
             await self._reject(claimed, str(exc))
             return
-        try:
-            async with self.inserting:
-                await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
-        except Exception as exc:
-            # the queue's error, not the file's: it waits in active/ for the next poll
-            raise TransientError(f"the queue: {describe(exc)}") from exc
+        async with self.inserting:
+            await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
         spent.append(claimed)
         self.once.over(claimed.original_name)
         log.info(
@@ -302,7 +311,14 @@ class Intake:
             not_before=as_datetime(spec.not_before_utc()),
             tasks=tuple(tasks),
         )
-        if not await self.svc.store.insert_job(job, reason=reason, schedule_run=schedule_run):
+        try:
+            made = await self.svc.store.insert_job(job, reason=reason, schedule_run=schedule_run)
+        except Exception as exc:
+            if schedule_run is not None:
+                raise  # the scheduler's to handle
+            # the queue's error, not the file's: it waits in active/ for the next poll
+            raise TransientError(f"the queue: {describe(exc)}") from exc
+        if not made:
             return False
         self.svc.metrics.transition(State.UNINITIALIZED)
         self.svc.metrics.transition(State.QUEUED)

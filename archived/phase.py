@@ -172,6 +172,8 @@ class JobContext:
                     started = True
                     self.unstarted.discard((kind, name))
             except Exception as exc:  # the queue's: the task goes on, its end counts it
+                if lease_lost(exc):
+                    raise  # the job is another daemon's now: stop at once, touch nothing
                 log.warning("cannot record that a task started", task=name, error=describe(exc))
             finally:
                 marked.set()

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,8 @@ class Spool:
         import anyio
 
         found = []
-        for name in await anyio.to_thread.run_sync(_oldest_first, self.active):
+        # of one time, by the name they came in under (their job ids are random)
+        for name in await anyio.to_thread.run_sync(_oldest_first, self.active, _came_as):
             if match := _ACTIVE.match(name):
                 found.append(Claimed(self.active / name, match["id"], match["name"]))
         return found
@@ -182,9 +184,15 @@ class Spool:
         return job_id
 
 
-def _oldest_first(folder: Path) -> list[str]:
+def _came_as(name: str) -> str:
+    """An active/ entry's name as it came into incoming/ (without its job id)."""
+    match = _ACTIVE.match(name)
+    return match["name"] if match else name
+
+
+def _oldest_first(folder: Path, key: Callable[[str], str] = lambda name: name) -> list[str]:
     """The names in `folder` but hidden ones (being written) and folders (an operator's),
-    oldest first (by modification time, then name)."""
+    oldest first (by modification time, then `key(name)`, then name)."""
     stamped = []
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -195,12 +203,12 @@ def _oldest_first(folder: Path) -> list[str]:
             except FileNotFoundError:
                 continue
             except OSError:  # claiming it will meet the error, and deal with it
-                stamped.append((0, entry.name))
+                stamped.append((0, key(entry.name), entry.name))
                 continue
             if stat.S_ISDIR(st.st_mode):
                 continue
-            stamped.append((st.st_mtime_ns, entry.name))
-    return [name for _, name in sorted(stamped)]
+            stamped.append((st.st_mtime_ns, key(entry.name), entry.name))
+    return [name for _, _, name in sorted(stamped)]
 
 
 def _write_reason(path: Path, text: str, tmp: Path) -> None:

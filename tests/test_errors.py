@@ -75,3 +75,15 @@ def test_the_queue_database_busy_may_pass_a_wrong_statement_may_not(tmp_path: Pa
     assert busy.value.sqlite_errorname == "SQLITE_BUSY"
     assert classify(busy.value) == Kind.RECOVERABLE
     assert classify(wrong.value) == Kind.FATAL
+
+
+def test_a_lost_or_never_made_postgresql_connection_may_pass() -> None:
+    """psycopg's own errors for a connection lost (the server restarted) or not had
+    (the pool timed out) carry no SQLSTATE: they may pass, like SQLSTATE class 08; a
+    wrong statement may not."""
+    psycopg = pytest.importorskip("psycopg")
+    pool = pytest.importorskip("psycopg_pool")
+    assert classify(psycopg.OperationalError("server closed the connection")) == Kind.RECOVERABLE
+    assert classify(pool.PoolTimeout("couldn't get a connection")) == Kind.RECOVERABLE
+    assert classify(psycopg.errors.SyntaxError("near x")) == Kind.FATAL
+    assert classify(psycopg.ProgrammingError("a bug")) == Kind.FATAL

@@ -161,9 +161,10 @@ async def test_entries_a_crash_left_claimed_are_queued_oldest_first(
 async def test_an_error_of_the_queue_keeps_the_job_files_for_the_next_poll(
     intake: Intake, config: Config, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    """Whatever the queue answers (here: an error no class makes recoverable), the
-    files wait in the spool, none goes to corrupt/, intake does not raise, and the next
-    poll queues them."""
+    """Whatever the queue answers (here: an error no class makes recoverable), for as
+    many polls as it lasts (the second takes the first's claimed files as leftovers),
+    the files wait in the spool, none goes to corrupt/, intake does not raise, and the
+    poll after it queues them."""
     store = intake.svc.store
     ids = [intake.spool.submit(job_file(config, f"j{i}"), ".json") for i in range(3)]
 
@@ -171,12 +172,12 @@ async def test_an_error_of_the_queue_keeps_the_job_files_for_the_next_poll(
         raise RuntimeError("the connection went away")
 
     monkeypatch.setattr(store, failing, broken)
-    with capture_logs() as events:
-        await intake.ingest()
-    assert [e["event"] for e in events if e["log_level"] == "error"]
-    assert "job file rejected" not in [e["event"] for e in events]
-    assert list((config.daemon.spool_dir / "corrupt").iterdir()) == []
-    assert len(list(intake.spool.active.iterdir())) == 3
+    for _ in range(2):
+        with capture_logs() as events:
+            await intake.ingest()
+        assert "job file rejected" not in [e["event"] for e in events]
+        assert list((config.daemon.spool_dir / "corrupt").iterdir()) == []
+        assert len(list(intake.spool.active.iterdir())) == 3
     monkeypatch.undo()
     await intake.ingest()
     for job_id in ids:
