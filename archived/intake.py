@@ -51,6 +51,18 @@ def _batches(names: list[str]) -> Iterator[list[str]]:
         yield batch
 
 
+def _read(claimed: Claimed, limit: int) -> _Taken:
+    """In a thread: a claimed entry's bytes, or the error reading them."""
+    try:
+        return _Taken(claimed, data=read_job_file(claimed.path, limit))
+    except Exception as exc:
+        return _Taken(claimed, exc)
+
+
+def _read_all(entries: list[Claimed], limit: int) -> list[_Taken]:
+    return [_read(claimed, limit) for claimed in entries]
+
+
 class QueueDown(Exception):
     """The queue could not be read: intake stops for this poll, files where they are."""
 
@@ -112,24 +124,15 @@ class Intake:
         self.inserting = anyio.CapacityLimiter(4 if svc.store.shared else BATCH)
 
     async def ingest_leftovers(self) -> None:
-        """Entries claimed before a crash, or left by an error worth another try.
-        QueueDown if the queue cannot be read: they wait where they are."""
+        """Entries claimed before a crash, or left by an error worth another try, in
+        batches as new ones are. QueueDown if the queue cannot be read: they wait."""
+        leftovers = await self.spool.leftovers()
         limit = self.pinned().config.limits.max_job_file_bytes
-        for claimed in await self.spool.leftovers():
+        for start in range(0, len(leftovers), BATCH):
             if self.svc.stopping.is_set():
                 return
-            try:
-                data = await anyio.to_thread.run_sync(read_job_file, claimed.path, limit)
-            except JobFileError as exc:
-                await self._reject_or_keep(claimed, str(exc))
-                continue
-            except Exception as exc:
-                await self._cannot_take(claimed, exc)
-                continue
-            known = await self._known([claimed.job_id])
-            spent: list[Claimed] = []
-            await self._accept_or_reject(claimed, data, known.get(claimed.job_id), spent)
-            await self._spent(spent)
+            batch = leftovers[start : start + BATCH]
+            await self._ingest_taken(await anyio.to_thread.run_sync(_read_all, batch, limit))
 
     async def _known(self, ids: list[str]) -> dict[str, Job]:
         """The jobs of `ids` already in the queue; QueueDown if it cannot be read."""
@@ -157,11 +160,15 @@ class Intake:
         self.once.over("queue")
 
     async def _ingest_batch(self, names: list[str]) -> None:
-        """Entries claimed and read in one trip to a thread; their jobs inserted at once,
-        in the entries' order (their transactions share a commit: see store_sqlite.py),
-        and their files removed in one trip once the jobs are in the queue."""
+        """Entries claimed and read in one trip to a thread, then taken in."""
         limit = self.pinned().config.limits.max_job_file_bytes
-        taken = await anyio.to_thread.run_sync(self._take, names, limit)
+        await self._ingest_taken(await anyio.to_thread.run_sync(self._take, names, limit))
+
+    async def _ingest_taken(self, taken: list[_Taken]) -> None:
+        """Claimed entries read: their jobs inserted at once, in the entries' order
+        (their transactions share a commit: see store_sqlite.py), and their files
+        removed in one trip once the jobs are in the queue; the others to corrupt/, or
+        left for the next poll."""
         known = await self._known([t.claimed.job_id for t in taken if t.data is not None])
         spent: list[Claimed] = []
         async with anyio.create_task_group() as tg:
@@ -190,12 +197,8 @@ class Intake:
             except Exception as exc:
                 taken.append(_Taken(Claimed(self.spool.incoming / name, new_job_id(), name), exc))
                 continue
-            if claimed is None:  # gone: taken by someone else, or removed
-                continue
-            try:
-                taken.append(_Taken(claimed, data=read_job_file(claimed.path, limit)))
-            except Exception as exc:
-                taken.append(_Taken(claimed, exc))
+            if claimed is not None:  # else gone: taken by someone else, or removed
+                taken.append(_read(claimed, limit))
         return taken
 
     async def _spent(self, spent: list[Claimed]) -> None:
