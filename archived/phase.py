@@ -211,26 +211,20 @@ class JobContext:
         async def one(name: str) -> None:
             async with slots:
                 started = self._started_later(tg, kind, name)
+                ended: dict[str, Any]
                 try:
                     result = await work(name)
                 except Exception as exc:
                     if lease_lost(exc):
                         raise
                     failures.append(exc)
-                    with anyio.CancelScope(shield=True):  # what the task did, recorded
-                        counted = await started()
-                        await store.finish_task(
-                            self.id, kind, name, error=describe(exc), started=counted
-                        )
-                        self.unstarted.discard((kind, name))
-                    return
-                made = copy(result) if copy is not None else None
-                # done: recorded (with its copy) even if the job is canceled meanwhile
+                    ended = {"error": describe(exc)}
+                else:
+                    ended = {"result": result, "copy": copy(result) if copy is not None else None}
+                # what the task did (its copy), recorded even if the job is canceled now
                 with anyio.CancelScope(shield=True):
                     counted = await started()
-                    await store.finish_task(
-                        self.id, kind, name, result=result, copy=made, started=counted
-                    )
+                    await store.finish_task(self.id, kind, name, started=counted, **ended)
                     self.unstarted.discard((kind, name))
 
         async with anyio.create_task_group() as tg:

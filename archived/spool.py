@@ -21,13 +21,14 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .fileio import atomic_file
 
-# aiofiles (and with it asyncio) is imported in the daemon's methods below, not here:
+# anyio (and with it asyncio) is imported in the daemon's methods below, not here:
 # `archived submit` uses this module too, and an operator's shell waits for it to start.
 
+T = TypeVar("T")
 SUBDIRS = ("tmp", "incoming", "active", "corrupt")
 _SUBMITTED = re.compile(r"^(?P<id>[0-9a-f]{12})\.(?:toml|json)$")
 _ACTIVE = re.compile(r"^(?P<id>[0-9a-f]{12})__(?P<name>.+)$", re.DOTALL)
@@ -107,16 +108,9 @@ class Spool:
         """Move incoming/NAME into active/ under its job id; None if it vanished. Blocking:
         intake claims a batch of entries in one trip to a thread."""
         job_id = submitted_id(name) or new_job_id()
-        source = self.incoming / name
         target = self.active / f"{job_id}__{fit(name, NAME_MAX - _TAGGED)}"
         try:
-            try:
-                os.rename(source, target)
-            except FileNotFoundError:
-                if not os.path.lexists(source):
-                    raise
-                self.create()  # a folder of the spool was removed under the daemon
-                os.rename(source, target)
+            self._again_without_folders(os.rename, self.incoming / name, target)
         except FileNotFoundError:
             return None
         return Claimed(target, job_id, name)
@@ -132,33 +126,35 @@ class Spool:
 
         await anyio.to_thread.run_sync(unlink)
 
-    async def _again_without_folders(self, move: Any, source: Path, *args: Any) -> Any:
+    def _again_without_folders(self, move: Callable[..., T], source: Path, *args: Any) -> T:
         """`move(source, ...)`; when it fails with ENOENT although `source` is there, one
-        of the spool's folders was removed under the daemon: make them again, try once more."""
-        import anyio
-
+        of the spool's folders was removed under the daemon: make them again, try once more.
+        Blocking: for a worker thread."""
         try:
-            return await move(source, *args)
+            return move(source, *args)
         except FileNotFoundError:
-            if not await anyio.to_thread.run_sync(os.path.lexists, source):
+            if not os.path.lexists(source):
                 raise
-        await anyio.to_thread.run_sync(self.create)
-        return await move(source, *args)
+        self.create()
+        return move(source, *args)
 
     async def reject(self, entry: Claimed, reason: str) -> Path:
         """Move the entry, unchanged, to corrupt/ beside a .reason file; returns its path.
 
-        `entry` is in active/, or still in incoming/ if even claiming it failed.
+        `entry` is in active/, or still in incoming/ if even claiming it failed. One trip
+        to a thread.
         """
-        return await self._again_without_folders(self._reject, entry.path, entry, reason)  # type: ignore[no-any-return]
+        import anyio
 
-    async def _reject(self, _path: Path, entry: Claimed, reason: str) -> Path:
-        import aiofiles.os
+        return await anyio.to_thread.run_sync(
+            self._again_without_folders, self._reject, entry.path, entry, reason
+        )
 
+    def _reject(self, _path: Path, entry: Claimed, reason: str) -> Path:
         room = NAME_MAX - len(_REASON)
         name = fit(entry.original_name, room)
         target = self.corrupt / name
-        if await _taken(target) or await _taken(_reason_path(target)):
+        if os.path.lexists(target) or os.path.lexists(_reason_path(target)):
             target = self.corrupt / f"{entry.job_id}__{fit(entry.original_name, room - _TAGGED)}"
         text = reason.rstrip("\n") + "\n"
         if target.name != entry.original_name:
@@ -166,8 +162,8 @@ class Spool:
         reason_path = _reason_path(target)
         part = self.tmp / f".reason-{secrets.token_hex(6)}"
         try:
-            await aiofiles.os.wrap(_write_reason)(reason_path, text, part)
-            await aiofiles.os.rename(entry.path, target)
+            _write_reason(reason_path, text, part)
+            os.rename(entry.path, target)
         except BaseException:
             for path in (part, reason_path):
                 with contextlib.suppress(OSError):
@@ -218,9 +214,3 @@ def _write_reason(path: Path, text: str, tmp: Path) -> None:
 
 def _reason_path(target: Path) -> Path:
     return target.with_name(target.name + _REASON)
-
-
-async def _taken(path: Path) -> bool:
-    import aiofiles.os
-
-    return bool(await aiofiles.os.path.exists(path) or await aiofiles.os.path.islink(path))
