@@ -42,7 +42,17 @@ class Activities:
         await failpoints.reach("activity_archiving")
         pending = [t.name for t in tasks if t.kind == "activity" and t.state != "completed"]
         await self._check_staging_space(pending)
-        await ctx.run_tasks("activity", ctx.svc.activity_slots, self._activity, pending=pending)
+        ends = await ctx.run_tasks(
+            "activity",
+            ctx.svc.activity_slots,
+            self._activity,
+            pending=pending,
+            ends_with_transition=True,  # a commit less: the results go with the DONE
+        )
+        done = {
+            t.name: t.result or {} for t in tasks if t.kind == "activity" and t.name not in pending
+        }
+        ctx.know_activity_results(done | {end.name: end.result or {} for end in ends})
         return Outcome(Event.DONE, "every activity task completed")
 
     async def _sync_storage_tasks(self, tasks: list[Task]) -> None:

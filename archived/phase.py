@@ -9,6 +9,7 @@ the runner commits (see runner.py); it raises for the error path.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .moments import compact
 from .retry import RetryPolicy
 from .staging import Staging
 from .states import Event, State
-from .store import Job, NewCopy, NewEvent, Store, Task, lease_lost, storage_key, utcnow
+from .store import Job, NewCopy, NewEvent, Store, Task, TaskEnd, lease_lost, storage_key, utcnow
 
 log = structlog.get_logger(component="phase")
 
@@ -62,6 +63,9 @@ class Outcome:
 
 # How long a task runs before its start is committed (see JobContext._started_later).
 START_AFTER = 1.0
+# How long the end of a task whose start was not committed waits, at most, for the other
+# tasks of its phase to end (and, for activities, the phase's transition): see run_tasks.
+FINISH_AFTER = 1.0
 
 
 class AttemptsExhausted(Exception):
@@ -86,6 +90,8 @@ class JobContext:
         # what a step logged, recorded with the transition that ends it, whichever it is
         # (done, an error, a cancel): post-processing's steps, committed together
         self.events: list[NewEvent] = []
+        # tasks that ended, not committed yet: with the next transition (see run_tasks)
+        self.ended: list[TaskEnd] = []
 
     @property
     def store(self) -> Store:
@@ -143,10 +149,16 @@ class JobContext:
 
     async def activity_results(self) -> dict[str, dict[str, Any]]:
         """What each activity task reported when it finished: read once, after the
-        activity phase (post-processing and store ask for it up to three times)."""
+        activity phase (post-processing and store ask for it up to three times), unless
+        the activity phase ran here (`know_activity_results`)."""
         if self._activity_results is None:
             self._activity_results = {t.name: t.result or {} for t in await self.tasks("activity")}
         return self._activity_results
+
+    def know_activity_results(self, results: dict[str, dict[str, Any]]) -> None:
+        """Every activity task's result, as the queue has them (or will, once the
+        transition is committed): no read for them after the activity phase."""
+        self._activity_results = json.loads(json.dumps(results))  # as read back
 
     async def reverify_after_restart(self, reported: dict[str, dict[str, Any]]) -> list[str]:
         return await self.staging.reverify_after_restart(self.id, reported, self.svc.hash_threads)
@@ -194,18 +206,26 @@ class JobContext:
         copy: Callable[[dict[str, Any]], NewCopy] | None = None,
         *,
         pending: list[str] | None = None,
-    ) -> None:
+        ends_with_transition: bool = False,
+    ) -> list[TaskEnd]:
         """Run every unfinished task of `kind` (or the `pending` ones, if the caller read
-        them already) concurrently; raise the first failure.
+        them already) concurrently; raise the first failure. Returns how they ended.
 
         `copy` makes the copy a finished storage task wrote of its result, recorded in
         the transaction that marks the task done.
+
+        A task that ran long enough for its start to be committed has its end committed
+        at once. The others (most, in a burst of small jobs) wait, up to FINISH_AFTER,
+        for their siblings: they are committed together once all ended, or with the
+        phase's transition (`ends_with_transition`: the runner takes `self.ended`), or
+        with a failure's; a commit less a task. A crash before that runs them again.
         """
         if kind == "activity":
             self._activity_results = None  # they change: read again when asked for
         if pending is None:
             pending = [t.name for t in await self.tasks(kind) if t.state != "completed"]
         failures: list[BaseException] = []
+        ends: list[TaskEnd] = []
         store = self.store
 
         async def one(name: str) -> None:
@@ -223,12 +243,41 @@ class JobContext:
                     ended = {"result": result, "copy": copy(result) if copy is not None else None}
                 # what the task did (its copy), recorded even if the job is canceled now
                 with anyio.CancelScope(shield=True):
-                    counted = await started()
-                    await store.finish_task(self.id, kind, name, started=counted, **ended)
-                    self.unstarted.discard((kind, name))
+                    counted = not await started()
+                    end = TaskEnd(kind, name, utcnow(), counted=counted, **ended)
+                    ends.append(end)
+                    if counted:  # kept for its siblings' commit, or the transition
+                        self.unstarted.discard((kind, name))
+                        self.ended.append(end)
+                        return
+                    await store.finish_tasks(self.id, [end])
 
-        async with anyio.create_task_group() as tg:
-            for name in pending:
-                tg.start_soon(one, name)
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._commit_ends_later)
+            async with anyio.create_task_group() as tg:
+                for name in pending:
+                    tg.start_soon(one, name)
+            outer.cancel_scope.cancel()
         if failures:
             raise failures[0]
+        if not ends_with_transition:
+            await self.commit_ends()
+        return ends
+
+    async def _commit_ends_later(self) -> None:
+        """The ends kept waiting, committed every FINISH_AFTER while tasks still run."""
+        while True:
+            await anyio.sleep(FINISH_AFTER)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.commit_ends()
+                except Exception as exc:  # the queue's: they go with the transition
+                    if lease_lost(exc):
+                        raise
+                    log.warning("cannot record that tasks ended", error=describe(exc))
+
+    async def commit_ends(self) -> None:
+        """The tasks that ended and wait to be committed, committed now."""
+        if waiting := list(self.ended):
+            await self.store.finish_tasks(self.id, waiting)
+            del self.ended[: len(waiting)]  # only appended to meanwhile

@@ -93,6 +93,7 @@ class JobRunner:
             outcome = await self._guarded_step(state)
             self.svc.metrics.step(state, time.monotonic() - began)
             if outcome is None:
+                await self.ctx.commit_ends()  # what ended before the shutdown stays done
                 break  # shutting down: the next start resumes from this state
             fields = outcome.fields
             entered = next_state(state, outcome.event)
@@ -102,9 +103,16 @@ class JobRunner:
                 fields = fields | self.ctx.attempt_fields(entered)
             self.ctx.counted = None
             events, self.ctx.events = self.ctx.events, []
+            ended, self.ctx.ended = self.ctx.ended, []
             try:
                 job = await self.svc.store.transition(
-                    self.id, state, outcome.event, outcome.reason, events=events, **fields
+                    self.id,
+                    state,
+                    outcome.event,
+                    outcome.reason,
+                    events=events,
+                    ended=ended,
+                    **fields,
                 )
             except StaleState:
                 log.warning("job moved under us; re-reading")
@@ -177,7 +185,8 @@ class JobRunner:
         return None
 
     async def _abandon_executing_tasks(self) -> None:
-        await self.svc.store.abandon_tasks(self.id, sorted(self.ctx.unstarted))
+        ended, self.ctx.ended = self.ctx.ended, []
+        await self.svc.store.abandon_tasks(self.id, sorted(self.ctx.unstarted), ended)
         self.ctx.unstarted.clear()
 
     async def _step(self, state: State) -> Outcome | None:

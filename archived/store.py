@@ -246,6 +246,21 @@ class NewCopy:
 
 
 @dataclass(frozen=True)
+class TaskEnd:
+    """How a task ended: completed with `result` (and the `copy` a storage task wrote,
+    recorded in the same transaction), or failed with `error`. `counted`: its start
+    was not committed, so its attempt is counted here."""
+
+    kind: str
+    name: str
+    at: datetime
+    result: dict[str, Any] | None = None
+    copy: NewCopy | None = None
+    error: str | None = None
+    counted: bool = False
+
+
+@dataclass(frozen=True)
 class AuditCopy(_Row):
     """A live copy of a completed job, with what an audit needs to reach it."""
 
@@ -437,10 +452,11 @@ class Store(Protocol):
         reason: str,
         *,
         events: Iterable[NewEvent] = (),
+        ended: Iterable[TaskEnd] = (),
         **fields: Any,
     ) -> Job:
-        """The job moved from `state` by `event` (and `events` recorded with it), as it
-        is now; StaleState if it moved."""
+        """The job moved from `state` by `event` (and the tasks `ended` and `events`
+        recorded with it), as it is now; StaleState if it moved."""
         ...
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
@@ -449,25 +465,20 @@ class Store(Protocol):
 
     async def sync_storage_tasks(self, job_id: str, targets: Iterable[str]) -> None: ...
     async def start_task(self, job_id: str, kind: str, name: str) -> None: ...
-    async def finish_task(
-        self,
-        job_id: str,
-        kind: str,
-        name: str,
-        *,
-        error: str | None = None,
-        result: dict[str, Any] | None = None,
-        copy: NewCopy | None = None,
-        started: bool = True,
-    ) -> None:
-        """Completed with `result` (and the copy a storage task wrote), or failed; its
-        attempt counted here unless `start_task` was committed for it."""
+    async def finish_tasks(self, job_id: str, ended: Iterable[TaskEnd]) -> None:
+        """Tasks that ended, in one transaction."""
         ...
 
     async def task_progress(self, job_id: str, kind: str, name: str, progress: str) -> None: ...
-    async def abandon_tasks(self, job_id: str, unstarted: Iterable[tuple[str, str]] = ()) -> None:
+    async def abandon_tasks(
+        self,
+        job_id: str,
+        unstarted: Iterable[tuple[str, str]] = (),
+        ended: Iterable[TaskEnd] = (),
+    ) -> None:
         """The job's running tasks failed, `cut short`: those marked started, and the
-        `unstarted` ones (kind, name), whose start was not committed yet (each counted)."""
+        `unstarted` ones (kind, name), whose start was not committed yet (each counted);
+        the tasks that `ended` meanwhile recorded as they ended."""
         ...
 
     async def add_event(self, job_id: str, kind: str, detail: Mapping[str, Any]) -> None: ...

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .states import Event, State
-from .store import Job, NewCopy, NewEvent, utcnow
-from .store_sqlbase import SqlBase
+from .store import Job, NewEvent, TaskEnd, utcnow
+from .store_sqlbase import SqlBase, Tx
 
 
 class StepOps(SqlBase):
@@ -25,9 +25,12 @@ class StepOps(SqlBase):
         reason: str,
         *,
         events: Iterable[NewEvent] = (),
+        ended: Iterable[TaskEnd] = (),
         **fields: Any,
     ) -> Job:
         async with self._owned(job_id) as tx:
+            for end in ended:
+                await self._finish(tx, job_id, end)
             for logged in events:  # what happened before the move, first
                 await self._event(tx, job_id, logged.kind, logged.detail, logged.at)
             await self._transition(tx, job_id, state, Event(event), reason, **fields)
@@ -55,48 +58,50 @@ class StepOps(SqlBase):
         async with self._owned(job_id) as tx:
             await tx.run("start_task", job_id=job_id, kind=kind, name=name, now=utcnow())
 
-    async def finish_task(
-        self,
-        job_id: str,
-        kind: str,
-        name: str,
-        *,
-        error: str | None = None,
-        result: dict[str, Any] | None = None,
-        copy: NewCopy | None = None,
-        started: bool = True,
-    ) -> None:
-        now = utcnow()
+    async def finish_tasks(self, job_id: str, ended: Iterable[TaskEnd]) -> None:
         async with self._owned(job_id) as tx:
-            if copy is not None:
-                await tx.run(
-                    "upsert_copy",
-                    job_id=job_id,
-                    target=name,
-                    path=copy.path,
-                    size=copy.size,
-                    sha256=copy.sha256,
-                    now=now,
-                )
+            for end in ended:
+                await self._finish(tx, job_id, end)
+
+    @staticmethod
+    async def _finish(tx: Tx, job_id: str, end: TaskEnd) -> None:
+        if end.copy is not None:
+            copy = end.copy
             await tx.run(
-                "finish_task",
+                "upsert_copy",
                 job_id=job_id,
-                kind=kind,
-                name=name,
-                state="failed" if error is not None else "completed",
-                error=error,
-                result=None if result is None else json.dumps(result),
-                now=now,
-                counted=0 if started else 1,
+                target=end.name,
+                path=copy.path,
+                size=copy.size,
+                sha256=copy.sha256,
+                now=end.at,
             )
+        await tx.run(
+            "finish_task",
+            job_id=job_id,
+            kind=end.kind,
+            name=end.name,
+            state="failed" if end.error is not None else "completed",
+            error=end.error,
+            result=None if end.result is None else json.dumps(end.result),
+            now=end.at,
+            counted=1 if end.counted else 0,
+        )
 
     async def task_progress(self, job_id: str, kind: str, name: str, progress: str) -> None:
         async with self._owned(job_id) as tx:
             await tx.run("task_progress", job_id=job_id, kind=kind, name=name, progress=progress)
 
-    async def abandon_tasks(self, job_id: str, unstarted: Iterable[tuple[str, str]] = ()) -> None:
+    async def abandon_tasks(
+        self,
+        job_id: str,
+        unstarted: Iterable[tuple[str, str]] = (),
+        ended: Iterable[TaskEnd] = (),
+    ) -> None:
         now = utcnow()
         async with self._owned(job_id) as tx:
+            for end in ended:
+                await self._finish(tx, job_id, end)
             for kind, name in unstarted:  # cut short before their start was committed
                 await tx.run("start_task", job_id=job_id, kind=kind, name=name, now=now)
             await tx.run("abandon_tasks", job_id=job_id, now=now)

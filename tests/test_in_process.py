@@ -189,34 +189,41 @@ async def test_every_archive_ends_with_the_one_shared_end(root: Root) -> None:
         assert any(m.endswith("/bagit.txt") for m in tar_members(archive))
 
 
+async def _cancel_when(root: Root, job_id: str, ready: Any) -> None:
+    """`archived cancel` of the job once `ready(job)` holds for its details."""
+    from archived.store_open import open_store
+
+    while True:
+        try:
+            job = await root.details(job_id)
+        except AssertionError:  # not taken in yet
+            job = {"state": "uninitialized", "tasks": []}
+        if ready(job):
+            break
+        await anyio.sleep(0.02)
+    store = await open_store(root.load_config(), create=False)
+    assert store is not None
+    await store.request_cancel(job_id)
+    await store.close()
+
+
+def _tasks(job: dict[str, Any]) -> dict[str, tuple[str, str | None, int]]:
+    return {t["name"]: (t["state"], t["error"], t["attempts"]) for t in job["tasks"]}
+
+
 async def test_a_task_canceled_before_its_start_was_recorded_is_failed_and_counted(
     root: Root, failpoints: Failpoints, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A task cut short (here by `archived cancel`) before its start was committed is
     recorded as one that ran: failed, `cut short`, one attempt."""
     from archived import phase
-    from archived.store_open import open_store
 
     monkeypatch.setattr(phase, "START_AFTER", 600.0)  # its start is never committed
     failpoints.set("activity_task=delay:30")
     (job_id,) = root.drop(root.job_file("canceled"))
 
-    async def cancel_once_running() -> None:
-        while True:
-            try:
-                job = await root.details(job_id)
-            except AssertionError:  # not taken in yet
-                job = {"state": "uninitialized"}
-            if job["state"] == "activity_archiving":
-                break
-            await anyio.sleep(0.02)
-        store = await open_store(root.load_config(), create=False)
-        assert store is not None
-        await store.request_cancel(job_id)
-        await store.close()
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(cancel_once_running)
+        tg.start_soon(_cancel_when, root, job_id, lambda job: job["state"] == "activity_archiving")
         await root.run_until_idle()
     job = await root.details(job_id)
     assert job["state"] == "failed" and "canceled" in job["error"], job["error"]
@@ -261,3 +268,87 @@ async def test_what_post_processing_logged_is_recorded_when_it_fails_too(
     kinds = [e["kind"] for e in job["events"]]
     assert kinds.count("check_integrity") == 2, kinds
     assert kinds.count("calculate_checksums") == 2, kinds
+
+
+async def test_a_task_done_while_its_sibling_runs_on_is_recorded_within_a_second(
+    root: Root, fake_activity: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a task whose start was not committed waits for its siblings, but
+    not past FINISH_AFTER: here `a` is recorded done while `h` still runs."""
+    from archived import phase
+
+    monkeypatch.setattr(phase, "START_AFTER", 600.0)  # no start is committed
+    monkeypatch.setattr(phase, "FINISH_AFTER", 0.1)
+    hang = {"name": "h", "driver": "fake", "fail": "hang"}
+    files = {"name": "a", "driver": "files", "path": str(root.sources / "a")}
+    (job_id,) = root.drop(root.job_file("siblings", activities=[files, hang]))
+    seen: list[dict[str, Any]] = []
+
+    def a_recorded(job: dict[str, Any]) -> bool:
+        if _tasks(job).get("a", ("",))[0] == "completed":
+            seen.append(_tasks(job))
+            return True
+        return False
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_cancel_when, root, job_id, a_recorded)
+        await root.run_until_idle()
+    assert seen[0]["a"] == ("completed", None, 1), seen
+    assert seen[0]["h"][0] == "created", seen  # still running: its start not committed
+    job = await root.details(job_id)
+    assert job["state"] == "failed" and "canceled" in job["error"], job["error"]
+    assert _tasks(job)["h"] == ("failed", "cut short", 1)
+
+
+async def test_a_task_that_ended_before_a_cancel_is_recorded_with_it(
+    root: Root, fake_activity: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task's end kept for its siblings' commit is recorded when the phase is cut
+    short: `a` done, `h` cut short, each counted once."""
+    from archived import phase
+
+    monkeypatch.setattr(phase, "START_AFTER", 600.0)
+    monkeypatch.setattr(phase, "FINISH_AFTER", 600.0)  # kept until the phase ends
+    hang = {"name": "h", "driver": "fake", "fail": "hang"}
+    files = {"name": "a", "driver": "files", "path": str(root.sources / "a")}
+    (job_id,) = root.drop(root.job_file("siblings", activities=[files, hang]))
+    with capture_logs() as logs:
+
+        def a_done(job: dict[str, Any]) -> bool:
+            assert _tasks(job).get("a", ("",))[0] != "completed", "recorded before the end"
+            return any(e["event"] == "activity task completed" for e in logs)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_when, root, job_id, a_done)
+            await root.run_until_idle()
+    job = await root.details(job_id)
+    assert job["state"] == "failed" and "canceled" in job["error"], job["error"]
+    assert _tasks(job) == {
+        "a": ("completed", None, 1),
+        "h": ("failed", "cut short", 1),
+        "offsite": ("created", None, 0),
+        "primary": ("created", None, 0),
+    }
+
+
+async def test_the_activity_results_of_a_phase_run_here_need_no_read(
+    root: Root, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the activity phase, post-processing and the copies take the activities'
+    results from the runner (they went with the transition): no read of the tasks
+    but the two the phases make for themselves (activities, storage)."""
+    from archived.store_reads import JobReads
+
+    kinds: list[str | None] = []
+    read = JobReads.tasks
+
+    async def tasks(self: JobReads, job_id: str, kind: str | None = None) -> Any:
+        kinds.append(kind)
+        return await read(self, job_id, kind)
+
+    monkeypatch.setattr(JobReads, "tasks", tasks)
+    (job_id,) = root.drop(root.job_file("one"))
+    await root.run_until_idle()
+    assert (await root.details(job_id))["state"] == "completed"
+    assert kinds.count(None) == 2 and kinds.count("storage") == 1, kinds  # show's, ours
+    assert "activity" not in kinds, kinds
