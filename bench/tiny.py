@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -122,6 +123,7 @@ class Daemons:
         self.hosts: list[common.Archived] = []
         self.configs: list[Path] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.watch: Any = None  # the connection that counts the jobs' states (PostgreSQL)
         for k in range(count):
             home = base / f"host{k}"
             for d in ("state", "spool"):
@@ -170,6 +172,9 @@ class Daemons:
                 time.sleep(0.05)
 
     def stop(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -197,10 +202,13 @@ class Daemons:
     def states(self) -> dict[str, int]:
         sql = "SELECT state, count(*) FROM jobs GROUP BY state"
         if self.url:
-            import psycopg
+            # one connection kept for the run: a new one for each look is a new server
+            # process each time (a few ms of CPU that the daemons would miss)
+            if self.watch is None:
+                import psycopg
 
-            with psycopg.connect(self.url) as conn:
-                return dict(conn.execute(sql).fetchall())
+                self.watch = psycopg.connect(self.url, autocommit=True)
+            return dict(self.watch.execute(sql).fetchall())
         db = self.configs[0].parent / "state" / "archived.db"
         if not db.exists():
             return {}
