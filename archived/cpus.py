@@ -7,7 +7,11 @@ and on a virtual machine a cross-CPU wake-up is expensive. A burst of 300 tiny j
 (bench/tiny.py, two vCPUs) on one CPU: 27.6 ms CPU a job instead of 37.1, 16% less
 time; on tmpfs, where the disk costs nothing, 19.2 ms instead of 29.8, 40% less time.
 So at start the daemon's threads are pinned to one CPU, the one the process runs
-on then (the scheduler just picked it), and every thread made later inherits that.
+on then (the scheduler just picked it), and every thread made later inherits that;
+unless another daemon of this machine is pinned there already: then a CPU none is
+pinned to, if there is one (`_claim`). Daemons started together (several on one
+database, each with its own state dir) would otherwise often share one CPU and leave
+another to the rest: three of them on two vCPUs ran two on one CPU in most starts.
 
 Hashing and copying large files needs no GIL and gains from more CPUs: a thread that
 moves at least `BULK` bytes at once runs on every CPU the process was allowed, for that
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,6 +39,7 @@ BULK = 1024 * 1024
 
 _allowed: frozenset[int] | None = None  # every CPU the process may use, once pinned
 _cpu: int | None = None  # the one its threads run on
+_claimed: socket.socket | None = None  # this process's claim on it (see _claim)
 
 
 def current_cpu() -> int:
@@ -62,11 +68,43 @@ def pin() -> int | None:
         cpu = current_cpu()
         if cpu not in allowed:  # not yet moved after an affinity change
             cpu = min(allowed)
+        cpu = _claim(allowed, cpu)
         os.sched_setaffinity(0, {cpu})
     except (OSError, AttributeError, ValueError, IndexError):
         return None
     _allowed, _cpu = allowed, cpu
     return cpu
+
+
+CLAIM = "archived-cpu-"  # the claims' names (tests use their own)
+
+
+def claim_name(cpu: int) -> str:
+    """The abstract unix socket name whose owner is the daemon pinned to `cpu`."""
+    return f"\0{CLAIM}{cpu}"
+
+
+def _claim(allowed: frozenset[int], here: int) -> int:
+    """A CPU of `allowed` that no other daemon of this machine is pinned to: `here`
+    first, then the others in order; `here` if every one is taken (shared, then).
+
+    A claim is an abstract unix socket bound to the CPU's name: one owner at a time,
+    machine-wide (per network namespace) whoever runs the daemon, no file to leave
+    behind, and the kernel releases it when the process ends, a `kill -9` too. Not
+    inherited by the programs the daemon starts (close-on-exec)."""
+    global _claimed
+    for cpu in [here, *sorted(allowed - {here})]:
+        claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            claim.bind(claim_name(cpu))
+        except OSError:  # taken (or no abstract sockets here): the next one
+            claim.close()
+            continue
+        if _claimed is not None:
+            _claimed.close()
+        _claimed = claim
+        return cpu
+    return here
 
 
 def pinned() -> int | None:
@@ -76,10 +114,13 @@ def pinned() -> int | None:
 
 def unpin() -> None:
     """The calling thread back on every allowed CPU, and pinning over (tests)."""
-    global _allowed, _cpu
+    global _allowed, _cpu, _claimed
     if _allowed is not None:
         _set(_allowed)
     _allowed = _cpu = None
+    if _claimed is not None:
+        _claimed.close()
+        _claimed = None
 
 
 def widen() -> None:

@@ -192,3 +192,46 @@ def test_the_daemon_threads_run_on_the_cpu_it_says(root: Root, pin: bool) -> Non
         assert seen == {frozenset({ready["cpu"]})}, seen
     else:
         assert ready["cpu"] is None and seen == {ALLOWED}, seen
+
+
+def _claimed_elsewhere(cpu: int) -> Any:
+    """A claim on `cpu` as another daemon of this machine holds it."""
+    import socket
+
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    claim.bind(cpus.claim_name(cpu))
+    return claim
+
+
+def pinned_from(cpu: int) -> tuple[int | None, bool]:
+    """`cpus.pin()` in a thread that runs on `cpu` when it pins (moved there, then
+    allowed every CPU again): the CPU, and whether it holds a claim on it."""
+
+    def pin() -> tuple[int | None, bool]:
+        os.sched_setaffinity(0, {cpu})
+        os.sched_setaffinity(0, ALLOWED)
+        return cpus.pin(), cpus._claimed is not None
+
+    return in_a_thread(pin)
+
+
+@several
+def test_a_daemon_pins_itself_to_a_cpu_no_other_daemon_is_pinned_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Daemons started together on one machine spread: a CPU another one holds is
+    skipped for one that none does; with every CPU held, the one it runs on is
+    shared, unclaimed."""
+    monkeypatch.setattr(cpus, "CLAIM", f"archived-test-{os.getpid()}-cpu-")
+    first, second = sorted(ALLOWED)[:2]
+    assert pinned_from(first) == (first, True)  # free: the one it runs on
+    held = [_claimed_elsewhere(first)]
+    try:
+        assert pinned_from(first) == (second, True)
+        held += [_claimed_elsewhere(cpu) for cpu in ALLOWED - {first}]
+        assert pinned_from(first) == (first, False)
+        assert pinned_from(second) == (second, False)
+    finally:
+        for claim in held:
+            claim.close()
+    assert pinned_from(second) == (second, True)  # given up with the process (here: unpin)
