@@ -272,9 +272,10 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def time_script(work: Path, data: Path, jobs: int, key: Path) -> tuple[float, float]:
+def time_script(work: Path, data: Path, jobs: int, key: Path, rnd: int) -> tuple[float, float]:
     """Wall seconds, and CPU seconds of every process the loop ran."""
-    stage, t1, t2 = work / "script" / "stage", work / "script" / "t1", work / "script" / "t2"
+    here = work / "script" / f"r{rnd}"  # kept until the end: see time_daemons
+    stage, t1, t2 = here / "stage", here / "t1", here / "t2"
     common.empty(stage, t1, t2)
     common.sync()
     argv = ["bash", "-c", LOOP, "loop", str(jobs), str(data), str(stage), str(t1), str(t2)]
@@ -283,7 +284,6 @@ def time_script(work: Path, data: Path, jobs: int, key: Path) -> tuple[float, fl
     cpu = children_cpu() - cpu
     if len(list(t1.glob("*/x.tar"))) != jobs or len(list(t2.glob("*/x.tar"))) != jobs:
         raise common.BenchError("script: archives missing")
-    common.empty(stage, t1, t2)
     return dt, cpu
 
 
@@ -291,7 +291,10 @@ def time_daemons(
     exe: str, work: Path, data: Path, jobs: int, count: int, url: str, rnd: int, name: str
 ) -> tuple[float, float]:
     """Wall seconds, and CPU seconds of the daemons (PostgreSQL's own not counted)."""
-    fleet = Daemons(exe, work / "daemons" / name, count, url, data)
+    # Each contender's files stay until the whole run ends: removing thousands of them
+    # just before the next contender starts made it pay for them (an ext4 without a
+    # journal skips every inode freed in the last half minute when it makes a file)
+    fleet = Daemons(exe, work / "daemons" / f"{name}-r{rnd}", count, url, data)
     try:
         fleet.start()
         names = [f"j{i:04d}" for i in range(jobs)]
@@ -309,7 +312,6 @@ def time_daemons(
         return dt, cpu
     finally:
         fleet.stop()
-        shutil.rmtree(work / "daemons" / name, ignore_errors=True)
 
 
 def main() -> int:
@@ -340,7 +342,7 @@ def main() -> int:
             k = rnd % len(wanted)
             for who in wanted[k:] + wanted[:k]:  # the order rotates per round
                 if who == "script":
-                    dt, cpu = time_script(work, data, args.jobs, key)
+                    dt, cpu = time_script(work, data, args.jobs, key, rnd)
                 elif who == "sqlite":
                     dt, cpu = time_daemons(exe, work, data, args.jobs, 1, "", rnd, who)
                 else:
