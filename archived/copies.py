@@ -23,7 +23,7 @@ from .fileio import file_sha256
 from .phase import JobContext, Outcome
 from .retention import expiry, hold_copies
 from .states import Event, State
-from .store import Copy, NewCopy
+from .store import Copy, NewCopy, lease_lost
 
 log = structlog.get_logger(component="copies")
 
@@ -59,14 +59,24 @@ class StorePhase:
             until=expiry(ctx.spec.retention_days, datetime.now(UTC)),
             legal_hold=ctx.job.legal_hold,
         )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._hash_archive, parts, digest)
-            await ctx.run_tasks(
-                "storage",
-                ctx.svc.storage_slots,
-                lambda target: self._store_one(target, parts, digest, lock),
-                lambda stored: NewCopy(**stored),
-            )
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._hash_archive, parts, digest)
+                await ctx.run_tasks(
+                    "storage",
+                    ctx.svc.storage_slots,
+                    lambda target: self._store_one(target, parts, digest, lock),
+                    lambda stored: NewCopy(**stored),
+                )
+        except Exception as exc:
+            # the copies stored before a target failed are kept: held too, if a hold
+            # came meanwhile (the retry's lock has it, and would not see the change)
+            if not lease_lost(exc):
+                try:
+                    await self._hold_if_changed_meanwhile(lock)
+                except Exception as problem:  # the failure is what the job reports
+                    log.warning("cannot hold the copies made", error=describe(problem))
+            raise
         await self._hold_if_changed_meanwhile(lock)
         return Outcome(
             Event.DONE,

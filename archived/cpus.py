@@ -71,6 +71,7 @@ def pin() -> int | None:
         cpu = _claim(allowed, cpu)
         os.sched_setaffinity(0, {cpu})
     except (OSError, AttributeError, ValueError, IndexError):
+        _release()  # not pinned: no claim on a CPU either
         return None
     _allowed, _cpu = allowed, cpu
     return cpu
@@ -114,10 +115,15 @@ def pinned() -> int | None:
 
 def unpin() -> None:
     """The calling thread back on every allowed CPU, and pinning over (tests)."""
-    global _allowed, _cpu, _claimed
+    global _allowed, _cpu
     if _allowed is not None:
         _set(_allowed)
     _allowed = _cpu = None
+    _release()
+
+
+def _release() -> None:
+    global _claimed
     if _claimed is not None:
         _claimed.close()
         _claimed = None

@@ -234,6 +234,7 @@ class JobContext:
                 ended: dict[str, Any]
                 try:
                     result = await work(name)
+                    json.dumps(result)  # what the queue keeps: else the task fails, not its commit
                 except Exception as exc:
                     if lease_lost(exc):
                         raise
@@ -258,10 +259,10 @@ class JobContext:
                 for name in pending:
                     tg.start_soon(one, name)
             outer.cancel_scope.cancel()
+        if not ends_with_transition:
+            await self.commit_ends()  # a failure's too: what was stored is on record
         if failures:
             raise failures[0]
-        if not ends_with_transition:
-            await self.commit_ends()
         return ends
 
     async def _commit_ends_later(self) -> None:

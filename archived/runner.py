@@ -93,7 +93,6 @@ class JobRunner:
             outcome = await self._guarded_step(state)
             self.svc.metrics.step(state, time.monotonic() - began)
             if outcome is None:
-                await self.ctx.commit_ends()  # what ended before the shutdown stays done
                 break  # shutting down: the next start resumes from this state
             fields = outcome.fields
             entered = next_state(state, outcome.event)
@@ -103,7 +102,7 @@ class JobRunner:
                 fields = fields | self.ctx.attempt_fields(entered)
             self.ctx.counted = None
             events, self.ctx.events = self.ctx.events, []
-            ended, self.ctx.ended = self.ctx.ended, []
+            ended = list(self.ctx.ended)  # kept until committed: the next transition's else
             try:
                 job = await self.svc.store.transition(
                     self.id,
@@ -122,6 +121,7 @@ class JobRunner:
             else:
                 new = job.state
                 self.ctx.counted = entered if counts else None
+                del self.ctx.ended[: len(ended)]
             structlog.contextvars.bind_contextvars(state=new.value)
             self.svc.metrics.transition(new)
             if new == State.COMPLETED:
@@ -185,9 +185,10 @@ class JobRunner:
         return None
 
     async def _abandon_executing_tasks(self) -> None:
-        ended, self.ctx.ended = self.ctx.ended, []
+        ended = list(self.ctx.ended)
         await self.svc.store.abandon_tasks(self.id, sorted(self.ctx.unstarted), ended)
         self.ctx.unstarted.clear()
+        del self.ctx.ended[: len(ended)]
 
     async def _step(self, state: State) -> Outcome | None:
         handler = self.handlers[state]

@@ -22,6 +22,7 @@ class FakeOptions(DriverOptions):
     files: dict[str, str] = {"fake.txt": "fake\n"}
     fail: Literal["", "transient", "fatal", "hang"] = ""
     times: int = 1_000_000  # how many runs fail, the first ones (default: every run)
+    unjson: bool = False  # report a result that is not JSON (a plugin's mistake)
 
 
 class FakeActivity(ActivityDriver):
@@ -41,4 +42,5 @@ class FakeActivity(ActivityDriver):
         writer.start()
         for relpath, text in sorted(self.opts.files.items()):
             writer.add(relpath, text.encode(), now)
-        return writer.finish()
+        result = writer.finish()
+        return {**result, "odd": {1, 2}} if self.opts.unjson else result

@@ -205,14 +205,20 @@ def _claimed_elsewhere(cpu: int) -> Any:
 
 def pinned_from(cpu: int) -> tuple[int | None, bool]:
     """`cpus.pin()` in a thread that runs on `cpu` when it pins (moved there, then
-    allowed every CPU again): the CPU, and whether it holds a claim on it."""
+    allowed every CPU again): the CPU, and whether it holds a claim on it. Tried again
+    if the scheduler moved the thread before it pinned (a busy machine)."""
 
-    def pin() -> tuple[int | None, bool]:
+    def pin() -> tuple[int | None, bool, int]:
         os.sched_setaffinity(0, {cpu})
         os.sched_setaffinity(0, ALLOWED)
-        return cpus.pin(), cpus._claimed is not None
+        ran_on = cpus.current_cpu()
+        return cpus.pin(), cpus._claimed is not None, ran_on
 
-    return in_a_thread(pin)
+    for _ in range(20):
+        pinned, claimed, ran_on = in_a_thread(pin)
+        if ran_on == cpu:
+            return pinned, claimed
+    raise AssertionError(f"the thread never stayed on CPU {cpu} long enough to pin")
 
 
 @several

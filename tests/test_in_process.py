@@ -352,3 +352,17 @@ async def test_the_activity_results_of_a_phase_run_here_need_no_read(
     assert (await root.details(job_id))["state"] == "completed"
     assert kinds.count(None) == 2 and kinds.count("storage") == 1, kinds  # show's, ours
     assert "activity" not in kinds, kinds
+
+
+async def test_a_task_whose_result_is_not_json_fails_and_the_job_with_it(
+    root: Root, fake_activity: type
+) -> None:
+    """What a task reports is kept in the queue as JSON: a plugin's result that is not
+    fails its task (and the job, through the error path), not the commit after it."""
+    odd = {"name": "f", "driver": "fake", "unjson": True}
+    (job_id,) = root.drop(root.job_file("odd", activities=[odd]))
+    await root.run_until_idle()
+    job = await root.details(job_id)
+    assert job["state"] == "failed", job
+    (task,) = [t for t in job["tasks"] if t["name"] == "f"]
+    assert task["state"] == "failed" and "JSON serializable" in task["error"], task

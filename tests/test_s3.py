@@ -629,3 +629,88 @@ def test_object_lock_keeps_each_copy_until_its_retention_and_holds_reach_the_buc
     root.wait_state(job["id"], "deleted")
     versions = s3.list_object_versions(Bucket=locked, Prefix=key)
     assert versions.get("Versions", []) == [] and versions.get("DeleteMarkers", []) == []
+
+
+class Refuse(Gate):
+    """A Gate whose next write (a PUT or POST), held until opened, is refused (403
+    AccessDenied: botocore does not try again): a target that fails after its
+    siblings' copies were made."""
+
+    def wrap(self, app: Any) -> Any:
+        def refused(environ: Any, start_response: Any) -> Any:
+            if not (self.armed and environ["REQUEST_METHOD"] in ("PUT", "POST")):
+                return app(environ, start_response)
+            self.armed = False
+            self.reached.set()
+            self.opened.wait(30)
+            start_response("403 Forbidden", [("Content-Type", "application/xml")])
+            return [b"<Error><Code>AccessDenied</Code><Message>refused</Message></Error>"]
+
+        return refused
+
+
+async def test_a_hold_placed_while_the_copies_are_made_reaches_those_made_when_one_fails(
+    root: Root, server: S3Server, monkeypatch: pytest.MonkeyPatch, failpoints: Any
+) -> None:
+    """A copy made while another target's runs on is committed with it: a hold placed
+    meanwhile finds no copy to hold. When that other target then fails, the copies made
+    are committed and held all the same (the retry's lock has the hold, and would not
+    see that it changed)."""
+    import anyio
+
+    from archived import actions, phase
+    from archived.store_open import open_store
+
+    monkeypatch.setattr(phase, "FINISH_AFTER", 600.0)  # kept until the phase ends
+    for name, value in env_credentials().items():
+        monkeypatch.setenv(name, value)
+    s3 = client(server.endpoint)
+    locked = f"locked-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=locked, ObjectLockEnabledForBucket=True)
+    gate = Refuse()
+    refusing = S3Server(wrap=gate.wrap)
+    client(refusing.endpoint).create_bucket(Bucket="refusing")
+    try:
+        root.targets.pop("offsite", None)
+        root.write_config(
+            storage__cloud={
+                "driver": "s3",
+                "bucket": locked,
+                "endpoint": server.endpoint,
+                "object_lock": "GOVERNANCE",
+            },
+            storage__refusing={
+                "driver": "s3",
+                "bucket": "refusing",
+                "endpoint": refusing.endpoint,
+            },
+            retry={"max_attempts": 1},
+        )
+        (job_id,) = root.drop(root.job_file("evidence", retention_days=1))
+        failpoints.at("store", lambda: setattr(gate, "armed", True))
+
+        async def hold_while_refusing_waits() -> None:
+            while not (gate.reached.is_set() and s3.list_objects_v2(Bucket=locked)["KeyCount"]):
+                await anyio.sleep(0.05)
+            config = root.load_config()  # as `archived hold` does it
+            store = await open_store(config, create=False)
+            assert store is not None
+            try:
+                held = await actions.hold(store, config, job_id, True)
+            finally:
+                await store.close()
+            assert held == actions.Held([], "")  # no copy on record yet
+            gate.opened.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold_while_refusing_waits)
+            await root.run_until_idle()
+        job = await root.details(job_id)
+        assert job["state"] == "failed" and "refusing" in job["error"], job["error"]
+        (key,) = [o["Key"] for o in s3.list_objects_v2(Bucket=locked)["Contents"]]
+        status = s3.get_object_legal_hold(Bucket=locked, Key=key).get("LegalHold", {}).get("Status")
+        assert status == "ON"
+        assert {c["target"] for c in job["copies"]} == {"cloud", "primary"}
+    finally:
+        gate.opened.set()
+        refusing.stop()
