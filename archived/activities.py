@@ -57,11 +57,16 @@ class Activities:
 
     async def _sync_storage_tasks(self, tasks: list[Task]) -> None:
         """One storage task per target the job stores to under the config it runs on
-        (no commit when they are there already, as they are on a job's first start)."""
+        (no commit when they are there already, as they are on a job's first start).
+        Those left to run are then known to the store phase, if it runs here next."""
         ctx = self.ctx
         wanted = ctx.spec.targets(ctx.config)
-        if {t.name for t in tasks if t.kind == "storage"} != set(wanted):
+        storage = [t for t in tasks if t.kind == "storage"]
+        if {t.name for t in storage} != set(wanted):
             await ctx.store.sync_storage_tasks(ctx.id, wanted)
+            ctx.storage_pending = None  # as the queue has them now: read then
+        else:
+            ctx.storage_pending = [t.name for t in storage if t.state != "completed"]
 
     def _driver(self, name: str) -> ActivityDriver:
         activity = next(a for a in self.ctx.spec.activities if a.name == name)

@@ -42,8 +42,8 @@ class StorePhase:
         staging = ctx.staging
         await ctx.begin_attempt(State.STORE)
         await failpoints.reach("store")
-        kept = await ctx.store.copies(ctx.id, live=True)
-        if kept and not staging.head.exists():
+        kept = [] if staging.head.exists() else await ctx.store.copies(ctx.id, live=True)
+        if kept:
             # an operator's retry of a job that failed with verified copies: the
             # archive comes from one of them, not from sources archived again
             parts = [await self._restore_archive(kept)]
@@ -146,7 +146,9 @@ class StorePhase:
         hold` sets the copies recorded when it ran, this the ones recorded since. Each
         reads what the other committed first, so no copy slips through."""
         ctx = self.ctx
-        job = await ctx.store.job(ctx.id)
+        # as read in the commit of the copies, if run_tasks made it: the same order
+        job = ctx.after_ends or await ctx.store.job(ctx.id)
+        ctx.after_ends = None
         if job is not None and job.legal_hold != lock.legal_hold:
             await hold_copies(ctx.store, ctx.config, job, job.legal_hold)
 

@@ -92,6 +92,10 @@ class JobContext:
         self.events: list[NewEvent] = []
         # tasks that ended, not committed yet: with the next transition (see run_tasks)
         self.ended: list[TaskEnd] = []
+        # the job as read in the commit of the last tasks' ends, when run_tasks made it
+        self.after_ends: Job | None = None
+        # the storage tasks left to run, known from the activity phase's read (None: read)
+        self.storage_pending: list[str] | None = None
 
     @property
     def store(self) -> Store:
@@ -222,11 +226,14 @@ class JobContext:
         """
         if kind == "activity":
             self._activity_results = None  # they change: read again when asked for
+        if pending is None and kind == "storage":
+            pending, self.storage_pending = self.storage_pending, None
         if pending is None:
             pending = [t.name for t in await self.tasks(kind) if t.state != "completed"]
         failures: list[BaseException] = []
         ends: list[TaskEnd] = []
         store = self.store
+        self.after_ends = None
 
         async def one(name: str) -> None:
             async with slots:
@@ -260,7 +267,8 @@ class JobContext:
                     tg.start_soon(one, name)
             outer.cancel_scope.cancel()
         if not ends_with_transition:
-            await self.commit_ends()  # a failure's too: what was stored is on record
+            # a failure's too: what was stored is on record
+            self.after_ends = await self.commit_ends()
         if failures:
             raise failures[0]
         return ends
@@ -277,8 +285,11 @@ class JobContext:
                         raise
                     log.warning("cannot record that tasks ended", error=describe(exc))
 
-    async def commit_ends(self) -> None:
-        """The tasks that ended and wait to be committed, committed now."""
-        if waiting := list(self.ended):
-            await self.store.finish_tasks(self.id, waiting)
-            del self.ended[: len(waiting)]  # only appended to meanwhile
+    async def commit_ends(self) -> Job | None:
+        """The tasks that ended and wait to be committed, committed now; the job as it
+        was in that transaction (None if none waited)."""
+        if not (waiting := list(self.ended)):
+            return None
+        job = await self.store.finish_tasks(self.id, waiting)
+        del self.ended[: len(waiting)]  # only appended to meanwhile
+        return job

@@ -58,10 +58,12 @@ class StepOps(SqlBase):
         async with self._owned(job_id) as tx:
             await tx.run("start_task", job_id=job_id, kind=kind, name=name, now=utcnow())
 
-    async def finish_tasks(self, job_id: str, ended: Iterable[TaskEnd]) -> None:
+    async def finish_tasks(self, job_id: str, ended: Iterable[TaskEnd]) -> Job:
         async with self._owned(job_id) as tx:
             for end in ended:
                 await self._finish(tx, job_id, end)
+            rows = await tx.rows_later("get_job", id=job_id)
+        return Job.from_row(rows[0])
 
     @staticmethod
     async def _finish(tx: Tx, job_id: str, end: TaskEnd) -> None:

@@ -631,31 +631,37 @@ def test_object_lock_keeps_each_copy_until_its_retention_and_holds_reach_the_buc
     assert versions.get("Versions", []) == [] and versions.get("DeleteMarkers", []) == []
 
 
-class Refuse(Gate):
-    """A Gate whose next write (a PUT or POST), held until opened, is refused (403
-    AccessDenied: botocore does not try again): a target that fails after its
-    siblings' copies were made."""
+class HoldWrite(Gate):
+    """A Gate for the next write (a PUT or POST): held until opened, then let through,
+    or refused (`refuse`: 403 AccessDenied, which botocore does not try again)."""
+
+    def __init__(self, refuse: bool) -> None:
+        super().__init__()
+        self.refuse = refuse
 
     def wrap(self, app: Any) -> Any:
-        def refused(environ: Any, start_response: Any) -> Any:
+        def held(environ: Any, start_response: Any) -> Any:
             if not (self.armed and environ["REQUEST_METHOD"] in ("PUT", "POST")):
                 return app(environ, start_response)
             self.armed = False
             self.reached.set()
             self.opened.wait(30)
+            if not self.refuse:
+                return app(environ, start_response)
             start_response("403 Forbidden", [("Content-Type", "application/xml")])
             return [b"<Error><Code>AccessDenied</Code><Message>refused</Message></Error>"]
 
-        return refused
+        return held
 
 
-async def test_a_hold_placed_while_the_copies_are_made_reaches_those_made_when_one_fails(
-    root: Root, server: S3Server, monkeypatch: pytest.MonkeyPatch, failpoints: Any
+@pytest.mark.parametrize("fails", [False, True], ids=["then-stored", "then-refused"])
+async def test_a_hold_placed_while_the_copies_are_made_reaches_every_copy_made(
+    root: Root, server: S3Server, monkeypatch: pytest.MonkeyPatch, failpoints: Any, fails: bool
 ) -> None:
     """A copy made while another target's runs on is committed with it: a hold placed
-    meanwhile finds no copy to hold. When that other target then fails, the copies made
-    are committed and held all the same (the retry's lock has the hold, and would not
-    see that it changed)."""
+    meanwhile finds no copy to hold. Once that other target is done, or has failed, the
+    copies made are committed and held all the same (a retry's lock has the hold, and
+    would not see that it changed)."""
     import anyio
 
     from archived import actions, phase
@@ -667,7 +673,7 @@ async def test_a_hold_placed_while_the_copies_are_made_reaches_those_made_when_o
     s3 = client(server.endpoint)
     locked = f"locked-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=locked, ObjectLockEnabledForBucket=True)
-    gate = Refuse()
+    gate = HoldWrite(refuse=fails)
     refusing = S3Server(wrap=gate.wrap)
     client(refusing.endpoint).create_bucket(Bucket="refusing")
     try:
@@ -706,11 +712,15 @@ async def test_a_hold_placed_while_the_copies_are_made_reaches_those_made_when_o
             tg.start_soon(hold_while_refusing_waits)
             await root.run_until_idle()
         job = await root.details(job_id)
-        assert job["state"] == "failed" and "refusing" in job["error"], job["error"]
+        if fails:
+            assert job["state"] == "failed" and "refusing" in job["error"], job["error"]
+        else:
+            assert job["state"] == "completed", job["error"]
         (key,) = [o["Key"] for o in s3.list_objects_v2(Bucket=locked)["Contents"]]
         status = s3.get_object_legal_hold(Bucket=locked, Key=key).get("LegalHold", {}).get("Status")
         assert status == "ON"
-        assert {c["target"] for c in job["copies"]} == {"cloud", "primary"}
+        made = {"cloud", "primary"} | (set() if fails else {"refusing"})
+        assert {c["target"] for c in job["copies"]} == made
     finally:
         gate.opened.set()
         refusing.stop()
