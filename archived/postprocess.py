@@ -221,8 +221,7 @@ class PostProcessing:
 
     async def _event_log(self) -> list[dict[str, Any]]:
         ctx = self.ctx
-        history = await ctx.store.history(ctx.id)
-        events = await ctx.store.events(ctx.id)
+        history, events = await ctx.store.job_log(ctx.id)
         lines: list[dict[str, Any]] = [
             {"type": "transition", "state": h.state, "at": iso(h.at), "reason": h.reason}
             for h in history

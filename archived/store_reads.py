@@ -46,6 +46,15 @@ class JobReads(SqlBase):
     async def events(self, job_id: str) -> list[EventEntry]:
         return [EventEntry.from_row(r) for r in await self.db.fetch("events", job_id=job_id)]
 
+    async def job_log(self, job_id: str) -> tuple[list[HistoryEntry], list[EventEntry]]:
+        history, events = [], []
+        for r in await self.db.fetch("job_log", job_id=job_id):
+            if r["kind"] is None:
+                history.append(HistoryEntry.from_row({**r, "reason": r["text"]}))
+            else:
+                events.append(EventEntry.from_row({**r, "detail": r["text"]}))
+        return history, events
+
     async def copies(self, job_id: str, *, live: bool = False) -> list[Copy]:
         rows = await self.db.fetch("copies", job_id=job_id, live=live)
         return [Copy.from_row(r) for r in rows]

@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from archived.states import State
-from archived.store import Job, NewJob, StaleState, Store, now_iso, peeked, utcnow
+from archived.store import Job, NewEvent, NewJob, StaleState, Store, now_iso, peeked, utcnow
 from archived.store_sql import load_queries, migrations
 from archived.store_sqlite import SqliteConnector, SqliteStore
 
@@ -169,6 +169,37 @@ async def test_a_transition_from_a_state_the_job_left_changes_nothing(store: Sto
     assert await store.history("j1") == before
     moved = await store.transition("j1", State.ACTIVITY_ARCHIVING, "done", "by hand")
     assert moved.state == State.POST_PROCESSING
+
+
+async def test_the_job_log_is_its_history_and_its_events_in_one_read(store: Store) -> None:
+    """What the bag's event log is made of, read at once, as the two reads give it:
+    transitions and events each in their order, details as they were recorded."""
+    await store.insert_job(
+        NewJob("j1", "one", "{}", "-", "{}", "d", None, (("activity", "a"),)), reason="new"
+    )
+    await store.insert_job(
+        NewJob("j2", "two", "{}", "-", "{}", "d", None, (("activity", "a"),)), reason="new"
+    )
+    for _ in ("j1", "j2"):  # both ours
+        assert await store.claim_next("{}", "d") is not None
+    await store.add_event("j1", "first", {"n": 1, "text": "ä\n"})
+    await store.transition(
+        "j1",
+        State.ACTIVITY_ARCHIVING,
+        "done",
+        "moved",
+        events=[NewEvent("second", {"list": [1, 2]}, utcnow())],
+    )
+    await store.add_event("j2", "other job", {})
+    history, events = await store.job_log("j1")
+    assert (history, events) == (await store.history("j1"), await store.events("j1"))
+    assert [h.state for h in history] == ["uninitialized", "queued", "activity_archiving",
+                                          "post_processing"]  # fmt: skip
+    assert [(e.kind, e.detail) for e in events] == [
+        ("first", {"n": 1, "text": "ä\n"}),
+        ("second", {"list": [1, 2]}),
+    ]
+    assert await store.job_log("nothing") == ([], [])
 
 
 # -- every migration, one at a time, over rows written in the form of their time ---------

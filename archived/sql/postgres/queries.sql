@@ -124,6 +124,15 @@ INSERT INTO events (job_id, at, kind, detail) VALUES (:job_id, :now, :kind, :det
 -- name: events
 SELECT at, kind, detail FROM events WHERE job_id = :job_id ORDER BY seq;
 
+-- name: job_log
+-- The job's history and its events in one read (the bag's event log): a transition's
+-- `kind` is NULL; each in its order.
+SELECT 0 AS src, seq, NULL AS kind, state, at, reason AS text
+FROM history WHERE job_id = :job_id
+UNION ALL
+SELECT 1, seq, kind, NULL, at, detail::text FROM events WHERE job_id = :job_id
+ORDER BY src, seq;
+
 -- name: abandon_tasks
 UPDATE tasks SET state = 'failed', error = 'cut short', updated_at = :now
 WHERE job_id = :job_id AND state = 'executing';
