@@ -203,22 +203,18 @@ def _claimed_elsewhere(cpu: int) -> Any:
     return claim
 
 
-def pinned_from(cpu: int) -> tuple[int | None, bool]:
-    """`cpus.pin()` in a thread that runs on `cpu` when it pins (moved there, then
-    allowed every CPU again): the CPU, and whether it holds a claim on it. Tried again
-    if the scheduler moved the thread before it pinned (a busy machine)."""
+def pinned_from(cpu: int, monkeypatch: pytest.MonkeyPatch) -> tuple[int | None, bool]:
+    """`cpus.pin()` in a thread the scheduler put on `cpu`: the CPU, and whether it
+    holds a claim on it. Where the scheduler puts a thread is its choice, and on a busy
+    machine it moves one between any two reads: the CPU it runs on is given, not
+    forced (forced, the test failed under load when the thread moved before pinning).
+    That pinning reads the real one is shown by the daemon's test above."""
+    monkeypatch.setattr(cpus, "current_cpu", lambda: cpu)
 
-    def pin() -> tuple[int | None, bool, int]:
-        os.sched_setaffinity(0, {cpu})
-        os.sched_setaffinity(0, ALLOWED)
-        ran_on = cpus.current_cpu()
-        return cpus.pin(), cpus._claimed is not None, ran_on
+    def pin() -> tuple[int | None, bool]:
+        return cpus.pin(), cpus._claimed is not None
 
-    for _ in range(20):
-        pinned, claimed, ran_on = in_a_thread(pin)
-        if ran_on == cpu:
-            return pinned, claimed
-    raise AssertionError(f"the thread never stayed on CPU {cpu} long enough to pin")
+    return in_a_thread(pin)
 
 
 @several
@@ -230,14 +226,16 @@ def test_a_daemon_pins_itself_to_a_cpu_no_other_daemon_is_pinned_to(
     shared, unclaimed."""
     monkeypatch.setattr(cpus, "CLAIM", f"archived-test-{os.getpid()}-cpu-")
     first, second = sorted(ALLOWED)[:2]
-    assert pinned_from(first) == (first, True)  # free: the one it runs on
+    mp = monkeypatch
+    assert pinned_from(first, mp) == (first, True)  # free: the one it runs on
     held = [_claimed_elsewhere(first)]
     try:
-        assert pinned_from(first) == (second, True)
+        assert pinned_from(first, mp) == (second, True)
         held += [_claimed_elsewhere(cpu) for cpu in ALLOWED - {first}]
-        assert pinned_from(first) == (first, False)
-        assert pinned_from(second) == (second, False)
+        assert pinned_from(first, mp) == (first, False)
+        assert pinned_from(second, mp) == (second, False)
     finally:
         for claim in held:
             claim.close()
-    assert pinned_from(second) == (second, True)  # given up with the process (here: unpin)
+    # given up with the process (here: unpin)
+    assert pinned_from(second, mp) == (second, True)
