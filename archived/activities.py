@@ -35,13 +35,11 @@ class Activities:
     async def run(self) -> Outcome:
         ctx = self.ctx
         await ctx.begin_attempt(State.ACTIVITY_ARCHIVING)
-        # The job may start on a newer config than it was accepted under (SIGHUP).
-        check_against(ctx.spec, ctx.config)
         tasks = await ctx.tasks()
+        pending = [t.name for t in tasks if t.kind == "activity" and t.state != "completed"]
+        await self._check_before_start(pending)
         await self._sync_storage_tasks(tasks)
         await failpoints.reach("activity_archiving")
-        pending = [t.name for t in tasks if t.kind == "activity" and t.state != "completed"]
-        await self._check_staging_space(pending)
         ends = await ctx.run_tasks(
             "activity",
             ctx.svc.activity_slots,
@@ -76,29 +74,34 @@ class Activities:
     def _writer(self, name: str) -> ArtifactWriter:
         return self.ctx.staging.writer(name, self.ctx.bag_name)
 
-    async def _check_staging_space(self, pending: list[str]) -> None:
-        """NoSpace (recoverable) before anything is staged, when the staging file system
-        has less room than the `pending` activities' sources will take there. What the
-        drivers know of their sources is kept: their progress is shown against it."""
+    async def _check_before_start(self, pending: list[str]) -> None:
+        """In one trip to a worker thread: the job checked against the config it starts
+        on (a reload may have changed it since it was accepted); then NoSpace
+        (recoverable) before anything is staged, when the staging file system has less
+        room than the `pending` activities' sources will take there. What the drivers
+        know of their sources is kept: their progress is shown against it. Not on the
+        event loop: the check looks up where the sources really lie, and a source on a
+        mount that does not answer blocks whoever looks (the job only, then)."""
         ctx = self.ctx
-        work = [(name, self._writer(name), self._driver(name)) for name in pending]
 
-        def measure() -> None:  # one trip to a worker thread for all of them
+        def check() -> None:
+            check_against(ctx.spec, ctx.config)
             needed = 0
-            for name, writer, driver in work:
+            for name in pending:
+                writer = self._writer(name)
                 Staging.clear_activity(writer)  # what an unfinished earlier try left
-                estimate = driver.estimate(f"{ctx.bag_name}/data/{name}/")
+                estimate = self._driver(name).estimate(f"{ctx.bag_name}/data/{name}/")
                 if estimate is not None:
                     self.estimates[name] = estimate
                     needed += estimate.staged
             if needed:
                 ctx.staging.require_space(needed)
 
-        await anyio.to_thread.run_sync(measure, limiter=ctx.svc.hash_threads)
+        await anyio.to_thread.run_sync(check, limiter=ctx.svc.hash_threads)
 
     async def _activity(self, name: str) -> dict[str, Any]:
         ctx = self.ctx
-        writer = self._writer(name)  # cleared by _check_staging_space, just before
+        writer = self._writer(name)  # cleared by _check_before_start, just before
         driver = self._driver(name)
         activity = ActivityContext(ctx.id, ctx.config, writer, ctx.svc.hash_threads)
         error: Exception | None = None

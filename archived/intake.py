@@ -51,16 +51,24 @@ def _batches(names: list[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _read(claimed: Claimed, limit: int) -> _Taken:
-    """In a thread: a claimed entry's bytes, or the error reading them."""
+def _read(claimed: Claimed, limit: int, config: Config) -> _Taken:
+    """In a thread: a claimed entry's bytes and its job, parsed and checked against
+    `config` (or why not), or the error reading them. Checked here, not on the event
+    loop: the check looks up where the job's sources really lie, and a source on a mount
+    that does not answer (its NFS server gone) blocks whoever looks."""
     try:
-        return _Taken(claimed, data=read_job_file(claimed.path, limit))
+        data = read_job_file(claimed.path, limit)
     except Exception as exc:
         return _Taken(claimed, exc)
+    try:
+        parsed: JobSpec | Exception = parse_job(data, claimed.original_name, config)
+    except Exception as exc:  # JobFileError: to corrupt/; another (a bug): see _accept
+        parsed = exc
+    return _Taken(claimed, data=data, parsed=parsed)
 
 
-def _read_all(entries: list[Claimed], limit: int) -> list[_Taken]:
-    return [_read(claimed, limit) for claimed in entries]
+def _read_all(entries: list[Claimed], limit: int, config: Config) -> list[_Taken]:
+    return [_read(claimed, limit, config) for claimed in entries]
 
 
 class QueueDown(Exception):
@@ -69,12 +77,13 @@ class QueueDown(Exception):
 
 @dataclass(frozen=True)
 class _Taken:
-    """A spool entry claimed and read (`data`), or what went wrong (`error`): claiming
-    it (the entry still in incoming/) or reading it."""
+    """A spool entry claimed and read (`data`, and its job `parsed`, or why not), or
+    what went wrong (`error`): claiming it (the entry still in incoming/) or reading it."""
 
     claimed: Claimed
     error: Exception | None = None
     data: bytes | None = None
+    parsed: JobSpec | Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -127,12 +136,14 @@ class Intake:
         """Entries claimed before a crash, or left by an error worth another try, in
         batches as new ones are. QueueDown if the queue cannot be read: they wait."""
         leftovers = await self.spool.leftovers()
-        limit = self.pinned().config.limits.max_job_file_bytes
+        config = self.pinned().config
+        limit = config.limits.max_job_file_bytes
         for start in range(0, len(leftovers), BATCH):
             if self.svc.stopping.is_set():
                 return
             batch = leftovers[start : start + BATCH]
-            await self._ingest_taken(await anyio.to_thread.run_sync(_read_all, batch, limit))
+            taken = await anyio.to_thread.run_sync(_read_all, batch, limit, config)
+            await self._ingest_taken(taken)
 
     async def _known(self, ids: list[str]) -> dict[str, Job]:
         """The jobs of `ids` already in the queue; QueueDown if it cannot be read."""
@@ -161,8 +172,10 @@ class Intake:
 
     async def _ingest_batch(self, names: list[str]) -> None:
         """Entries claimed and read in one trip to a thread, then taken in."""
-        limit = self.pinned().config.limits.max_job_file_bytes
-        await self._ingest_taken(await anyio.to_thread.run_sync(self._take, names, limit))
+        config = self.pinned().config
+        limit = config.limits.max_job_file_bytes
+        taken = await anyio.to_thread.run_sync(self._take, names, limit, config)
+        await self._ingest_taken(taken)
 
     async def _ingest_taken(self, taken: list[_Taken]) -> None:
         """Claimed entries read: their jobs inserted at once, in the entries' order
@@ -174,13 +187,7 @@ class Intake:
         async with anyio.create_task_group() as tg:
             for t in taken:  # in order: the limiter lets them insert first in, first out
                 if t.data is not None:
-                    tg.start_soon(
-                        self._accept_or_reject,
-                        t.claimed,
-                        t.data,
-                        known.get(t.claimed.job_id),
-                        spent,
-                    )
+                    tg.start_soon(self._accept_or_reject, t, known.get(t.claimed.job_id), spent)
                 elif isinstance(t.error, JobFileError):  # claimed, but not a job file
                     tg.start_soon(self._reject_or_keep, t.claimed, str(t.error))
                 else:
@@ -188,7 +195,7 @@ class Intake:
                     tg.start_soon(self._cannot_take, t.claimed, t.error)
         await self._spent(spent)
 
-    def _take(self, names: list[str], limit: int) -> list[_Taken]:
+    def _take(self, names: list[str], limit: int, config: Config) -> list[_Taken]:
         """In a thread: each entry claimed (moved into active/), then read."""
         taken = []
         for name in names:  # an error is about its entry only, whatever it is
@@ -198,7 +205,7 @@ class Intake:
                 taken.append(_Taken(Claimed(self.spool.incoming / name, new_job_id(), name), exc))
                 continue
             if claimed is not None:  # else gone: taken by someone else, or removed
-                taken.append(_read(claimed, limit))
+                taken.append(_read(claimed, limit, config))
         return taken
 
     async def _spent(self, spent: list[Claimed]) -> None:
@@ -225,13 +232,11 @@ class Intake:
         self.wake()
         return made
 
-    async def _accept_or_reject(
-        self, claimed: Claimed, data: bytes, known: Job | None, spent: list[Claimed]
-    ) -> None:
+    async def _accept_or_reject(self, t: _Taken, known: Job | None, spent: list[Claimed]) -> None:
         try:
-            await self._accept(claimed, data, known, spent)
+            await self._accept(t, known, spent)
         except Exception as exc:
-            await self._cannot_take(claimed, exc)
+            await self._cannot_take(t.claimed, exc)
 
     async def _reject_or_keep(self, entry: Claimed, reason: str) -> None:
         try:
@@ -263,23 +268,26 @@ class Intake:
                 name, "cannot move a spool entry to corrupt/", again, file=printable(name)
             )
 
-    async def _accept(
-        self, claimed: Claimed, data: bytes, known: Job | None, spent: list[Claimed]
-    ) -> None:
-        """Turn a claimed spool file into a queued job (its file then `spent`), or move it
-        to corrupt/. `known`: the job of its id already in the queue."""
-        digest = hashlib.sha256(data).hexdigest()
+    async def _accept(self, t: _Taken, known: Job | None, spent: list[Claimed]) -> None:
+        """Turn a claimed spool file read (`t.data`, its job `t.parsed` or why it is none:
+        see _read) into a queued job (its file then `spent`), or move it to corrupt/.
+        `known`: the job of its id already in the queue."""
+        claimed, parsed = t.claimed, t.parsed
+        assert t.data is not None
+        digest = hashlib.sha256(t.data).hexdigest()
         if known is not None:
             if known.spec_sha256 == digest:
                 spent.append(claimed)  # inserted before a crash; the file is spent
             else:
                 await self._reject(claimed, f"job id {claimed.job_id} already exists")
             return
-        try:
-            spec = parse_job(data, claimed.original_name, self.pinned().config)
-        except JobFileError as exc:
-            await self._reject(claimed, str(exc))
+        if isinstance(parsed, JobFileError):
+            await self._reject(claimed, str(parsed))
             return
+        if isinstance(parsed, Exception):
+            raise parsed  # not the job file's fault: see _cannot_take
+        assert parsed is not None
+        spec = parsed
         async with self.inserting:
             await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
         spent.append(claimed)

@@ -102,21 +102,28 @@ class Scheduler:
         if slot <= after:
             return
         template = json.dumps(schedule.job, default=str).encode()
-        try:
+
+        def prepared() -> tuple[JobSpec, str | None]:
+            """The slot's job, and its sources' fingerprint: in a worker thread, as every
+            look at a source (the check looks up where its paths really lie, and a source
+            on a mount that does not answer blocks whoever looks)."""
             spec = parse_job(template, "template.json", config)
+            metadata = {
+                "Archived-Schedule": name,
+                "Archived-Schedule-Slot": iso_seconds(slot),
+                **spec.metadata,
+            }
+            spec = spec.model_copy(update={"metadata": metadata})
+            return spec, fingerprint(spec)
+
+        try:
+            spec, print_ = await anyio.to_thread.run_sync(prepared)
         except JobFileError as exc:
             await self._record(name, slot, "rejected", detail=str(exc))
             log.error(
                 "scheduled job rejected", schedule=name, slot=iso_seconds(slot), reason=str(exc)
             )
             return
-        metadata = {
-            "Archived-Schedule": name,
-            "Archived-Schedule-Slot": iso_seconds(slot),
-            **spec.metadata,
-        }
-        spec = spec.model_copy(update={"metadata": metadata})
-        print_ = await anyio.to_thread.run_sync(fingerprint, spec)
         if (
             schedule.skip_unchanged
             and print_ is not None

@@ -3,9 +3,13 @@ event loop, its log is events, and a plugin activity driver is found by name."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sqlite3
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -365,3 +369,41 @@ async def test_a_task_whose_result_is_not_json_fails_and_the_job_with_it(
     assert job["state"] == "failed", job
     (task,) = [t for t in job["tasks"] if t["name"] == "f"]
     assert task["state"] == "failed" and "JSON serializable" in task["error"], task
+
+
+@pytest.mark.parametrize("driver", ["files", "sqlite"])
+async def test_no_look_at_a_source_is_made_from_the_event_loop(
+    root: Root, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    """A source on a mount that does not answer (its NFS server gone) blocks whoever looks
+    at it, in the kernel, as long as it does not answer. Never the event loop: it would
+    stop the whole daemon (no lease renewed, no cancel heard, the watchdog starved, every
+    other job waiting), not the one job. Where a job's paths really lie is looked up at
+    intake, at its start and by its driver: each time in a worker thread."""
+    source = str(root.sources / "a")
+    activity = {"name": "a", "driver": "files", "path": source}
+    if driver == "sqlite":
+        source = str(root.sources / "db.sqlite")
+        with contextlib.closing(sqlite3.connect(source)) as db, db:
+            db.execute("CREATE TABLE t (x)")
+        activity = {"name": "db", "driver": "sqlite", "path": source}
+    loop = threading.get_ident()
+    looked: list[tuple[str, bool]] = []
+
+    def watched(real: Any) -> Any:
+        def look(path: Any, *args: Any, **kw: Any) -> Any:
+            if isinstance(path, str | os.PathLike) and os.fspath(path).startswith(source):
+                looked.append((real.__name__, threading.get_ident() == loop))
+            return real(path, *args, **kw)
+
+        return look
+
+    for name in ("realpath", "exists", "isdir", "isfile"):
+        monkeypatch.setattr(os.path, name, watched(getattr(os.path, name)))
+    for name in ("stat", "lstat", "scandir", "listdir", "open"):
+        monkeypatch.setattr(os, name, watched(getattr(os, name)))
+    (job_id,) = root.drop(root.job_file("looked", activities=[activity]))
+    await root.run_until_idle()
+    assert (await root.details(job_id))["state"] == "completed"
+    assert {name for name, _ in looked} >= {"realpath"}
+    assert [name for name, on_loop in looked if on_loop] == [], looked

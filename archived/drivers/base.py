@@ -10,6 +10,7 @@ imports only the names in `__all__`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -121,6 +122,21 @@ class ActivityDriver(ABC):
     @abstractmethod
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
         """Write the artifacts through `ctx.writer`; return a small JSON summary."""
+
+    async def checked_in_thread(
+        self, ctx: ActivityContext, work: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """`work()` in a worker thread (of `ctx.limiter`), after this activity is checked
+        against the config again (a reload, or its sources changed since submit): there
+        too. Every look at a source belongs in a thread: one on a mount that does not
+        answer (its NFS server gone) blocks whoever looks, and on the event loop that
+        would stop the whole daemon, not the one job."""
+
+        def checked() -> dict[str, Any]:
+            self.check(self.opts, ctx.config)
+            return work()
+
+        return await anyio.to_thread.run_sync(checked, limiter=ctx.limiter)
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,10 @@ class CommandDriver(ActivityDriver):
                 )
 
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
-        self.check(self.opts, ctx.config)
-        section = ctx.config.commands[self.opts.command]
-        return await anyio.to_thread.run_sync(self._run, ctx, section, limiter=ctx.limiter)
+        commands = ctx.config.commands  # the command is there: checked before the work
+        return await self.checked_in_thread(
+            ctx, lambda: self._run(ctx, commands[self.opts.command])
+        )
 
     def _run(self, ctx: ActivityContext, section: CommandConfig) -> dict[str, Any]:
         argv = [*section.argv, *self.opts.args]

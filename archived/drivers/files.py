@@ -62,10 +62,7 @@ class FilesDriver(ActivityDriver):
         check_under_roots(options.path, config)
 
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
-        self.check(self.opts, ctx.config)  # again: the tree may have changed since submit
-        return await anyio.to_thread.run_sync(
-            self._copy, ctx.writer, ctx.notes, limiter=ctx.limiter
-        )
+        return await self.checked_in_thread(ctx, lambda: self._copy(ctx.writer, ctx.notes))
 
     def fingerprint(self) -> list[str]:
         return tree_lines(self.name, self.opts.path)

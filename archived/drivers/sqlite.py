@@ -66,8 +66,7 @@ class SqliteDriver(ActivityDriver):
         return lines
 
     async def run(self, ctx: ActivityContext) -> dict[str, Any]:
-        self.check(self.opts, ctx.config)
-        return await anyio.to_thread.run_sync(self._snapshot, ctx, limiter=ctx.limiter)
+        return await self.checked_in_thread(ctx, lambda: self._snapshot(ctx))
 
     def _snapshot(self, ctx: ActivityContext) -> dict[str, Any]:
         source = self.opts.path
