@@ -58,7 +58,8 @@ async def check_targets(config: Config) -> tuple[list[str], list[str]]:
             warnings.append(f"{exc}; jobs that store there wait for it")
         except ConfigError as exc:
             problems += exc.problems
-    problems += preflight.path_problems(config, roots)
+    # in a thread: it looks up where the sources' roots really lie (a mount may hang)
+    problems += await anyio.to_thread.run_sync(preflight.path_problems, config, roots)
     return problems, warnings
 
 
@@ -67,7 +68,7 @@ async def check_config(config: Config, *, key: bool = True) -> list[str]:
     programs there, signing key readable. ConfigError names every problem; returns the
     warnings (targets that cannot be reached now)."""
     problems, warnings = await check_targets(config)
-    problems += preflight.program_problems(config)
+    problems += await anyio.to_thread.run_sync(preflight.program_problems, config)
     if key:
         try:
             await anyio.to_thread.run_sync(load_signing_key, config)

@@ -51,24 +51,24 @@ def _batches(names: list[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _read(claimed: Claimed, limit: int, config: Config) -> _Taken:
+def _read(claimed: Claimed, limit: int, pinned: Pinned) -> _Taken:
     """In a thread: a claimed entry's bytes and its job, parsed and checked against
-    `config` (or why not), or the error reading them. Checked here, not on the event
-    loop: the check looks up where the job's sources really lie, and a source on a mount
-    that does not answer (its NFS server gone) blocks whoever looks."""
+    `pinned`'s config (or why not; it is queued on that one), or the error reading them.
+    Checked here, not on the event loop: the check looks up where the job's sources
+    really lie, and a source on a mount that does not answer blocks whoever looks."""
     try:
         data = read_job_file(claimed.path, limit)
     except Exception as exc:
         return _Taken(claimed, exc)
     try:
-        parsed: JobSpec | Exception = parse_job(data, claimed.original_name, config)
+        parsed: JobSpec | Exception = parse_job(data, claimed.original_name, pinned.config)
     except Exception as exc:  # JobFileError: to corrupt/; another (a bug): see _accept
         parsed = exc
-    return _Taken(claimed, data=data, parsed=parsed)
+    return _Taken(claimed, data=data, parsed=parsed, pinned=pinned)
 
 
-def _read_all(entries: list[Claimed], limit: int, config: Config) -> list[_Taken]:
-    return [_read(claimed, limit, config) for claimed in entries]
+def _read_all(entries: list[Claimed], limit: int, pinned: Pinned) -> list[_Taken]:
+    return [_read(claimed, limit, pinned) for claimed in entries]
 
 
 class QueueDown(Exception):
@@ -84,6 +84,7 @@ class _Taken:
     error: Exception | None = None
     data: bytes | None = None
     parsed: JobSpec | Exception | None = None
+    pinned: Pinned | None = None  # the config it was checked against
 
 
 @dataclass(frozen=True)
@@ -136,13 +137,13 @@ class Intake:
         """Entries claimed before a crash, or left by an error worth another try, in
         batches as new ones are. QueueDown if the queue cannot be read: they wait."""
         leftovers = await self.spool.leftovers()
-        config = self.pinned().config
-        limit = config.limits.max_job_file_bytes
         for start in range(0, len(leftovers), BATCH):
             if self.svc.stopping.is_set():
                 return
             batch = leftovers[start : start + BATCH]
-            taken = await anyio.to_thread.run_sync(_read_all, batch, limit, config)
+            pinned = self.pinned()
+            limit = pinned.config.limits.max_job_file_bytes
+            taken = await anyio.to_thread.run_sync(_read_all, batch, limit, pinned)
             await self._ingest_taken(taken)
 
     async def _known(self, ids: list[str]) -> dict[str, Job]:
@@ -172,9 +173,9 @@ class Intake:
 
     async def _ingest_batch(self, names: list[str]) -> None:
         """Entries claimed and read in one trip to a thread, then taken in."""
-        config = self.pinned().config
-        limit = config.limits.max_job_file_bytes
-        taken = await anyio.to_thread.run_sync(self._take, names, limit, config)
+        pinned = self.pinned()
+        limit = pinned.config.limits.max_job_file_bytes
+        taken = await anyio.to_thread.run_sync(self._take, names, limit, pinned)
         await self._ingest_taken(taken)
 
     async def _ingest_taken(self, taken: list[_Taken]) -> None:
@@ -195,7 +196,7 @@ class Intake:
                     tg.start_soon(self._cannot_take, t.claimed, t.error)
         await self._spent(spent)
 
-    def _take(self, names: list[str], limit: int, config: Config) -> list[_Taken]:
+    def _take(self, names: list[str], limit: int, pinned: Pinned) -> list[_Taken]:
         """In a thread: each entry claimed (moved into active/), then read."""
         taken = []
         for name in names:  # an error is about its entry only, whatever it is
@@ -205,7 +206,7 @@ class Intake:
                 taken.append(_Taken(Claimed(self.spool.incoming / name, new_job_id(), name), exc))
                 continue
             if claimed is not None:  # else gone: taken by someone else, or removed
-                taken.append(_read(claimed, limit, config))
+                taken.append(_read(claimed, limit, pinned))
         return taken
 
     async def _spent(self, spent: list[Claimed]) -> None:
@@ -289,7 +290,9 @@ class Intake:
         assert parsed is not None
         spec = parsed
         async with self.inserting:
-            await self._insert(spec, claimed.job_id, digest, reason="job file accepted")
+            await self._insert(
+                spec, claimed.job_id, digest, reason="job file accepted", pinned=t.pinned
+            )
         spent.append(claimed)
         self.once.over(claimed.original_name)
         log.info(
@@ -308,8 +311,11 @@ class Intake:
         *,
         reason: str,
         schedule_run: ScheduleRun | None = None,
+        pinned: Pinned | None = None,
     ) -> bool:
-        pinned = self.pinned()
+        """The job queued on `pinned` (the config it was checked against; by default the
+        one in force), in its own transaction."""
+        pinned = pinned or self.pinned()
         tasks = [("activity", a.name) for a in spec.activities]
         tasks += [("storage", t) for t in spec.targets(pinned.config)]
         job = NewJob(

@@ -387,12 +387,13 @@ async def test_no_look_at_a_source_is_made_from_the_event_loop(
         with contextlib.closing(sqlite3.connect(source)) as db, db:
             db.execute("CREATE TABLE t (x)")
         activity = {"name": "db", "driver": "sqlite", "path": source}
+    roots = str(root.sources)  # the allowed root too: checked at start and at reload
     loop = threading.get_ident()
     looked: list[tuple[str, bool]] = []
 
     def watched(real: Any) -> Any:
         def look(path: Any, *args: Any, **kw: Any) -> Any:
-            if isinstance(path, str | os.PathLike) and os.fspath(path).startswith(source):
+            if isinstance(path, str | os.PathLike) and os.fspath(path).startswith(roots):
                 looked.append((real.__name__, threading.get_ident() == loop))
             return real(path, *args, **kw)
 

@@ -184,3 +184,34 @@ async def test_an_error_of_the_queue_keeps_the_job_files_for_the_next_poll(
         job = await store.job(job_id)
         assert job is not None and job.state == State.QUEUED
     assert list(intake.spool.active.iterdir()) == []
+
+
+async def test_a_job_is_queued_on_the_config_it_was_checked_against(
+    intake: Intake, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload while a batch is read and checked (in a thread: a source's mount may
+    hang there) leaves its jobs on the config they were checked against, not the new
+    one: the check and the snapshot go together."""
+    import archived.intake
+
+    before = Pinned.of(config)
+    newer = config.model_copy(
+        update={"limits": config.limits.model_copy(update={"hash_threads": 7})}
+    )
+    after = Pinned.of(newer)
+    assert after.digest != before.digest
+    in_force = [before]
+    intake.pinned = lambda: in_force[-1]
+    checked = archived.intake.parse_job
+
+    def check_then_reload(*args: object) -> object:
+        spec = checked(*args)  # type: ignore[arg-type]
+        in_force.append(after)  # SIGHUP, meanwhile
+        return spec
+
+    monkeypatch.setattr(archived.intake, "parse_job", check_then_reload)
+    job_id = intake.spool.submit(job_file(config), ".json")
+    await intake.ingest()
+    job = await intake.svc.store.job(job_id)
+    assert job is not None and job.state == State.QUEUED
+    assert (job.config, job.config_digest) == (before.snapshot, before.digest)
