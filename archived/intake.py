@@ -12,6 +12,7 @@ queue's disk full) leaves it for the next poll, said once for as long as it last
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,24 +52,24 @@ def _batches(names: list[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _read(claimed: Claimed, limit: int, pinned: Pinned) -> _Taken:
+def _read(claimed: Claimed, pinned: Pinned) -> _Taken:
     """In a thread: a claimed entry's bytes and its job, parsed and checked against
     `pinned`'s config (or why not; it is queued on that one), or the error reading them.
     Checked here, not on the event loop: the check looks up where the job's sources
     really lie, and a source on a mount that does not answer blocks whoever looks."""
     try:
-        data = read_job_file(claimed.path, limit)
+        data = read_job_file(claimed.path, pinned.config.limits.max_job_file_bytes)
     except Exception as exc:
         return _Taken(claimed, exc)
     try:
         parsed: JobSpec | Exception = parse_job(data, claimed.original_name, pinned.config)
     except Exception as exc:  # JobFileError: to corrupt/; another (a bug): see _accept
         parsed = exc
-    return _Taken(claimed, data=data, parsed=parsed, pinned=pinned)
+    return _Taken(claimed, data=data, parsed=parsed)
 
 
-def _read_all(entries: list[Claimed], limit: int, pinned: Pinned) -> list[_Taken]:
-    return [_read(claimed, limit, pinned) for claimed in entries]
+def _read_all(entries: list[Claimed], pinned: Pinned) -> list[_Taken]:
+    return [_read(claimed, pinned) for claimed in entries]
 
 
 class QueueDown(Exception):
@@ -84,7 +85,6 @@ class _Taken:
     error: Exception | None = None
     data: bytes | None = None
     parsed: JobSpec | Exception | None = None
-    pinned: Pinned | None = None  # the config it was checked against
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,7 @@ class Intake:
             if self.svc.stopping.is_set():
                 return
             batch = leftovers[start : start + BATCH]
-            pinned = self.pinned()
-            limit = pinned.config.limits.max_job_file_bytes
-            taken = await anyio.to_thread.run_sync(_read_all, batch, limit, pinned)
-            await self._ingest_taken(taken)
+            await self._ingest_taken(functools.partial(_read_all, batch))
 
     async def _known(self, ids: list[str]) -> dict[str, Job]:
         """The jobs of `ids` already in the queue; QueueDown if it cannot be read."""
@@ -173,22 +170,23 @@ class Intake:
 
     async def _ingest_batch(self, names: list[str]) -> None:
         """Entries claimed and read in one trip to a thread, then taken in."""
-        pinned = self.pinned()
-        limit = pinned.config.limits.max_job_file_bytes
-        taken = await anyio.to_thread.run_sync(self._take, names, limit, pinned)
-        await self._ingest_taken(taken)
+        await self._ingest_taken(functools.partial(self._take, names))
 
-    async def _ingest_taken(self, taken: list[_Taken]) -> None:
-        """Claimed entries read: their jobs inserted at once, in the entries' order
-        (their transactions share a commit: see store_sqlite.py), and their files
-        removed in one trip once the jobs are in the queue; the others to corrupt/, or
-        left for the next poll."""
+    async def _ingest_taken(self, read: Callable[[Pinned], list[_Taken]]) -> None:
+        """Entries claimed and read by `read` in one trip to a thread, against the config
+        in force then; their jobs queued on that config (not on one a reload brought
+        meanwhile) at once, in the entries' order (their transactions share a commit:
+        see store_sqlite.py), and their files removed in one trip once the jobs are in
+        the queue; the others to corrupt/, or left for the next poll."""
+        pinned = self.pinned()
+        taken = await anyio.to_thread.run_sync(read, pinned)
         known = await self._known([t.claimed.job_id for t in taken if t.data is not None])
         spent: list[Claimed] = []
         async with anyio.create_task_group() as tg:
             for t in taken:  # in order: the limiter lets them insert first in, first out
                 if t.data is not None:
-                    tg.start_soon(self._accept_or_reject, t, known.get(t.claimed.job_id), spent)
+                    job = known.get(t.claimed.job_id)
+                    tg.start_soon(self._accept_or_reject, t, pinned, job, spent)
                 elif isinstance(t.error, JobFileError):  # claimed, but not a job file
                     tg.start_soon(self._reject_or_keep, t.claimed, str(t.error))
                 else:
@@ -196,7 +194,7 @@ class Intake:
                     tg.start_soon(self._cannot_take, t.claimed, t.error)
         await self._spent(spent)
 
-    def _take(self, names: list[str], limit: int, pinned: Pinned) -> list[_Taken]:
+    def _take(self, names: list[str], pinned: Pinned) -> list[_Taken]:
         """In a thread: each entry claimed (moved into active/), then read."""
         taken = []
         for name in names:  # an error is about its entry only, whatever it is
@@ -206,7 +204,7 @@ class Intake:
                 taken.append(_Taken(Claimed(self.spool.incoming / name, new_job_id(), name), exc))
                 continue
             if claimed is not None:  # else gone: taken by someone else, or removed
-                taken.append(_read(claimed, limit, pinned))
+                taken.append(_read(claimed, pinned))
         return taken
 
     async def _spent(self, spent: list[Claimed]) -> None:
@@ -233,9 +231,11 @@ class Intake:
         self.wake()
         return made
 
-    async def _accept_or_reject(self, t: _Taken, known: Job | None, spent: list[Claimed]) -> None:
+    async def _accept_or_reject(
+        self, t: _Taken, pinned: Pinned, known: Job | None, spent: list[Claimed]
+    ) -> None:
         try:
-            await self._accept(t, known, spent)
+            await self._accept(t, pinned, known, spent)
         except Exception as exc:
             await self._cannot_take(t.claimed, exc)
 
@@ -269,10 +269,13 @@ class Intake:
                 name, "cannot move a spool entry to corrupt/", again, file=printable(name)
             )
 
-    async def _accept(self, t: _Taken, known: Job | None, spent: list[Claimed]) -> None:
+    async def _accept(
+        self, t: _Taken, pinned: Pinned, known: Job | None, spent: list[Claimed]
+    ) -> None:
         """Turn a claimed spool file read (`t.data`, its job `t.parsed` or why it is none:
-        see _read) into a queued job (its file then `spent`), or move it to corrupt/.
-        `known`: the job of its id already in the queue."""
+        see _read) into a job queued on `pinned`, the config it was checked against (its
+        file then `spent`), or move it to corrupt/. `known`: the job of its id already in
+        the queue."""
         claimed, parsed = t.claimed, t.parsed
         assert t.data is not None
         digest = hashlib.sha256(t.data).hexdigest()
@@ -291,7 +294,7 @@ class Intake:
         spec = parsed
         async with self.inserting:
             await self._insert(
-                spec, claimed.job_id, digest, reason="job file accepted", pinned=t.pinned
+                spec, claimed.job_id, digest, reason="job file accepted", pinned=pinned
             )
         spent.append(claimed)
         self.once.over(claimed.original_name)

@@ -416,8 +416,8 @@ def main() -> int:
     if "pg1" in med and "pg3" in med:
         # pg3 at most: every CPU of the machine busy all along, at pg3's CPU a job
         # (daemons' and server's); against pg1's measured rate
-        ceiling = os.cpu_count() or 1
-        ceiling = ceiling / (per_job["pg3"] + server["pg3"]) * 1000 / (args.jobs / med["pg1"])
+        cores = os.cpu_count() or 1
+        ceiling = cores / (per_job["pg3"] + server["pg3"]) * 1000 / (args.jobs / med["pg1"])
         print(f"  pg3/pg1 throughput  {med['pg1'] / med['pg3']:.2f}x  (with every CPU busy "
               f"at pg3's CPU a job: at most {ceiling:.2f}x)")  # fmt: skip
     return 0
